@@ -1,0 +1,8 @@
+//! The OmniRelay bootstrap gateway: nodes present a bootstrap token, attestation evidence and a
+//! CSR; a sandboxed WebAssembly policy decides; the gateway mints a SPIFFE X.509-SVID.
+//!
+//! See `ARCHITECTURE.md` at the repository root for the map of modules and their invariants.
+
+pub mod cli;
+pub mod identity;
+pub mod policy;

@@ -1,0 +1,478 @@
+//! The wasmtime host: one engine per process, a fresh sandboxed instance per call.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use policy_sdk as sdk;
+use sha2::{Digest, Sha256};
+use tokio::sync::{Semaphore, SemaphorePermit};
+use wasmtime::component::{Component, HasSelf, Linker};
+use wasmtime::{
+    Engine, InstanceAllocationStrategy, PoolingAllocationConfig, Store, StoreLimits,
+    StoreLimitsBuilder, UpdateDeadline,
+};
+
+use super::bindings::{self, PolicyPre, WORLD_VERSION};
+use super::epoch::EpochTicker;
+use super::{PolicyConfig, PolicyError, Verdict};
+
+/// Epoch tick: the granularity of policy deadlines.
+const EPOCH_TICK: Duration = Duration::from_millis(1);
+/// Interface every policy must export, without its version.
+const EVALUATOR: &str = "omnirelay:bootstrap-policy/evaluator";
+/// Interfaces a policy may import, without their versions.
+const ALLOWED_IMPORTS: &[&str] = &[
+    "omnirelay:bootstrap-policy/host",
+    "omnirelay:bootstrap-policy/types",
+];
+
+/// Whether calls count instructions (fuel). Metering slows every call, so the server runs
+/// without it; `policy test` and CI run with it to enforce instruction budgets.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Metering {
+    /// No fuel accounting: the production setting.
+    Off,
+    /// Count fuel on every call.
+    Fuel,
+}
+
+/// The sha256 of a policy module: its identity in caches, audit entries and manifests.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct ModuleDigest([u8; 32]);
+
+impl ModuleDigest {
+    /// Digest of the module bytes.
+    pub fn of(bytes: &[u8]) -> Self {
+        Self(Sha256::digest(bytes).into())
+    }
+}
+
+impl std::fmt::Display for ModuleDigest {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "sha256:{}", hex::encode(self.0))
+    }
+}
+
+/// A policy that compiled, linked and accepted its settings: ready to evaluate.
+#[derive(Clone)]
+pub struct LoadedPolicy {
+    name: Arc<str>,
+    digest: ModuleDigest,
+    settings: Arc<str>,
+    pre: PolicyPre<GuestState>,
+}
+
+impl std::fmt::Debug for LoadedPolicy {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LoadedPolicy")
+            .field("name", &self.name)
+            .field("digest", &self.digest)
+            .finish_non_exhaustive()
+    }
+}
+
+impl LoadedPolicy {
+    /// The name it was loaded under.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// The module's digest.
+    pub fn digest(&self) -> ModuleDigest {
+        self.digest
+    }
+}
+
+/// The outcome of one metered call: what the policy decided and the fuel it burnt.
+#[derive(Debug)]
+pub struct Metered<T> {
+    /// The result of the call.
+    pub result: Result<T, PolicyError>,
+    /// Fuel consumed (0 when metering is off).
+    pub fuel: u64,
+}
+
+/// Runs policies. One per process (per metering mode): it owns the engine, the epoch ticker,
+/// the instance pool and the evaluation semaphore.
+pub struct PolicyHost {
+    engine: Engine,
+    linker: Linker<GuestState>,
+    config: PolicyConfig,
+    metering: Metering,
+    permits: Semaphore,
+    compiled: Mutex<HashMap<ModuleDigest, Component>>,
+    _ticker: EpochTicker,
+}
+
+impl std::fmt::Debug for PolicyHost {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PolicyHost")
+            .field("config", &self.config)
+            .field("metering", &self.metering)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Per-call state inside the sandbox.
+pub struct GuestState {
+    limits: StoreLimits,
+    policy: Arc<str>,
+    deadline: Instant,
+    memory_denied: bool,
+    timed_out: bool,
+    logs_left: u32,
+    logs_dropped: u32,
+    last_error_log: Option<String>,
+}
+
+impl PolicyHost {
+    /// Builds the engine and starts the epoch ticker.
+    pub fn new(config: PolicyConfig, metering: Metering) -> Result<Self, PolicyError> {
+        let slots = config.max_concurrent.get();
+        let mut pool = PoolingAllocationConfig::default();
+        // One policy component is three core instances (the module, a shim and a fixup),
+        // one memory and two tables.
+        pool.total_component_instances(slots)
+            .total_core_instances(slots * 4)
+            .total_memories(slots)
+            .total_tables(slots * 2)
+            .total_stacks(slots)
+            .max_core_instances_per_component(4)
+            .max_memories_per_component(1)
+            .max_tables_per_component(2)
+            .max_memory_size(usize::try_from(config.memory_limit).unwrap_or(usize::MAX))
+            // Reset a reused slot's first pages with memset instead of madvise: cheaper for
+            // the few pages a policy touches.
+            .linear_memory_keep_resident(128 << 10)
+            .table_keep_resident(16 << 10);
+        let mut wasm = wasmtime::Config::new();
+        wasm.epoch_interruption(true)
+            .consume_fuel(metering == Metering::Fuel)
+            .max_wasm_stack(256 << 10)
+            .allocation_strategy(InstanceAllocationStrategy::Pooling(pool));
+        let engine = Engine::new(&wasm).map_err(PolicyError::Engine)?;
+        let mut linker = Linker::new(&engine);
+        bindings::Policy::add_to_linker::<GuestState, HasSelf<GuestState>>(&mut linker, |s| s)
+            .map_err(PolicyError::Link)?;
+        let ticker = EpochTicker::start(engine.clone(), EPOCH_TICK).map_err(PolicyError::Ticker)?;
+        Ok(Self {
+            engine,
+            linker,
+            permits: Semaphore::new(slots as usize),
+            config,
+            metering,
+            compiled: Mutex::new(HashMap::new()),
+            _ticker: ticker,
+        })
+    }
+
+    /// The limits this host enforces.
+    pub fn config(&self) -> &PolicyConfig {
+        &self.config
+    }
+
+    /// Compiles (once per digest, on a blocking thread), checks the WIT world, links, and runs
+    /// `validate-settings`. Never call this on a request path.
+    pub async fn load(
+        &self,
+        name: &str,
+        module: Vec<u8>,
+        settings: &str,
+    ) -> Result<LoadedPolicy, PolicyError> {
+        let digest = ModuleDigest::of(&module);
+        let component = self.compile(digest, module).await?;
+        check_world(&self.engine, &component)?;
+        let pre = self
+            .linker
+            .instantiate_pre(&component)
+            .and_then(PolicyPre::new)
+            .map_err(PolicyError::Link)?;
+        let policy = LoadedPolicy {
+            name: name.into(),
+            digest,
+            settings: settings.into(),
+            pre,
+        };
+        self.validate_settings(&policy).await.result?;
+        Ok(policy)
+    }
+
+    async fn compile(&self, digest: ModuleDigest, module: Vec<u8>) -> Result<Component, PolicyError> {
+        if let Some(hit) = self.cached(digest) {
+            return Ok(hit);
+        }
+        let engine = self.engine.clone();
+        let component = tokio::task::spawn_blocking(move || Component::new(&engine, &module))
+            .await
+            .map_err(|join| PolicyError::Compile(wasmtime::Error::msg(join.to_string())))?
+            .map_err(PolicyError::Compile)?;
+        if let Ok(mut cache) = self.compiled.lock() {
+            cache.insert(digest, component.clone());
+        }
+        Ok(component)
+    }
+
+    fn cached(&self, digest: ModuleDigest) -> Option<Component> {
+        self.compiled.lock().ok()?.get(&digest).cloned()
+    }
+
+    /// Runs the policy's `validate-settings` on the settings it was loaded with.
+    pub async fn validate_settings(&self, policy: &LoadedPolicy) -> Metered<()> {
+        self.call(policy, None, |p, store| {
+            let evaluator = p.omnirelay_bootstrap_policy_evaluator();
+            evaluator
+                .call_validate_settings(store, &policy.settings)
+                .map(|r| r.map_err(PolicyError::SettingsRejected))
+        })
+        .await
+    }
+
+    /// Decides one request in a fresh instance. The result is either a checked [`Verdict`] or
+    /// a [`PolicyError`], which callers must treat as a refusal (fail closed).
+    pub async fn evaluate(
+        &self,
+        policy: &LoadedPolicy,
+        request: &sdk::Request,
+    ) -> Result<Verdict, PolicyError> {
+        self.evaluate_metered(policy, request, None).await.result
+    }
+
+    /// [`PolicyHost::evaluate`] with a fuel budget (when metering is on) and the fuel used.
+    pub async fn evaluate_metered(
+        &self,
+        policy: &LoadedPolicy,
+        request: &sdk::Request,
+        budget: Option<u64>,
+    ) -> Metered<Verdict> {
+        let wit_request: bindings::WitRequest = request.into();
+        let config = &self.config;
+        self.call(policy, budget, |p, store| {
+            let evaluator = p.omnirelay_bootstrap_policy_evaluator();
+            let raw = evaluator.call_evaluate(store, &policy.settings, &wit_request)?;
+            Ok(match raw {
+                Ok(decision) => Verdict::check(decision.into(), config).map_err(Into::into),
+                Err(reported) => Err(PolicyError::Reported(reported.message)),
+            })
+        })
+        .await
+    }
+
+    /// Takes a slot, builds a fresh store and instance, runs `f`, and turns every way the
+    /// sandbox can fail into a typed [`PolicyError`].
+    ///
+    /// The guest runs synchronously on the calling thread, start to finish: an evaluation costs
+    /// tens of microseconds (less than the CSR check beside it), and running it without yielding
+    /// makes the deadline a bound on the policy's own running time rather than on how busy the
+    /// executor is. A runaway policy holds its thread for at most the deadline.
+    async fn call<T>(
+        &self,
+        policy: &LoadedPolicy,
+        budget: Option<u64>,
+        f: impl FnOnce(
+            &bindings::Policy,
+            &mut Store<GuestState>,
+        ) -> wasmtime::Result<Result<T, PolicyError>>,
+    ) -> Metered<T> {
+        let _permit = match self.permit().await {
+            Ok(permit) => permit,
+            Err(e) => return Metered { result: Err(e), fuel: 0 },
+        };
+        let budget = budget.unwrap_or(u64::MAX);
+        let mut store = self.store(&policy.name, budget);
+        let outcome = match policy.pre.instantiate(&mut store) {
+            Ok(instance) => f(&instance, &mut store),
+            Err(e) => Err(e),
+        };
+        let fuel = match self.metering {
+            Metering::Fuel => budget.saturating_sub(store.get_fuel().unwrap_or(0)),
+            Metering::Off => 0,
+        };
+        let result = match outcome {
+            Ok(result) => result,
+            Err(trap) => Err(self.classify(trap, store.data(), budget)),
+        };
+        let state = store.data();
+        if state.logs_dropped > 0 {
+            tracing::warn!(policy = %policy.name, dropped = state.logs_dropped, "policy log lines dropped");
+        }
+        Metered { result, fuel }
+    }
+
+    async fn permit(&self) -> Result<SemaphorePermit<'_>, PolicyError> {
+        let wait = self.config.queue_timeout;
+        match tokio::time::timeout(wait, self.permits.acquire()).await {
+            Ok(Ok(permit)) => Ok(permit),
+            // The semaphore is never closed; a closed one means shutdown, so shed as overloaded.
+            Ok(Err(_)) | Err(_) => Err(PolicyError::Overloaded(wait)),
+        }
+    }
+
+    fn store(&self, policy: &Arc<str>, fuel: u64) -> Store<GuestState> {
+        let limits = StoreLimitsBuilder::new()
+            .memory_size(usize::try_from(self.config.memory_limit).unwrap_or(usize::MAX))
+            .instances(4)
+            .tables(2)
+            .memories(1)
+            .trap_on_grow_failure(true)
+            .build();
+        let state = GuestState {
+            limits,
+            policy: policy.clone(),
+            deadline: Instant::now() + self.config.deadline,
+            memory_denied: false,
+            timed_out: false,
+            logs_left: self.config.max_log_lines,
+            logs_dropped: 0,
+            last_error_log: None,
+        };
+        let mut store = Store::new(&self.engine, state);
+        store.limiter(|s| s);
+        if self.metering == Metering::Fuel {
+            // Cannot fail: fuel is enabled on this engine.
+            let _ = store.set_fuel(fuel);
+        }
+        // Check the clock at every epoch tick and trap once the deadline has passed.
+        store.set_epoch_deadline(1);
+        store.epoch_deadline_callback(|mut ctx| {
+            let state = ctx.data_mut();
+            if Instant::now() >= state.deadline {
+                state.timed_out = true;
+                return Err(wasmtime::Error::msg("policy deadline exceeded"));
+            }
+            Ok(UpdateDeadline::Continue(1))
+        });
+        store
+    }
+
+    fn classify(&self, error: wasmtime::Error, state: &GuestState, budget: u64) -> PolicyError {
+        if state.timed_out {
+            return PolicyError::Timeout {
+                limit: self.config.deadline,
+            };
+        }
+        if state.memory_denied {
+            return PolicyError::OutOfMemory {
+                limit: self.config.memory_limit,
+            };
+        }
+        match error.downcast_ref::<wasmtime::Trap>() {
+            Some(wasmtime::Trap::OutOfFuel) => PolicyError::FuelExhausted { budget },
+            Some(trap) => PolicyError::Trap {
+                message: match &state.last_error_log {
+                    Some(log) => format!("{trap}; the policy logged: {log}"),
+                    None => trap.to_string(),
+                },
+            },
+            None => PolicyError::Instantiate(error),
+        }
+    }
+}
+
+/// Refuses components that target another WIT version or import anything beyond the host
+/// interface, with an error that names what is wrong.
+fn check_world(engine: &Engine, component: &Component) -> Result<(), PolicyError> {
+    let ty = component.component_type();
+    let wanted = format!("{EVALUATOR}@{WORLD_VERSION}");
+    let exports: Vec<&str> = ty.exports(engine).map(|(name, _)| name).collect();
+    if !exports.contains(&wanted.as_str()) {
+        return Err(match exports.iter().find(|e| e.starts_with(EVALUATOR)) {
+            Some(other) => PolicyError::UnsupportedVersion {
+                found: other.replace("/evaluator", ""),
+                supported: WORLD_VERSION,
+            },
+            None => PolicyError::NotAPolicy,
+        });
+    }
+    for (name, _) in ty.imports(engine) {
+        let allowed = ALLOWED_IMPORTS
+            .iter()
+            .any(|a| name == format!("{a}@{WORLD_VERSION}"));
+        if !allowed {
+            return Err(PolicyError::ForbiddenImport(name.to_string()));
+        }
+    }
+    Ok(())
+}
+
+impl wasmtime::ResourceLimiter for GuestState {
+    fn memory_growing(
+        &mut self,
+        current: usize,
+        desired: usize,
+        maximum: Option<usize>,
+    ) -> wasmtime::Result<bool> {
+        let verdict = self.limits.memory_growing(current, desired, maximum);
+        if !matches!(verdict, Ok(true)) {
+            self.memory_denied = true;
+        }
+        verdict
+    }
+
+    fn table_growing(
+        &mut self,
+        current: usize,
+        desired: usize,
+        maximum: Option<usize>,
+    ) -> wasmtime::Result<bool> {
+        self.limits.table_growing(current, desired, maximum)
+    }
+
+    fn instances(&self) -> usize {
+        self.limits.instances()
+    }
+
+    fn tables(&self) -> usize {
+        self.limits.tables()
+    }
+
+    fn memories(&self) -> usize {
+        self.limits.memories()
+    }
+}
+
+/// Longest policy log message kept, bytes.
+const MAX_LOG_MESSAGE: usize = 1024;
+/// Most structured fields kept per line.
+const MAX_LOG_FIELDS: usize = 16;
+
+impl bindings::Host for GuestState {
+    fn log(&mut self, level: bindings::LogLevel, message: String, fields: Vec<(String, String)>) {
+        let message = clip(message, MAX_LOG_MESSAGE);
+        if matches!(level, bindings::LogLevel::Error) {
+            self.last_error_log = Some(message.clone());
+        }
+        if self.logs_left == 0 {
+            self.logs_dropped += 1;
+            return;
+        }
+        self.logs_left -= 1;
+        let fields: Vec<String> = fields
+            .into_iter()
+            .take(MAX_LOG_FIELDS)
+            .map(|(k, v)| format!("{}={}", clip(k, 64), clip(v, 256)))
+            .collect();
+        let fields = fields.join(" ");
+        let policy = &*self.policy;
+        match level {
+            bindings::LogLevel::Trace => tracing::trace!(target: "omnirelay::policy::guest", policy, fields, "{message}"),
+            bindings::LogLevel::Debug => tracing::debug!(target: "omnirelay::policy::guest", policy, fields, "{message}"),
+            bindings::LogLevel::Info => tracing::info!(target: "omnirelay::policy::guest", policy, fields, "{message}"),
+            bindings::LogLevel::Warn => tracing::warn!(target: "omnirelay::policy::guest", policy, fields, "{message}"),
+            bindings::LogLevel::Error => tracing::error!(target: "omnirelay::policy::guest", policy, fields, "{message}"),
+        }
+    }
+}
+
+impl bindings::omnirelay::bootstrap_policy::types::Host for GuestState {}
+
+fn clip(mut s: String, max: usize) -> String {
+    if s.len() > max {
+        let mut cut = max;
+        while !s.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        s.truncate(cut);
+    }
+    s
+}

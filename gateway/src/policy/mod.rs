@@ -1,0 +1,25 @@
+//! The policy host: loads issuance policies (WebAssembly components built against `wit/`) and
+//! runs each decision in a fresh, sandboxed instance with capped memory and time.
+//!
+//! Promises: a policy never sees a signing key, a clock, a file or the network; every way a
+//! policy can fail (trap, timeout, memory, bad result, wrong WIT version) is a [`PolicyError`]
+//! that callers treat as a refusal, distinct from a deny; an allow reaches the caller only as a
+//! [`Grant`] whose SPIFFE path, lifetime and DNS names the host checked.
+
+mod bindings;
+mod config;
+mod epoch;
+mod error;
+mod host;
+mod verdict;
+pub mod examples;
+pub mod vectors;
+
+pub use bindings::WORLD_VERSION;
+pub use config::PolicyConfig;
+pub use error::PolicyError;
+pub use host::{LoadedPolicy, Metered, Metering, ModuleDigest, PolicyHost};
+pub use verdict::{Grant, InvalidResult, Refusal, Verdict};
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,226 @@
+//! Guest-side glue used by [`crate::export_policy!`]: the wit-bindgen bindings, conversions
+//! between them and the SDK's plain types, the allocator and the panic handler. Not public API.
+
+#![allow(missing_docs)]
+#![allow(unsafe_code)] // wit-bindgen emits the canonical ABI glue as unsafe code
+
+use crate::types as sdk;
+use alloc::vec::Vec;
+
+pub use alloc::string::String;
+
+pub mod bindings {
+    wit_bindgen::generate!({
+        path: "../wit",
+        world: "policy",
+        pub_export_macro: true,
+        export_macro_name: "export",
+        default_bindings_module: "::policy_sdk::__private::bindings",
+        runtime_path: "::policy_sdk::__private::wit_bindgen::rt",
+    });
+}
+
+#[doc(hidden)]
+pub use bindings::export;
+pub use bindings::exports::omnirelay::bootstrap_policy::evaluator::Guest;
+pub use wit_bindgen;
+
+use bindings::omnirelay::bootstrap_policy::host::{self, LogLevel};
+use bindings::omnirelay::bootstrap_policy::types as wit;
+
+pub type WitRequest = wit::Request;
+pub type WitDecision = wit::Decision;
+pub type WitPolicyError = wit::PolicyError;
+
+/// Every instance is fresh and short-lived; dlmalloc is what Rust's own wasm targets use.
+#[global_allocator]
+static ALLOCATOR: dlmalloc::GlobalDlmalloc = dlmalloc::GlobalDlmalloc;
+
+/// Reports the panic to the gateway's log, then traps. Formats into a fixed buffer: the heap may
+/// be what failed.
+#[panic_handler]
+fn panic(info: &core::panic::PanicInfo<'_>) -> ! {
+    use core::sync::atomic::{AtomicBool, Ordering};
+    static PANICKING: AtomicBool = AtomicBool::new(false);
+    if !PANICKING.swap(true, Ordering::Relaxed) {
+        let mut buf = FixedBuf { bytes: [0; 512], len: 0 };
+        let _ = core::fmt::write(&mut buf, format_args!("policy panicked: {info}"));
+        if let Ok(text) = core::str::from_utf8(&buf.bytes[..buf.len]) {
+            host::log(LogLevel::Error, text, &[]);
+        }
+    }
+    core::arch::wasm32::unreachable()
+}
+
+/// The canonical ABI's allocator entry point. On `wasm32-wasip2`, wit-bindgen expects wasi-libc
+/// to provide it, and a `no_std` policy links no libc.
+///
+/// # Safety
+/// Called only by the component runtime, with the canonical ABI's contract: `old_ptr`/`old_len`
+/// describe a block this function returned earlier (or are zero), `align` is a power of two.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn cabi_realloc(
+    old_ptr: *mut u8,
+    old_len: usize,
+    align: usize,
+    new_len: usize,
+) -> *mut u8 {
+    use alloc::alloc::{Layout, alloc, realloc};
+    if new_len == 0 {
+        return align as *mut u8;
+    }
+    // SAFETY: the runtime passes a power-of-two alignment and a previous block's layout.
+    let ptr = unsafe {
+        if old_len == 0 {
+            alloc(Layout::from_size_align_unchecked(new_len, align))
+        } else {
+            realloc(
+                old_ptr,
+                Layout::from_size_align_unchecked(old_len, align),
+                new_len,
+            )
+        }
+    };
+    if ptr.is_null() {
+        core::arch::wasm32::unreachable()
+    }
+    ptr
+}
+
+struct FixedBuf {
+    bytes: [u8; 512],
+    len: usize,
+}
+
+impl core::fmt::Write for FixedBuf {
+    fn write_str(&mut self, s: &str) -> core::fmt::Result {
+        // Truncate on a character boundary so the result stays valid UTF-8.
+        let room = self.bytes.len() - self.len;
+        let mut take = s.len().min(room);
+        while !s.is_char_boundary(take) {
+            take -= 1;
+        }
+        self.bytes[self.len..self.len + take].copy_from_slice(&s.as_bytes()[..take]);
+        self.len += take;
+        Ok(())
+    }
+}
+
+pub fn evaluate<P: crate::Policy>(
+    settings: &str,
+    request: WitRequest,
+) -> Result<WitDecision, WitPolicyError> {
+    match crate::run_evaluate::<P>(settings, &request.into()) {
+        Ok(decision) => Ok(decision.into()),
+        Err(error) => Err(wit::PolicyError {
+            message: error.message,
+        }),
+    }
+}
+
+/// Sends a structured log line to the gateway (used by [`crate::log`]).
+pub fn log(level: crate::LogLevel, message: &str, fields: &[(String, String)]) {
+    let level = match level {
+        crate::LogLevel::Trace => LogLevel::Trace,
+        crate::LogLevel::Debug => LogLevel::Debug,
+        crate::LogLevel::Info => LogLevel::Info,
+        crate::LogLevel::Warn => LogLevel::Warn,
+        crate::LogLevel::Error => LogLevel::Error,
+    };
+    host::log(level, message, fields);
+}
+
+impl From<wit::Request> for sdk::Request {
+    fn from(r: wit::Request) -> Self {
+        Self {
+            kind: match r.kind {
+                wit::RequestKind::Join => sdk::RequestKind::Join,
+                wit::RequestKind::Renew => sdk::RequestKind::Renew,
+            },
+            token: sdk::TokenClaims {
+                audit_id: r.token.audit_id,
+                cluster: r.token.cluster,
+                role: r.token.role,
+                trust_domain: r.token.trust_domain,
+                not_before: r.token.not_before,
+                expires_at: r.token.expires_at,
+                max_uses: r.token.max_uses,
+                uses_left: r.token.uses_left,
+            },
+            attestation: sdk::Attestation {
+                kind: match r.attestation.kind {
+                    wit::AttestationKind::TokenOnly => sdk::AttestationKind::TokenOnly,
+                    wit::AttestationKind::X509pop => sdk::AttestationKind::X509pop,
+                },
+                verified: claims(r.attestation.verified),
+                self_reported: claims(r.attestation.self_reported),
+                issued_at_ms: r.attestation.issued_at_ms,
+            },
+            csr: sdk::CsrFacts {
+                key_algorithm: match r.csr.key_algorithm {
+                    wit::KeyAlgorithm::EcdsaP256 => sdk::KeyAlgorithm::EcdsaP256,
+                    wit::KeyAlgorithm::EcdsaP384 => sdk::KeyAlgorithm::EcdsaP384,
+                    wit::KeyAlgorithm::Ed25519 => sdk::KeyAlgorithm::Ed25519,
+                    wit::KeyAlgorithm::Rsa => sdk::KeyAlgorithm::Rsa,
+                    wit::KeyAlgorithm::Other => sdk::KeyAlgorithm::Other,
+                },
+                key_bits: r.csr.key_bits,
+                requested_dns_names: r.csr.requested_dns_names,
+                requested_uris: r.csr.requested_uris,
+            },
+            node_name: r.node_name,
+            client_address: r.client_address,
+            now_ms: r.now_ms,
+            extensions: r
+                .extensions
+                .into_iter()
+                .map(|kv| sdk::Kv {
+                    key: kv.key,
+                    value: kv.value,
+                })
+                .collect(),
+        }
+    }
+}
+
+fn claims(list: Vec<wit::Claim>) -> Vec<sdk::Claim> {
+    list.into_iter()
+        .map(|c| sdk::Claim {
+            name: c.name,
+            value: match c.value {
+                wit::ClaimValue::Flag(b) => sdk::ClaimValue::Flag(b),
+                wit::ClaimValue::Integer(i) => sdk::ClaimValue::Integer(i),
+                wit::ClaimValue::Text(t) => sdk::ClaimValue::Text(t),
+            },
+        })
+        .collect()
+}
+
+impl From<sdk::Decision> for wit::Decision {
+    fn from(d: sdk::Decision) -> Self {
+        match d {
+            sdk::Decision::Allow(a) => wit::Decision::Allow(wit::Allow {
+                spiffe_path: a.spiffe_path,
+                ttl_seconds: a.ttl_seconds,
+                dns_sans: a.dns_sans,
+                obligations: a
+                    .obligations
+                    .into_iter()
+                    .map(|o| match o {
+                        sdk::Obligation::RenewAfterSeconds(s) => {
+                            wit::Obligation::RenewAfterSeconds(s)
+                        }
+                        sdk::Obligation::AuditNote(n) => wit::Obligation::AuditNote(n),
+                    })
+                    .collect(),
+                matched_rules: a.matched_rules,
+            }),
+            sdk::Decision::Deny(d) => wit::Decision::Deny(wit::Deny {
+                code: d.code,
+                reason: d.reason,
+                node_message: d.node_message,
+                retry_after_seconds: d.retry_after_seconds,
+            }),
+        }
+    }
+}

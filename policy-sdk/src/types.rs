@@ -1,0 +1,337 @@
+//! Plain Rust mirrors of the WIT records in `wit/policy.wit`.
+//!
+//! Policies are written against these types; the export macro converts them to and from the
+//! canonical ABI. The gateway uses the same types (with serde) for test vectors, so a vector
+//! file reads like the request a policy sees.
+
+use alloc::string::String;
+use alloc::vec::Vec;
+use serde::{Deserialize, Serialize};
+
+/// Why the node is asking.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum RequestKind {
+    /// First identity for a node, authorised by a bootstrap token.
+    #[default]
+    Join,
+    /// A node holding a valid SVID asks for a fresh one.
+    Renew,
+}
+
+/// A free-form key/value pair (the request's forward-compatible extension point).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Kv {
+    /// Key; unknown keys must be ignored by policies.
+    pub key: String,
+    /// Value.
+    pub value: String,
+}
+
+/// Claims of the bootstrap token, already verified by the gateway.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TokenClaims {
+    /// The token's audit GUID (`jti`).
+    pub audit_id: String,
+    /// Cluster the token was issued for.
+    pub cluster: String,
+    /// Role the token was issued for.
+    pub role: String,
+    /// The gateway's SPIFFE trust domain (the token's audience).
+    pub trust_domain: String,
+    /// Not-before, Unix seconds.
+    #[serde(default)]
+    pub not_before: u64,
+    /// Expiry, Unix seconds.
+    #[serde(default = "far_future")]
+    pub expires_at: u64,
+    /// Total joins the token allows.
+    #[serde(default = "one")]
+    pub max_uses: u32,
+    /// Joins left, this one included.
+    #[serde(default = "one")]
+    pub uses_left: u32,
+}
+
+fn far_future() -> u64 {
+    u64::from(u32::MAX)
+}
+
+fn one() -> u32 {
+    1
+}
+
+/// A typed attestation claim value.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum ClaimValue {
+    /// A yes/no fact, such as `secure-boot`.
+    Flag(bool),
+    /// A number.
+    Integer(i64),
+    /// Text, such as an agent version.
+    Text(String),
+}
+
+/// One named attestation claim.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Claim {
+    /// Claim name, e.g. `secure-boot`.
+    pub name: String,
+    /// Claim value.
+    pub value: ClaimValue,
+}
+
+/// How the node proved itself.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum AttestationKind {
+    /// The bootstrap token is the only proof.
+    #[default]
+    TokenOnly,
+    /// Proof of possession of a pre-provisioned device certificate over a gateway nonce.
+    X509pop,
+}
+
+/// Attestation evidence after the gateway checked it.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Attestation {
+    /// Which attestation method was used.
+    #[serde(default)]
+    pub kind: AttestationKind,
+    /// Claims the gateway verified cryptographically.
+    #[serde(default)]
+    pub verified: Vec<Claim>,
+    /// Claims the node asserted without proof. Never treat these as evidence.
+    #[serde(default)]
+    pub self_reported: Vec<Claim>,
+    /// When the evidence was produced, Unix milliseconds.
+    #[serde(default)]
+    pub issued_at_ms: u64,
+}
+
+impl Attestation {
+    /// The value of a claim the gateway verified, if present.
+    pub fn verified_claim(&self, name: &str) -> Option<&ClaimValue> {
+        self.verified.iter().find(|c| c.name == name).map(|c| &c.value)
+    }
+
+    /// The value of a claim the node reported about itself, if present.
+    pub fn self_reported_claim(&self, name: &str) -> Option<&ClaimValue> {
+        self.self_reported
+            .iter()
+            .find(|c| c.name == name)
+            .map(|c| &c.value)
+    }
+}
+
+/// Key algorithm of the CSR's public key.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum KeyAlgorithm {
+    /// ECDSA on P-256.
+    #[default]
+    EcdsaP256,
+    /// ECDSA on P-384.
+    EcdsaP384,
+    /// Ed25519.
+    Ed25519,
+    /// RSA of any size (see [`CsrFacts::key_bits`]).
+    Rsa,
+    /// Anything else.
+    Other,
+}
+
+/// Facts parsed from the certificate signing request.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CsrFacts {
+    /// Key algorithm.
+    #[serde(default)]
+    pub key_algorithm: KeyAlgorithm,
+    /// Key size in bits.
+    #[serde(default = "p256_bits")]
+    pub key_bits: u32,
+    /// DNS names the node asked for (never copied into the certificate by the gateway).
+    #[serde(default)]
+    pub requested_dns_names: Vec<String>,
+    /// URIs the node asked for (never copied into the certificate by the gateway).
+    #[serde(default)]
+    pub requested_uris: Vec<String>,
+}
+
+fn p256_bits() -> u32 {
+    256
+}
+
+impl Default for CsrFacts {
+    fn default() -> Self {
+        Self {
+            key_algorithm: KeyAlgorithm::EcdsaP256,
+            key_bits: 256,
+            requested_dns_names: Vec::new(),
+            requested_uris: Vec::new(),
+        }
+    }
+}
+
+/// Everything a policy may base its decision on.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Request {
+    /// Join or renew.
+    #[serde(default)]
+    pub kind: RequestKind,
+    /// Verified token claims.
+    pub token: TokenClaims,
+    /// Checked attestation evidence.
+    #[serde(default)]
+    pub attestation: Attestation,
+    /// Facts from the CSR.
+    #[serde(default)]
+    pub csr: CsrFacts,
+    /// The node's name (DNS-label characters, validated by the gateway).
+    pub node_name: String,
+    /// The client's IP address as the gateway saw it.
+    #[serde(default)]
+    pub client_address: String,
+    /// The gateway's clock, Unix milliseconds. Policies have no clock of their own.
+    pub now_ms: u64,
+    /// Extension point; ignore keys you do not know.
+    #[serde(default)]
+    pub extensions: Vec<Kv>,
+}
+
+/// Something the gateway must enforce when it issues, or refuse to issue.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Obligation {
+    /// Tell the node to renew after this many seconds.
+    RenewAfterSeconds(u32),
+    /// Record this note with the issuance in the audit log.
+    AuditNote(String),
+}
+
+/// Issue an identity.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Allow {
+    /// SPIFFE ID path, starting with `/`; the gateway adds its own trust domain.
+    pub spiffe_path: String,
+    /// Requested lifetime in seconds (capped by the gateway).
+    pub ttl_seconds: u32,
+    /// DNS SANs to include.
+    #[serde(default)]
+    pub dns_sans: Vec<String>,
+    /// Obligations the gateway must enforce.
+    #[serde(default)]
+    pub obligations: Vec<Obligation>,
+    /// Names of the rules that matched.
+    #[serde(default)]
+    pub matched_rules: Vec<String>,
+}
+
+impl Allow {
+    /// An allow for `spiffe_path` with lifetime `ttl_seconds` and nothing else.
+    pub fn new(spiffe_path: impl Into<String>, ttl_seconds: u32) -> Self {
+        Self {
+            spiffe_path: spiffe_path.into(),
+            ttl_seconds,
+            dns_sans: Vec::new(),
+            obligations: Vec::new(),
+            matched_rules: Vec::new(),
+        }
+    }
+
+    /// Adds a DNS SAN.
+    pub fn dns_san(mut self, name: impl Into<String>) -> Self {
+        self.dns_sans.push(name.into());
+        self
+    }
+
+    /// Adds an obligation.
+    pub fn obligation(mut self, obligation: Obligation) -> Self {
+        self.obligations.push(obligation);
+        self
+    }
+
+    /// Records the name of a rule that matched.
+    pub fn matched(mut self, rule: impl Into<String>) -> Self {
+        self.matched_rules.push(rule.into());
+        self
+    }
+}
+
+/// Refuse the request.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Deny {
+    /// Stable machine-readable code, e.g. `cluster-not-allowed`.
+    pub code: String,
+    /// Why, for the operator (audit log only).
+    pub reason: String,
+    /// What the node may be told; when absent it learns only the code.
+    #[serde(default)]
+    pub node_message: Option<String>,
+    /// Suggest a retry after this many seconds.
+    #[serde(default)]
+    pub retry_after_seconds: Option<u32>,
+}
+
+impl Deny {
+    /// A deny with a code and an operator-only reason.
+    pub fn new(code: impl Into<String>, reason: impl Into<String>) -> Self {
+        Self {
+            code: code.into(),
+            reason: reason.into(),
+            node_message: None,
+            retry_after_seconds: None,
+        }
+    }
+
+    /// Sets the message the node may see.
+    pub fn node_message(mut self, message: impl Into<String>) -> Self {
+        self.node_message = Some(message.into());
+        self
+    }
+
+    /// Suggests a retry delay.
+    pub fn retry_after(mut self, seconds: u32) -> Self {
+        self.retry_after_seconds = Some(seconds);
+        self
+    }
+}
+
+/// A policy's verdict.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Decision {
+    /// Issue.
+    Allow(Allow),
+    /// Refuse.
+    Deny(Deny),
+}
+
+/// The policy could not decide. The gateway fails closed and alerts on these apart from denials.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PolicyError {
+    /// What went wrong, for the operator.
+    pub message: String,
+}
+
+impl PolicyError {
+    /// A policy error with a message.
+    pub fn new(message: impl Into<String>) -> Self {
+        Self {
+            message: message.into(),
+        }
+    }
+}
+
+impl core::fmt::Display for PolicyError {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.write_str(&self.message)
+    }
+}
