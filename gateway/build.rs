@@ -23,7 +23,13 @@ fn main() {
         .map(PathBuf::from)
         .unwrap_or_else(|| root.join("target"))
         .join("wasm");
-    for watched in ["wit", "policy-sdk", "policies", "Cargo.lock", ".cargo/config.toml"] {
+    for watched in [
+        "wit",
+        "policy-sdk",
+        "policies",
+        "Cargo.lock",
+        ".cargo/config.toml",
+    ] {
         println!("cargo:rerun-if-changed={}", root.join(watched).display());
     }
 
@@ -31,7 +37,14 @@ fn main() {
     let mut build = Command::new(cargo);
     build
         .current_dir(&root)
-        .args(["build", "--locked", "--target", "wasm32-wasip2", "--profile", "policy"])
+        .args([
+            "build",
+            "--locked",
+            "--target",
+            "wasm32-wasip2",
+            "--profile",
+            "policy",
+        ])
         .arg("--target-dir")
         .arg(&target)
         // Flags and wrappers meant for the host build (clippy's driver, host rustflags) must

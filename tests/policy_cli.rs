@@ -1,11 +1,21 @@
 //! `omnirelay policy test`: what a policy author and CI run, through the real binary.
 
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    reason = "a failed unwrap is a failed test"
+)]
+
 use omnirelay_e2e::{omnirelay, policy_dir, repo_root};
 
 const BIN: &str = env!("CARGO_BIN_EXE_omnirelay-under-test");
 
 fn wasm(name: &str) -> String {
-    policy_dir().join(format!("{name}.wasm")).display().to_string()
+    policy_dir()
+        .join(format!("{name}.wasm"))
+        .display()
+        .to_string()
 }
 
 fn run(args: &[&str]) -> (i32, String, String) {
@@ -22,13 +32,28 @@ fn example_policies_pass_their_vectors_and_report_fuel() {
         ("posture", "posture", 5),
         ("deny_all", "deny-all", 1),
     ] {
-        let vectors = repo_root().join("policies").join(crate_dir).join("vectors.json");
-        let (code, stdout, stderr) = run(&["policy", "test", &wasm(policy), vectors.to_str().unwrap()]);
+        let vectors = repo_root()
+            .join("policies")
+            .join(crate_dir)
+            .join("vectors.json");
+        let (code, stdout, stderr) =
+            run(&["policy", "test", &wasm(policy), vectors.to_str().unwrap()]);
         assert_eq!(code, 0, "{policy}: {stdout}{stderr}");
         assert_eq!(stdout.matches("  PASS  ").count(), count, "{stdout}");
-        assert!(stdout.contains(&format!("{count} passed, 0 failed")), "{stdout}");
+        assert!(
+            stdout.contains(&format!("{count} passed, 0 failed")),
+            "{stdout}"
+        );
         for line in stdout.lines().filter(|l| l.contains("PASS")) {
-            let fuel: u64 = line.split("fuel").nth(1).unwrap().split_whitespace().next().unwrap().parse().unwrap();
+            let fuel: u64 = line
+                .split("fuel")
+                .nth(1)
+                .unwrap()
+                .split_whitespace()
+                .next()
+                .unwrap()
+                .parse()
+                .unwrap();
             assert!(fuel > 0, "{line}");
         }
     }
@@ -64,7 +89,9 @@ fn a_mismatched_vector_fails_the_run_and_says_what_differed() {
     assert_eq!(code, 1, "{stdout}");
     assert!(stdout.contains("PASS  right"), "{stdout}");
     assert!(
-        stdout.contains("FAIL  wrong") && stdout.contains("expected deny nope, got allow /cluster/edge-eu/role/dispatcher/node/n1"),
+        stdout.contains("FAIL  wrong")
+            && stdout
+                .contains("expected deny nope, got allow /cluster/edge-eu/role/dispatcher/node/n1"),
         "{stdout}"
     );
     assert!(stdout.contains("1 passed, 1 failed"), "{stdout}");
@@ -101,5 +128,8 @@ fn a_policy_for_another_wit_version_is_refused_with_a_clear_error() {
     let vectors = write_vectors(&dir, r#"{"vectors": []}"#);
     let (code, _, stderr) = run(&["policy", "test", &wasm("fixture_wrong_wit"), &vectors]);
     assert_eq!(code, 2, "{stderr}");
-    assert!(stderr.contains("built against omnirelay:bootstrap-policy@0.0.1"), "{stderr}");
+    assert!(
+        stderr.contains("built against omnirelay:bootstrap-policy@0.0.1"),
+        "{stderr}"
+    );
 }

@@ -3,6 +3,13 @@
 //!
 //! Its own test binary so that no other test's allocations move the RSS figures.
 
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    reason = "a failed unwrap is a failed test"
+)]
+
 use std::sync::Arc;
 
 use gateway::policy::{Metering, PolicyConfig, PolicyHost, Verdict};
@@ -21,7 +28,8 @@ fn rss_kib() -> u64 {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ten_thousand_concurrent_evaluations_are_correct_and_do_not_grow_the_process() {
     let host = Arc::new(PolicyHost::new(PolicyConfig::default(), Metering::Off).unwrap());
-    let module = std::fs::read(concat!(env!("OMNIRELAY_POLICY_DIR"), "/cluster_role.wasm")).unwrap();
+    let module =
+        std::fs::read(concat!(env!("OMNIRELAY_POLICY_DIR"), "/cluster_role.wasm")).unwrap();
     let settings = r#"{"clusters": ["edge-eu"], "roles": ["dispatcher"], "ttl_seconds": 600}"#;
     let policy = host.load("cluster-role", module, settings).await.unwrap();
 
@@ -34,7 +42,11 @@ async fn ten_thousand_concurrent_evaluations_are_correct_and_do_not_grow_the_pro
                 for i in 0..PER_TASK {
                     // Every third request comes from a cluster the policy does not admit.
                     let n = (round * TASKS + task) * PER_TASK + i;
-                    let cluster = if n % 3 == 0 { "core" } else { "edge-eu" };
+                    let cluster = if n.is_multiple_of(3) {
+                        "core"
+                    } else {
+                        "edge-eu"
+                    };
                     let node = format!("node-{n}");
                     let request = testing::request(cluster, "dispatcher", &node);
                     match host.evaluate(&policy, &request).await.unwrap() {

@@ -32,9 +32,10 @@ pub type WitRequest = wit::Request;
 pub type WitDecision = wit::Decision;
 pub type WitPolicyError = wit::PolicyError;
 
-/// Every instance is fresh and short-lived; dlmalloc is what Rust's own wasm targets use.
+/// Every instance lives for one call, so the heap is a bump allocator: the fastest possible
+/// allocation, and memory is reclaimed when the gateway drops the instance.
 #[global_allocator]
-static ALLOCATOR: dlmalloc::GlobalDlmalloc = dlmalloc::GlobalDlmalloc;
+static ALLOCATOR: heap::Bump = heap::Bump::new();
 
 /// Reports the panic to the gateway's log, then traps. Formats into a fixed buffer: the heap may
 /// be what failed.
@@ -43,7 +44,10 @@ fn panic(info: &core::panic::PanicInfo<'_>) -> ! {
     use core::sync::atomic::{AtomicBool, Ordering};
     static PANICKING: AtomicBool = AtomicBool::new(false);
     if !PANICKING.swap(true, Ordering::Relaxed) {
-        let mut buf = FixedBuf { bytes: [0; 512], len: 0 };
+        let mut buf = FixedBuf {
+            bytes: [0; 512],
+            len: 0,
+        };
         let _ = core::fmt::write(&mut buf, format_args!("policy panicked: {info}"));
         if let Ok(text) = core::str::from_utf8(&buf.bytes[..buf.len]) {
             host::log(LogLevel::Error, text, &[]);
@@ -221,6 +225,95 @@ impl From<sdk::Decision> for wit::Decision {
                 node_message: d.node_message,
                 retry_after_seconds: d.retry_after_seconds,
             }),
+        }
+    }
+}
+
+/// The guest heap.
+///
+/// Allocation bumps a pointer, starting at the linker's `__heap_base`, inside the memory the
+/// module starts with (`--initial-heap` in `.cargo/config.toml`) and growing it a page at a
+/// time only when that is used up. Freeing or growing the most recent block is done in place
+/// (the pattern of a growing `Vec` or `String`); other frees are left for the end of the call.
+/// Growing memory costs the host page-protection changes, so staying inside the initial heap
+/// is what keeps a fresh instance cheap.
+mod heap {
+    use core::alloc::{GlobalAlloc, Layout};
+    use core::arch::wasm32;
+    use core::sync::atomic::{AtomicUsize, Ordering::Relaxed};
+
+    const PAGE: usize = 65536;
+
+    unsafe extern "C" {
+        /// First byte after the data segments and the shadow stack (set by wasm-ld).
+        static __heap_base: u8;
+    }
+
+    pub struct Bump {
+        /// Next free byte; 0 until the first allocation.
+        next: AtomicUsize,
+    }
+
+    impl Bump {
+        pub const fn new() -> Self {
+            Self {
+                next: AtomicUsize::new(0),
+            }
+        }
+
+        fn top(&self) -> usize {
+            match self.next.load(Relaxed) {
+                // SAFETY: only the address of the linker symbol is taken, never its value.
+                0 => unsafe { &raw const __heap_base as usize },
+                n => n,
+            }
+        }
+
+        /// Moves the top to `end`, growing memory if needed; false when the host refuses.
+        fn claim(&self, end: usize) -> bool {
+            let have = wasm32::memory_size(0) * PAGE;
+            if end > have && wasm32::memory_grow(0, (end - have).div_ceil(PAGE)) == usize::MAX {
+                return false;
+            }
+            self.next.store(end, Relaxed);
+            true
+        }
+    }
+
+    // SAFETY: blocks never overlap (the top only moves past a block, or back to the start of
+    // the most recent one when it is freed), and every block is aligned as its layout asks.
+    unsafe impl GlobalAlloc for Bump {
+        unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+            let start = self.top().next_multiple_of(layout.align());
+            match start.checked_add(layout.size()) {
+                Some(end) if self.claim(end) => start as *mut u8,
+                _ => core::ptr::null_mut(),
+            }
+        }
+
+        unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+            if ptr as usize + layout.size() == self.top() {
+                self.next.store(ptr as usize, Relaxed);
+            }
+        }
+
+        unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
+            let start = ptr as usize;
+            if start + layout.size() == self.top() {
+                return match start.checked_add(new_size) {
+                    Some(end) if self.claim(end) => ptr,
+                    _ => core::ptr::null_mut(),
+                };
+            }
+            // SAFETY: `layout.align()` is a valid alignment and `new_size` is non-zero, as the
+            // `GlobalAlloc::realloc` contract guarantees.
+            let moved =
+                unsafe { self.alloc(Layout::from_size_align_unchecked(new_size, layout.align())) };
+            if !moved.is_null() {
+                // SAFETY: both blocks are live, distinct and at least this long.
+                unsafe { core::ptr::copy_nonoverlapping(ptr, moved, layout.size().min(new_size)) };
+            }
+            moved
         }
     }
 }

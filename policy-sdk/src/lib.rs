@@ -67,7 +67,9 @@
 //!   evaluation runs in a new instance.
 //! - A panic traps the instance; the gateway fails closed and reports it apart from a deny.
 //!   The panic message is sent to the gateway log first.
-//! - Memory and time are capped by the gateway; exceeding either fails closed.
+//! - Memory and time are capped by the gateway; exceeding either fails closed. The heap is a
+//!   bump allocator: freeing returns memory only for the most recent block, and everything is
+//!   reclaimed when the call ends. Allocate what one decision needs, not more.
 //! - Only claims in [`Attestation::verified`] were checked by the gateway.
 //!
 //! # Building
@@ -76,7 +78,14 @@
 //! cargo build --target wasm32-wasip2 --profile policy -p my-policy
 //! ```
 //!
-//! with `crate-type = ["cdylib", "rlib"]` in the policy's `Cargo.toml`.
+//! with `crate-type = ["cdylib", "rlib"]` in the policy's `Cargo.toml`, and this in the
+//! workspace's `.cargo/config.toml` so a fresh instance starts small and never has to grow its
+//! memory (it halves the per-decision cost; see the repository's `bench/README.md`):
+//!
+//! ```toml
+//! [target.wasm32-wasip2]
+//! rustflags = ["-C", "link-arg=-zstack-size=65536", "-C", "link-arg=--initial-heap=262144"]
+//! ```
 
 // Natively the SDK uses std (the test harness captures logs); in the guest it must not.
 #![cfg_attr(target_arch = "wasm32", no_std)]
@@ -137,7 +146,7 @@ pub fn run_evaluate<P: Policy>(settings: &str, request: &Request) -> Result<Deci
 }
 
 fn parse_settings<P: Policy>(settings: &str) -> Result<P::Settings, String> {
-    serde_json::from_str(settings).map_err(|e| format!("invalid settings: {}", e.to_string()))
+    serde_json::from_str(settings).map_err(|e| format!("invalid settings: {e}"))
 }
 
 /// Severity of a policy log line.

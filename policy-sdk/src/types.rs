@@ -115,7 +115,10 @@ pub struct Attestation {
 impl Attestation {
     /// The value of a claim the gateway verified, if present.
     pub fn verified_claim(&self, name: &str) -> Option<&ClaimValue> {
-        self.verified.iter().find(|c| c.name == name).map(|c| &c.value)
+        self.verified
+            .iter()
+            .find(|c| c.name == name)
+            .map(|c| &c.value)
     }
 
     /// The value of a claim the node reported about itself, if present.
@@ -335,3 +338,5 @@ impl core::fmt::Display for PolicyError {
         f.write_str(&self.message)
     }
 }
+
+impl core::error::Error for PolicyError {}

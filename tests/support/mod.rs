@@ -18,5 +18,8 @@ pub fn repo_root() -> PathBuf {
 
 /// Runs `omnirelay` with `args` to completion and returns what it printed.
 pub fn omnirelay(bin: &str, args: &[&str]) -> std::io::Result<Output> {
-    Command::new(bin).args(args).env("RUST_LOG", "warn").output()
+    Command::new(bin)
+        .args(args)
+        .env("RUST_LOG", "warn")
+        .output()
 }

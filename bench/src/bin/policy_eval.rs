@@ -29,16 +29,20 @@ fn main() -> BoxResult<()> {
         .map(|s| s.parse())
         .transpose()?
         .unwrap_or(3u64);
-    let rt = tokio::runtime::Builder::new_current_thread().build()?;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
     let host = Arc::new(PolicyHost::new(PolicyConfig::default(), Metering::Off)?);
-    let policy = rt.block_on(host.load("cluster-role", examples::CLUSTER_ROLE.to_vec(), SETTINGS))?;
+    let policy =
+        rt.block_on(host.load("cluster-role", examples::CLUSTER_ROLE.to_vec(), SETTINGS))?;
     let request = testing::request("edge-eu", "dispatcher", "dispatcher-07");
 
     // Correctness first: both paths must reach the same decision.
     let hosted = rt.block_on(host.evaluate(&policy, &request))?;
     let native = policy_sdk::run_evaluate::<ClusterRole>(SETTINGS, &request)?;
     match (&hosted, &native) {
-        (Verdict::Allow(g), policy_sdk::Decision::Allow(a)) if g.path.as_str() == a.spiffe_path => {}
+        (Verdict::Allow(g), policy_sdk::Decision::Allow(a)) if g.path.as_str() == a.spiffe_path => {
+        }
         _ => return Err(format!("decisions differ: {hosted:?} vs {native:?}").into()),
     }
 
@@ -119,6 +123,7 @@ fn throughput(
             let (host, policy) = (host.clone(), policy.clone());
             std::thread::spawn(move || -> Result<u64, String> {
                 let rt = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
                     .build()
                     .map_err(|e| e.to_string())?;
                 let request = testing::request("edge-eu", "dispatcher", &format!("node-{t}"));

@@ -58,7 +58,10 @@ async fn test(policy_path: PathBuf, vectors_path: PathBuf) -> anyhow::Result<Exi
     for r in &results {
         let status = if r.failure.is_none() { "PASS" } else { "FAIL" };
         let detail = r.failure.as_deref().unwrap_or("");
-        println!("  {status}  {:<width$}  fuel {:>10}  {detail}", r.name, r.fuel);
+        println!(
+            "  {status}  {:<width$}  fuel {:>10}  {detail}",
+            r.name, r.fuel
+        );
     }
     let failed = results.iter().filter(|r| r.failure.is_some()).count();
     println!("{} passed, {failed} failed", results.len() - failed);

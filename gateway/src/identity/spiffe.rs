@@ -179,7 +179,11 @@ mod tests {
 
     #[test]
     fn accepts_well_formed_paths() {
-        for p in ["/a", "/cluster/edge-eu/role/dispatcher/node/n_1", "/A.b-C_d/9"] {
+        for p in [
+            "/a",
+            "/cluster/edge-eu/role/dispatcher/node/n_1",
+            "/A.b-C_d/9",
+        ] {
             assert_eq!(SpiffePath::parse(p).unwrap().as_str(), p);
         }
     }
@@ -224,7 +228,10 @@ mod tests {
     fn whole_id_length_is_bounded_and_round_trips() {
         let td = TrustDomain::parse("example.org").unwrap();
         let path = SpiffePath::parse(&format!("/{}", "a".repeat(2030))).unwrap();
-        assert!(matches!(SpiffeId::new(td.clone(), path), Err(SpiffeError::TooLong(_))));
+        assert!(matches!(
+            SpiffeId::new(td.clone(), path),
+            Err(SpiffeError::TooLong(_))
+        ));
         let id = SpiffeId::new(td, SpiffePath::parse("/node/n1").unwrap()).unwrap();
         assert_eq!(id.to_string(), "spiffe://example.org/node/n1");
         assert_eq!(SpiffeId::parse(&id.to_string()).unwrap(), id);

@@ -6,7 +6,8 @@
 pub const BUILT_POLICY_DIR: &str = env!("OMNIRELAY_POLICY_DIR");
 
 /// `cluster-role`: admits listed clusters and roles.
-pub const CLUSTER_ROLE: &[u8] = include_bytes!(concat!(env!("OMNIRELAY_POLICY_DIR"), "/cluster_role.wasm"));
+pub const CLUSTER_ROLE: &[u8] =
+    include_bytes!(concat!(env!("OMNIRELAY_POLICY_DIR"), "/cluster_role.wasm"));
 
 /// `posture`: admits devices whose verified posture meets the settings.
 pub const POSTURE: &[u8] = include_bytes!(concat!(env!("OMNIRELAY_POLICY_DIR"), "/posture.wasm"));

@@ -142,10 +142,12 @@ impl PolicyHost {
             .max_memories_per_component(1)
             .max_tables_per_component(2)
             .max_memory_size(usize::try_from(config.memory_limit).unwrap_or(usize::MAX))
-            // Reset a reused slot's first pages with memset instead of madvise: cheaper for
-            // the few pages a policy touches.
-            .linear_memory_keep_resident(128 << 10)
-            .table_keep_resident(16 << 10);
+            // Reset a reused slot by rewriting just the pages the last call dirtied (found with
+            // Linux's PAGEMAP_SCAN where the kernel has it) instead of madvise: no page-table
+            // change, so no cross-core TLB shootdown and no page faults on the next call.
+            .pagemap_scan(wasmtime::Enabled::Auto)
+            .linear_memory_keep_resident(1 << 20)
+            .table_keep_resident(64 << 10);
         let mut wasm = wasmtime::Config::new();
         wasm.epoch_interruption(true)
             .consume_fuel(metering == Metering::Fuel)
@@ -198,7 +200,11 @@ impl PolicyHost {
         Ok(policy)
     }
 
-    async fn compile(&self, digest: ModuleDigest, module: Vec<u8>) -> Result<Component, PolicyError> {
+    async fn compile(
+        &self,
+        digest: ModuleDigest,
+        module: Vec<u8>,
+    ) -> Result<Component, PolicyError> {
         if let Some(hit) = self.cached(digest) {
             return Ok(hit);
         }
@@ -276,7 +282,12 @@ impl PolicyHost {
     ) -> Metered<T> {
         let _permit = match self.permit().await {
             Ok(permit) => permit,
-            Err(e) => return Metered { result: Err(e), fuel: 0 },
+            Err(e) => {
+                return Metered {
+                    result: Err(e),
+                    fuel: 0,
+                };
+            }
         };
         let budget = budget.unwrap_or(u64::MAX);
         let mut store = self.store(&policy.name, budget);
@@ -300,6 +311,10 @@ impl PolicyHost {
     }
 
     async fn permit(&self) -> Result<SemaphorePermit<'_>, PolicyError> {
+        // Fast path without arming a timer: a free slot is the common case.
+        if let Ok(permit) = self.permits.try_acquire() {
+            return Ok(permit);
+        }
         let wait = self.config.queue_timeout;
         match tokio::time::timeout(wait, self.permits.acquire()).await {
             Ok(Ok(permit)) => Ok(permit),
@@ -455,11 +470,21 @@ impl bindings::Host for GuestState {
         let fields = fields.join(" ");
         let policy = &*self.policy;
         match level {
-            bindings::LogLevel::Trace => tracing::trace!(target: "omnirelay::policy::guest", policy, fields, "{message}"),
-            bindings::LogLevel::Debug => tracing::debug!(target: "omnirelay::policy::guest", policy, fields, "{message}"),
-            bindings::LogLevel::Info => tracing::info!(target: "omnirelay::policy::guest", policy, fields, "{message}"),
-            bindings::LogLevel::Warn => tracing::warn!(target: "omnirelay::policy::guest", policy, fields, "{message}"),
-            bindings::LogLevel::Error => tracing::error!(target: "omnirelay::policy::guest", policy, fields, "{message}"),
+            bindings::LogLevel::Trace => {
+                tracing::trace!(target: "omnirelay::policy::guest", policy, fields, "{message}")
+            }
+            bindings::LogLevel::Debug => {
+                tracing::debug!(target: "omnirelay::policy::guest", policy, fields, "{message}")
+            }
+            bindings::LogLevel::Info => {
+                tracing::info!(target: "omnirelay::policy::guest", policy, fields, "{message}")
+            }
+            bindings::LogLevel::Warn => {
+                tracing::warn!(target: "omnirelay::policy::guest", policy, fields, "{message}")
+            }
+            bindings::LogLevel::Error => {
+                tracing::error!(target: "omnirelay::policy::guest", policy, fields, "{message}")
+            }
         }
     }
 }

@@ -10,10 +10,10 @@ mod bindings;
 mod config;
 mod epoch;
 mod error;
-mod host;
-mod verdict;
 pub mod examples;
+mod host;
 pub mod vectors;
+mod verdict;
 
 pub use bindings::WORLD_VERSION;
 pub use config::PolicyConfig;

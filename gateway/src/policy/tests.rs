@@ -54,10 +54,18 @@ async fn cluster_role_allows_listed_pairs_with_the_exact_path() {
 async fn cluster_role_denies_unlisted_cluster_and_role() {
     let host = host();
     let policy = cluster_role(&host).await;
-    let r = refusal(host.evaluate(&policy, &testing::request("core", "relay", "n")).await.unwrap());
+    let r = refusal(
+        host.evaluate(&policy, &testing::request("core", "relay", "n"))
+            .await
+            .unwrap(),
+    );
     assert_eq!(r.code, "cluster-not-allowed");
     assert!(r.reason.contains("\"core\""), "{}", r.reason);
-    let r = refusal(host.evaluate(&policy, &testing::request("edge-eu", "admin", "n")).await.unwrap());
+    let r = refusal(
+        host.evaluate(&policy, &testing::request("edge-eu", "admin", "n"))
+            .await
+            .unwrap(),
+    );
     assert_eq!(r.code, "role-not-allowed");
 }
 
@@ -65,10 +73,17 @@ async fn cluster_role_denies_unlisted_cluster_and_role() {
 async fn settings_are_validated_at_load() {
     let host = host();
     let err = host
-        .load("cluster-role", module("cluster_role"), r#"{"clusters": [], "roles": ["r"], "ttl_seconds": 1}"#)
+        .load(
+            "cluster-role",
+            module("cluster_role"),
+            r#"{"clusters": [], "roles": ["r"], "ttl_seconds": 1}"#,
+        )
         .await
         .unwrap_err();
-    assert!(matches!(&err, PolicyError::SettingsRejected(m) if m.contains("at least one")), "{err}");
+    assert!(
+        matches!(&err, PolicyError::SettingsRejected(m) if m.contains("at least one")),
+        "{err}"
+    );
 }
 
 const POSTURE: &str = r#"{
@@ -83,7 +98,10 @@ fn attested(flag_verified: bool, age_ms: u64) -> sdk::Request {
     let mut r = testing::request("edge-eu", "dispatcher", "n1");
     r.attestation.kind = sdk::AttestationKind::X509pop;
     r.attestation.issued_at_ms = r.now_ms - age_ms;
-    let boot = sdk::Claim { name: "secure-boot".into(), value: sdk::ClaimValue::Flag(true) };
+    let boot = sdk::Claim {
+        name: "secure-boot".into(),
+        value: sdk::ClaimValue::Flag(true),
+    };
     let version = sdk::Claim {
         name: "agent-version".into(),
         value: sdk::ClaimValue::Text("2.1.0".into()),
@@ -100,72 +118,152 @@ fn attested(flag_verified: bool, age_ms: u64) -> sdk::Request {
 #[tokio::test]
 async fn posture_admits_fresh_verified_evidence_only() {
     let host = host();
-    let policy = host.load("posture", module("posture"), POSTURE).await.unwrap();
-    let g = grant(host.evaluate(&policy, &attested(true, 5_000)).await.unwrap());
+    let policy = host
+        .load("posture", module("posture"), POSTURE)
+        .await
+        .unwrap();
+    let g = grant(
+        host.evaluate(&policy, &attested(true, 5_000))
+            .await
+            .unwrap(),
+    );
     assert_eq!(g.path.as_str(), "/cluster/edge-eu/role/dispatcher/node/n1");
 
-    let stale = refusal(host.evaluate(&policy, &attested(true, 121_000)).await.unwrap());
+    let stale = refusal(
+        host.evaluate(&policy, &attested(true, 121_000))
+            .await
+            .unwrap(),
+    );
     assert_eq!(stale.code, "evidence-stale");
-    let unverified = refusal(host.evaluate(&policy, &attested(false, 5_000)).await.unwrap());
+    let unverified = refusal(
+        host.evaluate(&policy, &attested(false, 5_000))
+            .await
+            .unwrap(),
+    );
     assert_eq!(unverified.code, "posture-requirement");
-    assert!(unverified.reason.contains("only self-reported"), "{}", unverified.reason);
+    assert!(
+        unverified.reason.contains("only self-reported"),
+        "{}",
+        unverified.reason
+    );
 }
 
 #[tokio::test]
 async fn deny_all_denies() {
     let host = host();
-    let policy = host.load("deny-all", module("deny_all"), "{}").await.unwrap();
-    let r = refusal(host.evaluate(&policy, &testing::request("a", "b", "c")).await.unwrap());
+    let policy = host
+        .load("deny-all", module("deny_all"), "{}")
+        .await
+        .unwrap();
+    let r = refusal(
+        host.evaluate(&policy, &testing::request("a", "b", "c"))
+            .await
+            .unwrap(),
+    );
     assert_eq!(r.code, "issuance-disabled");
-    assert_eq!(r.node_message.as_deref(), Some("issuance is disabled on this gateway"));
+    assert_eq!(
+        r.node_message.as_deref(),
+        Some("issuance is disabled on this gateway")
+    );
 }
 
 #[tokio::test]
 async fn infinite_loop_is_stopped_at_its_deadline_and_the_host_keeps_working() {
-    let config = PolicyConfig { deadline: Duration::from_millis(10), ..Default::default() };
+    let config = PolicyConfig {
+        deadline: Duration::from_millis(10),
+        ..Default::default()
+    };
     let host = PolicyHost::new(config, Metering::Off).unwrap();
-    let spin = host.load("spin", module("fixture_infinite_loop"), "{}").await.unwrap();
+    let spin = host
+        .load("spin", module("fixture_infinite_loop"), "{}")
+        .await
+        .unwrap();
     let started = Instant::now();
-    let err = host.evaluate(&spin, &testing::request("a", "b", "c")).await.unwrap_err();
+    let err = host
+        .evaluate(&spin, &testing::request("a", "b", "c"))
+        .await
+        .unwrap_err();
     let took = started.elapsed();
-    assert!(matches!(err, PolicyError::Timeout { limit } if limit == Duration::from_millis(10)), "{err}");
+    assert!(
+        matches!(err, PolicyError::Timeout { limit } if limit == Duration::from_millis(10)),
+        "{err}"
+    );
     assert!(took < Duration::from_secs(1), "stopped after {took:?}");
 
     let policy = cluster_role(&host).await;
-    let g = grant(host.evaluate(&policy, &testing::request("edge-eu", "relay", "n")).await.unwrap());
+    let g = grant(
+        host.evaluate(&policy, &testing::request("edge-eu", "relay", "n"))
+            .await
+            .unwrap(),
+    );
     assert_eq!(g.path.as_str(), "/cluster/edge-eu/role/relay/node/n");
 }
 
 #[tokio::test]
 async fn memory_bomb_hits_the_cap_and_fails_closed() {
-    let config = PolicyConfig { memory_limit: 8 << 20, ..Default::default() };
+    let config = PolicyConfig {
+        memory_limit: 8 << 20,
+        ..Default::default()
+    };
     let host = PolicyHost::new(config, Metering::Off).unwrap();
-    let bomb = host.load("bomb", module("fixture_memory_bomb"), "{}").await.unwrap();
-    let err = host.evaluate(&bomb, &testing::request("a", "b", "c")).await.unwrap_err();
-    assert!(matches!(err, PolicyError::OutOfMemory { limit } if limit == 8 << 20), "{err}");
+    let bomb = host
+        .load("bomb", module("fixture_memory_bomb"), "{}")
+        .await
+        .unwrap();
+    let err = host
+        .evaluate(&bomb, &testing::request("a", "b", "c"))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, PolicyError::OutOfMemory { limit } if limit == 8 << 20),
+        "{err}"
+    );
     assert_eq!(err.kind(), "out-of-memory");
 }
 
 #[tokio::test]
 async fn trap_fails_closed_with_the_panic_message() {
     let host = host();
-    let trap = host.load("trap", module("fixture_trap"), "{}").await.unwrap();
-    let err = host.evaluate(&trap, &testing::request("a", "b", "node-9")).await.unwrap_err();
-    let PolicyError::Trap { message } = &err else { panic!("{err}") };
+    let trap = host
+        .load("trap", module("fixture_trap"), "{}")
+        .await
+        .unwrap();
+    let err = host
+        .evaluate(&trap, &testing::request("a", "b", "node-9"))
+        .await
+        .unwrap_err();
+    let PolicyError::Trap { message } = &err else {
+        panic!("{err}")
+    };
     assert!(message.contains("unreachable"), "{message}");
-    assert!(message.contains("fixture panic for node node-9"), "{message}");
+    assert!(
+        message.contains("fixture panic for node node-9"),
+        "{message}"
+    );
 }
 
 #[tokio::test]
 async fn huge_result_is_an_invalid_result() {
     // Building 50,000 strings takes a debug-build guest a while on a loaded machine; this test
     // is about the result check, so give it time.
-    let config = PolicyConfig { deadline: Duration::from_secs(5), ..Default::default() };
+    let config = PolicyConfig {
+        deadline: Duration::from_secs(5),
+        ..Default::default()
+    };
     let host = PolicyHost::new(config, Metering::Off).unwrap();
-    let huge = host.load("huge", module("fixture_huge_result"), "{}").await.unwrap();
-    let err = host.evaluate(&huge, &testing::request("a", "b", "c")).await.unwrap_err();
+    let huge = host
+        .load("huge", module("fixture_huge_result"), "{}")
+        .await
+        .unwrap();
+    let err = host
+        .evaluate(&huge, &testing::request("a", "b", "c"))
+        .await
+        .unwrap_err();
     assert!(
-        matches!(err, PolicyError::InvalidResult(InvalidResult::Path(SpiffeError::TooLong(_)))),
+        matches!(
+            err,
+            PolicyError::InvalidResult(InvalidResult::Path(SpiffeError::TooLong(_)))
+        ),
         "{err}"
     );
 }
@@ -173,16 +271,28 @@ async fn huge_result_is_an_invalid_result() {
 #[tokio::test]
 async fn wrong_wit_version_is_refused_at_load_with_a_clear_error() {
     let host = host();
-    let err = host.load("draft", module("fixture_wrong_wit"), "{}").await.unwrap_err();
-    assert!(matches!(err, PolicyError::UnsupportedVersion { .. }), "{err}");
+    let err = host
+        .load("draft", module("fixture_wrong_wit"), "{}")
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, PolicyError::UnsupportedVersion { .. }),
+        "{err}"
+    );
     let text = err.to_string();
     assert!(text.contains("omnirelay:bootstrap-policy@0.0.1"), "{text}");
-    assert!(text.contains("supports omnirelay:bootstrap-policy@0.1.0"), "{text}");
+    assert!(
+        text.contains("supports omnirelay:bootstrap-policy@0.1.0"),
+        "{text}"
+    );
 }
 
 #[tokio::test]
 async fn garbage_module_fails_to_compile() {
-    let err = host().load("junk", b"\0asm but not really".to_vec(), "{}").await.unwrap_err();
+    let err = host()
+        .load("junk", b"\0asm but not really".to_vec(), "{}")
+        .await
+        .unwrap_err();
     assert!(matches!(err, PolicyError::Compile(_)), "{err}");
 }
 
@@ -199,13 +309,18 @@ async fn malformed_spiffe_paths_from_a_policy_are_rejected_by_the_host() {
         ("/EVIL.example/admin".into(), SpiffeError::EmptySegment),
         ("x@spiffe:EVIL.EXAMPLE".into(), SpiffeError::PathChar('@')),
         ("n%2F..".into(), SpiffeError::PathChar('%')),
-        ("a".repeat(2100), SpiffeError::TooLong(2100 + "/cluster/edge-eu/role/relay/node/".len())),
+        (
+            "a".repeat(2100),
+            SpiffeError::TooLong(2100 + "/cluster/edge-eu/role/relay/node/".len()),
+        ),
     ];
     for (node, want) in cases {
         let request = testing::request("edge-eu", "relay", &node);
         let err = host.evaluate(&policy, &request).await.unwrap_err();
         match err {
-            PolicyError::InvalidResult(InvalidResult::Path(got)) => assert_eq!(got, want, "{node:?}"),
+            PolicyError::InvalidResult(InvalidResult::Path(got)) => {
+                assert_eq!(got, want, "{node:?}")
+            }
             other => panic!("{node:?}: {other}"),
         }
     }
@@ -219,8 +334,14 @@ async fn metered_calls_report_fuel_and_enforce_budgets() {
     let run = host.evaluate_metered(&policy, &request, None).await;
     assert!(run.result.is_ok());
     assert!(run.fuel > 1_000, "fuel {}", run.fuel);
-    let tight = host.evaluate_metered(&policy, &request, Some(run.fuel / 2)).await;
-    assert!(matches!(tight.result, Err(PolicyError::FuelExhausted { .. })), "{:?}", tight.result);
+    let tight = host
+        .evaluate_metered(&policy, &request, Some(run.fuel / 2))
+        .await;
+    assert!(
+        matches!(tight.result, Err(PolicyError::FuelExhausted { .. })),
+        "{:?}",
+        tight.result
+    );
 }
 
 /// With every slot taken by a runaway policy, the next caller is shed after the queue timeout
@@ -234,7 +355,10 @@ async fn a_saturated_host_sheds_instead_of_queueing_forever() {
         ..Default::default()
     };
     let host = std::sync::Arc::new(PolicyHost::new(config, Metering::Off).unwrap());
-    let spin = host.load("spin", module("fixture_infinite_loop"), "{}").await.unwrap();
+    let spin = host
+        .load("spin", module("fixture_infinite_loop"), "{}")
+        .await
+        .unwrap();
     let call = |host: std::sync::Arc<PolicyHost>, spin: LoadedPolicy| async move {
         let request = testing::request("a", "b", "c");
         host.evaluate(&spin, &request).await.unwrap_err().kind()
@@ -242,5 +366,8 @@ async fn a_saturated_host_sheds_instead_of_queueing_forever() {
     let first = tokio::spawn(call(host.clone(), spin.clone()));
     let second = tokio::spawn(call(host.clone(), spin.clone()));
     let kinds = [first.await.unwrap(), second.await.unwrap()];
-    assert!(kinds.contains(&"timeout") && kinds.contains(&"overloaded"), "{kinds:?}");
+    assert!(
+        kinds.contains(&"timeout") && kinds.contains(&"overloaded"),
+        "{kinds:?}"
+    );
 }

@@ -115,7 +115,14 @@ pub async fn run(host: &PolicyHost, policy: &LoadedPolicy, file: &VectorFile) ->
 fn compare(expect: &Expect, got: &Result<Verdict, PolicyError>) -> Option<String> {
     match (expect, got) {
         (Expect::Error(kind), Err(e)) if e.kind() == kind => None,
-        (Expect::Allow { spiffe_path, ttl_seconds, dns_sans }, Ok(Verdict::Allow(g))) => {
+        (
+            Expect::Allow {
+                spiffe_path,
+                ttl_seconds,
+                dns_sans,
+            },
+            Ok(Verdict::Allow(g)),
+        ) => {
             let mut diffs = Vec::new();
             if let Some(p) = spiffe_path.as_deref().filter(|p| *p != g.path.as_str()) {
                 diffs.push(format!("spiffe_path: expected {p}, got {}", g.path));
@@ -133,7 +140,11 @@ fn compare(expect: &Expect, got: &Result<Verdict, PolicyError>) -> Option<String
             .as_deref()
             .filter(|c| *c != r.code)
             .map(|c| format!("deny code: expected {c}, got {}", r.code)),
-        (expect, got) => Some(format!("expected {}, got {}", describe_expect(expect), describe(got))),
+        (expect, got) => Some(format!(
+            "expected {}, got {}",
+            describe_expect(expect),
+            describe(got)
+        )),
     }
 }
 

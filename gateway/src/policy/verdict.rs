@@ -272,8 +272,8 @@ mod tests {
 
     #[test]
     fn ttl_is_capped_and_floored() {
-        let Verdict::Allow(g) = check(sdk::Decision::Allow(sdk::Allow::new("/a", u32::MAX)))
-            .unwrap()
+        let Verdict::Allow(g) =
+            check(sdk::Decision::Allow(sdk::Allow::new("/a", u32::MAX))).unwrap()
         else {
             panic!()
         };
@@ -287,8 +287,18 @@ mod tests {
 
     #[test]
     fn malformed_paths_are_invalid_results() {
-        for p in ["/a/../b", "/a//b", "", "/", "spiffe://evil.example/x", "/a%2e%2e"] {
-            assert!(matches!(check(allow(p)), Err(InvalidResult::Path(_))), "{p:?}");
+        for p in [
+            "/a/../b",
+            "/a//b",
+            "",
+            "/",
+            "spiffe://evil.example/x",
+            "/a%2e%2e",
+        ] {
+            assert!(
+                matches!(check(allow(p)), Err(InvalidResult::Path(_))),
+                "{p:?}"
+            );
         }
         let long = format!("/{}", "a".repeat(1 << 20));
         assert_eq!(
@@ -299,9 +309,19 @@ mod tests {
 
     #[test]
     fn bad_dns_sans_are_refused() {
-        for name in ["", "-a.example", "a_b.example", "a..b", "10.0.0.1", "*.example.org"] {
+        for name in [
+            "",
+            "-a.example",
+            "a_b.example",
+            "a..b",
+            "10.0.0.1",
+            "*.example.org",
+        ] {
             let d = sdk::Decision::Allow(sdk::Allow::new("/a", 3600).dns_san(name));
-            assert!(matches!(check(d), Err(InvalidResult::DnsName { .. })), "{name:?}");
+            assert!(
+                matches!(check(d), Err(InvalidResult::DnsName { .. })),
+                "{name:?}"
+            );
         }
         let mut many = sdk::Allow::new("/a", 3600);
         many.dns_sans = vec!["a.example".into(); 17];
@@ -322,10 +342,16 @@ mod tests {
     #[test]
     fn deny_fields_are_bounded() {
         let ok = sdk::Deny::new("cluster-not-allowed", "why").node_message("no");
-        assert!(matches!(check(sdk::Decision::Deny(ok)), Ok(Verdict::Deny(_))));
+        assert!(matches!(
+            check(sdk::Decision::Deny(ok)),
+            Ok(Verdict::Deny(_))
+        ));
         for code in ["", "Has Space", "UPPER", &"x".repeat(65)] {
             let d = sdk::Decision::Deny(sdk::Deny::new(code, "r"));
-            assert!(matches!(check(d), Err(InvalidResult::DenyCode(_))), "{code:?}");
+            assert!(
+                matches!(check(d), Err(InvalidResult::DenyCode(_))),
+                "{code:?}"
+            );
         }
         let d = sdk::Decision::Deny(sdk::Deny::new("c", "r").node_message("m".repeat(257)));
         assert!(matches!(check(d), Err(InvalidResult::TooLong { .. })));

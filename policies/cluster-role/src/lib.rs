@@ -59,7 +59,10 @@ impl Policy for ClusterRole {
             return Ok(Decision::Deny(
                 Deny::new(
                     "cluster-not-allowed",
-                    format!("cluster {:?} is not in {:?}", token.cluster, settings.clusters),
+                    format!(
+                        "cluster {:?} is not in {:?}",
+                        token.cluster, settings.clusters
+                    ),
                 )
                 .node_message("this token's cluster is not admitted by the gateway's policy"),
             ));
@@ -123,7 +126,10 @@ mod tests {
         };
         assert_eq!(deny.code, "cluster-not-allowed");
         assert!(deny.reason.contains("edge-eu"), "operator sees the list");
-        assert!(!deny.node_message.unwrap().contains("edge-eu"), "node does not");
+        assert!(
+            !deny.node_message.unwrap().contains("edge-eu"),
+            "node does not"
+        );
     }
 
     #[test]
@@ -139,7 +145,11 @@ mod tests {
         let empty = r#"{"clusters": [], "roles": ["r"], "ttl_seconds": 60}"#;
         assert!(testing::validate::<ClusterRole>(empty).is_err());
         let bad_name = r#"{"clusters": ["Edge/EU"], "roles": ["r"], "ttl_seconds": 60}"#;
-        assert!(testing::validate::<ClusterRole>(bad_name).unwrap_err().contains("Edge/EU"));
+        assert!(
+            testing::validate::<ClusterRole>(bad_name)
+                .unwrap_err()
+                .contains("Edge/EU")
+        );
         let unknown = r#"{"clusters": ["a"], "roles": ["r"], "ttl_seconds": 60, "x": 1}"#;
         assert!(testing::validate::<ClusterRole>(unknown).is_err());
         let zero_ttl = r#"{"clusters": ["a"], "roles": ["r"], "ttl_seconds": 0}"#;

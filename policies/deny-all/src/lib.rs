@@ -22,8 +22,11 @@ impl Policy for DenyAll {
 
     fn evaluate(_: &Settings, _: &Request) -> Result<Decision, PolicyError> {
         Ok(Decision::Deny(
-            Deny::new("issuance-disabled", "the active bundle denies every request")
-                .node_message("issuance is disabled on this gateway"),
+            Deny::new(
+                "issuance-disabled",
+                "the active bundle denies every request",
+            )
+            .node_message("issuance is disabled on this gateway"),
         ))
     }
 }

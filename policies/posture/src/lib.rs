@@ -64,7 +64,9 @@ impl Policy for Posture {
         }
         for (claim, minimum) in &settings.min_versions {
             if parse_version(minimum).is_none() {
-                return Err(format!("min_versions.{claim}: {minimum:?} is not a dotted version"));
+                return Err(format!(
+                    "min_versions.{claim}: {minimum:?} is not a dotted version"
+                ));
             }
         }
         Ok(())
@@ -91,19 +93,22 @@ policy_sdk::export_policy!(Posture);
 
 fn check(settings: &Settings, request: &Request) -> Result<(), Deny> {
     let evidence = &request.attestation;
-    if let Some(kind) = settings.require_attestation {
-        if evidence.kind != kind {
-            return Err(Deny::new(
-                "attestation-kind",
-                format!("attestation {:?} used, {:?} required", evidence.kind, kind),
-            )
-            .node_message("this gateway requires device attestation"));
-        }
+    if let Some(kind) = settings.require_attestation
+        && evidence.kind != kind
+    {
+        return Err(Deny::new(
+            "attestation-kind",
+            format!("attestation {:?} used, {:?} required", evidence.kind, kind),
+        )
+        .node_message("this gateway requires device attestation"));
     }
     if evidence.issued_at_ms > request.now_ms.saturating_add(MAX_FUTURE_SKEW_MS) {
         return Err(Deny::new(
             "evidence-from-future",
-            format!("evidence stamped {} ms ahead", evidence.issued_at_ms - request.now_ms),
+            format!(
+                "evidence stamped {} ms ahead",
+                evidence.issued_at_ms - request.now_ms
+            ),
         )
         .node_message("attestation evidence is timestamped in the future; check the clock"));
     }
@@ -137,10 +142,16 @@ fn check(settings: &Settings, request: &Request) -> Result<(), Deny> {
             None => return Err(requirement(claim, "not verified".into())),
         };
         let (Some(have), Some(need)) = (parse_version(found), parse_version(minimum)) else {
-            return Err(requirement(claim, format!("{found:?} is not a dotted version")));
+            return Err(requirement(
+                claim,
+                format!("{found:?} is not a dotted version"),
+            ));
         };
         if have < need {
-            return Err(requirement(claim, format!("{found} is older than {minimum}")));
+            return Err(requirement(
+                claim,
+                format!("{found} is older than {minimum}"),
+            ));
         }
     }
     Ok(())
@@ -168,7 +179,7 @@ fn parse_version(text: &str) -> Option<[u64; 4]> {
 mod tests {
     use super::*;
     use alloc::string::ToString;
-    use policy_sdk::{testing, Claim};
+    use policy_sdk::{Claim, testing};
 
     const SETTINGS: &str = r#"{
         "require_attestation": "x509pop",
@@ -179,7 +190,10 @@ mod tests {
     }"#;
 
     fn claim(name: &str, value: ClaimValue) -> Claim {
-        Claim { name: name.to_string(), value }
+        Claim {
+            name: name.to_string(),
+            value,
+        }
     }
 
     fn healthy() -> Request {
@@ -203,8 +217,13 @@ mod tests {
     #[test]
     fn healthy_fresh_device_is_admitted() {
         let decision = testing::evaluate::<Posture>(SETTINGS, &healthy()).unwrap();
-        let Decision::Allow(allow) = decision else { panic!("{decision:?}") };
-        assert_eq!(allow.spiffe_path, "/cluster/edge-eu/role/dispatcher/node/node-1");
+        let Decision::Allow(allow) = decision else {
+            panic!("{decision:?}")
+        };
+        assert_eq!(
+            allow.spiffe_path,
+            "/cluster/edge-eu/role/dispatcher/node/node-1"
+        );
         assert_eq!(allow.ttl_seconds, 900);
     }
 
@@ -260,8 +279,13 @@ mod tests {
 
     #[test]
     fn settings_with_a_bad_minimum_are_rejected() {
-        let bad = r#"{"min_versions": {"v": "x"}, "max_evidence_age_seconds": 1, "ttl_seconds": 1}"#;
-        assert!(testing::validate::<Posture>(bad).unwrap_err().contains("min_versions.v"));
+        let bad =
+            r#"{"min_versions": {"v": "x"}, "max_evidence_age_seconds": 1, "ttl_seconds": 1}"#;
+        assert!(
+            testing::validate::<Posture>(bad)
+                .unwrap_err()
+                .contains("min_versions.v")
+        );
         assert!(testing::validate::<Posture>(SETTINGS).is_ok());
     }
 }
