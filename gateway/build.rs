@@ -14,6 +14,7 @@ const POLICIES: &[&str] = &[
     "fixture-trap",
     "fixture-huge-result",
     "fixture-wrong-wit",
+    "fixture-wasi-env",
 ];
 
 fn main() {

@@ -184,6 +184,7 @@ async fn infinite_loop_is_stopped_at_its_deadline_and_the_host_keeps_working() {
         .await
         .unwrap_err();
     let took = started.elapsed();
+    eprintln!("infinite loop with a 10 ms deadline stopped after {took:?}");
     assert!(
         matches!(err, PolicyError::Timeout { limit } if limit == Duration::from_millis(10)),
         "{err}"
@@ -285,6 +286,19 @@ async fn wrong_wit_version_is_refused_at_load_with_a_clear_error() {
         text.contains("supports omnirelay:bootstrap-policy@0.1.0"),
         "{text}"
     );
+}
+
+#[tokio::test]
+async fn a_policy_that_imports_wasi_is_refused_at_load() {
+    let err = host()
+        .load("env", module("fixture_wasi_env"), "{}")
+        .await
+        .unwrap_err();
+    let PolicyError::ForbiddenImport(import) = &err else {
+        panic!("{err}")
+    };
+    assert!(import.starts_with("wasi:"), "{import}");
+    assert!(err.to_string().contains("policies get no WASI"), "{err}");
 }
 
 #[tokio::test]
