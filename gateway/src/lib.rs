@@ -5,4 +5,8 @@
 
 pub mod cli;
 pub mod identity;
+pub mod limits;
+pub mod metrics;
 pub mod policy;
+pub mod secrets;
+pub mod server;

@@ -1,0 +1,211 @@
+//! Prometheus metrics: one registry per process, typed handles for every series, rendered in
+//! the text exposition format at `/metrics`. Series names start with `bootstrap_`.
+
+use std::time::Duration;
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+
+/// Label: an outcome.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ResultLabel {
+    /// `issued`, or the stage that refused.
+    pub result: String,
+}
+
+/// Label: an HTTP route.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RouteLabel {
+    /// The route template, e.g. `/v1/bootstrap/join`.
+    pub route: &'static str,
+}
+
+/// Label: a rate-limit scope.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ScopeLabel {
+    /// `global`, `ip`, `token` or `cluster`.
+    pub scope: &'static str,
+}
+
+/// Label: a policy outcome or failure kind.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct OutcomeLabel {
+    /// `allow`, `deny`, or a `PolicyError::kind` for failures.
+    pub outcome: String,
+}
+
+/// Every metric the gateway exports.
+#[derive(Debug)]
+pub struct Metrics {
+    registry: Registry,
+    /// Joins by outcome.
+    pub joins: Family<ResultLabel, Counter>,
+    /// Request latency by route, seconds.
+    pub request_seconds: Family<RouteLabel, Histogram>,
+    /// Policy evaluation latency, seconds.
+    pub policy_seconds: Histogram,
+    /// Policy decisions by outcome; failures (fail-closed) are labelled by kind.
+    pub policy_outcomes: Family<OutcomeLabel, Counter>,
+    /// Requests refused by a rate limit, by scope.
+    pub rate_limited: Family<ScopeLabel, Counter>,
+    /// Token uses consumed.
+    pub token_uses: Counter,
+    /// Requests shed because too many were in flight.
+    pub shed: Counter,
+    /// Connections currently open.
+    pub connections: Gauge,
+}
+
+fn latency_buckets() -> impl Iterator<Item = f64> {
+    // 50 µs … ~3.3 s
+    exponential_buckets(50e-6, 2.0, 17)
+}
+
+impl Metrics {
+    /// A registry with every series registered.
+    pub fn new() -> Self {
+        let mut registry = Registry::default();
+        let joins = Family::<ResultLabel, Counter>::default();
+        registry.register("bootstrap_joins", "Join requests by result", joins.clone());
+        let request_seconds = Family::<RouteLabel, Histogram>::new_with_constructor(|| {
+            Histogram::new(latency_buckets())
+        });
+        registry.register(
+            "bootstrap_request_duration_seconds",
+            "Request latency by route",
+            request_seconds.clone(),
+        );
+        let policy_seconds = Histogram::new(exponential_buckets(2e-6, 2.0, 16));
+        registry.register(
+            "bootstrap_policy_evaluation_duration_seconds",
+            "Policy evaluation latency, fresh instance included",
+            policy_seconds.clone(),
+        );
+        let policy_outcomes = Family::<OutcomeLabel, Counter>::default();
+        registry.register(
+            "bootstrap_policy_outcomes",
+            "Policy decisions (allow, deny) and fail-closed errors by kind",
+            policy_outcomes.clone(),
+        );
+        let rate_limited = Family::<ScopeLabel, Counter>::default();
+        registry.register(
+            "bootstrap_rate_limited",
+            "Requests refused by a rate limit",
+            rate_limited.clone(),
+        );
+        let token_uses = Counter::default();
+        registry.register(
+            "bootstrap_token_uses",
+            "Token uses consumed",
+            token_uses.clone(),
+        );
+        let shed = Counter::default();
+        registry.register(
+            "bootstrap_requests_shed",
+            "Requests refused with 503 because too many were in flight",
+            shed.clone(),
+        );
+        let connections = Gauge::default();
+        registry.register(
+            "bootstrap_open_connections",
+            "TLS connections currently open",
+            connections.clone(),
+        );
+        Self {
+            registry,
+            joins,
+            request_seconds,
+            policy_seconds,
+            policy_outcomes,
+            rate_limited,
+            token_uses,
+            shed,
+            connections,
+        }
+    }
+
+    /// Counts a join outcome.
+    pub fn join(&self, result: &str) {
+        self.joins
+            .get_or_create(&ResultLabel {
+                result: result.to_string(),
+            })
+            .inc();
+    }
+
+    /// Records a request's latency.
+    pub fn request(&self, route: &'static str, took: Duration) {
+        self.request_seconds
+            .get_or_create(&RouteLabel { route })
+            .observe(took.as_secs_f64());
+    }
+
+    /// Records a policy decision or failure.
+    pub fn policy(&self, outcome: &str, took: Duration) {
+        self.policy_seconds.observe(took.as_secs_f64());
+        self.policy_outcomes
+            .get_or_create(&OutcomeLabel {
+                outcome: outcome.to_string(),
+            })
+            .inc();
+    }
+
+    /// Counts a rate-limit refusal.
+    pub fn rate_limited(&self, scope: &'static str) {
+        self.rate_limited.get_or_create(&ScopeLabel { scope }).inc();
+    }
+
+    /// The text exposition of every series.
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        // Writing into a String cannot fail.
+        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
+        out
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn renders_recorded_series() {
+        let m = Metrics::new();
+        m.join("issued");
+        m.join("issued");
+        m.join("token");
+        m.rate_limited("ip");
+        m.policy("allow", Duration::from_micros(12));
+        let text = m.render();
+        assert!(
+            text.contains("bootstrap_joins_total{result=\"issued\"} 2"),
+            "{text}"
+        );
+        assert!(
+            text.contains("bootstrap_joins_total{result=\"token\"} 1"),
+            "{text}"
+        );
+        assert!(
+            text.contains("bootstrap_rate_limited_total{scope=\"ip\"} 1"),
+            "{text}"
+        );
+        assert!(
+            text.contains("bootstrap_policy_outcomes_total{outcome=\"allow\"} 1"),
+            "{text}"
+        );
+        assert!(
+            text.contains("bootstrap_policy_evaluation_duration_seconds_count 1"),
+            "{text}"
+        );
+    }
+}
