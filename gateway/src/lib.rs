@@ -10,3 +10,4 @@ pub mod metrics;
 pub mod policy;
 pub mod secrets;
 pub mod server;
+pub mod token;
