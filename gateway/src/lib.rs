@@ -3,6 +3,7 @@
 //!
 //! See `ARCHITECTURE.md` at the repository root for the map of modules and their invariants.
 
+pub mod audit;
 pub mod cli;
 pub mod identity;
 pub mod limits;

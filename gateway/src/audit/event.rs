@@ -1,0 +1,199 @@
+//! The audit event types: what happened, as data. Owns their JSON shape, which is part of the
+//! on-disk format: `kind` tag first, kebab-case kinds, snake_case fields, absent options omitted.
+
+use serde::{Deserialize, Serialize};
+
+/// Something the gateway did or refused that an auditor must be able to find later.
+///
+/// Identifiers are plain strings here (token GUID, SPIFFE ID, serial in hex, request id): the
+/// log must stay readable even for values that a later version of the parsers would refuse.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "kebab-case")]
+pub enum AuditEvent {
+    /// An operator issued a bootstrap token.
+    TokenIssued {
+        /// The token's GUID (never the secret).
+        token_id: String,
+        /// The cluster the token admits to.
+        cluster: String,
+        /// The role the token admits as.
+        role: String,
+        /// How many joins the token allows.
+        max_uses: u32,
+        /// Unix seconds before which the token is refused.
+        not_before: u64,
+        /// Unix seconds from which the token is refused.
+        expires_at: u64,
+        /// Who issued it (operator identity).
+        issued_by: String,
+    },
+    /// An operator revoked a bootstrap token.
+    TokenRevoked {
+        /// The token's GUID.
+        token_id: String,
+        /// Why, in the operator's words.
+        reason: String,
+        /// Who revoked it (operator identity).
+        revoked_by: String,
+    },
+    /// A join request was refused before an identity was issued.
+    JoinRefused {
+        /// The request id.
+        request_id: String,
+        /// The pipeline stage that refused (`limits`, `token`, `attest`, `policy`, ...).
+        stage: String,
+        /// The HTTP status returned.
+        status: u16,
+        /// Why, as the operator should read it.
+        reason: String,
+        /// The token's GUID, when the request got far enough to name one.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        token_id: Option<String>,
+        /// The cluster, when known.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        cluster: Option<String>,
+        /// The role, when known.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        role: Option<String>,
+        /// The node name, when known.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        node: Option<String>,
+        /// The client's address.
+        client_ip: String,
+        /// The policy that refused, when the refusal came from a policy.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        policy: Option<PolicyRef>,
+    },
+    /// A policy decided on a join request.
+    PolicyDecision {
+        /// The request id.
+        request_id: String,
+        /// The token's GUID.
+        token_id: String,
+        /// The node name.
+        node: String,
+        /// `allow`, `deny` or `error`.
+        outcome: String,
+        /// The policy's machine-readable code, when it gave one.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        code: Option<String>,
+        /// The policy's reason for operators, when it gave one.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        operator_reason: Option<String>,
+        /// The rules the policy reports as matched.
+        matched_rules: Vec<String>,
+        /// The policy that decided.
+        policy: PolicyRef,
+    },
+    /// An X.509-SVID was issued.
+    IdentityIssued {
+        /// The request id.
+        request_id: String,
+        /// The token's GUID.
+        token_id: String,
+        /// The SPIFFE ID in the certificate.
+        spiffe_id: String,
+        /// The certificate serial, hex.
+        serial: String,
+        /// The node name.
+        node: String,
+        /// Unix seconds at which the certificate expires.
+        not_after: u64,
+        /// The token's use count after this issuance.
+        uses_after: u32,
+        /// Notes the policy asked to have audited.
+        audit_notes: Vec<String>,
+        /// The policy that allowed it.
+        policy: PolicyRef,
+    },
+    /// A retried request was answered with an identity already issued (same idempotency key).
+    IdentityReplayed {
+        /// The request id of the retry.
+        request_id: String,
+        /// The token's GUID.
+        token_id: String,
+        /// The serial of the certificate handed back again.
+        serial: String,
+        /// The idempotency key the retry carried.
+        idempotency_key: String,
+    },
+    /// A request was shed by a rate limit.
+    RateLimited {
+        /// Which limit (`ip`, `token`, `global`, ...).
+        scope: String,
+        /// The key the limit counts by within its scope.
+        key: String,
+        /// The client's address.
+        client_ip: String,
+    },
+}
+
+/// Which policy decided: enough to replay the decision offline.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PolicyRef {
+    /// The policy's configured name.
+    pub name: String,
+    /// The bundle it was loaded from.
+    pub bundle: String,
+    /// The bundle's version.
+    pub version: String,
+    /// The git commit the bundle came from, when it came from git.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub commit: Option<String>,
+    /// SHA-256 of the WebAssembly module, hex.
+    pub module_digest: String,
+    /// SHA-256 of the policy's settings, hex.
+    pub settings_digest: String,
+}
+
+impl AuditEvent {
+    /// Every identifier the event mentions (token id, SPIFFE ID, serial, request id), for
+    /// queries. Free text (reasons, notes), operator names, node names, addresses and rate-limit
+    /// keys are not identifiers and are not listed.
+    pub fn ids(&self) -> Vec<&str> {
+        match self {
+            Self::TokenIssued { token_id, .. } | Self::TokenRevoked { token_id, .. } => {
+                vec![token_id]
+            }
+            Self::JoinRefused {
+                request_id,
+                token_id,
+                ..
+            } => std::iter::once(request_id.as_str())
+                .chain(token_id.as_deref())
+                .collect(),
+            Self::PolicyDecision {
+                request_id,
+                token_id,
+                ..
+            } => vec![request_id, token_id],
+            Self::IdentityIssued {
+                request_id,
+                token_id,
+                spiffe_id,
+                serial,
+                ..
+            } => vec![request_id, token_id, spiffe_id, serial],
+            Self::IdentityReplayed {
+                request_id,
+                token_id,
+                serial,
+                ..
+            } => vec![request_id, token_id, serial],
+            Self::RateLimited { .. } => Vec::new(),
+        }
+    }
+
+    /// The event's kind, exactly as its JSON `kind` tag spells it.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Self::TokenIssued { .. } => "token-issued",
+            Self::TokenRevoked { .. } => "token-revoked",
+            Self::JoinRefused { .. } => "join-refused",
+            Self::PolicyDecision { .. } => "policy-decision",
+            Self::IdentityIssued { .. } => "identity-issued",
+            Self::IdentityReplayed { .. } => "identity-replayed",
+            Self::RateLimited { .. } => "rate-limited",
+        }
+    }
+}

@@ -1,0 +1,226 @@
+//! The append-only file mirror of the audit chain. Promises: only entries that continue the
+//! chain are written, a batch lands in one write followed by `fdatasync`, one writer at a time,
+//! and a torn or edited tail is reported when the file is opened, never written past.
+
+use std::fs::{File, OpenOptions};
+use std::io::{ErrorKind, Write};
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
+use std::path::Path;
+
+use super::chain::{ChainHead, Problem, SealedEntry, VerifyError, parse_line};
+
+/// How much to read at a time when looking for the last line or counting lines.
+const CHUNK: usize = 64 * 1024;
+
+/// Why the audit file could not be opened or appended to.
+#[derive(Debug, thiserror::Error)]
+pub enum AuditError {
+    /// Reading, writing or syncing the file failed.
+    #[error("audit file I/O failed")]
+    Io(#[source] std::io::Error),
+    /// The file's last line is torn (no trailing newline) or is not a valid entry.
+    #[error("audit file is corrupt")]
+    Corrupt(#[source] VerifyError),
+    /// An entry's seq does not come right after the head; nothing was written.
+    #[error("entry seq {found} does not continue the chain, which expects seq {expected_seq}")]
+    OutOfOrder {
+        /// The seq the next entry must have.
+        expected_seq: u64,
+        /// The seq it has.
+        found: u64,
+    },
+    /// An entry has the right seq but does not continue the chain (its `prev` is not the head's
+    /// hash), or its line does not match its own hash or fields; nothing was written.
+    #[error("entry seq {seq} does not continue the chain")]
+    Rejected {
+        /// The entry's seq.
+        seq: u64,
+        /// What is wrong with it.
+        #[source]
+        problem: Problem,
+    },
+    /// Another handle (in this process or another) has the file open for appending; two writers
+    /// would fork the chain.
+    #[error("the audit file is already open for appending elsewhere")]
+    Locked,
+    /// An earlier append failed part-way, so the file's tail is unknown; reopen the file, which
+    /// reports a torn tail or learns the head from what was actually written.
+    #[error("an earlier append failed; reopen the audit file")]
+    Poisoned,
+}
+
+/// The audit chain's file mirror, open for appending.
+#[derive(Debug)]
+pub struct AuditFile {
+    /// Opened read + append, exclusively locked for as long as this handle lives.
+    file: File,
+    /// The head after the file's last line.
+    head: ChainHead,
+    /// Set when a write or sync failed: the file may hold part of a batch.
+    poisoned: bool,
+}
+
+impl AuditFile {
+    /// Opens `path` for appending, creating it with mode 0600 (its directory must exist), and
+    /// learns the head from its last line (genesis for an empty file). Only that line is checked;
+    /// [`verify`](super::verify) checks the whole file. A torn last line (no trailing newline,
+    /// as a crash mid-append leaves) is [`AuditError::Corrupt`], never silently dropped.
+    pub fn open(path: &Path) -> Result<AuditFile, AuditError> {
+        let mut options = OpenOptions::new();
+        options.read(true).append(true).mode(0o600);
+        let file = match options.clone().create_new(true).open(path) {
+            Ok(file) => {
+                sync_parent(path).map_err(AuditError::Io)?;
+                file
+            }
+            Err(e) if e.kind() == ErrorKind::AlreadyExists => {
+                options.open(path).map_err(AuditError::Io)?
+            }
+            Err(e) => return Err(AuditError::Io(e)),
+        };
+        file.try_lock().map_err(|e| match e {
+            std::fs::TryLockError::WouldBlock => AuditError::Locked,
+            std::fs::TryLockError::Error(e) => AuditError::Io(e),
+        })?;
+        let head = read_head(&file)?;
+        Ok(AuditFile {
+            file,
+            head,
+            poisoned: false,
+        })
+    }
+
+    /// The head after the last line written.
+    pub fn head(&self) -> ChainHead {
+        self.head
+    }
+
+    /// Appends `entries`, which must continue the chain from [`head`](Self::head) in order.
+    /// Every entry is checked before anything is written, so a refused batch writes nothing;
+    /// an accepted one is written in one write, then `fdatasync`ed.
+    pub fn append(&mut self, entries: &[SealedEntry]) -> Result<(), AuditError> {
+        if self.poisoned {
+            return Err(AuditError::Poisoned);
+        }
+        let mut head = self.head;
+        let mut batch = Vec::new();
+        for entry in entries {
+            head = follow(&head, entry)?;
+            batch.extend_from_slice(entry.line.as_bytes());
+            batch.push(b'\n');
+        }
+        if batch.is_empty() {
+            return Ok(());
+        }
+        let written = self
+            .file
+            .write_all(&batch)
+            .and_then(|()| self.file.sync_data());
+        if let Err(e) = written {
+            self.poisoned = true;
+            return Err(AuditError::Io(e));
+        }
+        self.head = head;
+        Ok(())
+    }
+}
+
+/// Checks that `entry` comes right after `head`, returning the new head.
+fn follow(head: &ChainHead, entry: &SealedEntry) -> Result<ChainHead, AuditError> {
+    let expected_seq = head.seq.saturating_add(1);
+    if entry.seq != expected_seq {
+        return Err(AuditError::OutOfOrder {
+            expected_seq,
+            found: entry.seq,
+        });
+    }
+    let rejected = |problem| AuditError::Rejected {
+        seq: entry.seq,
+        problem,
+    };
+    let parsed = parse_line(entry.line.as_bytes()).map_err(rejected)?;
+    if parsed.seq != entry.seq || parsed.hash != entry.hash {
+        return Err(rejected(Problem::Malformed(
+            "the entry's seq or hash differs from its line's".into(),
+        )));
+    }
+    parsed.follow(head).map_err(rejected)
+}
+
+/// Reads the last line of `file` and returns the head it records.
+fn read_head(file: &File) -> Result<ChainHead, AuditError> {
+    let len = file.metadata().map_err(AuditError::Io)?.len();
+    if len == 0 {
+        return Ok(ChainHead::genesis());
+    }
+    let mut last = [0u8];
+    file.read_exact_at(&mut last, len - 1)
+        .map_err(AuditError::Io)?;
+    let torn = last != *b"\n";
+    let end = if torn { len } else { len - 1 };
+    let (start, line) = last_line(file, end).map_err(AuditError::Io)?;
+    let problem = if torn {
+        Problem::Malformed(
+            "no trailing newline: the last line is torn (an append was interrupted)".into(),
+        )
+    } else {
+        match parse_line(&line) {
+            Ok(parsed) => {
+                return Ok(ChainHead {
+                    seq: parsed.seq,
+                    hash: parsed.hash,
+                });
+            }
+            Err(problem) => problem,
+        }
+    };
+    let line = count_newlines(file, start).map_err(AuditError::Io)? + 1;
+    Err(AuditError::Corrupt(VerifyError { line, problem }))
+}
+
+/// The bytes of `file` from just after the last newline before `end` up to `end`, and where
+/// they start.
+fn last_line(file: &File, end: u64) -> std::io::Result<(u64, Vec<u8>)> {
+    let mut start = end;
+    let mut chunks = Vec::new();
+    while start > 0 {
+        // At most CHUNK, so the cast back to usize is lossless.
+        let size = start.min(CHUNK as u64);
+        let mut chunk = vec![0; size as usize];
+        file.read_exact_at(&mut chunk, start - size)?;
+        if let Some(newline) = chunk.iter().rposition(|&b| b == b'\n') {
+            chunks.push(chunk.split_off(newline + 1));
+            start = start - size + newline as u64 + 1;
+            break;
+        }
+        start -= size;
+        chunks.push(chunk);
+    }
+    Ok((start, chunks.into_iter().rev().flatten().collect()))
+}
+
+/// How many newlines `file` has before offset `end`: the line number of the line at `end`, less
+/// one. Only used to name the line in an error.
+fn count_newlines(file: &File, end: u64) -> std::io::Result<u64> {
+    let mut count = 0;
+    let mut offset = 0;
+    let mut chunk = vec![0; CHUNK];
+    while offset < end {
+        // At most CHUNK, so the cast back to usize is lossless.
+        let size = (end - offset).min(CHUNK as u64);
+        let buf = &mut chunk[..size as usize];
+        file.read_exact_at(buf, offset)?;
+        count += buf.iter().filter(|&&b| b == b'\n').count() as u64;
+        offset += size;
+    }
+    Ok(count)
+}
+
+/// Makes a newly created file's directory entry durable.
+fn sync_parent(path: &Path) -> std::io::Result<()> {
+    let parent = match path.parent() {
+        Some(parent) if !parent.as_os_str().is_empty() => parent,
+        _ => Path::new("."),
+    };
+    File::open(parent)?.sync_all()
+}
