@@ -1,7 +1,22 @@
-//! Workload identity: SPIFFE identifiers today; the CA, SVID minting, bundle and CRL as the
-//! issuance pipeline lands. Owns the promise that a certificate's SPIFFE ID is always our trust
-//! domain plus a validated path.
+//! Workload identity: SPIFFE identifiers, CSR intake, the issuing CA, X.509-SVID minting and the
+//! trust bundle. Owns the promise that a certificate's SPIFFE ID is always our trust domain plus a
+//! validated path handed over by the caller, and that nothing a node puts in its CSR other than
+//! the public key reaches a certificate.
 
+mod bundle;
+mod ca;
+mod csr;
+mod error;
+mod leaf;
+mod serial;
 mod spiffe;
 
+pub use bundle::{bundle_pem, spiffe_bundle};
+pub use ca::{CA_CLOCK_SKEW, Ca, LEAF_CLOCK_SKEW, MintRequest, Svid};
+pub use csr::{CsrError, MAX_RSA_BITS, MIN_RSA_BITS, VerifiedCsr, verify_csr};
+pub use error::IdentityError;
+pub use serial::{Serial, SerialError};
 pub use spiffe::{MAX_SPIFFE_ID_LEN, SpiffeError, SpiffeId, SpiffePath, TrustDomain};
+
+#[cfg(test)]
+mod tests;
