@@ -3,6 +3,7 @@
 //!
 //! See `ARCHITECTURE.md` at the repository root for the map of modules and their invariants.
 
+pub mod attest;
 pub mod audit;
 pub mod cli;
 pub mod identity;
@@ -11,4 +12,5 @@ pub mod metrics;
 pub mod policy;
 pub mod secrets;
 pub mod server;
+pub mod store;
 pub mod token;

@@ -1,0 +1,225 @@
+//! Durable state: tokens and their use counts, issued identities, consumed nonces, idempotent
+//! join results and the audit chain. Promises: every multi-step change is one transaction; a
+//! token use is consumed only by a conditional update (`uses < max_uses AND NOT revoked`), never
+//! read-then-written; the audit entries of a change commit with it; nothing is acknowledged
+//! before it is on disk.
+
+mod sqlite;
+mod writer;
+
+use std::future::Future;
+use std::path::PathBuf;
+use std::pin::Pin;
+
+use crate::audit::{AuditEvent, PolicyRef};
+use crate::identity::{Serial, SpiffeId};
+use crate::token::TokenId;
+
+pub use sqlite::SqliteStore;
+
+/// The `[store]` section.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoreConfig {
+    /// The SQLite database file (created if missing; WAL mode, fsync on commit).
+    pub sqlite: PathBuf,
+    /// The audit log file the committed audit chain is mirrored to.
+    pub audit_file: PathBuf,
+    /// Most changes committed in one transaction. Default 512.
+    pub max_batch: usize,
+}
+
+/// Something went wrong below the store's API.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// SQLite refused an operation.
+    #[error("database error")]
+    Sqlite(#[from] rusqlite::Error),
+    /// The database or audit file could not be opened or written.
+    #[error("{0}")]
+    Io(String),
+    /// The audit file and the database disagree: someone edited one of them.
+    #[error("audit log and database disagree: {0}")]
+    AuditMismatch(String),
+    /// The writer thread is gone (shutting down or crashed).
+    #[error("the store is shut down")]
+    Closed,
+    /// A stored value did not parse back.
+    #[error("corrupt row: {0}")]
+    Corrupt(String),
+}
+
+/// A token as registered when it was issued.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct TokenRecord {
+    /// The audit GUID.
+    pub id: TokenId,
+    /// Cluster it admits to.
+    pub cluster: String,
+    /// Role it grants.
+    pub role: String,
+    /// Joins it allows.
+    pub max_uses: u32,
+    /// Joins consumed.
+    pub uses: u32,
+    /// Not valid before, Unix seconds.
+    pub not_before: u64,
+    /// Expiry, Unix seconds.
+    pub expires_at: u64,
+    /// When it was issued, Unix seconds.
+    pub issued_at: u64,
+    /// When it was revoked, if it was.
+    pub revoked_at: Option<u64>,
+}
+
+/// Whether a token can still be used, at a given time.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TokenStatus {
+    /// Usable, with this many joins left.
+    Usable {
+        /// Joins left, this one included.
+        uses_left: u32,
+    },
+    /// Never registered here.
+    Unknown,
+    /// Revoked by an operator.
+    Revoked,
+    /// Every use consumed.
+    Exhausted,
+    /// Past its expiry.
+    Expired,
+}
+
+impl TokenRecord {
+    /// The token's status at `now` (Unix seconds).
+    pub fn status(&self, now: u64) -> TokenStatus {
+        if self.revoked_at.is_some() {
+            TokenStatus::Revoked
+        } else if now >= self.expires_at {
+            TokenStatus::Expired
+        } else if self.uses >= self.max_uses {
+            TokenStatus::Exhausted
+        } else {
+            TokenStatus::Usable {
+                uses_left: self.max_uses - self.uses,
+            }
+        }
+    }
+}
+
+/// An identity about to be recorded.
+#[derive(Debug, Clone)]
+pub struct IdentityRecord {
+    /// Certificate serial.
+    pub serial: Serial,
+    /// The SPIFFE ID in it.
+    pub spiffe_id: SpiffeId,
+    /// The node's name.
+    pub node: String,
+    /// Cluster and role from the token.
+    pub cluster: String,
+    /// Role from the token.
+    pub role: String,
+    /// Validity, Unix seconds.
+    pub not_before: u64,
+    /// Expiry, Unix seconds.
+    pub not_after: u64,
+}
+
+/// The final step of a join: consume a use, record the identity, remember the nonce and the
+/// idempotency key, and audit — all or nothing.
+#[derive(Debug, Clone)]
+pub struct IssueRecord {
+    /// The request, for the audit trail.
+    pub request_id: String,
+    /// The token whose use is consumed.
+    pub token: TokenId,
+    /// The attestation nonce, consumed for good.
+    pub nonce: String,
+    /// When the nonce would have expired anyway, Unix seconds.
+    pub nonce_expires_at: u64,
+    /// The client's idempotency key and the digest of the CSR it came with.
+    pub idempotency: Option<(String, [u8; 32])>,
+    /// What was minted.
+    pub identity: IdentityRecord,
+    /// The response body, replayed verbatim to an idempotent retry.
+    pub response: String,
+    /// The policy that allowed it.
+    pub policy: PolicyRef,
+    /// Notes the policy asked to record.
+    pub audit_notes: Vec<String>,
+    /// The policy-decision audit event, committed with the issuance.
+    pub decision: AuditEvent,
+    /// Where the request came from, for a refusal entry if the commit refuses it.
+    pub client_ip: String,
+    /// Issuance time, Unix seconds.
+    pub now: u64,
+}
+
+/// How the final step ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum IssueOutcome {
+    /// Recorded; the token has this many uses left.
+    Issued {
+        /// Uses left after this one.
+        uses_left: u32,
+    },
+    /// The idempotency key was already used with the same CSR: here is the earlier response.
+    /// Nothing was consumed.
+    Replayed(String),
+    /// The idempotency key was already used with a different CSR.
+    IdempotencyConflict,
+    /// Lost the race for the last use (or it was already gone).
+    Exhausted,
+    /// The token was revoked meanwhile.
+    Revoked,
+    /// The token expired meanwhile.
+    Expired,
+    /// The nonce was consumed by another join.
+    NonceReplayed,
+}
+
+type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+
+/// What the gateway needs from durable state. SQLite is the embedded backend; every method's
+/// contract is what the shared tests check.
+pub trait Store: Send + Sync + 'static {
+    /// Registers a newly issued token and audits it.
+    fn register_token(
+        &self,
+        token: TokenRecord,
+        event: AuditEvent,
+    ) -> BoxFuture<'_, Result<(), StoreError>>;
+
+    /// Every token, newest first.
+    fn list_tokens(&self) -> BoxFuture<'_, Result<Vec<TokenRecord>, StoreError>>;
+
+    /// One token.
+    fn token(&self, id: TokenId) -> BoxFuture<'_, Result<Option<TokenRecord>, StoreError>>;
+
+    /// Revokes a token (idempotent) and audits it; false when no such token exists.
+    fn revoke_token(
+        &self,
+        id: TokenId,
+        event: AuditEvent,
+        now: u64,
+    ) -> BoxFuture<'_, Result<bool, StoreError>>;
+
+    /// The earlier response for an idempotency key, with the CSR digest it was made for.
+    fn idempotent(
+        &self,
+        token: TokenId,
+        key: &str,
+    ) -> BoxFuture<'_, Result<Option<([u8; 32], String)>, StoreError>>;
+
+    /// Whether a join already consumed this nonce (on any replica).
+    fn nonce_used(&self, nonce: &str) -> BoxFuture<'_, Result<bool, StoreError>>;
+
+    /// The final, atomic step of a join.
+    fn issue(&self, record: IssueRecord) -> BoxFuture<'_, Result<IssueOutcome, StoreError>>;
+
+    /// Appends audit events on their own (refusals, replays), durably.
+    fn audit(&self, events: Vec<AuditEvent>) -> BoxFuture<'_, Result<(), StoreError>>;
+
+    /// Serial numbers of identities issued through a token.
+    fn identities_of(&self, token: TokenId) -> BoxFuture<'_, Result<Vec<String>, StoreError>>;
+}

@@ -1,0 +1,268 @@
+//! The embedded backend: one SQLite file in WAL mode. Writes go through a single writer thread
+//! that commits them in batches (group commit, one fsync per batch); reads use their own
+//! connections and see the last committed state.
+
+use std::path::Path;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use rusqlite::{Connection, OpenFlags, OptionalExtension, params};
+use tokio::sync::{mpsc, oneshot};
+
+use super::writer::{Command, Writer};
+use super::{BoxFuture, IssueOutcome, IssueRecord, Store, StoreConfig, StoreError, TokenRecord};
+use crate::audit::{AuditEvent, AuditFile};
+use crate::token::TokenId;
+
+const SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS tokens (
+    id TEXT PRIMARY KEY,
+    cluster TEXT NOT NULL,
+    role TEXT NOT NULL,
+    max_uses INTEGER NOT NULL,
+    uses INTEGER NOT NULL DEFAULT 0,
+    not_before INTEGER NOT NULL,
+    expires_at INTEGER NOT NULL,
+    issued_at INTEGER NOT NULL,
+    revoked_at INTEGER
+);
+CREATE TABLE IF NOT EXISTS identities (
+    serial TEXT PRIMARY KEY,
+    spiffe_id TEXT NOT NULL,
+    token_id TEXT NOT NULL REFERENCES tokens(id),
+    node TEXT NOT NULL,
+    cluster TEXT NOT NULL,
+    role TEXT NOT NULL,
+    policy_name TEXT NOT NULL,
+    policy_version TEXT NOT NULL,
+    module_digest TEXT NOT NULL,
+    not_before INTEGER NOT NULL,
+    not_after INTEGER NOT NULL,
+    issued_at INTEGER NOT NULL
+);
+CREATE INDEX IF NOT EXISTS identities_by_token ON identities(token_id);
+CREATE INDEX IF NOT EXISTS identities_by_spiffe_id ON identities(spiffe_id);
+CREATE TABLE IF NOT EXISTS idempotency (
+    token_id TEXT NOT NULL,
+    key TEXT NOT NULL,
+    csr_digest TEXT NOT NULL,
+    response TEXT NOT NULL,
+    PRIMARY KEY (token_id, key)
+);
+CREATE TABLE IF NOT EXISTS used_nonces (
+    nonce TEXT PRIMARY KEY,
+    expires_at INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS audit (
+    seq INTEGER PRIMARY KEY,
+    hash TEXT NOT NULL,
+    line TEXT NOT NULL
+);
+";
+
+/// Read connections: enough for the runtime's workers to rarely wait on each other.
+const READERS: usize = 4;
+
+/// The SQLite store.
+pub struct SqliteStore {
+    commands: mpsc::Sender<Command>,
+    readers: Vec<Mutex<Connection>>,
+    next_reader: AtomicUsize,
+}
+
+impl std::fmt::Debug for SqliteStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SqliteStore").finish_non_exhaustive()
+    }
+}
+
+fn open(path: &Path, flags: OpenFlags) -> Result<Connection, StoreError> {
+    let conn = Connection::open_with_flags(path, flags)?;
+    conn.busy_timeout(std::time::Duration::from_secs(5))?;
+    Ok(conn)
+}
+
+impl SqliteStore {
+    /// Opens (creating if needed) the database and the audit mirror, brings the mirror up to
+    /// date with the committed chain, and starts the writer thread. Refuses to start when the
+    /// mirror and the database disagree.
+    pub fn open(config: &StoreConfig) -> Result<Self, StoreError> {
+        let write = open(&config.sqlite, OpenFlags::default())?;
+        // WAL with synchronous=FULL: a commit is on disk (WAL fsync'd) when it returns.
+        write.pragma_update(None, "journal_mode", "WAL")?;
+        write.pragma_update(None, "synchronous", "FULL")?;
+        write.pragma_update(None, "foreign_keys", "ON")?;
+        write.execute_batch(SCHEMA)?;
+        restrict_mode(&config.sqlite)?;
+        let mut mirror = AuditFile::open(&config.audit_file)
+            .map_err(|e| StoreError::Io(format!("{}: {e}", config.audit_file.display())))?;
+        let head = super::writer::catch_up(&write, &mut mirror)?;
+        let mut readers = Vec::with_capacity(READERS);
+        for _ in 0..READERS {
+            let reader = open(
+                &config.sqlite,
+                OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+            )?;
+            readers.push(Mutex::new(reader));
+        }
+        let (commands, inbox) = mpsc::channel(config.max_batch * 4);
+        let writer = Writer::new(write, head, mirror, config.max_batch);
+        // The writer owns the write connection and exits once every sender is gone, after
+        // committing what it has. Nothing is lost by not joining it: every caller awaited its
+        // commit, and the audit mirror is caught up from the database at the next start.
+        std::thread::Builder::new()
+            .name("store-writer".into())
+            .spawn(move || writer.run(inbox))
+            .map_err(|e| StoreError::Io(format!("cannot start the writer thread: {e}")))?;
+        Ok(Self {
+            commands,
+            readers,
+            next_reader: AtomicUsize::new(0),
+        })
+    }
+
+    fn read<T>(&self, f: impl FnOnce(&Connection) -> rusqlite::Result<T>) -> Result<T, StoreError> {
+        let i = self.next_reader.fetch_add(1, Ordering::Relaxed) % self.readers.len();
+        let conn = self.readers[i]
+            .lock()
+            .map_err(|_| StoreError::Io("a reader connection is poisoned".into()))?;
+        Ok(f(&conn)?)
+    }
+
+    async fn send<T>(
+        &self,
+        make: impl FnOnce(oneshot::Sender<Result<T, StoreError>>) -> Command,
+    ) -> Result<T, StoreError> {
+        let (reply, answer) = oneshot::channel();
+        self.commands
+            .send(make(reply))
+            .await
+            .map_err(|_| StoreError::Closed)?;
+        answer.await.map_err(|_| StoreError::Closed)?
+    }
+}
+
+fn restrict_mode(path: &Path) -> Result<(), StoreError> {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
+        .map_err(|e| StoreError::Io(format!("{}: {e}", path.display())))
+}
+
+fn token_from_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<TokenRecord> {
+    let id: String = row.get(0)?;
+    let id = TokenId::parse(&id).map_err(|e| {
+        rusqlite::Error::FromSqlConversionFailure(0, rusqlite::types::Type::Text, Box::new(e))
+    })?;
+    Ok(TokenRecord {
+        id,
+        cluster: row.get(1)?,
+        role: row.get(2)?,
+        max_uses: row.get(3)?,
+        uses: row.get(4)?,
+        not_before: row.get(5)?,
+        expires_at: row.get(6)?,
+        issued_at: row.get(7)?,
+        revoked_at: row.get(8)?,
+    })
+}
+
+const TOKEN_COLUMNS: &str =
+    "id, cluster, role, max_uses, uses, not_before, expires_at, issued_at, revoked_at";
+
+impl Store for SqliteStore {
+    fn register_token(
+        &self,
+        token: TokenRecord,
+        event: AuditEvent,
+    ) -> BoxFuture<'_, Result<(), StoreError>> {
+        Box::pin(self.send(move |reply| Command::RegisterToken(token, event, reply)))
+    }
+
+    fn list_tokens(&self) -> BoxFuture<'_, Result<Vec<TokenRecord>, StoreError>> {
+        Box::pin(async move {
+            self.read(|c| {
+                let sql = format!("SELECT {TOKEN_COLUMNS} FROM tokens ORDER BY issued_at DESC, id");
+                let mut stmt = c.prepare_cached(&sql)?;
+                let rows = stmt.query_map([], token_from_row)?;
+                rows.collect()
+            })
+        })
+    }
+
+    fn token(&self, id: TokenId) -> BoxFuture<'_, Result<Option<TokenRecord>, StoreError>> {
+        Box::pin(async move {
+            self.read(|c| {
+                let sql = format!("SELECT {TOKEN_COLUMNS} FROM tokens WHERE id = ?1");
+                c.prepare_cached(&sql)?
+                    .query_row([id.to_string()], token_from_row)
+                    .optional()
+            })
+        })
+    }
+
+    fn revoke_token(
+        &self,
+        id: TokenId,
+        event: AuditEvent,
+        now: u64,
+    ) -> BoxFuture<'_, Result<bool, StoreError>> {
+        Box::pin(self.send(move |reply| Command::RevokeToken(id, event, now, reply)))
+    }
+
+    fn idempotent(
+        &self,
+        token: TokenId,
+        key: &str,
+    ) -> BoxFuture<'_, Result<Option<([u8; 32], String)>, StoreError>> {
+        let key = key.to_string();
+        Box::pin(async move {
+            let row: Option<(String, String)> =
+                self.read(|c| {
+                    c.prepare_cached(
+                    "SELECT csr_digest, response FROM idempotency WHERE token_id = ?1 AND key = ?2",
+                )?
+                .query_row(params![token.to_string(), key], |r| Ok((r.get(0)?, r.get(1)?)))
+                .optional()
+                })?;
+            row.map(|(digest, response)| Ok((digest_from_hex(&digest)?, response)))
+                .transpose()
+        })
+    }
+
+    fn nonce_used(&self, nonce: &str) -> BoxFuture<'_, Result<bool, StoreError>> {
+        let nonce = nonce.to_string();
+        Box::pin(async move {
+            self.read(|c| {
+                c.prepare_cached("SELECT 1 FROM used_nonces WHERE nonce = ?1")?
+                    .exists([nonce])
+            })
+        })
+    }
+
+    fn issue(&self, record: IssueRecord) -> BoxFuture<'_, Result<IssueOutcome, StoreError>> {
+        Box::pin(self.send(move |reply| Command::Issue(Box::new(record), reply)))
+    }
+
+    fn audit(&self, events: Vec<AuditEvent>) -> BoxFuture<'_, Result<(), StoreError>> {
+        Box::pin(self.send(move |reply| Command::Audit(events, reply)))
+    }
+
+    fn identities_of(&self, token: TokenId) -> BoxFuture<'_, Result<Vec<String>, StoreError>> {
+        Box::pin(async move {
+            self.read(|c| {
+                let mut stmt = c.prepare_cached(
+                    "SELECT serial FROM identities WHERE token_id = ?1 ORDER BY issued_at, serial",
+                )?;
+                let rows = stmt.query_map([token.to_string()], |r| r.get(0))?;
+                rows.collect()
+            })
+        })
+    }
+}
+
+pub(super) fn digest_from_hex(text: &str) -> Result<[u8; 32], StoreError> {
+    let bytes = hex::decode(text).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+    bytes
+        .try_into()
+        .map_err(|_| StoreError::Corrupt("digest is not 32 bytes".into()))
+}
