@@ -3,9 +3,13 @@
 //!
 //! See `ARCHITECTURE.md` at the repository root for the map of modules and their invariants.
 
+pub mod agent;
+pub mod api;
+pub mod app;
 pub mod attest;
 pub mod audit;
 pub mod cli;
+pub mod config;
 pub mod identity;
 pub mod limits;
 pub mod metrics;

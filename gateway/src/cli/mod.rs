@@ -3,24 +3,31 @@
 
 #![allow(clippy::print_stdout, reason = "a CLI prints its results")]
 
+use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand, ValueEnum};
 
+mod audit;
+mod demo;
+pub mod init;
+mod mesh;
 mod policy;
+mod serve;
+mod token;
 
 /// OmniRelay bootstrap gateway: SPIFFE identities for mesh nodes, decided by WebAssembly policy.
 #[derive(Debug, Parser)]
 #[command(name = "omnirelay", version, about)]
 pub struct Cli {
-    /// Log format on stderr.
+    /// Log format on stderr (`serve` takes it from the config file instead).
     #[arg(long, global = true, value_enum, default_value_t = LogFormat::Human)]
     log_format: LogFormat,
     #[command(subcommand)]
     command: Command,
 }
 
-#[derive(Debug, Clone, Copy, ValueEnum)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 enum LogFormat {
     Human,
     Json,
@@ -28,16 +35,61 @@ enum LogFormat {
 
 #[derive(Debug, Subcommand)]
 enum Command {
+    /// Create a development state: CA, token key, TLS certificate, admin credential, config.
+    Init {
+        /// Directory to create it in.
+        #[arg(long)]
+        dir: PathBuf,
+        /// SPIFFE trust domain, e.g. `omnirelay.example`.
+        #[arg(long)]
+        trust_domain: String,
+        /// Node listener address.
+        #[arg(long, default_value = "127.0.0.1:8443")]
+        listen: String,
+        /// Admin listener address.
+        #[arg(long, default_value = "127.0.0.1:8444")]
+        admin_listen: String,
+        /// Replace an existing state in `dir`.
+        #[arg(long)]
+        force: bool,
+    },
+    /// Run the gateway.
+    Serve {
+        /// The configuration file.
+        #[arg(long, default_value = "gateway.toml")]
+        config: PathBuf,
+    },
+    /// Report every problem in a configuration and the files it names.
+    CheckConfig {
+        /// The configuration file.
+        #[arg(long, default_value = "gateway.toml")]
+        config: PathBuf,
+    },
+    /// Start a gateway on embedded defaults, join a simulated node, print what it got, stop.
+    Demo {
+        /// Where to keep the state (a new temporary directory by default).
+        #[arg(long)]
+        dir: Option<PathBuf>,
+    },
+    /// Issue, list and revoke bootstrap tokens (through the admin API).
+    #[command(subcommand)]
+    Token(token::TokenCommand),
+    /// Node-side commands.
+    #[command(subcommand)]
+    Mesh(mesh::MeshCommand),
+    /// Verify and query the audit log.
+    #[command(subcommand)]
+    Audit(audit::AuditCommand),
     /// Author and test policies.
     #[command(subcommand)]
     Policy(policy::PolicyCommand),
 }
 
 /// Parses arguments, sets up logging and runs the command. Exit codes: 0 success, 1 the
-/// command's check failed (e.g. a vector mismatched), 2 usage or setup error.
+/// command's check failed (a vector mismatched, the audit log is broken, the config has
+/// problems), 2 usage, setup or runtime error.
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
-    init_tracing(cli.log_format);
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -48,9 +100,14 @@ pub fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    let outcome = runtime.block_on(async {
+    let json = cli.log_format == LogFormat::Json;
+    let outcome = runtime.block_on(async move {
         match cli.command {
-            Command::Policy(cmd) => policy::run(cmd).await,
+            Command::Serve { config } => serve::serve(&config).await,
+            command => {
+                init_tracing(json, None);
+                run(command).await
+            }
         }
     });
     match outcome {
@@ -62,14 +119,55 @@ pub fn main() -> ExitCode {
     }
 }
 
-fn init_tracing(format: LogFormat) {
+async fn run(command: Command) -> anyhow::Result<ExitCode> {
+    match command {
+        Command::Init {
+            dir,
+            trust_domain,
+            listen,
+            admin_listen,
+            force,
+        } => {
+            let options = init::InitOptions {
+                dir,
+                trust_domain: crate::identity::TrustDomain::parse(&trust_domain)?,
+                listen: listen.parse()?,
+                admin_listen: admin_listen.parse()?,
+                force,
+            };
+            let config = init::init(&options)?;
+            println!("created a development state in {}", options.dir.display());
+            println!("  config:      {}", config.display());
+            println!(
+                "  trust bundle (give it to nodes): {}",
+                options.dir.join("ca/ca.pem").display()
+            );
+            println!(
+                "start it with: omnirelay serve --config {}",
+                config.display()
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Serve { config } => serve::serve(&config).await,
+        Command::CheckConfig { config } => serve::check_config(&config),
+        Command::Demo { dir } => demo::demo(dir).await,
+        Command::Token(cmd) => token::run(cmd).await,
+        Command::Mesh(cmd) => mesh::run(cmd).await,
+        Command::Audit(cmd) => audit::run(cmd),
+        Command::Policy(cmd) => policy::run(cmd).await,
+    }
+}
+
+/// Logs go to stderr; `RUST_LOG` overrides the filter.
+pub(crate) fn init_tracing(json: bool, filter: Option<&str>) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(filter.unwrap_or("info")));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr);
-    match format {
-        LogFormat::Human => builder.init(),
-        LogFormat::Json => builder.json().init(),
-    }
+    let _ = if json {
+        builder.json().try_init()
+    } else {
+        builder.try_init()
+    };
 }

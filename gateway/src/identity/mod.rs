@@ -5,6 +5,7 @@
 
 mod bundle;
 mod ca;
+mod config;
 mod csr;
 mod error;
 mod leaf;
@@ -13,6 +14,7 @@ mod spiffe;
 
 pub use bundle::{bundle_pem, spiffe_bundle};
 pub use ca::{CA_CLOCK_SKEW, Ca, LEAF_CLOCK_SKEW, MintRequest, Svid};
+pub use config::IdentityConfig;
 pub use csr::{CsrError, MAX_RSA_BITS, MIN_RSA_BITS, VerifiedCsr, verify_csr};
 pub use error::IdentityError;
 pub use serial::{Serial, SerialError};

@@ -12,6 +12,7 @@ mod epoch;
 mod error;
 pub mod examples;
 mod host;
+mod set;
 pub mod vectors;
 mod verdict;
 
@@ -19,6 +20,7 @@ pub use bindings::WORLD_VERSION;
 pub use config::PolicyConfig;
 pub use error::PolicyError;
 pub use host::{LoadedPolicy, Metered, Metering, ModuleDigest, PolicyHost};
+pub use set::{ActivePolicies, BoundPolicy, ModuleSource, PolicyBinding, PolicySet, SetError};
 pub use verdict::{Grant, InvalidResult, Refusal, Verdict};
 
 #[cfg(test)]

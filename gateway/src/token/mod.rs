@@ -7,12 +7,14 @@
 //! keys and tokens have redacting `Debug` implementations and tokens have no `Display`.
 
 mod claims;
+mod config;
 mod error;
 mod keys;
 mod secret;
 mod verify;
 
 pub use claims::{Claims, MAX_USES_LIMIT, TokenId};
+pub use config::TokenConfig;
 pub use error::TokenError;
 pub use keys::{SigningKey, VerifyingKey};
 pub use secret::TokenString;

@@ -1,0 +1,190 @@
+//! A small HTTPS client for the gateway's API: rustls trusting only the given CA bundle,
+//! HTTP/1.1 over one kept-alive connection, reconnecting when the server closed it.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{HeaderMap, Method, Request, StatusCode, header};
+use http_body_util::{BodyExt, Full};
+use hyper::client::conn::http1::SendRequest;
+use hyper_util::rt::TokioIo;
+use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::{CertificateDer, ServerName};
+use tokio::net::TcpStream;
+use tokio::sync::Mutex;
+use tokio_rustls::TlsConnector;
+
+use super::AgentError;
+
+/// Connect and handshake deadline.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// Whole-request deadline once connected.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// A response: status, headers, body.
+#[derive(Debug, Clone)]
+pub struct Reply {
+    /// The status.
+    pub status: StatusCode,
+    /// The headers.
+    pub headers: HeaderMap,
+    /// The body.
+    pub body: Bytes,
+}
+
+/// A client for one gateway.
+pub struct GatewayClient {
+    authority: String,
+    server_name: ServerName<'static>,
+    connector: TlsConnector,
+    bearer: Option<String>,
+    connection: Mutex<Option<SendRequest<Full<Bytes>>>>,
+}
+
+impl std::fmt::Debug for GatewayClient {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("GatewayClient")
+            .field("authority", &self.authority)
+            .finish_non_exhaustive()
+    }
+}
+
+impl GatewayClient {
+    /// A client for `url` (`https://host:port`) trusting only the CAs in `ca_bundle` (PEM).
+    pub fn new(url: &str, ca_bundle: &[u8]) -> Result<Self, AgentError> {
+        let authority = url
+            .strip_prefix("https://")
+            .ok_or_else(|| {
+                AgentError::Usage(format!("{url:?}: the gateway URL must start with https://"))
+            })?
+            .trim_end_matches('/')
+            .to_string();
+        let host = match authority.rsplit_once(':') {
+            Some((host, port)) if port.parse::<u16>().is_ok() => host,
+            _ => authority.as_str(),
+        };
+        let host = host.trim_start_matches('[').trim_end_matches(']');
+        let server_name = ServerName::try_from(host.to_string())
+            .map_err(|_| AgentError::Usage(format!("{host:?} is not a host name or address")))?;
+        let mut roots = rustls::RootCertStore::empty();
+        for cert in CertificateDer::pem_slice_iter(ca_bundle) {
+            let cert = cert.map_err(|e| AgentError::Usage(format!("CA bundle: {e}")))?;
+            roots
+                .add(cert)
+                .map_err(|e| AgentError::Usage(format!("CA bundle: {e}")))?;
+        }
+        if roots.is_empty() {
+            return Err(AgentError::Usage(
+                "the CA bundle holds no certificate".into(),
+            ));
+        }
+        let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+        let mut config = rustls::ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .map_err(|e| AgentError::Usage(e.to_string()))?
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        config.alpn_protocols = vec![b"http/1.1".to_vec()];
+        Ok(Self {
+            authority: if authority.contains(':') {
+                authority
+            } else {
+                format!("{authority}:443")
+            },
+            server_name,
+            connector: TlsConnector::from(Arc::new(config)),
+            bearer: None,
+            connection: Mutex::new(None),
+        })
+    }
+
+    /// Sends `Authorization: Bearer <credential>` with every request (the admin API).
+    pub fn with_bearer(mut self, credential: String) -> Self {
+        self.bearer = Some(credential);
+        self
+    }
+
+    /// `GET path`.
+    pub async fn get(&self, path: &str) -> Result<Reply, AgentError> {
+        self.send(Method::GET, path, None).await
+    }
+
+    /// `POST path` with a JSON body.
+    pub async fn post(&self, path: &str, json: Vec<u8>) -> Result<Reply, AgentError> {
+        self.send(Method::POST, path, Some(json)).await
+    }
+
+    /// Sends a request on the kept-alive connection, opening one when there is none.
+    pub async fn send(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<Vec<u8>>,
+    ) -> Result<Reply, AgentError> {
+        let mut slot = self.connection.lock().await;
+        let mut sender = match slot.take() {
+            Some(sender) if sender.is_ready() => sender,
+            _ => self.connect().await?,
+        };
+        let mut request = Request::builder()
+            .method(method)
+            .uri(path)
+            .header(header::HOST, &self.authority);
+        if body.is_some() {
+            request = request.header(header::CONTENT_TYPE, "application/json");
+        }
+        if let Some(token) = &self.bearer {
+            request = request.header(header::AUTHORIZATION, format!("Bearer {token}"));
+        }
+        let request = request
+            .body(Full::new(Bytes::from(body.unwrap_or_default())))
+            .map_err(|e| AgentError::Usage(e.to_string()))?;
+        let exchange = async {
+            let response = sender.send_request(request).await?;
+            let (parts, body) = response.into_parts();
+            let body = body.collect().await?.to_bytes();
+            Ok::<_, hyper::Error>(Reply {
+                status: parts.status,
+                headers: parts.headers,
+                body,
+            })
+        };
+        let reply = tokio::time::timeout(REQUEST_TIMEOUT, exchange)
+            .await
+            .map_err(|_| {
+                AgentError::Transport(format!(
+                    "no answer from {} within {REQUEST_TIMEOUT:?}",
+                    self.authority
+                ))
+            })?
+            .map_err(|e| AgentError::Transport(format!("{}: {e}", self.authority)))?;
+        *slot = Some(sender);
+        Ok(reply)
+    }
+
+    async fn connect(&self) -> Result<SendRequest<Full<Bytes>>, AgentError> {
+        let transport = |e: String| AgentError::Transport(format!("{}: {e}", self.authority));
+        let connect = async {
+            let tcp = TcpStream::connect(&self.authority)
+                .await
+                .map_err(|e| transport(e.to_string()))?;
+            let _ = tcp.set_nodelay(true);
+            let tls = self
+                .connector
+                .connect(self.server_name.clone(), tcp)
+                .await
+                .map_err(|e| transport(format!("TLS: {e}")))?;
+            let (sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
+                .await
+                .map_err(|e| transport(e.to_string()))?;
+            tokio::spawn(async move {
+                let _ = connection.await;
+            });
+            Ok(sender)
+        };
+        tokio::time::timeout(CONNECT_TIMEOUT, connect)
+            .await
+            .map_err(|_| transport(format!("no connection within {CONNECT_TIMEOUT:?}")))?
+    }
+}

@@ -1,0 +1,196 @@
+//! The operator API, on its own listener (loopback by default): issue, list and revoke tokens
+//! with a bearer credential; `/metrics`, `/healthz` and `/readyz` without one (read-only, for
+//! scrapers and load balancers).
+
+use std::sync::Arc;
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use http::{Method, StatusCode, header};
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::Incoming;
+use hyper::{Request, Response};
+use tracing::Instrument;
+
+use super::wire::{IssueTokenRequest, IssueTokenResponse, RevokeRequest, RevokeResponse};
+use super::{ApiError, body, json, parse_json, readyz, rescue};
+use crate::app::Gateway;
+use crate::audit::AuditEvent;
+use crate::server::{Handler, Peer};
+use crate::store::TokenRecord;
+use crate::token::{Claims, TokenId};
+
+/// Largest admin request body.
+const MAX_ADMIN_BODY: usize = 16 << 10;
+
+/// The operator API.
+#[derive(Debug)]
+pub struct AdminApi {
+    gateway: Arc<Gateway>,
+}
+
+impl AdminApi {
+    /// Serves `gateway`.
+    pub fn new(gateway: Arc<Gateway>) -> Self {
+        Self { gateway }
+    }
+}
+
+impl Handler for AdminApi {
+    async fn handle(&self, request: Request<Incoming>, peer: Peer) -> Response<Full<Bytes>> {
+        let started = Instant::now();
+        let request_id = uuid::Uuid::new_v4().simple().to_string();
+        let gw = &self.gateway;
+        let path = request.uri().path().to_string();
+        let span = tracing::info_span!("admin", id = %request_id, method = %request.method(), %path, peer = %peer.addr);
+        let result = async {
+            match (request.method().clone(), path.as_str()) {
+                (Method::GET, "/metrics") => Ok(body(
+                    StatusCode::OK,
+                    "text/plain; version=0.0.4",
+                    Bytes::from(gw.metrics.render()),
+                )),
+                (Method::GET, "/healthz") => Ok(body(
+                    StatusCode::OK,
+                    "text/plain",
+                    Bytes::from_static(b"ok\n"),
+                )),
+                (Method::GET, "/readyz") => Ok(readyz(gw)),
+                (method, path) => {
+                    authorize(gw, &request)?;
+                    route(gw, method, path, request).await
+                }
+            }
+        }
+        .instrument(span)
+        .await;
+        gw.metrics.request("admin", started.elapsed());
+        result.unwrap_or_else(|e| rescue(&e, &request_id))
+    }
+}
+
+async fn route(
+    gw: &Gateway,
+    method: Method,
+    path: &str,
+    request: Request<Incoming>,
+) -> Result<Response<Full<Bytes>>, ApiError> {
+    let revoke = path
+        .strip_prefix("/admin/v1/tokens/")
+        .and_then(|rest| rest.strip_suffix("/revoke"));
+    match (method, path, revoke) {
+        (Method::POST, "/admin/v1/tokens", _) => {
+            let req: IssueTokenRequest = parse_json(&read(request).await?)?;
+            Ok(json(StatusCode::CREATED, &issue(gw, req).await?))
+        }
+        (Method::GET, "/admin/v1/tokens", _) => {
+            Ok(json(StatusCode::OK, &gw.store.list_tokens().await?))
+        }
+        (Method::POST, _, Some(id)) => {
+            let id = TokenId::parse(id)
+                .map_err(|_| ApiError::Malformed(format!("{id:?} is not a token id")))?;
+            let bytes = read(request).await?;
+            let req: RevokeRequest = if bytes.is_empty() {
+                RevokeRequest::default()
+            } else {
+                parse_json(&bytes)?
+            };
+            let event = AuditEvent::TokenRevoked {
+                token_id: id.to_string(),
+                reason: req.reason.unwrap_or_else(|| "unspecified".into()),
+                revoked_by: req.revoked_by.unwrap_or_else(|| "admin-api".into()),
+            };
+            let revoked = gw.store.revoke_token(id, event, now()).await?;
+            let status = if revoked {
+                StatusCode::OK
+            } else {
+                StatusCode::NOT_FOUND
+            };
+            Ok(json(status, &RevokeResponse { revoked }))
+        }
+        (_, "/admin/v1/tokens", _) | (_, _, Some(_)) => Err(ApiError::MethodNotAllowed),
+        _ => Err(ApiError::NotFound),
+    }
+}
+
+/// Signs a token and registers it (audited) before handing it out.
+async fn issue(gw: &Gateway, req: IssueTokenRequest) -> Result<IssueTokenResponse, ApiError> {
+    let max_ttl = gw.token.max_ttl.as_secs();
+    if req.ttl_seconds == 0 || req.ttl_seconds > max_ttl {
+        return Err(ApiError::Malformed(format!(
+            "ttl_seconds must be between 1 and {max_ttl}"
+        )));
+    }
+    let now = now();
+    let claims = Claims {
+        id: TokenId::random(),
+        issuer: gw.token.issuer.clone(),
+        audience: gw.trust_domain.to_string(),
+        cluster: req.cluster,
+        role: req.role,
+        issued_at: now,
+        not_before: now,
+        expires_at: now + req.ttl_seconds,
+        max_uses: req.max_uses,
+    };
+    claims
+        .validate()
+        .map_err(|e| ApiError::Malformed(e.to_string()))?;
+    let token = gw.signer.sign(&claims);
+    let event = AuditEvent::TokenIssued {
+        token_id: claims.id.to_string(),
+        cluster: claims.cluster.clone(),
+        role: claims.role.clone(),
+        max_uses: claims.max_uses,
+        not_before: claims.not_before,
+        expires_at: claims.expires_at,
+        issued_by: req.issued_by.unwrap_or_else(|| "admin-api".into()),
+    };
+    let record = TokenRecord {
+        id: claims.id,
+        cluster: claims.cluster,
+        role: claims.role,
+        max_uses: claims.max_uses,
+        uses: 0,
+        not_before: claims.not_before,
+        expires_at: claims.expires_at,
+        issued_at: claims.issued_at,
+        revoked_at: None,
+    };
+    gw.store.register_token(record, event).await?;
+    Ok(IssueTokenResponse {
+        token,
+        id: claims.id.to_string(),
+        expires_at: claims.expires_at,
+    })
+}
+
+/// Bearer credential, compared in constant time.
+fn authorize(gw: &Gateway, request: &Request<Incoming>) -> Result<(), ApiError> {
+    let presented = request
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .ok_or(ApiError::Unauthorized)?;
+    aws_lc_rs::constant_time::verify_slices_are_equal(
+        presented.trim().as_bytes(),
+        gw.admin_credential.as_bytes(),
+    )
+    .map_err(|_| ApiError::Unauthorized)
+}
+
+async fn read(request: Request<Incoming>) -> Result<Bytes, ApiError> {
+    Limited::new(request.into_body(), MAX_ADMIN_BODY)
+        .collect()
+        .await
+        .map(|c| c.to_bytes())
+        .map_err(|_| ApiError::TooLarge(MAX_ADMIN_BODY))
+}
+
+fn now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}

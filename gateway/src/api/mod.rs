@@ -1,0 +1,337 @@
+//! The HTTP API: routing, the per-request envelope (request id, tracing span, load shedding,
+//! body limit and deadline, latency metric, refusal audit), and the handlers. The join pipeline
+//! itself reads top to bottom in [`join::join`].
+
+mod admin;
+mod join;
+mod problem;
+pub mod wire;
+
+use std::net::IpAddr;
+use std::sync::Arc;
+use std::time::Instant;
+
+use bytes::Bytes;
+use http::{HeaderValue, Method, StatusCode, header};
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::Incoming;
+use hyper::{Request, Response};
+use tracing::Instrument;
+
+pub use admin::AdminApi;
+pub use problem::{ApiError, rescue};
+
+use crate::app::Gateway;
+use crate::audit::AuditEvent;
+use crate::server::{Handler, Peer};
+
+/// Deepest JSON nesting accepted in a request body.
+const MAX_JSON_DEPTH: usize = 16;
+
+/// What is known about a join so far; the refusal audit entry is built from it.
+#[derive(Debug, Default)]
+pub(crate) struct JoinContext {
+    pub request_id: String,
+    pub client_ip: String,
+    pub token_id: Option<String>,
+    pub cluster: Option<String>,
+    pub role: Option<String>,
+    pub node: Option<String>,
+    pub policy: Option<crate::audit::PolicyRef>,
+    /// Events to commit with the refusal (the policy's decision).
+    pub pending: Vec<AuditEvent>,
+    /// The store already audited this outcome (refused inside the final transaction).
+    pub audited: bool,
+}
+
+/// The node-facing API.
+#[derive(Debug)]
+pub struct NodeApi {
+    gateway: Arc<Gateway>,
+}
+
+impl NodeApi {
+    /// Serves `gateway`.
+    pub fn new(gateway: Arc<Gateway>) -> Self {
+        Self { gateway }
+    }
+}
+
+impl Handler for NodeApi {
+    async fn handle(&self, request: Request<Incoming>, peer: Peer) -> Response<Full<Bytes>> {
+        let started = Instant::now();
+        let request_id = uuid::Uuid::new_v4().simple().to_string();
+        let route = node_route(request.method(), request.uri().path());
+        let span = tracing::info_span!("request", id = %request_id, route = route.name(), token = tracing::field::Empty);
+        let gw = &self.gateway;
+        let response = async {
+            match route {
+                NodeRoute::Join => join_endpoint(gw, request, peer.addr.ip(), &request_id).await,
+                NodeRoute::Challenge => json(StatusCode::OK, &gw.attestor.challenge(gw.now_ms())),
+                NodeRoute::BundlePem => body(
+                    StatusCode::OK,
+                    "application/x-pem-file",
+                    gw.bundle_pem.clone(),
+                ),
+                NodeRoute::BundleSpiffe => {
+                    body(StatusCode::OK, "application/json", gw.spiffe_bundle.clone())
+                }
+                NodeRoute::Healthz => {
+                    body(StatusCode::OK, "text/plain", Bytes::from_static(b"ok\n"))
+                }
+                NodeRoute::Readyz => readyz(gw),
+                NodeRoute::WrongMethod => rescue(&ApiError::MethodNotAllowed, &request_id),
+                NodeRoute::NotFound => rescue(&ApiError::NotFound, &request_id),
+            }
+        }
+        .instrument(span)
+        .await;
+        gw.metrics.request(route.name(), started.elapsed());
+        response
+    }
+}
+
+#[derive(Debug, Clone, Copy)]
+enum NodeRoute {
+    Join,
+    Challenge,
+    BundlePem,
+    BundleSpiffe,
+    Healthz,
+    Readyz,
+    WrongMethod,
+    NotFound,
+}
+
+impl NodeRoute {
+    fn name(self) -> &'static str {
+        match self {
+            Self::Join => "/v1/bootstrap/join",
+            Self::Challenge => "/v1/bootstrap/challenge",
+            Self::BundlePem => "/v1/bundle",
+            Self::BundleSpiffe => "/v1/bundle/spiffe",
+            Self::Healthz => "/healthz",
+            Self::Readyz => "/readyz",
+            Self::WrongMethod | Self::NotFound => "other",
+        }
+    }
+}
+
+fn node_route(method: &Method, path: &str) -> NodeRoute {
+    let (want, route) = match path {
+        "/v1/bootstrap/join" => (Method::POST, NodeRoute::Join),
+        "/v1/bootstrap/challenge" => (Method::GET, NodeRoute::Challenge),
+        "/v1/bundle" => (Method::GET, NodeRoute::BundlePem),
+        "/v1/bundle/spiffe" => (Method::GET, NodeRoute::BundleSpiffe),
+        "/healthz" => (Method::GET, NodeRoute::Healthz),
+        "/readyz" => (Method::GET, NodeRoute::Readyz),
+        _ => return NodeRoute::NotFound,
+    };
+    if *method == want {
+        route
+    } else {
+        NodeRoute::WrongMethod
+    }
+}
+
+/// Ready when a policy set is loaded: without one every join would be refused.
+fn readyz(gw: &Gateway) -> Response<Full<Bytes>> {
+    match gw.policies.current() {
+        Some(set) => body(
+            StatusCode::OK,
+            "text/plain",
+            Bytes::from(format!(
+                "ready: policy {} {}\n",
+                set.bundle(),
+                set.version()
+            )),
+        ),
+        None => body(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "text/plain",
+            Bytes::from_static(b"not ready: no policy loaded\n"),
+        ),
+    }
+}
+
+/// The envelope of a join: shed when too many are in flight, read the body within its limit
+/// and deadline, run the pipeline, and audit and count whatever the outcome.
+async fn join_endpoint(
+    gw: &Gateway,
+    request: Request<Incoming>,
+    client_ip: IpAddr,
+    request_id: &str,
+) -> Response<Full<Bytes>> {
+    let mut cx = JoinContext {
+        request_id: request_id.to_string(),
+        client_ip: client_ip.to_string(),
+        ..Default::default()
+    };
+    let outcome = match gw.in_flight.try_acquire() {
+        Err(_) => {
+            gw.metrics.shed.inc();
+            Err(ApiError::Shed)
+        }
+        Ok(_permit) => {
+            let deadline = gw.server.request_timeout;
+            match tokio::time::timeout(deadline, async {
+                // Cheapest refusal first: before the body is read, no crypto, no database.
+                gw.limits
+                    .check_client(client_ip)
+                    .map_err(|l| join::limited(gw, l))?;
+                let body = read_body(request, gw.server.max_body_bytes).await?;
+                join::join(gw, &mut cx, &body, client_ip).await
+            })
+            .await
+            {
+                Ok(result) => result,
+                Err(_) => Err(ApiError::SlowRequest(deadline)),
+            }
+        }
+    };
+    match outcome {
+        Ok(response) => {
+            gw.metrics.join("issued");
+            body(StatusCode::OK, "application/json", response)
+        }
+        Err(error) => {
+            gw.metrics.join(error.stage());
+            tracing::info!(stage = error.stage(), reason = %error.reason(), status = error.status().as_u16(), "join refused");
+            audit_refusal(gw, cx, &error).await;
+            rescue(&error, request_id)
+        }
+    }
+}
+
+/// Writes the refusal's audit entry (with any pending decision) before the response goes out.
+/// Rate-limit refusals are audited once per key per window so a flood cannot flood the log.
+async fn audit_refusal(gw: &Gateway, cx: JoinContext, error: &ApiError) {
+    if cx.audited {
+        return;
+    }
+    let mut events = cx.pending;
+    if let ApiError::RateLimited(limited) = error {
+        let key = cx.token_id.clone().unwrap_or_else(|| cx.client_ip.clone());
+        let marker = format!("{}:{key}", limited.scope.label());
+        if !gw.audited_limits.entry(marker).or_insert(()).is_fresh() {
+            return;
+        }
+        events.push(AuditEvent::RateLimited {
+            scope: limited.scope.label().into(),
+            key,
+            client_ip: cx.client_ip,
+        });
+    } else {
+        events.push(AuditEvent::JoinRefused {
+            request_id: cx.request_id,
+            stage: error.stage().into(),
+            status: error.status().as_u16(),
+            reason: match error {
+                // The operator's reason goes to the audit log, never to the node.
+                ApiError::Denied(r) => format!("{}: {}", r.code, r.reason),
+                other => other.to_string(),
+            },
+            token_id: cx.token_id,
+            cluster: cx.cluster,
+            role: cx.role,
+            node: cx.node,
+            client_ip: cx.client_ip,
+            policy: cx.policy,
+        });
+    }
+    if let Err(e) = gw.store.audit(events).await {
+        tracing::error!(error = %e, "cannot audit a refusal");
+    }
+}
+
+/// Reads a body of at most `max` bytes (refusing early on a larger Content-Length).
+async fn read_body(request: Request<Incoming>, max: usize) -> Result<Bytes, ApiError> {
+    let declared = request
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|len| len > max as u64) {
+        return Err(ApiError::TooLarge(max));
+    }
+    match Limited::new(request.into_body(), max).collect().await {
+        Ok(collected) => Ok(collected.to_bytes()),
+        Err(e)
+            if e.downcast_ref::<http_body_util::LengthLimitError>()
+                .is_some() =>
+        {
+            Err(ApiError::TooLarge(max))
+        }
+        Err(e) => Err(ApiError::Malformed(format!("reading the body: {e}"))),
+    }
+}
+
+/// Parses a JSON body after checking its nesting depth (serde's own limit is far deeper).
+pub(crate) fn parse_json<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
+    if json_depth(body) > MAX_JSON_DEPTH {
+        return Err(ApiError::Malformed(format!(
+            "JSON nested deeper than {MAX_JSON_DEPTH} levels"
+        )));
+    }
+    serde_json::from_slice(body).map_err(|e| ApiError::Malformed(e.to_string()))
+}
+
+/// The deepest nesting of `[`/`{` outside strings.
+fn json_depth(body: &[u8]) -> usize {
+    let (mut depth, mut max, mut in_string, mut escaped) = (0usize, 0usize, false, false);
+    for &b in body {
+        if in_string {
+            match (escaped, b) {
+                (true, _) => escaped = false,
+                (false, b'\\') => escaped = true,
+                (false, b'"') => in_string = false,
+                _ => {}
+            }
+            continue;
+        }
+        match b {
+            b'"' => in_string = true,
+            b'[' | b'{' => {
+                depth += 1;
+                max = max.max(depth);
+            }
+            b']' | b'}' => depth = depth.saturating_sub(1),
+            _ => {}
+        }
+    }
+    max
+}
+
+pub(crate) fn json<T: serde::Serialize>(status: StatusCode, value: &T) -> Response<Full<Bytes>> {
+    body(
+        status,
+        "application/json",
+        Bytes::from(serde_json::to_vec(value).unwrap_or_default()),
+    )
+}
+
+pub(crate) fn body(
+    status: StatusCode,
+    content_type: &'static str,
+    bytes: Bytes,
+) -> Response<Full<Bytes>> {
+    let mut response = Response::new(Full::new(bytes));
+    *response.status_mut() = status;
+    response
+        .headers_mut()
+        .insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
+    response
+}
+
+#[cfg(test)]
+mod tests {
+    use super::json_depth;
+
+    #[test]
+    fn json_depth_ignores_brackets_inside_strings() {
+        assert_eq!(json_depth(br#"{"a": [1, {"b": 2}]}"#), 3);
+        assert_eq!(json_depth(br#"{"a": "[[[[{{{{", "b": "\"]"}"#), 1);
+        assert_eq!(json_depth(&[b'['; 100]), 100);
+        assert_eq!(json_depth(b"42"), 0);
+    }
+}

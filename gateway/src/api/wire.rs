@@ -1,0 +1,122 @@
+//! The JSON bodies of the HTTP API, shared by the server and by clients (the node agent, the
+//! CLI, tests and the load generator) so both sides agree on one definition.
+
+use serde::{Deserialize, Serialize};
+
+/// `GET /v1/bootstrap/challenge`.
+pub use crate::attest::Challenge;
+
+/// `POST /v1/bootstrap/join`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct JoinRequest {
+    /// The bootstrap token (a JWT).
+    pub token: String,
+    /// The node's name: 1–63 characters of `a-z 0-9 -`, not starting or ending with `-`.
+    pub node_name: String,
+    /// The certificate signing request, PEM. Only its public key is used.
+    pub csr: String,
+    /// Lets a retry after a lost response get the same certificate without a second use.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub idempotency_key: Option<String>,
+    /// The attestation evidence (see `attest::Evidence`); validated against the selected
+    /// policy's JSON Schema as sent.
+    pub attestation: serde_json::Value,
+}
+
+/// A successful join.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct JoinResponse {
+    /// The SPIFFE ID granted.
+    pub spiffe_id: String,
+    /// Certificate serial, hex.
+    pub serial: String,
+    /// Validity start, Unix seconds.
+    pub not_before: u64,
+    /// Validity end, Unix seconds.
+    pub not_after: u64,
+    /// Renew at this time (Unix seconds), give or take jitter.
+    pub renew_after: u64,
+    /// The X.509-SVID and any intermediates, PEM, leaf first.
+    pub certificate_chain: String,
+    /// The trust bundle (CA certificates), PEM.
+    pub bundle: String,
+    /// The policy that decided.
+    pub policy: PolicyVersion,
+}
+
+/// Which policy version decided.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PolicyVersion {
+    /// Policy name.
+    pub name: String,
+    /// Bundle version.
+    pub version: String,
+}
+
+/// `POST /admin/v1/tokens`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct IssueTokenRequest {
+    /// Cluster the token admits to.
+    pub cluster: String,
+    /// Role it grants.
+    pub role: String,
+    /// Lifetime, seconds.
+    pub ttl_seconds: u64,
+    /// Joins it allows.
+    pub max_uses: u32,
+    /// Who asked (recorded in the audit log).
+    #[serde(default)]
+    pub issued_by: Option<String>,
+}
+
+/// A freshly issued token.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct IssueTokenResponse {
+    /// The token itself: a secret, shown once.
+    pub token: String,
+    /// Its audit GUID.
+    pub id: String,
+    /// Expiry, Unix seconds.
+    pub expires_at: u64,
+}
+
+/// `POST /admin/v1/tokens/{id}/revoke`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RevokeRequest {
+    /// Why (recorded in the audit log).
+    #[serde(default)]
+    pub reason: Option<String>,
+    /// Who asked.
+    #[serde(default)]
+    pub revoked_by: Option<String>,
+}
+
+/// The answer to a revocation.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RevokeResponse {
+    /// False when no such token exists.
+    pub revoked: bool,
+}
+
+/// An RFC 7807 problem, as every refusal is reported.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Problem {
+    /// A URI naming the problem type.
+    #[serde(rename = "type")]
+    pub kind: String,
+    /// The HTTP reason phrase.
+    pub title: String,
+    /// The HTTP status.
+    pub status: u16,
+    /// The pipeline stage that refused.
+    pub stage: String,
+    /// A stable, machine-readable reason.
+    pub reason: String,
+    /// What the client may be told.
+    pub detail: String,
+    /// Correlates with the gateway's logs and audit entries.
+    pub request_id: String,
+}

@@ -1,0 +1,141 @@
+//! The configuration file as written: every key optional except `trust_domain`, unknown keys
+//! refused so that a typo is an error rather than a silently ignored setting.
+
+use serde::Deserialize;
+
+/// The whole file.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+#[allow(missing_docs)]
+pub struct RawConfig {
+    pub trust_domain: String,
+    #[serde(default)]
+    pub server: RawServer,
+    #[serde(default)]
+    pub admin: RawAdmin,
+    #[serde(default)]
+    pub identity: RawIdentity,
+    #[serde(default)]
+    pub token: RawToken,
+    #[serde(default)]
+    pub attestation: RawAttestation,
+    #[serde(default)]
+    pub limits: RawLimits,
+    #[serde(default)]
+    pub store: RawStore,
+    #[serde(default)]
+    pub policy: RawPolicy,
+    #[serde(default)]
+    pub policies: Vec<RawBinding>,
+    #[serde(default)]
+    pub log: RawLog,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawServer {
+    pub listen: Option<String>,
+    pub tls_cert: Option<String>,
+    pub tls_key: Option<String>,
+    pub max_connections: Option<u32>,
+    pub max_in_flight: Option<u32>,
+    pub handshake_timeout: Option<String>,
+    pub header_read_timeout: Option<String>,
+    pub request_timeout: Option<String>,
+    pub max_body_bytes: Option<usize>,
+    pub max_header_bytes: Option<usize>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawAdmin {
+    pub listen: Option<String>,
+    pub credential: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawIdentity {
+    pub ca_cert: Option<String>,
+    pub ca_key: Option<String>,
+    pub max_ttl: Option<String>,
+    pub renew_remaining_percent: Option<u8>,
+    pub bundle_refresh_hint: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawToken {
+    pub signing_key: Option<String>,
+    #[serde(default)]
+    pub verification_keys: Vec<String>,
+    pub issuer: Option<String>,
+    pub max_ttl: Option<String>,
+    pub leeway: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawAttestation {
+    pub nonce_ttl: Option<String>,
+    pub max_evidence_age: Option<String>,
+    pub max_clock_skew: Option<String>,
+    #[serde(default)]
+    pub device_cas: Vec<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawRate {
+    pub per_second: u32,
+    pub burst: u32,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawLimits {
+    pub global: Option<RawRate>,
+    pub per_ip: Option<RawRate>,
+    pub per_token: Option<RawRate>,
+    pub per_cluster: Option<RawRate>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawStore {
+    pub sqlite: Option<String>,
+    pub audit_file: Option<String>,
+    pub max_batch: Option<usize>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawPolicy {
+    pub memory_limit_bytes: Option<u64>,
+    pub deadline: Option<String>,
+    pub max_concurrent: Option<u32>,
+    pub queue_timeout: Option<String>,
+    pub min_ttl: Option<String>,
+    pub max_dns_sans: Option<u32>,
+    pub max_log_lines: Option<u32>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawBinding {
+    pub name: String,
+    pub module: String,
+    #[serde(default)]
+    pub clusters: Vec<String>,
+    #[serde(default)]
+    pub roles: Vec<String>,
+    pub settings: Option<toml::Table>,
+    pub evidence_schema: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawLog {
+    pub format: Option<String>,
+    pub filter: Option<String>,
+}

@@ -1,0 +1,99 @@
+use std::path::Path;
+use std::time::Duration;
+
+use super::*;
+
+fn parse(text: &str) -> Result<Config, Parse> {
+    Config::parse(text, Path::new("/etc/omnirelay"))
+}
+
+#[test]
+fn minimal_config_takes_every_default() {
+    let c = parse(r#"trust_domain = "omnirelay.example""#).unwrap();
+    assert_eq!(c.trust_domain.as_str(), "omnirelay.example");
+    assert_eq!(c.server.listen.to_string(), "127.0.0.1:8443");
+    assert_eq!(
+        c.server.tls_key,
+        Path::new("/etc/omnirelay/tls/gateway.key")
+    );
+    assert_eq!(c.admin.listen.to_string(), "127.0.0.1:8444");
+    assert_eq!(c.identity.max_ttl, Duration::from_secs(86_400));
+    assert_eq!(c.policy.max_ttl, c.identity.max_ttl);
+    assert_eq!(c.store.sqlite, Path::new("/etc/omnirelay/state/gateway.db"));
+    assert!(c.policies.is_empty());
+}
+
+#[test]
+fn every_problem_is_reported_at_once() {
+    let err = parse(
+        r#"
+        trust_domain = "Bad.Domain"
+        [server]
+        listen = "nowhere"
+        handshake_timeout = "soon"
+        max_connections = 0
+        [limits]
+        per_ip = { per_second = 0, burst = 5 }
+        [log]
+        format = "xml"
+        "#,
+    )
+    .unwrap_err();
+    let Parse::Invalid(problems) = err else {
+        panic!("{err:?}")
+    };
+    let keys: Vec<&str> = problems
+        .iter()
+        .map(|p| p.split(':').next().unwrap())
+        .collect();
+    assert_eq!(
+        keys,
+        [
+            "trust_domain",
+            "server.listen",
+            "server.max_connections",
+            "server.handshake_timeout",
+            "limits.per_ip.per_second",
+            "log.format"
+        ],
+        "{problems:#?}"
+    );
+}
+
+#[test]
+fn unknown_keys_are_syntax_errors() {
+    let err = parse("trust_domain = \"a.example\"\n[server]\nlisten_addr = \"x\"").unwrap_err();
+    assert!(
+        matches!(&err, Parse::Syntax(m) if m.contains("listen_addr")),
+        "{err:?}"
+    );
+}
+
+#[test]
+fn policies_resolve_modules_and_default_to_any_cluster() {
+    let c = parse(
+        r#"
+        trust_domain = "a.example"
+        [[policies]]
+        name = "edge"
+        module = "builtin:cluster-role"
+        settings = { clusters = ["edge"], roles = ["r"], ttl_seconds = 600 }
+        [[policies]]
+        name = "custom"
+        module = "policies/custom.wasm"
+        clusters = ["core"]
+        "#,
+    )
+    .unwrap();
+    assert_eq!(
+        c.policies[0].module,
+        ModuleSource::Builtin("cluster-role".into())
+    );
+    assert_eq!(c.policies[0].clusters, ["*"]);
+    assert_eq!(c.policies[0].settings["ttl_seconds"], 600);
+    assert_eq!(
+        c.policies[1].module,
+        ModuleSource::File("/etc/omnirelay/policies/custom.wasm".into())
+    );
+    assert_eq!(c.policies[1].clusters, ["core"]);
+}
