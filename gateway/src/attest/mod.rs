@@ -14,7 +14,11 @@ use policy_sdk as sdk;
 use serde::{Deserialize, Serialize};
 
 pub use nonce::{Challenge, Challenges};
+use x509pop::DEVICE_CLAIMS;
 pub use x509pop::{DeviceRoots, pop_payload};
+
+#[cfg(test)]
+mod tests;
 
 /// The `[attestation]` section.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -199,6 +203,18 @@ impl Attestor {
                 return Err(AttestError::ProofMismatch("missing"));
             }
             (sdk::AttestationKind::X509pop, Some(pop)) => {
+                // These names are the certificate's to fill. The node's signed claims go into
+                // `verified` beside them, so a claim of the same name would let a device choose
+                // the identity a policy reads (whichever of the two it looks at).
+                if evidence
+                    .claims
+                    .keys()
+                    .any(|name| DEVICE_CLAIMS.contains(&name.as_str()))
+                {
+                    return Err(AttestError::Claims(
+                        "device-id and device-serial come from the device certificate",
+                    ));
+                }
                 let payload = pop_payload(evidence, node, csr_key);
                 let mut device = self.roots.verify(pop, &payload, now_ms / 1000)?;
                 device.extend(claims);

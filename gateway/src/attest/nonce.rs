@@ -20,7 +20,7 @@ const LEN: usize = RANDOM + 8 + TAG;
 pub struct Challenge {
     /// Put this in the evidence.
     pub nonce: String,
-    /// Unix seconds after which it is refused.
+    /// Unix seconds from which it is refused.
     pub expires_at: u64,
 }
 

@@ -14,6 +14,8 @@ use sha2::{Digest, Sha256};
 use super::{AttestError, Evidence, X509Pop};
 use policy_sdk as sdk;
 
+/// The verified claims taken from the device certificate, which no signed claim may name.
+pub(super) const DEVICE_CLAIMS: [&str; 2] = ["device-id", "device-serial"];
 /// Most certificates in a device chain.
 const MAX_CHAIN: usize = 4;
 /// Largest certificate accepted, bytes of DER.

@@ -17,6 +17,9 @@ use crate::token::TokenId;
 
 pub use sqlite::SqliteStore;
 
+#[cfg(test)]
+mod tests;
+
 /// The `[store]` section.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct StoreConfig {
@@ -180,6 +183,9 @@ pub enum IssueOutcome {
 
 type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 
+/// What an idempotency key was first used for: the CSR digest and the response sent.
+pub type IdempotentResult = ([u8; 32], String);
+
 /// What the gateway needs from durable state. SQLite is the embedded backend; every method's
 /// contract is what the shared tests check.
 pub trait Store: Send + Sync + 'static {
@@ -196,7 +202,8 @@ pub trait Store: Send + Sync + 'static {
     /// One token.
     fn token(&self, id: TokenId) -> BoxFuture<'_, Result<Option<TokenRecord>, StoreError>>;
 
-    /// Revokes a token (idempotent) and audits it; false when no such token exists.
+    /// Revokes a token (idempotent: only the first revocation takes effect and is audited);
+    /// false when no such token exists.
     fn revoke_token(
         &self,
         id: TokenId,
@@ -209,7 +216,7 @@ pub trait Store: Send + Sync + 'static {
         &self,
         token: TokenId,
         key: &str,
-    ) -> BoxFuture<'_, Result<Option<([u8; 32], String)>, StoreError>>;
+    ) -> BoxFuture<'_, Result<Option<IdempotentResult>, StoreError>>;
 
     /// Whether a join already consumed this nonce (on any replica).
     fn nonce_used(&self, nonce: &str) -> BoxFuture<'_, Result<bool, StoreError>>;

@@ -10,7 +10,10 @@ use rusqlite::{Connection, OpenFlags, OptionalExtension, params};
 use tokio::sync::{mpsc, oneshot};
 
 use super::writer::{Command, Writer};
-use super::{BoxFuture, IssueOutcome, IssueRecord, Store, StoreConfig, StoreError, TokenRecord};
+use super::{
+    BoxFuture, IdempotentResult, IssueOutcome, IssueRecord, Store, StoreConfig, StoreError,
+    TokenRecord,
+};
 use crate::audit::{AuditEvent, AuditFile};
 use crate::token::TokenId;
 
@@ -68,6 +71,9 @@ pub struct SqliteStore {
     commands: mpsc::Sender<Command>,
     readers: Vec<Mutex<Connection>>,
     next_reader: AtomicUsize,
+    /// Resolves (its sender dropped) once the writer thread has exited, and with it released
+    /// the write connection and the audit file's lock.
+    writer_exited: oneshot::Receiver<()>,
 }
 
 impl std::fmt::Debug for SqliteStore {
@@ -87,13 +93,15 @@ impl SqliteStore {
     /// date with the committed chain, and starts the writer thread. Refuses to start when the
     /// mirror and the database disagree.
     pub fn open(config: &StoreConfig) -> Result<Self, StoreError> {
+        // Before SQLite opens it: SQLite creates the WAL and shared-memory files with the
+        // database's mode, and they hold the same rows.
+        make_private(&config.sqlite)?;
         let write = open(&config.sqlite, OpenFlags::default())?;
         // WAL with synchronous=FULL: a commit is on disk (WAL fsync'd) when it returns.
         write.pragma_update(None, "journal_mode", "WAL")?;
         write.pragma_update(None, "synchronous", "FULL")?;
         write.pragma_update(None, "foreign_keys", "ON")?;
         write.execute_batch(SCHEMA)?;
-        restrict_mode(&config.sqlite)?;
         let mut mirror = AuditFile::open(&config.audit_file)
             .map_err(|e| StoreError::Io(format!("{}: {e}", config.audit_file.display())))?;
         let head = super::writer::catch_up(&write, &mut mirror)?;
@@ -105,20 +113,46 @@ impl SqliteStore {
             )?;
             readers.push(Mutex::new(reader));
         }
-        let (commands, inbox) = mpsc::channel(config.max_batch * 4);
-        let writer = Writer::new(write, head, mirror, config.max_batch);
-        // The writer owns the write connection and exits once every sender is gone, after
-        // committing what it has. Nothing is lost by not joining it: every caller awaited its
+        // A zero `max_batch` means batches of one (as the writer reads it), not a zero-capacity
+        // channel, which tokio refuses with a panic.
+        let max_batch = config.max_batch.max(1);
+        let (commands, inbox) = mpsc::channel(max_batch.saturating_mul(4));
+        let writer = Writer::new(write, head, mirror, max_batch);
+        let (exited, writer_exited) = oneshot::channel();
+        // The writer owns the write connection and the audit file, and exits once every sender
+        // is gone, after committing what it has. `close` waits for that; a plain drop does not,
+        // and then the same files cannot be opened again until the writer has let go of them
+        // (the audit file stays locked). Nothing is lost either way: every caller awaited its
         // commit, and the audit mirror is caught up from the database at the next start.
         std::thread::Builder::new()
             .name("store-writer".into())
-            .spawn(move || writer.run(inbox))
+            .spawn(move || {
+                writer.run(inbox);
+                drop(exited);
+            })
             .map_err(|e| StoreError::Io(format!("cannot start the writer thread: {e}")))?;
         Ok(Self {
             commands,
             readers,
             next_reader: AtomicUsize::new(0),
+            writer_exited,
         })
+    }
+
+    /// Shuts the store down: the writer commits what it was sent, mirrors it, and exits. Returns
+    /// once it has released the database and the audit file, so they can be opened again at once.
+    pub async fn close(self) {
+        let Self {
+            commands,
+            readers,
+            writer_exited,
+            ..
+        } = self;
+        drop(commands);
+        drop(readers);
+        // The only message is the sender being dropped (after `run` returned, or while
+        // unwinding from a panic in it): either way the writer is gone.
+        let _ = writer_exited.await;
     }
 
     fn read<T>(&self, f: impl FnOnce(&Connection) -> rusqlite::Result<T>) -> Result<T, StoreError> {
@@ -142,10 +176,19 @@ impl SqliteStore {
     }
 }
 
-fn restrict_mode(path: &Path) -> Result<(), StoreError> {
-    use std::os::unix::fs::PermissionsExt;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
-        .map_err(|e| StoreError::Io(format!("{}: {e}", path.display())))
+/// Creates the file with mode 0600 if it is missing (SQLite takes an empty file for an empty
+/// database), and sets 0600 on one that exists.
+fn make_private(path: &Path) -> Result<(), StoreError> {
+    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+    let io = |e: std::io::Error| StoreError::Io(format!("{}: {e}", path.display()));
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .mode(0o600)
+        .open(path)
+        .map_err(io)?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(io)
 }
 
 fn token_from_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<TokenRecord> {
@@ -213,7 +256,7 @@ impl Store for SqliteStore {
         &self,
         token: TokenId,
         key: &str,
-    ) -> BoxFuture<'_, Result<Option<([u8; 32], String)>, StoreError>> {
+    ) -> BoxFuture<'_, Result<Option<IdempotentResult>, StoreError>> {
         let key = key.to_string();
         Box::pin(async move {
             let row: Option<(String, String)> =

@@ -144,6 +144,9 @@ fn failure<T>(why: &str) -> Result<T, StoreError> {
     Err(StoreError::Io(why.to_string()))
 }
 
+/// One command's work inside its savepoint: its rows, and the audit events to seal with them.
+type Change<'a> = dyn FnMut(&Connection, &mut Vec<AuditEvent>) -> Result<(), StoreError> + 'a;
+
 /// Applies one command in its own savepoint: its rows and its audit entries go in together or
 /// not at all, without disturbing the rest of the batch.
 fn apply(
@@ -153,16 +156,15 @@ fn apply(
     sealed: &mut Vec<SealedEntry>,
 ) -> Answer {
     let (before_head, before_len) = (*head, sealed.len());
-    let mut run =
-        |f: &mut dyn FnMut(&Connection, &mut Vec<AuditEvent>) -> Result<(), StoreError>| {
-            let mut sp = tx.savepoint()?;
-            sp.set_drop_behavior(rusqlite::DropBehavior::Rollback);
-            let mut events = Vec::new();
-            f(&sp, &mut events)?;
-            append_audit(&sp, head, sealed, &events)?;
-            sp.commit()?;
-            Ok::<(), StoreError>(())
-        };
+    let mut run = |f: &mut Change<'_>| {
+        let mut sp = tx.savepoint()?;
+        sp.set_drop_behavior(rusqlite::DropBehavior::Rollback);
+        let mut events = Vec::new();
+        f(&sp, &mut events)?;
+        append_audit(&sp, head, sealed, &events)?;
+        sp.commit()?;
+        Ok::<(), StoreError>(())
+    };
     let answer = match command {
         Command::RegisterToken(token, event, reply) => {
             let result = run(&mut |tx, events| {
@@ -175,11 +177,19 @@ fn apply(
         Command::RevokeToken(id, event, now, reply) => {
             let mut found = false;
             let result = run(&mut |tx, events| {
-                found = tx.execute(
-                    "UPDATE tokens SET revoked_at = COALESCE(revoked_at, ?2) WHERE id = ?1",
-                    params![id.to_string(), now],
+                let id = id.to_string();
+                let revoked = tx.execute(
+                    "UPDATE tokens SET revoked_at = ?2 WHERE id = ?1 AND revoked_at IS NULL",
+                    params![id, now],
                 )? == 1;
-                if found {
+                found = revoked
+                    || tx
+                        .prepare_cached("SELECT 1 FROM tokens WHERE id = ?1")?
+                        .exists([&id])?;
+                // Only the revocation that took effect is audited. Repeating it changes nothing
+                // (`revoked_at` keeps the first time), and a second entry, with its own operator
+                // and reason, would contradict the record of who revoked the token and why.
+                if revoked {
                     events.push(event.clone());
                 }
                 Ok(())

@@ -1,0 +1,787 @@
+//! The store against a real SQLite file and a real audit file, one fresh directory per test.
+//! Outcomes are checked three ways: what the call returned, what a read sees afterwards, and
+//! what the audit file (verified end to end by `audit::verify`) says happened.
+
+use std::collections::BTreeSet;
+use std::io::BufReader;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use super::*;
+use crate::audit::{self, AuditEvent, PolicyRef};
+use crate::identity::{Serial, SpiffeId};
+use crate::token::TokenId;
+
+/// A fixed "now" (2025-06-15T14:13:20Z); tests never read the clock for store decisions.
+const NOW: u64 = 1_750_000_000;
+/// How long to wait for the writer thread to mirror a commit before failing the test.
+const MIRROR_DEADLINE: Duration = Duration::from_secs(10);
+
+/// A directory of its own under the system temp dir, removed when dropped.
+struct TempDir(PathBuf);
+
+impl TempDir {
+    fn new(name: &str) -> Self {
+        static NEXT: AtomicU64 = AtomicU64::new(0);
+        let unique = format!(
+            "omnirelay-store-{name}-{}-{}",
+            std::process::id(),
+            NEXT.fetch_add(1, Ordering::Relaxed)
+        );
+        let path = std::env::temp_dir().join(unique);
+        // A leftover from an earlier, aborted run of the same process id.
+        let _ = std::fs::remove_dir_all(&path);
+        std::fs::create_dir_all(&path).unwrap();
+        Self(path)
+    }
+
+    fn config(&self) -> StoreConfig {
+        StoreConfig {
+            sqlite: self.0.join("state.db"),
+            audit_file: self.0.join("audit.log"),
+            max_batch: 512,
+        }
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+fn policy() -> PolicyRef {
+    PolicyRef {
+        name: "cluster-role".into(),
+        bundle: "core".into(),
+        version: "1.4.0".into(),
+        commit: None,
+        module_digest: "5e1f".into(),
+        settings_digest: "c0de".into(),
+    }
+}
+
+/// A token issued at `NOW`, valid for an hour.
+fn token_record(max_uses: u32) -> TokenRecord {
+    TokenRecord {
+        id: TokenId::random(),
+        cluster: "edge-eu".into(),
+        role: "relay".into(),
+        max_uses,
+        uses: 0,
+        not_before: NOW - 60,
+        expires_at: NOW + 3600,
+        issued_at: NOW,
+        revoked_at: None,
+    }
+}
+
+fn token_issued(t: &TokenRecord) -> AuditEvent {
+    AuditEvent::TokenIssued {
+        token_id: t.id.to_string(),
+        cluster: t.cluster.clone(),
+        role: t.role.clone(),
+        max_uses: t.max_uses,
+        not_before: t.not_before,
+        expires_at: t.expires_at,
+        issued_by: "alice@ops".into(),
+    }
+}
+
+fn token_revoked(id: TokenId, by: &str) -> AuditEvent {
+    AuditEvent::TokenRevoked {
+        token_id: id.to_string(),
+        reason: "leaked".into(),
+        revoked_by: by.into(),
+    }
+}
+
+/// A join's final step through `token`, with its own nonce and a fresh serial.
+fn issue_record(token: TokenId, request: &str, nonce: &str) -> IssueRecord {
+    let node = format!("node-{request}");
+    let spiffe_id = SpiffeId::parse(&format!(
+        "spiffe://prod.omnirelay.example/cluster/edge-eu/role/relay/node/{node}"
+    ))
+    .unwrap();
+    IssueRecord {
+        request_id: request.into(),
+        token,
+        nonce: nonce.into(),
+        nonce_expires_at: NOW + 300,
+        idempotency: None,
+        identity: IdentityRecord {
+            serial: Serial::random().unwrap(),
+            spiffe_id,
+            node: node.clone(),
+            cluster: "edge-eu".into(),
+            role: "relay".into(),
+            not_before: NOW - 60,
+            not_after: NOW + 3600,
+        },
+        response: format!("{{\"svid\":\"for {request}\"}}"),
+        policy: policy(),
+        audit_notes: vec!["posture: tpm".into()],
+        decision: AuditEvent::PolicyDecision {
+            request_id: request.into(),
+            token_id: token.to_string(),
+            node,
+            outcome: "allow".into(),
+            code: None,
+            operator_reason: None,
+            matched_rules: vec!["cluster-role".into()],
+            policy: policy(),
+        },
+        client_ip: "192.0.2.7".into(),
+        now: NOW,
+    }
+}
+
+/// The events of a log that verifies end to end, in order.
+fn read_audit(path: &Path) -> Vec<AuditEvent> {
+    let file = std::fs::File::open(path).unwrap();
+    let summary = audit::verify(BufReader::new(file)).unwrap();
+    let text = std::fs::read_to_string(path).unwrap();
+    let events: Vec<AuditEvent> = text
+        .lines()
+        .map(|line| {
+            let value: serde_json::Value = serde_json::from_str(line).unwrap();
+            serde_json::from_value(value["event"].clone()).unwrap()
+        })
+        .collect();
+    assert_eq!(summary.entries, events.len() as u64);
+    events
+}
+
+/// Waits, with a deadline, until the writer has mirrored `entries` entries to the file; the
+/// mirror is written after the commit is acknowledged, so it may trail a returned call briefly.
+async fn mirrored(path: &Path, entries: u64) -> Vec<AuditEvent> {
+    let deadline = Instant::now() + MIRROR_DEADLINE;
+    loop {
+        let file = std::fs::File::open(path).unwrap();
+        // A batch lands in one write, but a reader can still catch it half-way.
+        if let Ok(summary) = audit::verify(BufReader::new(file)) {
+            assert!(
+                summary.entries <= entries,
+                "the audit file has {} entries, expected {entries}",
+                summary.entries
+            );
+            if summary.entries == entries {
+                return read_audit(path);
+            }
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the audit file never reached {entries} entries"
+        );
+        tokio::task::yield_now().await;
+    }
+}
+
+fn kinds(events: &[AuditEvent]) -> Vec<&'static str> {
+    events.iter().map(AuditEvent::kind).collect()
+}
+
+fn count(events: &[AuditEvent], kind: &str) -> usize {
+    events.iter().filter(|e| e.kind() == kind).count()
+}
+
+/// The status and reason of every `join-refused` event, in order.
+fn refusals(events: &[AuditEvent]) -> Vec<(u16, String)> {
+    events
+        .iter()
+        .filter_map(|e| match e {
+            AuditEvent::JoinRefused { status, reason, .. } => Some((*status, reason.clone())),
+            _ => None,
+        })
+        .collect()
+}
+
+async fn open_with_token(dir: &TempDir, max_uses: u32) -> (SqliteStore, TokenRecord) {
+    let store = SqliteStore::open(&dir.config()).unwrap();
+    let token = token_record(max_uses);
+    store
+        .register_token(token.clone(), token_issued(&token))
+        .await
+        .unwrap();
+    (store, token)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn twenty_racing_joins_get_exactly_the_three_uses() {
+    let dir = TempDir::new("race");
+    let (store, token) = open_with_token(&dir, 3).await;
+    let store = Arc::new(store);
+    let mut tasks = Vec::new();
+    for i in 0..20 {
+        let store = Arc::clone(&store);
+        let record = issue_record(token.id, &format!("req-{i}"), &format!("nonce-{i}"));
+        let serial = record.identity.serial.to_string();
+        tasks.push(tokio::spawn(async move {
+            (serial, store.issue(record).await.unwrap())
+        }));
+    }
+    let mut issued = BTreeSet::new();
+    let mut uses_left = Vec::new();
+    let mut exhausted = 0;
+    for task in tasks {
+        match task.await.unwrap() {
+            (serial, IssueOutcome::Issued { uses_left: left }) => {
+                issued.insert(serial);
+                uses_left.push(left);
+            }
+            (_, IssueOutcome::Exhausted) => exhausted += 1,
+            (_, other) => panic!("unexpected outcome {other:?}"),
+        }
+    }
+    uses_left.sort_unstable();
+    assert_eq!(uses_left, [0, 1, 2]);
+    assert_eq!(exhausted, 17);
+
+    let after = store.token(token.id).await.unwrap().unwrap();
+    assert_eq!(after.uses, 3);
+    assert_eq!(after.status(NOW), TokenStatus::Exhausted);
+    let recorded: BTreeSet<String> = store
+        .identities_of(token.id)
+        .await
+        .unwrap()
+        .into_iter()
+        .collect();
+    assert_eq!(recorded, issued);
+
+    // token-issued, then a policy decision and an outcome for each of the 20 joins.
+    let events = mirrored(&dir.config().audit_file, 1 + 20 * 2).await;
+    assert_eq!(events[0], token_issued(&token));
+    assert_eq!(count(&events, "policy-decision"), 20);
+    assert_eq!(count(&events, "identity-issued"), 3);
+    assert_eq!(count(&events, "join-refused"), 17);
+    assert!(
+        refusals(&events)
+            .iter()
+            .all(|r| *r == (409, "token-exhausted".to_string()))
+    );
+    let audited: BTreeSet<String> = events
+        .iter()
+        .filter_map(|e| match e {
+            AuditEvent::IdentityIssued { serial, .. } => Some(serial.clone()),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(audited, issued);
+    let mut uses_after: Vec<u32> = events
+        .iter()
+        .filter_map(|e| match e {
+            AuditEvent::IdentityIssued { uses_after, .. } => Some(*uses_after),
+            _ => None,
+        })
+        .collect();
+    uses_after.sort_unstable();
+    assert_eq!(uses_after, [1, 2, 3]);
+    // Every refused join burned no nonce; every issued one did.
+    for i in 0..20 {
+        let used = store.nonce_used(&format!("nonce-{i}")).await.unwrap();
+        let request = format!("req-{i}");
+        let was_issued = events.iter().any(|e| {
+            matches!(e, AuditEvent::IdentityIssued { request_id, .. } if *request_id == request)
+        });
+        assert_eq!(used, was_issued, "nonce-{i}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn revoked_and_expired_tokens_are_refused_without_consuming_a_use() {
+    let dir = TempDir::new("refused");
+    let (store, revoked) = open_with_token(&dir, 5).await;
+    assert!(
+        store
+            .revoke_token(revoked.id, token_revoked(revoked.id, "bob@ops"), NOW)
+            .await
+            .unwrap()
+    );
+    let outcome = store
+        .issue(issue_record(revoked.id, "r1", "n1"))
+        .await
+        .unwrap();
+    assert_eq!(outcome, IssueOutcome::Revoked);
+
+    let expiring = token_record(5);
+    store
+        .register_token(expiring.clone(), token_issued(&expiring))
+        .await
+        .unwrap();
+    // One second before expiry still works; at expiry it does not.
+    let mut last_second = issue_record(expiring.id, "r2", "n2");
+    last_second.now = expiring.expires_at - 1;
+    assert_eq!(
+        store.issue(last_second).await.unwrap(),
+        IssueOutcome::Issued { uses_left: 4 }
+    );
+    let mut at_expiry = issue_record(expiring.id, "r3", "n3");
+    at_expiry.now = expiring.expires_at;
+    assert_eq!(store.issue(at_expiry).await.unwrap(), IssueOutcome::Expired);
+
+    assert_eq!(store.token(revoked.id).await.unwrap().unwrap().uses, 0);
+    assert_eq!(store.token(expiring.id).await.unwrap().unwrap().uses, 1);
+    assert!(store.identities_of(revoked.id).await.unwrap().is_empty());
+    assert_eq!(store.identities_of(expiring.id).await.unwrap().len(), 1);
+    assert!(!store.nonce_used("n1").await.unwrap());
+    assert!(store.nonce_used("n2").await.unwrap());
+    assert!(!store.nonce_used("n3").await.unwrap());
+
+    let events = mirrored(&dir.config().audit_file, 9).await;
+    assert_eq!(
+        kinds(&events),
+        [
+            "token-issued",
+            "token-revoked",
+            "policy-decision",
+            "join-refused",
+            "token-issued",
+            "policy-decision",
+            "identity-issued",
+            "policy-decision",
+            "join-refused",
+        ]
+    );
+    assert_eq!(
+        refusals(&events),
+        [(403, "token-revoked".into()), (401, "expired".into())]
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reused_nonce_is_refused_and_its_use_given_back() {
+    let dir = TempDir::new("nonce");
+    let (store, token) = open_with_token(&dir, 2).await;
+    let first = issue_record(token.id, "r1", "shared-nonce");
+    let first_serial = first.identity.serial.to_string();
+    assert_eq!(
+        store.issue(first).await.unwrap(),
+        IssueOutcome::Issued { uses_left: 1 }
+    );
+    let replay = issue_record(token.id, "r2", "shared-nonce");
+    assert_eq!(
+        store.issue(replay).await.unwrap(),
+        IssueOutcome::NonceReplayed
+    );
+    assert_eq!(store.token(token.id).await.unwrap().unwrap().uses, 1);
+    assert!(store.nonce_used("shared-nonce").await.unwrap());
+    assert_eq!(store.identities_of(token.id).await.unwrap(), [first_serial]);
+    // The use taken by the replay was really given back: the token's last use still works.
+    assert_eq!(
+        store
+            .issue(issue_record(token.id, "r3", "fresh-nonce"))
+            .await
+            .unwrap(),
+        IssueOutcome::Issued { uses_left: 0 }
+    );
+
+    let events = mirrored(&dir.config().audit_file, 7).await;
+    assert_eq!(
+        kinds(&events),
+        [
+            "token-issued",
+            "policy-decision",
+            "identity-issued",
+            "policy-decision",
+            "join-refused",
+            "policy-decision",
+            "identity-issued",
+        ]
+    );
+    assert_eq!(refusals(&events), [(401, "nonce-replayed".into())]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idempotent_retry_gets_the_first_response_and_consumes_nothing() {
+    let dir = TempDir::new("idempotency");
+    let (store, token) = open_with_token(&dir, 3).await;
+    let (csr, other_csr) = ([7u8; 32], [8u8; 32]);
+    let mut first = issue_record(token.id, "r1", "n1");
+    first.idempotency = Some(("key-1".into(), csr));
+    let first_response = first.response.clone();
+    let first_serial = first.identity.serial.to_string();
+    assert_eq!(
+        store.issue(first).await.unwrap(),
+        IssueOutcome::Issued { uses_left: 2 }
+    );
+
+    let mut retry = issue_record(token.id, "r2", "n2");
+    retry.idempotency = Some(("key-1".into(), csr));
+    assert_ne!(retry.response, first_response);
+    assert_eq!(
+        store.issue(retry).await.unwrap(),
+        IssueOutcome::Replayed(first_response.clone())
+    );
+    let mut conflict = issue_record(token.id, "r3", "n3");
+    conflict.idempotency = Some(("key-1".into(), other_csr));
+    assert_eq!(
+        store.issue(conflict).await.unwrap(),
+        IssueOutcome::IdempotencyConflict
+    );
+
+    assert_eq!(store.token(token.id).await.unwrap().unwrap().uses, 1);
+    assert_eq!(store.identities_of(token.id).await.unwrap(), [first_serial]);
+    assert!(!store.nonce_used("n2").await.unwrap());
+    assert!(!store.nonce_used("n3").await.unwrap());
+    assert_eq!(
+        store.idempotent(token.id, "key-1").await.unwrap(),
+        Some((csr, first_response))
+    );
+    assert_eq!(store.idempotent(token.id, "key-2").await.unwrap(), None);
+    // Keys are scoped to their token.
+    assert_eq!(
+        store.idempotent(TokenId::random(), "key-1").await.unwrap(),
+        None
+    );
+
+    // The replay itself writes no entry: the caller audits it, as here.
+    let replayed = AuditEvent::IdentityReplayed {
+        request_id: "r2".into(),
+        token_id: token.id.to_string(),
+        serial: "ab".into(),
+        idempotency_key: "key-1".into(),
+    };
+    store.audit(vec![replayed.clone()]).await.unwrap();
+    let events = mirrored(&dir.config().audit_file, 6).await;
+    assert_eq!(
+        kinds(&events),
+        [
+            "token-issued",
+            "policy-decision",
+            "identity-issued",
+            "policy-decision",
+            "join-refused",
+            "identity-replayed",
+        ]
+    );
+    assert_eq!(refusals(&events), [(409, "idempotency-conflict".into())]);
+    assert_eq!(events[5], replayed);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tokens_list_newest_first_and_revoke_once() {
+    let dir = TempDir::new("tokens");
+    let store = SqliteStore::open(&dir.config()).unwrap();
+    let mut old = token_record(1);
+    let mut mid = token_record(1);
+    let mut new = token_record(1);
+    old.issued_at = NOW - 20;
+    mid.issued_at = NOW - 10;
+    new.issued_at = NOW;
+    for t in [&mid, &new, &old] {
+        store
+            .register_token(t.clone(), token_issued(t))
+            .await
+            .unwrap();
+    }
+    // A second registration of one id fails, and leaves no audit entry behind it.
+    let err = store
+        .register_token(mid.clone(), token_issued(&mid))
+        .await
+        .unwrap_err();
+    assert!(matches!(err, StoreError::Sqlite(_)), "{err:?}");
+    assert_eq!(
+        store.list_tokens().await.unwrap(),
+        [new.clone(), mid.clone(), old.clone()]
+    );
+
+    let unknown = TokenId::random();
+    assert!(
+        !store
+            .revoke_token(unknown, token_revoked(unknown, "bob@ops"), NOW)
+            .await
+            .unwrap()
+    );
+    assert!(
+        store
+            .revoke_token(mid.id, token_revoked(mid.id, "bob@ops"), NOW + 5)
+            .await
+            .unwrap()
+    );
+    assert!(
+        store
+            .revoke_token(mid.id, token_revoked(mid.id, "carol@ops"), NOW + 9)
+            .await
+            .unwrap()
+    );
+    let revoked = store.token(mid.id).await.unwrap().unwrap();
+    assert_eq!(revoked.revoked_at, Some(NOW + 5));
+    assert_eq!(revoked.status(NOW + 10), TokenStatus::Revoked);
+    assert_eq!(store.token(new.id).await.unwrap().unwrap().revoked_at, None);
+    assert_eq!(store.token(unknown).await.unwrap(), None);
+
+    // Three registrations and the one revocation that took effect: the repeat changed nothing
+    // and must not name a second operator as the one who revoked it.
+    let events = mirrored(&dir.config().audit_file, 4).await;
+    assert_eq!(
+        events,
+        [
+            token_issued(&mid),
+            token_issued(&new),
+            token_issued(&old),
+            token_revoked(mid.id, "bob@ops"),
+        ]
+    );
+}
+
+/// The seq and hash of the database's last audit row.
+fn db_head(config: &StoreConfig) -> audit::ChainHead {
+    let conn = rusqlite::Connection::open(&config.sqlite).unwrap();
+    let (seq, hash): (u64, String) = conn
+        .query_row(
+            "SELECT seq, hash FROM audit ORDER BY seq DESC LIMIT 1",
+            [],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )
+        .unwrap();
+    audit::ChainHead {
+        seq,
+        hash: hex::decode(hash).unwrap().try_into().unwrap(),
+    }
+}
+
+fn verify_file(path: &Path) -> audit::VerifySummary {
+    audit::verify(BufReader::new(std::fs::File::open(path).unwrap())).unwrap()
+}
+
+/// A store with some history: a token with one identity issued through it (under an
+/// idempotency key) and a revoked token, refused once. [`HISTORY`] audit entries.
+async fn with_history(config: &StoreConfig) -> (TokenRecord, TokenRecord, String) {
+    let store = SqliteStore::open(config).unwrap();
+    let live = token_record(3);
+    let gone = token_record(3);
+    for t in [&live, &gone] {
+        store
+            .register_token(t.clone(), token_issued(t))
+            .await
+            .unwrap();
+    }
+    let mut record = issue_record(live.id, "r1", "n1");
+    record.idempotency = Some(("key-1".into(), [1; 32]));
+    let serial = record.identity.serial.to_string();
+    assert_eq!(
+        store.issue(record).await.unwrap(),
+        IssueOutcome::Issued { uses_left: 2 }
+    );
+    assert!(
+        store
+            .revoke_token(gone.id, token_revoked(gone.id, "bob@ops"), NOW)
+            .await
+            .unwrap()
+    );
+    let refused = store
+        .issue(issue_record(gone.id, "r2", "n2"))
+        .await
+        .unwrap();
+    assert_eq!(refused, IssueOutcome::Revoked);
+    store.close().await;
+    (live, gone, serial)
+}
+
+const HISTORY: u64 = 7;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn close_then_reopen_at_once_keeps_state_and_continues_the_chain() {
+    let dir = TempDir::new("reopen");
+    let config = dir.config();
+    let (live, gone, serial) = with_history(&config).await;
+    // `close` returned, so the writer has mirrored everything and let go of the files.
+    let before = std::fs::read(&config.audit_file).unwrap();
+    assert_eq!(verify_file(&config.audit_file).entries, HISTORY);
+
+    let store = SqliteStore::open(&config).unwrap();
+    let mut live_now = live.clone();
+    live_now.uses = 1;
+    let mut gone_now = gone.clone();
+    gone_now.revoked_at = Some(NOW);
+    assert_eq!(store.token(live.id).await.unwrap(), Some(live_now));
+    assert_eq!(store.token(gone.id).await.unwrap(), Some(gone_now));
+    assert_eq!(store.identities_of(live.id).await.unwrap(), [serial]);
+    assert!(store.nonce_used("n1").await.unwrap());
+    assert!(!store.nonce_used("n2").await.unwrap());
+    assert_eq!(
+        store
+            .idempotent(live.id, "key-1")
+            .await
+            .unwrap()
+            .map(|(digest, _)| digest),
+        Some([1; 32])
+    );
+    assert_eq!(
+        store
+            .issue(issue_record(live.id, "r3", "n3"))
+            .await
+            .unwrap(),
+        IssueOutcome::Issued { uses_left: 1 }
+    );
+    store.close().await;
+
+    // The old lines are untouched and the new ones chain onto them; the file's head is the
+    // database's.
+    let after = std::fs::read(&config.audit_file).unwrap();
+    assert_eq!(after[..before.len()], before[..]);
+    let summary = verify_file(&config.audit_file);
+    assert_eq!(summary.entries, HISTORY + 2);
+    assert_eq!(summary.head, db_head(&config));
+    let events = read_audit(&config.audit_file);
+    assert!(matches!(
+        &events[events.len() - 1],
+        AuditEvent::IdentityIssued { uses_after: 2, request_id, .. } if request_id == "r3"
+    ));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn close_releases_the_files_every_time() {
+    let dir = TempDir::new("cycle");
+    for round in 0..20 {
+        let store = SqliteStore::open(&dir.config())
+            .unwrap_or_else(|e| panic!("reopen in round {round}: {e}"));
+        let t = token_record(1);
+        store
+            .register_token(t.clone(), token_issued(&t))
+            .await
+            .unwrap();
+        store.close().await;
+    }
+    assert_eq!(verify_file(&dir.config().audit_file).entries, 20);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_mirror_cut_short_is_caught_up_from_the_database() {
+    let dir = TempDir::new("catch-up");
+    let config = dir.config();
+    with_history(&config).await;
+    let full = std::fs::read_to_string(&config.audit_file).unwrap();
+    let lines: Vec<&str> = full.split_inclusive('\n').collect();
+    assert_eq!(lines.len() as u64, HISTORY);
+
+    // The last three lines lost (a crash before the mirror write), cut at a line boundary.
+    std::fs::write(&config.audit_file, lines[..lines.len() - 3].concat()).unwrap();
+    assert_eq!(verify_file(&config.audit_file).entries, HISTORY - 3);
+    SqliteStore::open(&config).unwrap().close().await;
+    assert_eq!(std::fs::read_to_string(&config.audit_file).unwrap(), full);
+    assert_eq!(verify_file(&config.audit_file).head, db_head(&config));
+
+    // The whole file lost: rebuilt, with its restrictive mode.
+    std::fs::remove_file(&config.audit_file).unwrap();
+    SqliteStore::open(&config).unwrap().close().await;
+    assert_eq!(std::fs::read_to_string(&config.audit_file).unwrap(), full);
+    assert_eq!(mode(&config.audit_file), 0o600);
+}
+
+/// Replaces the file's last line with `last` (which must end in a newline).
+fn replace_last_line(path: &Path, last: impl FnOnce(&str) -> String) {
+    let text = std::fs::read_to_string(path).unwrap();
+    let trimmed = text.strip_suffix('\n').unwrap();
+    let start = trimmed.rfind('\n').map_or(0, |i| i + 1);
+    let edited = format!("{}{}", &text[..start], last(&trimmed[start..]));
+    std::fs::write(path, edited).unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_edited_last_line_stops_the_store_from_opening() {
+    let dir = TempDir::new("tamper");
+    let config = dir.config();
+    with_history(&config).await;
+
+    // One byte of the last line's event changed: the line no longer matches its own hash, so
+    // the audit file refuses to open (reported as an I/O-level error naming the file).
+    replace_last_line(&config.audit_file, |line| {
+        let at = line.find("\"client_ip\":\"192").unwrap() + "\"client_ip\":\"".len();
+        format!("{}8{}\n", &line[..at], &line[at + 1..])
+    });
+    let tampered = std::fs::read(&config.audit_file).unwrap();
+    let err = SqliteStore::open(&config).unwrap_err();
+    match &err {
+        StoreError::Io(message) => {
+            assert!(message.contains("audit.log"), "{message}");
+            assert!(message.contains("audit file is corrupt"), "{message}");
+        }
+        other => panic!("expected an audit file error, got {other:?}"),
+    }
+    // Nothing was written past the edited line.
+    assert_eq!(std::fs::read(&config.audit_file).unwrap(), tampered);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rewritten_or_extended_mirror_disagrees_with_the_database() {
+    let dir = TempDir::new("rewrite");
+    let config = dir.config();
+    with_history(&config).await;
+    let original = std::fs::read_to_string(&config.audit_file).unwrap();
+    let lines: Vec<&str> = original.lines().collect();
+    let prev = {
+        let cut: String = lines[..lines.len() - 1]
+            .iter()
+            .map(|l| format!("{l}\n"))
+            .collect();
+        audit::verify(cut.as_bytes()).unwrap().head
+    };
+    let forged = AuditEvent::TokenRevoked {
+        token_id: "forged".into(),
+        reason: "cover-up".into(),
+        revoked_by: "mallory".into(),
+    };
+
+    // The last line replaced by a well-formed one with a recomputed hash: the file verifies on
+    // its own, but its head is not the database's.
+    replace_last_line(&config.audit_file, |_| {
+        format!(
+            "{}\n",
+            audit::seal(&prev, std::time::SystemTime::now(), &forged).line
+        )
+    });
+    verify_file(&config.audit_file);
+    let err = SqliteStore::open(&config).unwrap_err();
+    assert!(
+        matches!(&err, StoreError::AuditMismatch(m) if m.contains("entry 7 differs")),
+        "{err:?}"
+    );
+
+    // An extra, well-formed entry after the real ones: the file is ahead of the database.
+    let head = audit::verify(original.as_bytes()).unwrap().head;
+    let extra = audit::seal(&head, std::time::SystemTime::now(), &forged).line;
+    std::fs::write(&config.audit_file, format!("{original}{extra}\n")).unwrap();
+    let err = SqliteStore::open(&config).unwrap_err();
+    assert!(
+        matches!(&err, StoreError::AuditMismatch(m) if m.contains("8 entries, the database 7")),
+        "{err:?}"
+    );
+}
+
+fn mode(path: &Path) -> u32 {
+    std::fs::metadata(path).unwrap().permissions().mode() & 0o777
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_database_and_its_side_files_are_private() {
+    let dir = TempDir::new("mode");
+    let config = dir.config();
+    let (store, _) = open_with_token(&dir, 1).await;
+    assert_eq!(mode(&config.sqlite), 0o600);
+    assert_eq!(mode(&config.audit_file), 0o600);
+    // The WAL holds the same rows as the database until a checkpoint; it must be as private.
+    for suffix in ["-wal", "-shm"] {
+        let side = PathBuf::from(format!("{}{suffix}", config.sqlite.display()));
+        assert_eq!(mode(&side), 0o600, "{}", side.display());
+    }
+    store.close().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_zero_max_batch_commits_one_change_at_a_time() {
+    let dir = TempDir::new("batch");
+    let mut config = dir.config();
+    config.max_batch = 0;
+    let store = SqliteStore::open(&config).unwrap();
+    let t = token_record(1);
+    store
+        .register_token(t.clone(), token_issued(&t))
+        .await
+        .unwrap();
+    assert_eq!(store.list_tokens().await.unwrap(), [t]);
+    store.close().await;
+}
