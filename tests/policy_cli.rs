@@ -9,8 +9,6 @@
 
 use omnirelay_e2e::{omnirelay, policy_dir, repo_root};
 
-const BIN: &str = env!("CARGO_BIN_EXE_omnirelay-under-test");
-
 fn wasm(name: &str) -> String {
     policy_dir()
         .join(format!("{name}.wasm"))
@@ -19,7 +17,7 @@ fn wasm(name: &str) -> String {
 }
 
 fn run(args: &[&str]) -> (i32, String, String) {
-    let out = omnirelay(BIN, args).unwrap();
+    let out = omnirelay(args).unwrap();
     let stdout = String::from_utf8(out.stdout).unwrap();
     let stderr = String::from_utf8(out.stderr).unwrap();
     (out.status.code().unwrap_or(-1), stdout, stderr)

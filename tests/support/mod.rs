@@ -1,7 +1,37 @@
-//! Shared helpers for the end-to-end tests: locating and running the real binary.
+//! Shared helpers for the end-to-end tests: a real `omnirelay` process over real TLS, and a
+//! node that talks to it the way a dispatcher host does (or deliberately worse).
 
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    reason = "test support: a failure is a failed test"
+)]
+
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use gateway::agent::{GatewayClient, Reply};
+use gateway::api::wire::{Challenge, IssueTokenRequest, IssueTokenResponse, JoinRequest};
+use gateway::token::{Claims, SigningKey, TokenId};
+
+/// The binary under test: the same `main` as `omnirelay`, built by this crate. Cargo builds
+/// it before running any integration test of this crate and puts it next to `deps/`, where
+/// the test executables live.
+pub fn bin() -> PathBuf {
+    let exe = std::env::current_exe().unwrap();
+    let dir = exe.parent().and_then(Path::parent).unwrap();
+    let bin = dir.join("omnirelay-under-test");
+    assert!(
+        bin.exists(),
+        "{} is missing; run the tests through cargo",
+        bin.display()
+    );
+    bin
+}
 
 /// Where the build put the compiled policies (examples and hostile fixtures).
 pub fn policy_dir() -> &'static Path {
@@ -17,9 +47,347 @@ pub fn repo_root() -> PathBuf {
 }
 
 /// Runs `omnirelay` with `args` to completion and returns what it printed.
-pub fn omnirelay(bin: &str, args: &[&str]) -> std::io::Result<Output> {
-    Command::new(bin)
+pub fn omnirelay(args: &[&str]) -> std::io::Result<Output> {
+    Command::new(bin())
         .args(args)
         .env("RUST_LOG", "warn")
         .output()
+}
+
+/// A fresh directory under the system temp dir, removed when dropped.
+#[derive(Debug)]
+pub struct TempDir(pub PathBuf);
+
+impl TempDir {
+    /// A new, empty directory named after the test.
+    pub fn new(name: &str) -> Self {
+        let nanos = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap()
+            .subsec_nanos();
+        let dir = std::env::temp_dir().join(format!(
+            "omnirelay-e2e-{name}-{}-{nanos}",
+            std::process::id()
+        ));
+        std::fs::create_dir_all(&dir).unwrap();
+        Self(dir)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// A gateway process started with `omnirelay init` + `omnirelay serve` on loopback ports
+/// chosen by the OS. Killed (SIGTERM, then waited for) when dropped.
+#[derive(Debug)]
+pub struct Gateway {
+    /// The state directory (`gateway.toml`, keys, database, audit log).
+    pub dir: TempDir,
+    /// Node listener.
+    pub node_addr: SocketAddr,
+    /// Admin listener.
+    pub admin_addr: SocketAddr,
+    child: Child,
+}
+
+/// The trust domain every test gateway uses.
+pub const TRUST_DOMAIN: &str = "e2e.omnirelay.example";
+
+impl Gateway {
+    /// Starts a gateway on the state `omnirelay init` creates.
+    pub fn start(name: &str) -> Self {
+        Self::start_with(name, |_| {})
+    }
+
+    /// Starts a gateway after `edit` changed `gateway.toml` (its text is passed in).
+    pub fn start_with(name: &str, edit: impl FnOnce(&mut String)) -> Self {
+        let dir = TempDir::new(name);
+        let out = omnirelay(&[
+            "init",
+            "--dir",
+            dir.0.to_str().unwrap(),
+            "--trust-domain",
+            TRUST_DOMAIN,
+            "--listen",
+            "127.0.0.1:0",
+            "--admin-listen",
+            "127.0.0.1:0",
+        ])
+        .unwrap();
+        assert!(
+            out.status.success(),
+            "init failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let config = dir.0.join("gateway.toml");
+        let mut text = std::fs::read_to_string(&config).unwrap();
+        text.push_str("\n[log]\nformat = \"json\"\nfilter = \"info\"\n");
+        edit(&mut text);
+        std::fs::write(&config, text).unwrap();
+        Self::spawn(dir)
+    }
+
+    /// Starts `omnirelay serve` on an existing state directory and waits until it listens.
+    pub fn spawn(dir: TempDir) -> Self {
+        let mut child = Command::new(bin())
+            .args([
+                "serve",
+                "--config",
+                dir.0.join("gateway.toml").to_str().unwrap(),
+            ])
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let stderr = child.stderr.take().unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        // Reads the JSON log until the "gateway serving" line, then keeps draining it so the
+        // process never blocks on a full pipe.
+        std::thread::spawn(move || {
+            let mut tx = Some(tx);
+            for line in BufReader::new(stderr).lines() {
+                let Ok(line) = line else { break };
+                if line.contains("gateway serving")
+                    && let Some(tx) = tx.take()
+                {
+                    let _ = tx.send(Ok(line));
+                } else if (line.contains("\"ERROR\"") || line.starts_with("error:"))
+                    && let Some(tx) = tx.as_ref()
+                {
+                    let _ = tx.send(Err(line));
+                }
+            }
+        });
+        let line = match rx.recv_timeout(Duration::from_secs(60)) {
+            Ok(Ok(line)) => line,
+            Ok(Err(error)) => panic!("gateway failed to start: {error}"),
+            Err(_) => {
+                let _ = child.kill();
+                panic!("gateway did not report listening within 60 s")
+            }
+        };
+        let log: serde_json::Value = serde_json::from_str(&line).unwrap();
+        let field = |name: &str| log["fields"][name].as_str().unwrap().parse().unwrap();
+        Self {
+            node_addr: field("node_addr"),
+            admin_addr: field("admin_addr"),
+            dir,
+            child,
+        }
+    }
+
+    /// Stops the process (SIGTERM) and waits for it; returns its exit status.
+    pub fn stop(mut self) -> (TempDir, std::process::ExitStatus) {
+        let status = self.terminate();
+        let dir = std::mem::replace(&mut self.dir, TempDir(PathBuf::new()));
+        std::mem::forget(self);
+        (dir, status)
+    }
+
+    fn terminate(&mut self) -> std::process::ExitStatus {
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status();
+        self.child.wait().unwrap()
+    }
+
+    /// A path inside the state directory.
+    pub fn path(&self, relative: &str) -> PathBuf {
+        self.dir.0.join(relative)
+    }
+
+    /// The CA bundle nodes are given.
+    pub fn bundle(&self) -> Vec<u8> {
+        std::fs::read(self.path("ca/ca.pem")).unwrap()
+    }
+
+    /// A client for the node API.
+    pub fn node(&self) -> GatewayClient {
+        GatewayClient::new(&format!("https://{}", self.node_addr), &self.bundle()).unwrap()
+    }
+
+    /// An authenticated client for the admin API.
+    pub fn admin(&self) -> GatewayClient {
+        let credential = std::fs::read_to_string(self.path("admin/credential")).unwrap();
+        GatewayClient::new(&format!("https://{}", self.admin_addr), &self.bundle())
+            .unwrap()
+            .with_bearer(credential.trim().to_string())
+    }
+
+    /// Issues a token through the admin API.
+    pub async fn issue_token(
+        &self,
+        cluster: &str,
+        role: &str,
+        max_uses: u32,
+    ) -> IssueTokenResponse {
+        let request = IssueTokenRequest {
+            cluster: cluster.into(),
+            role: role.into(),
+            ttl_seconds: 900,
+            max_uses,
+            issued_by: Some("e2e".into()),
+        };
+        let reply = self
+            .admin()
+            .post("/admin/v1/tokens", serde_json::to_vec(&request).unwrap())
+            .await
+            .unwrap();
+        assert_eq!(
+            reply.status,
+            201,
+            "{}",
+            String::from_utf8_lossy(&reply.body)
+        );
+        serde_json::from_slice(&reply.body).unwrap()
+    }
+
+    /// The gateway's token-signing key (tests use it to forge tokens the gateway never issued).
+    pub fn signing_key(&self) -> SigningKey {
+        SigningKey::from_pkcs8_pem(
+            &std::fs::read_to_string(self.path("token/signing.key")).unwrap(),
+        )
+        .unwrap()
+    }
+
+    /// The audit log's lines.
+    pub fn audit_lines(&self) -> Vec<String> {
+        std::fs::read_to_string(self.path("audit/audit.log"))
+            .unwrap_or_default()
+            .lines()
+            .map(str::to_string)
+            .collect()
+    }
+
+    /// Waits (polling, with a deadline) until the audit file has an entry of `kind` for
+    /// which `matches` holds, and returns it. The file is mirrored right after each commit.
+    pub fn wait_for_audit(
+        &self,
+        kind: &str,
+        matches: impl Fn(&serde_json::Value) -> bool,
+    ) -> serde_json::Value {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            for line in self.audit_lines() {
+                let entry: serde_json::Value = serde_json::from_str(&line).unwrap();
+                if entry["event"]["kind"] == kind && matches(&entry["event"]) {
+                    return entry["event"].clone();
+                }
+            }
+            assert!(Instant::now() < deadline, "no {kind} audit entry appeared");
+            std::thread::yield_now();
+        }
+    }
+}
+
+impl Drop for Gateway {
+    fn drop(&mut self) {
+        self.terminate();
+    }
+}
+
+/// Claims for a token the tests sign themselves.
+pub fn claims(cluster: &str, role: &str, max_uses: u32) -> Claims {
+    let now = unix_now();
+    Claims {
+        id: TokenId::random(),
+        issuer: "omnirelay".into(),
+        audience: TRUST_DOMAIN.into(),
+        cluster: cluster.into(),
+        role: role.into(),
+        issued_at: now,
+        not_before: now,
+        expires_at: now + 600,
+        max_uses,
+    }
+}
+
+/// Seconds since the epoch.
+pub fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+}
+
+/// A node's key and CSR.
+#[derive(Debug)]
+pub struct NodeKey {
+    /// The key (stays with the test, as it would stay on the node).
+    pub key: rcgen::KeyPair,
+    /// The CSR, PEM.
+    pub csr: String,
+}
+
+impl NodeKey {
+    /// A P-256 key and a plain CSR.
+    pub fn new(node: &str) -> Self {
+        Self::with_params(node, |_| {})
+    }
+
+    /// A CSR whose parameters `edit` can make hostile (CA:true, extra SANs).
+    pub fn with_params(node: &str, edit: impl FnOnce(&mut rcgen::CertificateParams)) -> Self {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let mut params = rcgen::CertificateParams::default();
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, node);
+        edit(&mut params);
+        let csr = params.serialize_request(&key).unwrap().pem().unwrap();
+        Self { key, csr }
+    }
+}
+
+/// Fetches a challenge nonce.
+pub async fn challenge(node: &GatewayClient) -> Challenge {
+    let reply = node.get("/v1/bootstrap/challenge").await.unwrap();
+    assert_eq!(reply.status, 200);
+    serde_json::from_slice(&reply.body).unwrap()
+}
+
+/// Token-only evidence for `nonce`, stamped now.
+pub fn token_only(nonce: &str) -> serde_json::Value {
+    serde_json::json!({
+        "kind": "token-only",
+        "nonce": nonce,
+        "issued_at_ms": SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_millis() as u64,
+    })
+}
+
+/// A complete join request with a fresh challenge and token-only evidence.
+pub async fn join_request(
+    node: &GatewayClient,
+    token: &str,
+    name: &str,
+    key: &NodeKey,
+) -> JoinRequest {
+    let nonce = challenge(node).await.nonce;
+    JoinRequest {
+        token: token.to_string(),
+        node_name: name.to_string(),
+        csr: key.csr.clone(),
+        idempotency_key: None,
+        attestation: token_only(&nonce),
+    }
+}
+
+/// Posts a join request.
+pub async fn post_join(node: &GatewayClient, request: &JoinRequest) -> Reply {
+    node.post("/v1/bootstrap/join", serde_json::to_vec(request).unwrap())
+        .await
+        .unwrap()
+}
+
+/// The problem document of a refusal, after checking its content type.
+pub fn problem(reply: &Reply) -> gateway::api::wire::Problem {
+    assert_eq!(
+        reply.headers.get("content-type").unwrap(),
+        "application/problem+json",
+        "{}",
+        String::from_utf8_lossy(&reply.body)
+    );
+    serde_json::from_slice(&reply.body).unwrap()
 }
