@@ -97,3 +97,31 @@ fn policies_resolve_modules_and_default_to_any_cluster() {
     );
     assert_eq!(c.policies[1].clusters, ["core"]);
 }
+
+/// `examples/gateway.toml` documents every key with its default: it must parse, and every
+/// section must equal what an otherwise empty file gets.
+#[test]
+fn the_documented_defaults_are_the_real_defaults() {
+    let text = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../examples/gateway.toml"
+    ))
+    .unwrap();
+    let base = Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/../examples"));
+    let documented = match Config::parse(&text, base) {
+        Ok(c) => c,
+        Err(e) => panic!("{e:?}"),
+    };
+    let defaults = Config::parse(r#"trust_domain = "omnirelay.example""#, base).unwrap();
+    assert_eq!(documented.server, defaults.server);
+    assert_eq!(documented.admin, defaults.admin);
+    assert_eq!(documented.identity, defaults.identity);
+    assert_eq!(documented.token, defaults.token);
+    assert_eq!(documented.attestation, defaults.attestation);
+    assert_eq!(documented.limits, defaults.limits);
+    assert_eq!(documented.store, defaults.store);
+    assert_eq!(documented.policy, defaults.policy);
+    assert_eq!(documented.log, defaults.log);
+    assert_eq!(documented.policies.len(), 2);
+    assert!(documented.policies[0].evidence_schema.is_some());
+}

@@ -40,6 +40,16 @@ pub enum StoreError {
     /// The database or audit file could not be opened or written.
     #[error("{0}")]
     Io(String),
+    /// The audit file could not be opened or appended to (it is corrupt, locked, or the disk
+    /// failed).
+    #[error("audit file {path}")]
+    Audit {
+        /// The file.
+        path: PathBuf,
+        /// What went wrong with it.
+        #[source]
+        source: crate::audit::AuditError,
+    },
     /// The audit file and the database disagree: someone edited one of them.
     #[error("audit log and database disagree: {0}")]
     AuditMismatch(String),

@@ -688,7 +688,7 @@ async fn an_edited_last_line_stops_the_store_from_opening() {
     with_history(&config).await;
 
     // One byte of the last line's event changed: the line no longer matches its own hash, so
-    // the audit file refuses to open (reported as an I/O-level error naming the file).
+    // the audit file refuses to open (a typed audit error naming the file).
     replace_last_line(&config.audit_file, |line| {
         let at = line.find("\"client_ip\":\"192").unwrap() + "\"client_ip\":\"".len();
         format!("{}8{}\n", &line[..at], &line[at + 1..])
@@ -696,9 +696,12 @@ async fn an_edited_last_line_stops_the_store_from_opening() {
     let tampered = std::fs::read(&config.audit_file).unwrap();
     let err = SqliteStore::open(&config).unwrap_err();
     match &err {
-        StoreError::Io(message) => {
-            assert!(message.contains("audit.log"), "{message}");
-            assert!(message.contains("audit file is corrupt"), "{message}");
+        StoreError::Audit { path, source } => {
+            assert_eq!(path, &config.audit_file);
+            assert!(
+                matches!(source, crate::audit::AuditError::Corrupt(e) if e.problem.to_string().contains("hash")),
+                "{source:?}"
+            );
         }
         other => panic!("expected an audit file error, got {other:?}"),
     }

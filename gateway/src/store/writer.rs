@@ -59,17 +59,51 @@ impl Answer {
 pub(super) struct Writer {
     conn: Connection,
     head: ChainHead,
-    mirror: AuditFile,
+    mirror: Mirror,
     max_batch: usize,
 }
 
+/// The audit file mirror, on its own thread so that its fdatasync never holds up the next
+/// commit. Batches that queue up while it syncs are appended with one write and one sync.
+pub(super) struct Mirror {
+    batches: std::sync::mpsc::Sender<Vec<SealedEntry>>,
+    thread: std::thread::JoinHandle<()>,
+}
+
+impl Mirror {
+    pub(super) fn start(mut file: AuditFile) -> std::io::Result<Self> {
+        let (batches, inbox) = std::sync::mpsc::channel::<Vec<SealedEntry>>();
+        let thread = std::thread::Builder::new()
+            .name("audit-mirror".into())
+            .spawn(move || {
+                while let Ok(mut entries) = inbox.recv() {
+                    while let Ok(more) = inbox.try_recv() {
+                        entries.extend(more);
+                    }
+                    if let Err(e) = file.append(&entries) {
+                        // The database holds the chain; the mirror is rebuilt from it at start.
+                        tracing::error!(error = %e, "store: audit mirror append failed");
+                    }
+                }
+            })?;
+        Ok(Self { batches, thread })
+    }
+
+    fn send(&self, entries: Vec<SealedEntry>) {
+        if !entries.is_empty() {
+            let _ = self.batches.send(entries);
+        }
+    }
+
+    /// Writes what is queued and releases the file.
+    pub(super) fn finish(self) {
+        drop(self.batches);
+        let _ = self.thread.join();
+    }
+}
+
 impl Writer {
-    pub(super) fn new(
-        conn: Connection,
-        head: ChainHead,
-        mirror: AuditFile,
-        max_batch: usize,
-    ) -> Self {
+    pub(super) fn new(conn: Connection, head: ChainHead, mirror: Mirror, max_batch: usize) -> Self {
         Self {
             conn,
             head,
@@ -91,6 +125,7 @@ impl Writer {
             }
             self.commit_batch(&mut batch);
         }
+        self.mirror.finish();
     }
 
     fn commit_batch(&mut self, batch: &mut Vec<Command>) {
@@ -117,10 +152,7 @@ impl Writer {
             Ok(()) => {
                 self.head = head;
                 answers.into_iter().for_each(Answer::send);
-                if let Err(e) = self.mirror.append(&sealed) {
-                    // The database holds the chain; the mirror is rebuilt from it at start.
-                    tracing::error!(error = %e, "store: audit mirror append failed");
-                }
+                self.mirror.send(sealed);
             }
             Err(e) => {
                 tracing::error!(error = %e, "store: commit failed");
@@ -383,7 +415,11 @@ fn append_audit(
 
 /// Brings the file mirror up to the database's chain and returns the chain head. A mirror that
 /// is ahead of the database, or disagrees with it at its last line, was edited: refuse.
-pub(super) fn catch_up(conn: &Connection, mirror: &mut AuditFile) -> Result<ChainHead, StoreError> {
+pub(super) fn catch_up(
+    conn: &Connection,
+    mirror: &mut AuditFile,
+    path: &std::path::Path,
+) -> Result<ChainHead, StoreError> {
     let db_head: Option<(u64, String)> = conn
         .query_row(
             "SELECT seq, hash FROM audit ORDER BY seq DESC LIMIT 1",
@@ -443,7 +479,10 @@ pub(super) fn catch_up(conn: &Connection, mirror: &mut AuditFile) -> Result<Chai
         );
         mirror
             .append(&missing)
-            .map_err(|e| StoreError::Io(format!("audit file: {e}")))?;
+            .map_err(|source| StoreError::Audit {
+                path: path.to_path_buf(),
+                source,
+            })?;
     }
     Ok(db_head)
 }
