@@ -50,19 +50,7 @@ async fn metrics_need_no_credential_and_count_an_issued_join() {
     assert_eq!(sample(&before, issued).unwrap_or(0.0), 0.0, "{before}");
 
     let token = gw.issue_token("edge-us", "relay", 1).await;
-    let node = gw.node();
-    let key = NodeKey::new("counted-1");
-    let reply = post_join(
-        &node,
-        &join_request(&node, &token.token, "counted-1", &key).await,
-    )
-    .await;
-    assert_eq!(
-        reply.status,
-        200,
-        "{}",
-        String::from_utf8_lossy(&reply.body)
-    );
+    join_ok(&gw, &token.token, "counted-1").await;
 
     let after = scraper.get("/metrics").await.unwrap();
     assert_eq!(after.status, 200);

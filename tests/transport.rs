@@ -333,18 +333,7 @@ async fn a_node_joins_while_slow_loris_and_garbage_clients_hold_connections() {
     }
 
     let token = gw.issue_token("edge-eu", "dispatcher", 1).await;
-    let node = gw.node();
-    let reply = post_join(
-        &node,
-        &join_request(&node, &token.token, "steady-1", &NodeKey::new("steady-1")).await,
-    )
-    .await;
-    assert_eq!(
-        reply.status,
-        200,
-        "{}",
-        String::from_utf8_lossy(&reply.body)
-    );
+    join_ok(&gw, &token.token, "steady-1").await;
     assert!(
         loris.iter().all(|l| !l.is_finished()),
         "the slow-loris connections were open during the join"
@@ -375,18 +364,7 @@ async fn the_server_closes_slow_loris_and_silent_connections_at_its_deadlines() 
     }
     // Still serving while they hang on.
     let token = gw.issue_token("edge-eu", "dispatcher", 1).await;
-    let node = gw.node();
-    let reply = post_join(
-        &node,
-        &join_request(&node, &token.token, "steady-2", &NodeKey::new("steady-2")).await,
-    )
-    .await;
-    assert_eq!(
-        reply.status,
-        200,
-        "{}",
-        String::from_utf8_lossy(&reply.body)
-    );
+    join_ok(&gw, &token.token, "steady-2").await;
 
     all_closed_by_server("slow-loris", loris).await;
     all_closed_by_server("silent", mute).await;

@@ -464,6 +464,20 @@ pub async fn join_request(
     }
 }
 
+/// A fresh node `name` joins with `token`; the join must succeed.
+pub async fn join_ok(gw: &Gateway, token: &str, name: &str) -> gateway::api::wire::JoinResponse {
+    let node = gw.node();
+    let request = join_request(&node, token, name, &NodeKey::new(name)).await;
+    let reply = post_join(&node, &request).await;
+    assert_eq!(
+        reply.status,
+        200,
+        "{}",
+        String::from_utf8_lossy(&reply.body)
+    );
+    serde_json::from_slice(&reply.body).unwrap()
+}
+
 /// Posts a join request.
 pub async fn post_join(node: &GatewayClient, request: &JoinRequest) -> Reply {
     node.post("/v1/bootstrap/join", serde_json::to_vec(request).unwrap())
