@@ -10,36 +10,8 @@
 
 use gateway::api::wire::JoinResponse;
 use omnirelay_e2e::*;
+use rustls_pki_types::CertificateDer;
 use rustls_pki_types::pem::PemObject;
-use rustls_pki_types::{CertificateDer, UnixTime};
-
-/// Verifies `chain_pem` against the served bundle with rustls-webpki for both TLS roles.
-fn verify_with_webpki(chain_pem: &str, bundle_pem: &[u8]) {
-    let leaf = CertificateDer::from_pem_slice(chain_pem.as_bytes()).unwrap();
-    let anchors: Vec<_> = CertificateDer::pem_slice_iter(bundle_pem)
-        .map(|c| {
-            webpki::anchor_from_trusted_cert(&c.unwrap())
-                .unwrap()
-                .to_owned()
-        })
-        .collect();
-    let cert = webpki::EndEntityCert::try_from(&leaf).unwrap();
-    for usage in [
-        webpki::KeyUsage::client_auth(),
-        webpki::KeyUsage::server_auth(),
-    ] {
-        cert.verify_for_usage(
-            webpki::ALL_VERIFICATION_ALGS,
-            &anchors,
-            &[],
-            UnixTime::now(),
-            usage,
-            None,
-            None,
-        )
-        .unwrap();
-    }
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_node_joins_and_its_svid_verifies_against_the_served_bundle() {

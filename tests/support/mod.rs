@@ -12,11 +12,15 @@ use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
+use std::sync::{Arc, Mutex, PoisonError, Weak};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use gateway::agent::{GatewayClient, Reply};
 use gateway::api::wire::{Challenge, IssueTokenRequest, IssueTokenResponse, JoinRequest};
+use gateway::store::TokenRecord;
 use gateway::token::{Claims, SigningKey, TokenId};
+use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::{CertificateDer, UnixTime};
 
 /// The binary under test: the same `main` as `omnirelay`, built by this crate. Cargo builds
 /// it before running any integration test of this crate and puts it next to `deps/`, where
@@ -128,6 +132,20 @@ impl Gateway {
         edit(&mut text);
         std::fs::write(&config, text).unwrap();
         Self::spawn(dir)
+    }
+
+    /// A default gateway shared by the tests of one test binary that cannot interfere with each
+    /// other (each uses its own tokens, nodes and nonces). It lives while any test holds it and
+    /// is stopped when the last one drops it; a later test then starts a fresh one.
+    pub fn shared(name: &str) -> Arc<Self> {
+        static SHARED: Mutex<Weak<Gateway>> = Mutex::new(Weak::new());
+        let mut slot = SHARED.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(gw) = slot.upgrade() {
+            return gw;
+        }
+        let gw = Arc::new(Self::start(name));
+        *slot = Arc::downgrade(&gw);
+        gw
     }
 
     /// Starts `omnirelay serve` on an existing state directory and waits until it listens.
@@ -245,6 +263,44 @@ impl Gateway {
         serde_json::from_slice(&reply.body).unwrap()
     }
 
+    /// Every registered token, through the admin API.
+    pub async fn tokens(&self) -> Vec<TokenRecord> {
+        let reply = self.admin().get("/admin/v1/tokens").await.unwrap();
+        assert_eq!(
+            reply.status,
+            200,
+            "{}",
+            String::from_utf8_lossy(&reply.body)
+        );
+        serde_json::from_slice(&reply.body).unwrap()
+    }
+
+    /// The registered token with audit id `id`, if any.
+    pub async fn token(&self, id: &str) -> Option<TokenRecord> {
+        self.tokens()
+            .await
+            .into_iter()
+            .find(|t| t.id.to_string() == id)
+    }
+
+    /// The serials the SQLite store recorded for `token_id` (table `identities`), read through
+    /// a read-only connection of our own.
+    pub fn recorded_serials(&self, token_id: &str) -> Vec<String> {
+        let db = rusqlite::Connection::open_with_flags(
+            self.path("state/gateway.db"),
+            rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY,
+        )
+        .unwrap();
+        let mut query = db
+            .prepare("SELECT serial FROM identities WHERE token_id = ?1 ORDER BY serial")
+            .unwrap();
+        query
+            .query_map([token_id], |row| row.get(0))
+            .unwrap()
+            .collect::<Result<_, _>>()
+            .unwrap()
+    }
+
     /// The gateway's token-signing key (tests use it to forge tokens the gateway never issued).
     pub fn signing_key(&self) -> SigningKey {
         SigningKey::from_pkcs8_pem(
@@ -253,13 +309,43 @@ impl Gateway {
         .unwrap()
     }
 
-    /// The audit log's lines.
+    /// The audit log's complete lines (a line still being appended is left for the next read).
     pub fn audit_lines(&self) -> Vec<String> {
-        std::fs::read_to_string(self.path("audit/audit.log"))
-            .unwrap_or_default()
-            .lines()
-            .map(str::to_string)
+        let text = std::fs::read_to_string(self.path("audit/audit.log")).unwrap_or_default();
+        let complete = text.rfind('\n').map_or("", |end| &text[..end]);
+        complete.lines().map(str::to_string).collect()
+    }
+
+    /// The events of the audit log, in order.
+    pub fn audit_events(&self) -> Vec<serde_json::Value> {
+        self.audit_lines()
+            .iter()
+            .map(|line| {
+                let mut entry: serde_json::Value = serde_json::from_str(line).unwrap();
+                entry["event"].take()
+            })
             .collect()
+    }
+
+    /// Waits (polling, with a deadline) until `done` holds for the audit log's events, and
+    /// returns them. `what` names the wait in the failure message.
+    pub fn audit_until(
+        &self,
+        what: &str,
+        done: impl Fn(&[serde_json::Value]) -> bool,
+    ) -> Vec<serde_json::Value> {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let events = self.audit_events();
+            if done(&events) {
+                return events;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "audit log never reached: {what}; it holds {events:#?}"
+            );
+            std::thread::yield_now();
+        }
     }
 
     /// Waits (polling, with a deadline) until the audit file has an entry of `kind` for
@@ -269,17 +355,21 @@ impl Gateway {
         kind: &str,
         matches: impl Fn(&serde_json::Value) -> bool,
     ) -> serde_json::Value {
-        let deadline = Instant::now() + Duration::from_secs(10);
-        loop {
-            for line in self.audit_lines() {
-                let entry: serde_json::Value = serde_json::from_str(&line).unwrap();
-                if entry["event"]["kind"] == kind && matches(&entry["event"]) {
-                    return entry["event"].clone();
-                }
-            }
-            assert!(Instant::now() < deadline, "no {kind} audit entry appeared");
-            std::thread::yield_now();
-        }
+        let events = self.audit_until(&format!("a matching {kind} entry"), |events| {
+            events.iter().any(|e| e["kind"] == kind && matches(e))
+        });
+        events
+            .into_iter()
+            .find(|e| e["kind"] == kind && matches(e))
+            .unwrap()
+    }
+
+    /// The audit events of `kind` that name `token_id`.
+    pub fn audit_for(&self, kind: &str, token_id: &str) -> Vec<serde_json::Value> {
+        self.audit_events()
+            .into_iter()
+            .filter(|e| e["kind"] == kind && e["token_id"] == token_id)
+            .collect()
     }
 }
 
@@ -374,6 +464,20 @@ pub async fn join_request(
     }
 }
 
+/// A fresh node `name` joins with `token`; the join must succeed.
+pub async fn join_ok(gw: &Gateway, token: &str, name: &str) -> gateway::api::wire::JoinResponse {
+    let node = gw.node();
+    let request = join_request(&node, token, name, &NodeKey::new(name)).await;
+    let reply = post_join(&node, &request).await;
+    assert_eq!(
+        reply.status,
+        200,
+        "{}",
+        String::from_utf8_lossy(&reply.body)
+    );
+    serde_json::from_slice(&reply.body).unwrap()
+}
+
 /// Posts a join request.
 pub async fn post_join(node: &GatewayClient, request: &JoinRequest) -> Reply {
     node.post("/v1/bootstrap/join", serde_json::to_vec(request).unwrap())
@@ -390,4 +494,34 @@ pub fn problem(reply: &Reply) -> gateway::api::wire::Problem {
         String::from_utf8_lossy(&reply.body)
     );
     serde_json::from_slice(&reply.body).unwrap()
+}
+
+/// Verifies the leaf of `chain_pem` against the CA certificates in `bundle_pem` with
+/// rustls-webpki, for both TLS roles (an SVID serves and dials).
+pub fn verify_with_webpki(chain_pem: &str, bundle_pem: &[u8]) {
+    let leaf = CertificateDer::from_pem_slice(chain_pem.as_bytes()).unwrap();
+    let anchors: Vec<_> = CertificateDer::pem_slice_iter(bundle_pem)
+        .map(|c| {
+            webpki::anchor_from_trusted_cert(&c.unwrap())
+                .unwrap()
+                .to_owned()
+        })
+        .collect();
+    assert!(!anchors.is_empty(), "the bundle holds no certificate");
+    let cert = webpki::EndEntityCert::try_from(&leaf).unwrap();
+    for usage in [
+        webpki::KeyUsage::client_auth(),
+        webpki::KeyUsage::server_auth(),
+    ] {
+        cert.verify_for_usage(
+            webpki::ALL_VERIFICATION_ALGS,
+            &anchors,
+            &[],
+            UnixTime::now(),
+            usage,
+            None,
+            None,
+        )
+        .unwrap();
+    }
 }

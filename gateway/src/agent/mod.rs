@@ -34,9 +34,10 @@ pub enum AgentError {
     /// The gateway could not be reached or answered garbage.
     #[error("cannot reach the gateway: {0}")]
     Transport(String),
-    /// The gateway refused, for a reason retrying will not fix.
+    /// The gateway refused, for a reason retrying will not fix. Boxed: the problem document
+    /// is large, and every `Result` carrying this error would pay for it.
     #[error("the gateway refused at stage {} ({}, HTTP {}): {}", .0.stage, .0.reason, .0.status, .0.detail)]
-    Refused(Problem),
+    Refused(Box<Problem>),
     /// Retries ran out.
     #[error("gave up after {attempts} attempts; last error: {last}")]
     GaveUp {
@@ -238,7 +239,7 @@ fn classify(reply: &Reply) -> Attempt {
             retry_after,
         )
     } else {
-        Attempt::Fatal(AgentError::Refused(problem))
+        Attempt::Fatal(AgentError::Refused(Box::new(problem)))
     }
 }
 

@@ -287,7 +287,7 @@ fn issue(
             return Ok(if earlier_digest == hex::encode(digest) {
                 IssueOutcome::Replayed(response)
             } else {
-                refused(r, events, 409, "idempotency-conflict");
+                refused(r, events, "record", 409, "idempotency-conflict");
                 IssueOutcome::IdempotencyConflict
             });
         }
@@ -307,7 +307,7 @@ fn issue(
             IssueOutcome::Expired => (401, "expired"),
             _ => (409, "token-exhausted"),
         };
-        refused(r, events, status, reason);
+        refused(r, events, "token", status, reason);
         return Ok(outcome);
     };
     let nonce_is_new = tx
@@ -317,7 +317,7 @@ fn issue(
     if !nonce_is_new {
         // Undo the use taken above: the savepoint rolls back only on error, so do it here.
         tx.execute("UPDATE tokens SET uses = uses - 1 WHERE id = ?1", [&token])?;
-        refused(r, events, 401, "nonce-replayed");
+        refused(r, events, "attestation", 401, "nonce-replayed");
         return Ok(IssueOutcome::NonceReplayed);
     }
     let id = &r.identity;
@@ -375,12 +375,14 @@ fn why_not_usable(tx: &Connection, token: &str, now: u64) -> Result<IssueOutcome
     })
 }
 
-/// The audit entry of a join the final step refused (the policy had allowed it).
-fn refused(r: &IssueRecord, events: &mut Vec<AuditEvent>, status: u16, reason: &str) {
+/// The audit entry of a join the final step refused (the policy had allowed it). `stage` is
+/// the stage the node is told refused it (the token's, for a use lost to a concurrent join), so
+/// the entry reads the same whether the refusal came before or inside the transaction.
+fn refused(r: &IssueRecord, events: &mut Vec<AuditEvent>, stage: &str, status: u16, reason: &str) {
     events.push(r.decision.clone());
     events.push(AuditEvent::JoinRefused {
         request_id: r.request_id.clone(),
-        stage: "record".into(),
+        stage: stage.into(),
         status,
         reason: reason.into(),
         token_id: Some(r.token.to_string()),
