@@ -226,10 +226,11 @@ async fn audit_refusal(gw: &Gateway, cx: JoinContext, error: &ApiError) {
             request_id: cx.request_id,
             stage: error.stage().into(),
             status: error.status().as_u16(),
+            // Always "<reason code>: <explanation>", the code being the problem's `reason`.
+            // The operator's reason goes to the audit log, never to the node.
             reason: match error {
-                // The operator's reason goes to the audit log, never to the node.
                 ApiError::Denied(r) => format!("{}: {}", r.code, r.reason),
-                other => other.to_string(),
+                other => format!("{}: {other}", other.reason()),
             },
             token_id: cx.token_id,
             cluster: cx.cluster,

@@ -213,6 +213,12 @@ pub fn rescue(error: &ApiError, request_id: &str) -> Response<Full<Bytes>> {
         header::CONTENT_TYPE,
         HeaderValue::from_static("application/problem+json"),
     );
+    if status == StatusCode::UNAUTHORIZED {
+        headers.insert(
+            header::WWW_AUTHENTICATE,
+            HeaderValue::from_static("Bearer realm=\"omnirelay\""),
+        );
+    }
     if let Some(after) = error.retry_after() {
         headers.insert(
             header::RETRY_AFTER,

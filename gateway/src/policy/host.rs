@@ -118,7 +118,11 @@ impl std::fmt::Debug for PolicyHost {
 pub struct GuestState {
     limits: StoreLimits,
     policy: Arc<str>,
-    deadline: Instant,
+    /// This thread's CPU time when the call started (when the clock is available), the wall
+    /// time, and the budget the call may use.
+    cpu_start: Option<Duration>,
+    wall_start: Instant,
+    budget: Duration,
     memory_denied: bool,
     timed_out: bool,
     logs_left: u32,
@@ -334,7 +338,9 @@ impl PolicyHost {
         let state = GuestState {
             limits,
             policy: policy.clone(),
-            deadline: Instant::now() + self.config.deadline,
+            cpu_start: thread_cpu_time(),
+            wall_start: Instant::now(),
+            budget: self.config.deadline,
             memory_denied: false,
             timed_out: false,
             logs_left: self.config.max_log_lines,
@@ -347,11 +353,14 @@ impl PolicyHost {
             // Cannot fail: fuel is enabled on this engine.
             let _ = store.set_fuel(fuel);
         }
-        // Check the clock at every epoch tick and trap once the deadline has passed.
+        // At every epoch tick, check the CPU time this thread has spent since the call began,
+        // and trap once the budget is used. CPU time, not wall time: the guest runs on this
+        // thread start to finish, so this is exactly the policy's own running time, and a busy
+        // machine that preempts the thread cannot make a healthy policy "time out".
         store.set_epoch_deadline(1);
         store.epoch_deadline_callback(|mut ctx| {
             let state = ctx.data_mut();
-            if Instant::now() >= state.deadline {
+            if state.used() >= state.budget {
                 state.timed_out = true;
                 return Err(wasmtime::Error::msg("policy deadline exceeded"));
             }
@@ -490,6 +499,34 @@ impl bindings::Host for GuestState {
 }
 
 impl bindings::omnirelay::bootstrap_policy::types::Host for GuestState {}
+
+impl GuestState {
+    /// Time the call has used: this thread's CPU time since it began, or wall time when the
+    /// CPU clock is unavailable. A wall-clock backstop of 20 budgets stops a call whatever the
+    /// CPU clock says.
+    fn used(&self) -> Duration {
+        let wall = self.wall_start.elapsed();
+        if wall >= self.budget.saturating_mul(20) {
+            return wall;
+        }
+        match (self.cpu_start, thread_cpu_time()) {
+            (Some(start), Some(now)) => now.saturating_sub(start),
+            _ => wall,
+        }
+    }
+}
+
+/// CPU time consumed by the calling thread.
+fn thread_cpu_time() -> Option<Duration> {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: `ts` is a valid, writable timespec that outlives the call.
+    #[allow(unsafe_code)]
+    let rc = unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
+    (rc == 0).then(|| Duration::new(ts.tv_sec as u64, ts.tv_nsec as u32))
+}
 
 fn clip(mut s: String, max: usize) -> String {
     if s.len() > max {
