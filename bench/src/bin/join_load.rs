@@ -59,6 +59,7 @@ async fn run(joins: usize, bin: &Path) -> BoxResult<()> {
     println!("| scenario | nodes at once | joins | errors | joins/s | p50 | p99 |");
     println!("| --- | ---: | ---: | ---: | ---: | ---: | ---: |");
     let mut keepalive_16 = 0.0;
+    let mut cpu_notes = Vec::new();
     for (fresh, concurrency, count) in [
         (true, 1, joins / 4),
         (true, 16, joins / 2),
@@ -70,7 +71,20 @@ async fn run(joins: usize, bin: &Path) -> BoxResult<()> {
             continue;
         }
         let nodes = prepare(&gateway, &tls, count, concurrency).await?;
+        let (server_before, loader_before) = (
+            cpu_seconds(gateway.child.id()),
+            cpu_seconds(std::process::id()),
+        );
         let result = drive(&gateway, &tls, nodes, fresh, concurrency).await?;
+        let server_cpu = cpu_seconds(gateway.child.id()) - server_before;
+        let loader_cpu = cpu_seconds(std::process::id()) - loader_before;
+        cpu_notes.push(format!(
+            "{label}: CPU per join: gateway {:.0} µs, load generator {:.0} µs; machine busy {:.0}% of {} cores",
+            server_cpu * 1e6 / result.ok.max(1) as f64,
+            loader_cpu * 1e6 / result.ok.max(1) as f64,
+            100.0 * (server_cpu + loader_cpu) / (result.elapsed.as_secs_f64() * cores() as f64),
+            cores()
+        ));
         let rate = result.ok as f64 / result.elapsed.as_secs_f64();
         if !fresh && concurrency == 16 {
             keepalive_16 = rate;
@@ -89,6 +103,9 @@ async fn run(joins: usize, bin: &Path) -> BoxResult<()> {
         );
     }
     println!();
+    for note in cpu_notes {
+        println!("{note}");
+    }
     println!(
         "crypto-only ceiling (token verify + CSR verify + CA sign, {} threads): {ceiling:.0}/s",
         cores()
@@ -460,6 +477,21 @@ fn sibling(name: &str) -> PathBuf {
         .ok()
         .and_then(|p| p.parent().map(|d| d.join(name)))
         .unwrap_or_else(|| PathBuf::from(name))
+}
+
+/// User + system CPU seconds of a process, from /proc.
+fn cpu_seconds(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // Fields after the parenthesised command name; utime and stime are the 12th and 13th.
+    let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = |i: usize| {
+        fields
+            .get(i)
+            .and_then(|v| v.parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+    (ticks(11) + ticks(12)) / 100.0
 }
 
 fn cores() -> usize {

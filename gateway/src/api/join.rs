@@ -20,8 +20,9 @@ use crate::attest::{Checked, Evidence};
 use crate::audit::AuditEvent;
 use crate::identity::{self, MintRequest, SpiffeId, Svid, VerifiedCsr};
 use crate::policy::{BoundPolicy, Grant, Verdict};
-use crate::store::{IdentityRecord, IssueOutcome, IssueRecord, TokenStatus};
+use crate::store::{IdentityRecord, IssueOutcome, IssueRecord, TokenRecord, TokenStatus};
 use crate::token::Claims;
+use serde::Deserialize;
 
 /// Largest CSR accepted, bytes of PEM.
 const MAX_CSR: usize = 16 << 10;
@@ -38,6 +39,8 @@ pub(super) async fn join(
     check_node_name(&req.node_name)?;
     check_idempotency_key(req.idempotency_key.as_deref())?;
     cx.node = Some(req.node_name.clone());
+    let evidence = Evidence::deserialize(&req.attestation)
+        .map_err(|e| ApiError::Malformed(format!("attestation: {e}")))?;
 
     let now_ms = gw.now_ms();
     let claims = gw.verifier.verify(&req.token, now_ms / 1000)?;
@@ -48,7 +51,8 @@ pub(super) async fn join(
     gw.limits
         .check_token(&claims.id.to_string(), &claims.cluster)
         .map_err(|l| limited(gw, l))?;
-    let uses_left = usable(gw, &claims, now_ms / 1000).await?;
+    let (record, nonce_used) = gw.store.precheck(claims.id, &evidence.nonce).await?;
+    let uses_left = usable(record, now_ms / 1000)?;
 
     let csr = identity::verify_csr(&req.csr, MAX_CSR)?;
     if let Some(replayed) =
@@ -65,9 +69,7 @@ pub(super) async fn join(
     bound
         .check_evidence(&req.attestation)
         .map_err(ApiError::EvidenceSchema)?;
-    let evidence: Evidence = serde_json::from_value(req.attestation)
-        .map_err(|e| ApiError::Malformed(format!("attestation: {e}")))?;
-    if gw.store.nonce_used(&evidence.nonce).await? {
+    if nonce_used {
         return Err(crate::attest::AttestError::Replayed.into());
     }
     let checked = gw
@@ -149,12 +151,8 @@ pub(super) fn limited(gw: &Gateway, limited: crate::limits::Limited) -> ApiError
 
 /// The token's registered state: revoked and exhausted tokens stop here, before any policy or
 /// crypto work. (The final transaction checks again, atomically.)
-async fn usable(gw: &Gateway, claims: &Claims, now: u64) -> Result<u32, ApiError> {
-    let record = gw
-        .store
-        .token(claims.id)
-        .await?
-        .ok_or(ApiError::TokenUnknown)?;
+fn usable(record: Option<TokenRecord>, now: u64) -> Result<u32, ApiError> {
+    let record = record.ok_or(ApiError::TokenUnknown)?;
     match record.status(now) {
         TokenStatus::Usable { uses_left } => Ok(uses_left),
         TokenStatus::Revoked => Err(ApiError::TokenRevoked),

@@ -103,6 +103,9 @@ pub enum AuditEvent {
         uses_after: u32,
         /// Notes the policy asked to have audited.
         audit_notes: Vec<String>,
+        /// The rules of the policy that matched: this entry is also the record of the allow
+        /// decision (a separate `policy-decision` entry is written for denials and errors).
+        matched_rules: Vec<String>,
         /// The policy that allowed it.
         policy: PolicyRef,
     },

@@ -99,6 +99,24 @@ impl AuditFile {
     /// Every entry is checked before anything is written, so a refused batch writes nothing;
     /// an accepted one is written in one write, then `fdatasync`ed.
     pub fn append(&mut self, entries: &[SealedEntry]) -> Result<(), AuditError> {
+        self.append_unsynced(entries)?;
+        self.sync()
+    }
+
+    /// Flushes what was appended to disk (`fdatasync`).
+    pub fn sync(&mut self) -> Result<(), AuditError> {
+        if self.poisoned {
+            return Err(AuditError::Poisoned);
+        }
+        self.file.sync_data().map_err(|e| {
+            self.poisoned = true;
+            AuditError::Io(e)
+        })
+    }
+
+    /// [`append`](Self::append) without the `fdatasync`: for a mirror whose durable copy lives
+    /// elsewhere and that syncs on its own schedule.
+    pub fn append_unsynced(&mut self, entries: &[SealedEntry]) -> Result<(), AuditError> {
         if self.poisoned {
             return Err(AuditError::Poisoned);
         }
@@ -112,11 +130,7 @@ impl AuditFile {
         if batch.is_empty() {
             return Ok(());
         }
-        let written = self
-            .file
-            .write_all(&batch)
-            .and_then(|()| self.file.sync_data());
-        if let Err(e) = written {
+        if let Err(e) = self.file.write_all(&batch) {
             self.poisoned = true;
             return Err(AuditError::Io(e));
         }

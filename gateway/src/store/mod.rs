@@ -231,6 +231,14 @@ pub trait Store: Send + Sync + 'static {
     /// Whether a join already consumed this nonce (on any replica).
     fn nonce_used(&self, nonce: &str) -> BoxFuture<'_, Result<bool, StoreError>>;
 
+    /// The read-only checks of a join in one round trip: the token's record and whether the
+    /// nonce was already consumed.
+    fn precheck(
+        &self,
+        token: TokenId,
+        nonce: &str,
+    ) -> BoxFuture<'_, Result<(Option<TokenRecord>, bool), StoreError>>;
+
     /// The final, atomic step of a join.
     fn issue(&self, record: IssueRecord) -> BoxFuture<'_, Result<IssueOutcome, StoreError>>;
 

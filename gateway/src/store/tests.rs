@@ -251,10 +251,11 @@ async fn twenty_racing_joins_get_exactly_the_three_uses() {
         .collect();
     assert_eq!(recorded, issued);
 
-    // token-issued, then a policy decision and an outcome for each of the 20 joins.
-    let events = mirrored(&dir.config().audit_file, 1 + 20 * 2).await;
+    // token-issued, then an identity-issued entry (which records the allow decision) for each
+    // winner, and a policy decision plus a refusal for each of the 17 losers.
+    let events = mirrored(&dir.config().audit_file, 1 + 3 + 17 * 2).await;
     assert_eq!(events[0], token_issued(&token));
-    assert_eq!(count(&events, "policy-decision"), 20);
+    assert_eq!(count(&events, "policy-decision"), 17);
     assert_eq!(count(&events, "identity-issued"), 3);
     assert_eq!(count(&events, "join-refused"), 17);
     assert!(
@@ -330,7 +331,7 @@ async fn revoked_and_expired_tokens_are_refused_without_consuming_a_use() {
     assert!(store.nonce_used("n2").await.unwrap());
     assert!(!store.nonce_used("n3").await.unwrap());
 
-    let events = mirrored(&dir.config().audit_file, 9).await;
+    let events = mirrored(&dir.config().audit_file, 8).await;
     assert_eq!(
         kinds(&events),
         [
@@ -339,7 +340,6 @@ async fn revoked_and_expired_tokens_are_refused_without_consuming_a_use() {
             "policy-decision",
             "join-refused",
             "token-issued",
-            "policy-decision",
             "identity-issued",
             "policy-decision",
             "join-refused",
@@ -378,16 +378,14 @@ async fn a_reused_nonce_is_refused_and_its_use_given_back() {
         IssueOutcome::Issued { uses_left: 0 }
     );
 
-    let events = mirrored(&dir.config().audit_file, 7).await;
+    let events = mirrored(&dir.config().audit_file, 5).await;
     assert_eq!(
         kinds(&events),
         [
             "token-issued",
-            "policy-decision",
             "identity-issued",
             "policy-decision",
             "join-refused",
-            "policy-decision",
             "identity-issued",
         ]
     );
@@ -445,12 +443,11 @@ async fn an_idempotent_retry_gets_the_first_response_and_consumes_nothing() {
         idempotency_key: "key-1".into(),
     };
     store.audit(vec![replayed.clone()]).await.unwrap();
-    let events = mirrored(&dir.config().audit_file, 6).await;
+    let events = mirrored(&dir.config().audit_file, 5).await;
     assert_eq!(
         kinds(&events),
         [
             "token-issued",
-            "policy-decision",
             "identity-issued",
             "policy-decision",
             "join-refused",
@@ -458,7 +455,7 @@ async fn an_idempotent_retry_gets_the_first_response_and_consumes_nothing() {
         ]
     );
     assert_eq!(refusals(&events), [(409, "idempotency-conflict".into())]);
-    assert_eq!(events[5], replayed);
+    assert_eq!(events[4], replayed);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -581,7 +578,7 @@ async fn with_history(config: &StoreConfig) -> (TokenRecord, TokenRecord, String
     (live, gone, serial)
 }
 
-const HISTORY: u64 = 7;
+const HISTORY: u64 = 6;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn close_then_reopen_at_once_keeps_state_and_continues_the_chain() {
@@ -624,7 +621,7 @@ async fn close_then_reopen_at_once_keeps_state_and_continues_the_chain() {
     let after = std::fs::read(&config.audit_file).unwrap();
     assert_eq!(after[..before.len()], before[..]);
     let summary = verify_file(&config.audit_file);
-    assert_eq!(summary.entries, HISTORY + 2);
+    assert_eq!(summary.entries, HISTORY + 1);
     assert_eq!(summary.head, db_head(&config));
     let events = read_audit(&config.audit_file);
     assert!(matches!(
@@ -740,7 +737,7 @@ async fn a_rewritten_or_extended_mirror_disagrees_with_the_database() {
     verify_file(&config.audit_file);
     let err = SqliteStore::open(&config).unwrap_err();
     assert!(
-        matches!(&err, StoreError::AuditMismatch(m) if m.contains("entry 7 differs")),
+        matches!(&err, StoreError::AuditMismatch(m) if m.contains("entry 6 differs")),
         "{err:?}"
     );
 
@@ -750,7 +747,7 @@ async fn a_rewritten_or_extended_mirror_disagrees_with_the_database() {
     std::fs::write(&config.audit_file, format!("{original}{extra}\n")).unwrap();
     let err = SqliteStore::open(&config).unwrap_err();
     assert!(
-        matches!(&err, StoreError::AuditMismatch(m) if m.contains("8 entries, the database 7")),
+        matches!(&err, StoreError::AuditMismatch(m) if m.contains("7 entries, the database 6")),
         "{err:?}"
     );
 }

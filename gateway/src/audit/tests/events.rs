@@ -20,7 +20,7 @@ fn each_kind_has_its_exact_json_shape() {
             r#"{{"kind":"policy-decision","request_id":"req-2","token_id":"0b6f4a3e-5c1d-4e8f-9a2b-6d7e8f901234","node":"node-42","outcome":"deny","code":"role-unlisted","matched_rules":[],"policy":{POLICY_JSON}}}"#
         ),
         format!(
-            r#"{{"kind":"identity-issued","request_id":"req-3","token_id":"0b6f4a3e-5c1d-4e8f-9a2b-6d7e8f901234","spiffe_id":"spiffe://prod.omnirelay.example/cluster/edge-eu/role/relay/node/node-42","serial":"3f2a9c","node":"node-42","not_after":1700003600,"uses_after":1,"audit_notes":["posture: tpm"],"policy":{POLICY_JSON}}}"#
+            r#"{{"kind":"identity-issued","request_id":"req-3","token_id":"0b6f4a3e-5c1d-4e8f-9a2b-6d7e8f901234","spiffe_id":"spiffe://prod.omnirelay.example/cluster/edge-eu/role/relay/node/node-42","serial":"3f2a9c","node":"node-42","not_after":1700003600,"uses_after":1,"audit_notes":["posture: tpm"],"matched_rules":["cluster-role-listed"],"policy":{POLICY_JSON}}}"#
         ),
         r#"{"kind":"identity-replayed","request_id":"req-4","token_id":"0b6f4a3e-5c1d-4e8f-9a2b-6d7e8f901234","serial":"3f2a9c","idempotency_key":"idem-1"}"#.to_string(),
         r#"{"kind":"rate-limited","scope":"ip","key":"192.0.2.7","client_ip":"192.0.2.7"}"#.to_string(),

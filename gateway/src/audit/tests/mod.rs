@@ -73,6 +73,7 @@ fn one_of_each() -> Vec<AuditEvent> {
             not_after: 1_700_003_600,
             uses_after: 1,
             audit_notes: vec!["posture: tpm".into()],
+            matched_rules: vec!["cluster-role-listed".into()],
             policy: policy(),
         },
         AuditEvent::IdentityReplayed {

@@ -18,6 +18,7 @@ fn issued(request: &str, token: &str, spiffe_id: &str, serial: &str) -> AuditEve
         not_after: 1_700_003_600,
         uses_after: 1,
         audit_notes: vec![format!("renewal of {SPIFFE_B}")],
+        matched_rules: vec![],
         policy: policy(),
     }
 }
