@@ -105,7 +105,9 @@ pub fn main() -> ExitCode {
         match cli.command {
             Command::Serve { config } => serve::serve(&config).await,
             command => {
-                init_tracing(json, None);
+                // The demo prints its own story; the gateway's info lines would drown it.
+                let quiet = matches!(command, Command::Demo { .. });
+                init_tracing(json, quiet.then_some("warn"));
                 run(command).await
             }
         }
