@@ -51,7 +51,7 @@ pub fn write(path: &Path, contents: &[u8]) -> Result<(), SecretError> {
     write_file(path, contents, 0o600)
 }
 
-/// [`write`] with another mode, for public files that must also never be torn (certificates).
+/// [`write()`] with another mode, for public files that must also never be torn (certificates).
 pub fn write_file(path: &Path, contents: &[u8], mode: u32) -> Result<(), SecretError> {
     let io = |source| SecretError::Io {
         path: path.to_path_buf(),

@@ -1,6 +1,6 @@
 //! The HTTP API: routing, the per-request envelope (request id, tracing span, load shedding,
 //! body limit and deadline, latency metric, refusal audit), and the handlers. The join pipeline
-//! itself reads top to bottom in [`join::join`].
+//! itself reads top to bottom in `join::join`.
 
 mod admin;
 mod join;
