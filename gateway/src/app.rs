@@ -19,6 +19,7 @@ use crate::identity::{Ca, IdentityConfig, TrustDomain, bundle_pem, spiffe_bundle
 use crate::limits::Limits;
 use crate::metrics::Metrics;
 use crate::policy::{ActivePolicies, Metering, PolicyHost, PolicySet};
+use crate::reload::Reloader;
 use crate::secrets;
 use crate::server::{Bounds, ServerConfig, serve, server_tls};
 use crate::store::{SqliteStore, Store};
@@ -48,7 +49,9 @@ pub struct Gateway {
     /// Runs policies.
     pub host: Arc<PolicyHost>,
     /// The policy set in force.
-    pub policies: ActivePolicies,
+    pub policies: Arc<ActivePolicies>,
+    /// Follows the policy repository, when one is configured.
+    pub reloader: Option<Reloader>,
     /// The issuing CA.
     pub ca: Ca,
     /// Durable state.
@@ -99,8 +102,25 @@ impl Gateway {
         let nonce_secret = secrets::read(&config.token.signing_key)?;
         let attestor = Attestor::new(config.attestation.clone(), nonce_secret.as_bytes(), roots);
         let host = Arc::new(PolicyHost::new(config.policy.clone(), Metering::Off)?);
-        let policies = ActivePolicies::default();
-        if !config.policies.is_empty() {
+        let store: Arc<dyn Store> = Arc::new(
+            SqliteStore::open(&config.store)
+                .with_context(|| format!("opening {}", config.store.sqlite.display()))?,
+        );
+        let metrics = Arc::new(Metrics::new());
+        let policies = Arc::new(ActivePolicies::default());
+        let mut reloader = None;
+        if let Some(source) = &config.policy_source {
+            let started = Reloader::start(
+                source.clone(),
+                host.clone(),
+                policies.clone(),
+                metrics.clone(),
+                store.clone(),
+            )
+            .await
+            .with_context(|| format!("policy source {}", source.url))?;
+            reloader = Some(started);
+        } else if !config.policies.is_empty() {
             let set = PolicySet::load(&host, &config.policies, "local", None, None).await?;
             tracing::info!(
                 bundle = set.bundle(),
@@ -108,13 +128,10 @@ impl Gateway {
                 "policy set loaded"
             );
             policies.swap(set);
-        } else {
-            tracing::warn!("no [[policies]] configured: every join is refused with 503");
         }
-        let store: Arc<dyn Store> = Arc::new(
-            SqliteStore::open(&config.store)
-                .with_context(|| format!("opening {}", config.store.sqlite.display()))?,
-        );
+        if policies.current().is_none() {
+            tracing::warn!("no policy loaded: every join is refused with 503 until one is");
+        }
         let admin_credential = secrets::read(&config.admin.credential)?.trim().to_string();
         anyhow::ensure!(
             admin_credential.len() >= 32,
@@ -134,9 +151,10 @@ impl Gateway {
             attestor,
             host,
             policies,
+            reloader,
             ca,
             store,
-            metrics: Arc::new(Metrics::new()),
+            metrics,
             in_flight: Semaphore::new(config.server.max_in_flight.get() as usize),
             admin_credential,
             bundle_pem: Bytes::from(bundle),
@@ -234,6 +252,12 @@ pub async fn start(config: &Config) -> anyhow::Result<Running> {
         stop.clone(),
         GRACE,
     ));
+    if let Some(reloader) = &gateway.reloader {
+        let polling = reloader.spawn_polling(stop.clone());
+        tasks.spawn(async move {
+            let _ = polling.await;
+        });
+    }
     tasks.spawn(housekeeping(gateway.clone(), stop));
     tracing::info!(%node_addr, %admin_addr, trust_domain = %config.trust_domain, "gateway serving");
     Ok(Running {

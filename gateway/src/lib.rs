@@ -14,6 +14,7 @@ pub mod identity;
 pub mod limits;
 pub mod metrics;
 pub mod policy;
+pub mod reload;
 pub mod secrets;
 pub mod server;
 pub mod store;

@@ -12,7 +12,10 @@ use hyper::body::Incoming;
 use hyper::{Request, Response};
 use tracing::Instrument;
 
-use super::wire::{IssueTokenRequest, IssueTokenResponse, RevokeRequest, RevokeResponse};
+use super::wire::{
+    IssueTokenRequest, IssueTokenResponse, PinRequest, ReloadResponse, RevokeRequest,
+    RevokeResponse, UnpinRequest,
+};
 use super::{ApiError, body, json, parse_json, readyz, rescue};
 use crate::app::Gateway;
 use crate::audit::AuditEvent;
@@ -108,8 +111,49 @@ async fn route(
             };
             Ok(json(status, &RevokeResponse { revoked }))
         }
+        (Method::GET, "/admin/v1/policy/status", _) => {
+            Ok(json(StatusCode::OK, &reloader(gw)?.status()))
+        }
+        (Method::POST, "/admin/v1/policy/reload", _) => {
+            let changed = reloader(gw)?.poll().await?;
+            Ok(json(
+                StatusCode::OK,
+                &reload_response(gw, changed.is_some()),
+            ))
+        }
+        (Method::POST, "/admin/v1/policy/pin", _) => {
+            let req: PinRequest = parse_json(&read(request).await?)?;
+            let by = req.by.unwrap_or_else(|| "admin-api".into());
+            reloader(gw)?.pin(&req.target, &by).await?;
+            Ok(json(StatusCode::OK, &reload_response(gw, true)))
+        }
+        (Method::POST, "/admin/v1/policy/unpin", _) => {
+            let bytes = read(request).await?;
+            let req: UnpinRequest = if bytes.is_empty() {
+                UnpinRequest::default()
+            } else {
+                parse_json(&bytes)?
+            };
+            let by = req.by.unwrap_or_else(|| "admin-api".into());
+            let changed = reloader(gw)?.unpin(&by).await?;
+            Ok(json(
+                StatusCode::OK,
+                &reload_response(gw, changed.is_some()),
+            ))
+        }
         (_, "/admin/v1/tokens", _) | (_, _, Some(_)) => Err(ApiError::MethodNotAllowed),
         _ => Err(ApiError::NotFound),
+    }
+}
+
+fn reloader(gw: &Gateway) -> Result<&crate::reload::Reloader, ApiError> {
+    gw.reloader.as_ref().ok_or(ApiError::NoPolicySource)
+}
+
+fn reload_response(gw: &Gateway, changed: bool) -> ReloadResponse {
+    ReloadResponse {
+        result: if changed { "ok" } else { "unchanged" }.into(),
+        active: gw.reloader.as_ref().and_then(|r| r.status().active),
     }
 }
 

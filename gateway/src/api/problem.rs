@@ -85,6 +85,12 @@ pub enum ApiError {
     /// Missing or wrong admin credential.
     #[error("missing or invalid admin credential")]
     Unauthorized,
+    /// Policy reload endpoints on a gateway configured with `[[policies]]`.
+    #[error("this gateway has no policy source configured")]
+    NoPolicySource,
+    /// A policy reload, pin or unpin refused the candidate version.
+    #[error("policy version refused: {0}")]
+    Reload(#[from] crate::reload::ReloadError),
 }
 
 impl ApiError {
@@ -106,6 +112,7 @@ impl ApiError {
             Self::Mint(_) => "mint",
             Self::Store(_) | Self::IdempotencyConflict => "record",
             Self::Unauthorized => "admin",
+            Self::NoPolicySource | Self::Reload(_) => "policy-reload",
         }
     }
 
@@ -134,6 +141,8 @@ impl ApiError {
             Self::NotFound => "not-found".into(),
             Self::MethodNotAllowed => "method-not-allowed".into(),
             Self::Unauthorized => "unauthorized".into(),
+            Self::NoPolicySource => "no-policy-source".into(),
+            Self::Reload(e) => e.label().into(),
         }
     }
 
@@ -156,8 +165,9 @@ impl ApiError {
                 StatusCode::SERVICE_UNAVAILABLE
             }
             Self::Mint(_) => StatusCode::INTERNAL_SERVER_ERROR,
-            Self::NotFound => StatusCode::NOT_FOUND,
+            Self::NotFound | Self::NoPolicySource => StatusCode::NOT_FOUND,
             Self::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
+            Self::Reload(_) => StatusCode::UNPROCESSABLE_ENTITY,
         }
     }
 

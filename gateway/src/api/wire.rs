@@ -120,3 +120,32 @@ pub struct Problem {
     /// Correlates with the gateway's logs and audit entries.
     pub request_id: String,
 }
+
+/// `POST /admin/v1/policy/pin`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PinRequest {
+    /// A bundle version (`1.2.0`), tag or commit id.
+    pub target: String,
+    /// Who asked (audited).
+    #[serde(default)]
+    pub by: Option<String>,
+}
+
+/// `POST /admin/v1/policy/unpin`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UnpinRequest {
+    /// Who asked (audited).
+    #[serde(default)]
+    pub by: Option<String>,
+}
+
+/// The answer to a reload, pin or unpin.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ReloadResponse {
+    /// `ok` (a new version is active) or `unchanged`.
+    pub result: String,
+    /// The version now active.
+    pub active: Option<crate::reload::Version>,
+}

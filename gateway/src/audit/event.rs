@@ -129,6 +129,43 @@ pub enum AuditEvent {
         /// The client's address.
         client_ip: String,
     },
+    /// A policy bundle version was taken live.
+    PolicyActivated {
+        /// Bundle name.
+        bundle: String,
+        /// Bundle version.
+        version: String,
+        /// Git commit.
+        commit: String,
+        /// What caused it: `startup`, `poll`, `pin`.
+        trigger: String,
+    },
+    /// A candidate policy bundle version was refused; the active one keeps serving.
+    PolicyRejected {
+        /// Git commit of the candidate.
+        commit: String,
+        /// Its version, when its manifest could be read.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        version: Option<String>,
+        /// The reload result label (`digest_mismatch`, `vector_failure`, ...).
+        result: String,
+        /// Why.
+        reason: String,
+    },
+    /// An operator pinned the gateway to a policy version.
+    PolicyPinned {
+        /// What the operator named (a version, tag or commit).
+        target: String,
+        /// The commit it resolved to.
+        commit: String,
+        /// Who.
+        pinned_by: String,
+    },
+    /// An operator let the gateway follow the policy repository again.
+    PolicyUnpinned {
+        /// Who.
+        unpinned_by: String,
+    },
 }
 
 /// Which policy decided: enough to replay the decision offline.
@@ -150,8 +187,8 @@ pub struct PolicyRef {
 }
 
 impl AuditEvent {
-    /// Every identifier the event mentions (token id, SPIFFE ID, serial, request id), for
-    /// queries. Free text (reasons, notes), operator names, node names, addresses and rate-limit
+    /// Every identifier the event mentions (token id, SPIFFE ID, serial, request id, policy
+    /// commit), for queries. Free text (reasons, notes), operator names, node names, addresses and rate-limit
     /// keys are not identifiers and are not listed.
     pub fn ids(&self) -> Vec<&str> {
         match self {
@@ -183,7 +220,10 @@ impl AuditEvent {
                 serial,
                 ..
             } => vec![request_id, token_id, serial],
-            Self::RateLimited { .. } => Vec::new(),
+            Self::RateLimited { .. } | Self::PolicyUnpinned { .. } => Vec::new(),
+            Self::PolicyActivated { commit, .. }
+            | Self::PolicyRejected { commit, .. }
+            | Self::PolicyPinned { commit, .. } => vec![commit],
         }
     }
 
@@ -197,6 +237,10 @@ impl AuditEvent {
             Self::IdentityIssued { .. } => "identity-issued",
             Self::IdentityReplayed { .. } => "identity-replayed",
             Self::RateLimited { .. } => "rate-limited",
+            Self::PolicyActivated { .. } => "policy-activated",
+            Self::PolicyRejected { .. } => "policy-rejected",
+            Self::PolicyPinned { .. } => "policy-pinned",
+            Self::PolicyUnpinned { .. } => "policy-unpinned",
         }
     }
 }

@@ -13,6 +13,7 @@ mod demo;
 pub mod init;
 mod mesh;
 mod policy;
+mod publish;
 mod serve;
 mod token;
 

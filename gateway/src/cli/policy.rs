@@ -1,29 +1,280 @@
 //! `omnirelay policy ...`: what policy authors and CI run.
 
-use std::path::PathBuf;
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use anyhow::Context;
 use clap::Subcommand;
+use http::StatusCode;
 
+use super::publish;
+use crate::api::wire::{PinRequest, ReloadResponse, UnpinRequest};
 use crate::policy::{Metering, PolicyConfig, PolicyHost, vectors};
+use crate::reload::Manifest;
 
 #[derive(Debug, Subcommand)]
 pub(super) enum PolicyCommand {
-    /// Run a vector file (request → expected decision) against a compiled policy through the
-    /// real host, with fuel metering. Exits 1 on any mismatch or budget overrun.
+    /// Run test vectors (request → expected decision) through the real host with fuel
+    /// metering: `policy test <policy.wasm> <vectors.json>`, or `policy test <dir>` for every
+    /// policy of a bundle (`bundle.json`, or `bundle.source.json`, which is built first).
+    /// Exits 1 on any mismatch or fuel-budget overrun.
     Test {
-        /// The policy component (`.wasm`, built for wasm32-wasip2).
-        policy: PathBuf,
-        /// The vector file (JSON; see the policy-sdk README for the format).
-        vectors: PathBuf,
+        /// A compiled policy (`.wasm`) or a bundle directory.
+        target: PathBuf,
+        /// The vector file, when `target` is a module.
+        vectors: Option<PathBuf>,
+    },
+    /// Compile the policy crates of a bundle source (`bundle.source.json`) for wasm32-wasip2.
+    Build {
+        /// The bundle source directory.
+        #[arg(long, default_value = ".")]
+        source: PathBuf,
+    },
+    /// What CI runs: build, test (budgets included), write the manifest with digests, commit,
+    /// tag `vX.Y.Z` and push to the policy repository. Refuses a failing or older version.
+    Publish {
+        /// The bundle source directory.
+        #[arg(long, default_value = ".")]
+        source: PathBuf,
+        /// The policy repository (a local path or file:// URL of a bare repository).
+        #[arg(long)]
+        repo: String,
+        /// The new version, `X.Y.Z`.
+        #[arg(long)]
+        version: String,
+        /// The branch to publish on.
+        #[arg(long, default_value = "main")]
+        branch: String,
+        /// Ed25519 key (from `policy keygen`) to SSH-sign the commit with.
+        #[arg(long)]
+        sign_key: Option<PathBuf>,
+        /// Commit message.
+        #[arg(long)]
+        message: Option<String>,
+    },
+    /// Create an Ed25519 key for signing policy commits; prints its allowed_signers line.
+    Keygen {
+        /// Where to write the key (mode 0600).
+        #[arg(long)]
+        out: PathBuf,
+        /// The principal to name in allowed_signers.
+        #[arg(long, default_value = "policy-ci")]
+        principal: String,
+    },
+    /// The active policy version, the pin, the last candidate and why it failed, the last poll.
+    Status {
+        #[command(flatten)]
+        admin: super::token::AdminArgs,
+    },
+    /// Fetch the policy repository now and take a new version live if it passes.
+    Reload {
+        #[command(flatten)]
+        admin: super::token::AdminArgs,
+    },
+    /// Hold the gateway to a version (`1.2.0`), tag or commit, even an older one.
+    Pin {
+        /// Version, tag or commit id.
+        target: String,
+        #[command(flatten)]
+        admin: super::token::AdminArgs,
+    },
+    /// Follow the policy repository again.
+    Unpin {
+        #[command(flatten)]
+        admin: super::token::AdminArgs,
     },
 }
 
 pub(super) async fn run(cmd: PolicyCommand) -> anyhow::Result<ExitCode> {
     match cmd {
-        PolicyCommand::Test { policy, vectors } => test(policy, vectors).await,
+        PolicyCommand::Test {
+            target,
+            vectors: Some(vectors),
+        } => test(target, vectors).await,
+        PolicyCommand::Test {
+            target,
+            vectors: None,
+        } => {
+            let (manifest, files) = bundle_files(&target)?;
+            Ok(if test_bundle(&manifest, &files).await? {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(1)
+            })
+        }
+        PolicyCommand::Build { source } => {
+            let built = publish::build(&source)?;
+            for p in &built.manifest.policies {
+                println!("{}: {} sha256:{}", p.name, p.module, p.sha256);
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        PolicyCommand::Publish {
+            source,
+            repo,
+            version,
+            branch,
+            sign_key,
+            message,
+        } => {
+            let mut built = publish::build(&source)?;
+            built.manifest.version = version.clone();
+            if !test_bundle(&built.manifest, &built.files).await? {
+                anyhow::bail!("not publishing {version}: its own tests fail");
+            }
+            let commit = publish::commit_and_push(
+                &publish::Publish {
+                    repo: &repo,
+                    version: &version,
+                    branch: &branch,
+                    sign_key: sign_key.as_deref(),
+                    message: message.as_deref(),
+                },
+                &mut built,
+            )?;
+            println!(
+                "published {} {version} as commit {commit} (tag v{version}){}",
+                built.manifest.bundle,
+                if sign_key.is_some() { ", signed" } else { "" }
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        PolicyCommand::Keygen { out, principal } => {
+            let line = publish::keygen(&out, &principal)?;
+            println!("{line}");
+            Ok(ExitCode::SUCCESS)
+        }
+        PolicyCommand::Status { admin } => {
+            let status: crate::reload::Status = super::token::expect(
+                admin.client()?.get("/admin/v1/policy/status").await?,
+                StatusCode::OK,
+            )?;
+            println!("{}", serde_json::to_string_pretty(&status)?);
+            Ok(ExitCode::SUCCESS)
+        }
+        PolicyCommand::Reload { admin } => {
+            admin_call(admin, "/admin/v1/policy/reload", Vec::new()).await
+        }
+        PolicyCommand::Pin { target, admin } => {
+            let body = serde_json::to_vec(&PinRequest {
+                target,
+                by: Some(super::token::whoami()),
+            })?;
+            admin_call(admin, "/admin/v1/policy/pin", body).await
+        }
+        PolicyCommand::Unpin { admin } => {
+            let body = serde_json::to_vec(&UnpinRequest {
+                by: Some(super::token::whoami()),
+            })?;
+            admin_call(admin, "/admin/v1/policy/unpin", body).await
+        }
     }
+}
+
+async fn admin_call(
+    admin: super::token::AdminArgs,
+    path: &str,
+    body: Vec<u8>,
+) -> anyhow::Result<ExitCode> {
+    let reply: ReloadResponse =
+        super::token::expect(admin.client()?.post(path, body).await?, StatusCode::OK)?;
+    match reply.active {
+        Some(v) => println!(
+            "{}: active {} {} (commit {})",
+            reply.result, v.bundle, v.version, v.commit
+        ),
+        None => println!("{}: no version active", reply.result),
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// The manifest and files of a bundle directory: a published one (`bundle.json`) read as it
+/// is, or a source (`bundle.source.json`) built first.
+fn bundle_files(dir: &Path) -> anyhow::Result<(Manifest, BTreeMap<String, Vec<u8>>)> {
+    let published = dir.join(crate::reload::manifest::FILE);
+    if published.exists() {
+        let manifest = Manifest::parse(&std::fs::read(&published)?)?;
+        let mut files = BTreeMap::new();
+        for p in &manifest.policies {
+            for path in std::iter::once(&p.module)
+                .chain(&p.evidence_schema)
+                .chain(&p.vectors)
+            {
+                let file = dir.join(path);
+                files.insert(
+                    path.clone(),
+                    std::fs::read(&file).with_context(|| format!("reading {}", file.display()))?,
+                );
+            }
+        }
+        return Ok((manifest, files));
+    }
+    let built = publish::build(dir)?;
+    Ok((built.manifest, built.files))
+}
+
+/// Every vector of every policy of a bundle through a fuel-metered host, with each policy's
+/// budget; prints one line per vector and returns whether all passed.
+async fn test_bundle(
+    manifest: &Manifest,
+    files: &BTreeMap<String, Vec<u8>>,
+) -> anyhow::Result<bool> {
+    let bindings = crate::reload::bindings(manifest, &mut |path| {
+        files.get(path).cloned().ok_or_else(|| {
+            crate::reload::ReloadError::Schema(format!("{path} is missing from the bundle"))
+        })
+    })?;
+    let host = PolicyHost::new(PolicyConfig::default(), Metering::Fuel)?;
+    let mut all_passed = true;
+    println!("bundle {} {}", manifest.bundle, manifest.version);
+    for ((binding, file), policy) in bindings.into_iter().zip(&manifest.policies) {
+        let crate::policy::ModuleSource::Bytes(module) = &binding.module else {
+            continue;
+        };
+        let loaded = host
+            .load(
+                &binding.name,
+                module.to_vec(),
+                &binding.settings.to_string(),
+            )
+            .await
+            .with_context(|| format!("loading policy {}", binding.name))?;
+        let Some(mut file) = file else {
+            println!("  {}: no vectors", binding.name);
+            continue;
+        };
+        file.fuel_budget = policy.fuel_budget.or(file.fuel_budget);
+        let results = vectors::run(&host, &loaded, &file).await;
+        let budget = file
+            .fuel_budget
+            .map_or_else(|| "none".to_string(), |b| b.to_string());
+        println!(
+            "  {} ({}): {} vectors, fuel budget {budget}",
+            binding.name,
+            loaded.digest(),
+            results.len()
+        );
+        for r in &results {
+            let status = if r.failure.is_none() { "PASS" } else { "FAIL" };
+            println!(
+                "    {status}  {}  fuel {}  {}",
+                r.name,
+                r.fuel,
+                r.failure.as_deref().unwrap_or("")
+            );
+            all_passed &= r.failure.is_none();
+        }
+    }
+    println!(
+        "{}",
+        if all_passed {
+            "all vectors passed"
+        } else {
+            "FAILED"
+        }
+    );
+    Ok(all_passed)
 }
 
 async fn test(policy_path: PathBuf, vectors_path: PathBuf) -> anyhow::Result<ExitCode> {

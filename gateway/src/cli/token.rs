@@ -211,7 +211,7 @@ pub(super) fn expect<T: serde::de::DeserializeOwned>(
     Ok(serde_json::from_slice(&reply.body)?)
 }
 
-fn whoami() -> String {
+pub(super) fn whoami() -> String {
     std::env::var("USER").unwrap_or_else(|_| "unknown".into())
 }
 

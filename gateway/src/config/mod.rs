@@ -13,6 +13,7 @@ use crate::attest::AttestConfig;
 use crate::identity::{IdentityConfig, TrustDomain};
 use crate::limits::{LimitsConfig, Rate};
 use crate::policy::{ModuleSource, PolicyBinding, PolicyConfig};
+use crate::reload::{SourceConfig, Track};
 use crate::server::{AdminConfig, ServerConfig};
 use crate::store::StoreConfig;
 use crate::token::TokenConfig;
@@ -49,8 +50,10 @@ pub struct Config {
     pub store: StoreConfig,
     /// Policy execution limits.
     pub policy: PolicyConfig,
-    /// Which policy decides for which cluster and role.
+    /// Which policy decides for which cluster and role (when they are configured here).
     pub policies: Vec<PolicyBinding>,
+    /// The git repository policy bundles come from (instead of `[[policies]]`).
+    pub policy_source: Option<SourceConfig>,
     /// Logging.
     pub log: LogConfig,
 }
@@ -245,7 +248,7 @@ impl Validator<'_> {
         Rate { per_second, burst }
     }
 
-    fn config(&mut self, raw: RawConfig) -> Option<Config> {
+    fn config(&mut self, mut raw: RawConfig) -> Option<Config> {
         let trust_domain = TrustDomain::parse(&raw.trust_domain)
             .map_err(|e| self.problem("trust_domain", e))
             .ok();
@@ -263,6 +266,13 @@ impl Validator<'_> {
         let attestation = self.attestation(raw.attestation);
         let limits = self.limits(raw.limits);
         let store = self.store(raw.store);
+        let policy_source = raw.policy.source.take().map(|s| self.source(s));
+        if policy_source.is_some() && !raw.policies.is_empty() {
+            self.problem(
+                "policies",
+                "give either [[policies]] or [policy.source], not both",
+            );
+        }
         let mut policy = self.policy(raw.policy);
         policy.max_ttl = identity.max_ttl;
         let policies = raw
@@ -283,8 +293,58 @@ impl Validator<'_> {
             store,
             policy,
             policies,
+            policy_source,
             log,
         })
+    }
+
+    fn source(&mut self, raw: raw::RawSource) -> SourceConfig {
+        let track = match (raw.branch, raw.tags) {
+            (Some(_), Some(_)) => {
+                self.problem("policy.source", "give either branch or tags, not both");
+                Track::Branch("main".into())
+            }
+            (_, Some(pattern)) => match pattern.strip_suffix('*') {
+                Some(prefix) if !prefix.contains('*') => Track::Tags(prefix.to_string()),
+                _ => {
+                    self.problem(
+                        "policy.source.tags",
+                        format!("{pattern:?} must be a prefix followed by '*', like \"v*\""),
+                    );
+                    Track::Tags("v".into())
+                }
+            },
+            (branch, None) => Track::Branch(branch.unwrap_or_else(|| "main".into())),
+        };
+        // A plain path is relative to this file; URLs are taken as they are.
+        let url = if raw.git.contains("://") {
+            raw.git
+        } else {
+            self.path(Some(raw.git), Path::new(""))
+                .display()
+                .to_string()
+        };
+        let allowed_signers = raw
+            .allowed_signers
+            .map(|p| self.path(Some(p), Path::new("")));
+        if raw.require_signed_commits && allowed_signers.is_none() {
+            self.problem(
+                "policy.source.allowed_signers",
+                "required when require_signed_commits is true",
+            );
+        }
+        SourceConfig {
+            url,
+            track,
+            poll_interval: self.duration(
+                "policy.source.poll_interval",
+                raw.poll_interval,
+                Duration::from_secs(30),
+            ),
+            cache_dir: self.path(raw.cache_dir, Path::new("state/policy")),
+            require_signed_commits: raw.require_signed_commits,
+            allowed_signers,
+        }
     }
 
     fn server(&mut self, raw: raw::RawServer) -> ServerConfig {

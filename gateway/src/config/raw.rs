@@ -118,6 +118,20 @@ pub struct RawPolicy {
     pub min_ttl: Option<String>,
     pub max_dns_sans: Option<u32>,
     pub max_log_lines: Option<u32>,
+    pub source: Option<RawSource>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawSource {
+    pub git: String,
+    pub branch: Option<String>,
+    pub tags: Option<String>,
+    pub poll_interval: Option<String>,
+    pub cache_dir: Option<String>,
+    #[serde(default)]
+    pub require_signed_commits: bool,
+    pub allowed_signers: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]

@@ -38,6 +38,17 @@ pub struct OutcomeLabel {
     pub outcome: String,
 }
 
+/// Label: the active policy bundle version.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct BundleLabel {
+    /// Bundle name.
+    pub bundle: String,
+    /// Version.
+    pub version: String,
+    /// Git commit.
+    pub commit: String,
+}
+
 /// Every metric the gateway exports.
 #[derive(Debug)]
 pub struct Metrics {
@@ -58,6 +69,11 @@ pub struct Metrics {
     pub shed: Counter,
     /// Connections currently open.
     pub connections: Gauge,
+    /// Policy reload attempts by result.
+    pub policy_reloads: Family<ResultLabel, Counter>,
+    /// 1 for the active policy bundle version, 0 for those it replaced.
+    pub policy_active: Family<BundleLabel, Gauge>,
+    last_active: std::sync::Mutex<Option<BundleLabel>>,
 }
 
 fn latency_buckets() -> impl Iterator<Item = f64> {
@@ -115,7 +131,22 @@ impl Metrics {
             "TLS connections currently open",
             connections.clone(),
         );
+        let policy_reloads = Family::<ResultLabel, Counter>::default();
+        registry.register(
+            "bootstrap_policy_reload",
+            "Policy bundle reload attempts by result",
+            policy_reloads.clone(),
+        );
+        let policy_active = Family::<BundleLabel, Gauge>::default();
+        registry.register(
+            "bootstrap_policy_active",
+            "The active policy bundle version (1) and the ones it replaced (0)",
+            policy_active.clone(),
+        );
         Self {
+            policy_reloads,
+            policy_active,
+            last_active: std::sync::Mutex::new(None),
             registry,
             joins,
             request_seconds,
@@ -157,6 +188,34 @@ impl Metrics {
     /// Counts a rate-limit refusal.
     pub fn rate_limited(&self, scope: &'static str) {
         self.rate_limited.get_or_create(&ScopeLabel { scope }).inc();
+    }
+
+    /// Counts a policy reload attempt (`ok` or a failure label).
+    pub fn policy_reload(&self, result: &str) {
+        self.policy_reloads
+            .get_or_create(&ResultLabel {
+                result: result.to_string(),
+            })
+            .inc();
+    }
+
+    /// Marks `bundle`/`version`/`commit` as the active policy version.
+    pub fn policy_active(&self, bundle: &str, version: &str, commit: &str) {
+        let active = BundleLabel {
+            bundle: bundle.into(),
+            version: version.into(),
+            commit: commit.into(),
+        };
+        // The replaced version drops to 0; the family keeps one series per version this
+        // process has loaded.
+        let mut last = self.last_active.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(previous) = last.take()
+            && previous != active
+        {
+            self.policy_active.get_or_create(&previous).set(0);
+        }
+        self.policy_active.get_or_create(&active).set(1);
+        *last = Some(active);
     }
 
     /// The text exposition of every series.

@@ -11,12 +11,24 @@ use super::{LoadedPolicy, PolicyError, PolicyHost, examples};
 use crate::audit::PolicyRef;
 
 /// Where a policy module comes from.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Clone, PartialEq, Eq)]
 pub enum ModuleSource {
     /// One of the example policies compiled into this binary (`builtin:cluster-role`).
     Builtin(String),
     /// A `.wasm` component on disk.
     File(PathBuf),
+    /// Module bytes already read (from a bundle's git commit).
+    Bytes(Arc<[u8]>),
+}
+
+impl std::fmt::Debug for ModuleSource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Builtin(name) => write!(f, "builtin:{name}"),
+            Self::File(path) => write!(f, "{}", path.display()),
+            Self::Bytes(bytes) => write!(f, "<{} bytes>", bytes.len()),
+        }
+    }
 }
 
 impl ModuleSource {
@@ -40,6 +52,7 @@ impl ModuleSource {
                 path: path.clone(),
                 source: e,
             }),
+            Self::Bytes(bytes) => Ok(bytes.to_vec()),
         }
     }
 }
@@ -220,6 +233,11 @@ impl PolicySet {
     /// The first binding that covers `cluster` and `role`.
     pub fn select(&self, cluster: &str, role: &str) -> Option<&BoundPolicy> {
         self.policies.iter().find(|p| p.matches(cluster, role))
+    }
+
+    /// The policy of that name.
+    pub fn by_name(&self, name: &str) -> Option<&BoundPolicy> {
+        self.policies.iter().find(|p| p.provenance.name == name)
     }
 
     /// The bundle name.

@@ -1,0 +1,160 @@
+//! The local mirror of the policy repository (git2, in-process; never a shelled-out `git`):
+//! fetch, pick the candidate commit, read a commit's files, check ancestry and signatures.
+//! Blocking: call from a blocking thread.
+
+use std::path::Path;
+
+use git2::{FetchOptions, Oid, Repository};
+
+use super::manifest::version_key;
+
+/// A git operation failed.
+#[derive(Debug, thiserror::Error)]
+#[error("{what}: {source}")]
+pub struct GitError {
+    what: String,
+    #[source]
+    source: git2::Error,
+}
+
+fn err(what: impl Into<String>) -> impl FnOnce(git2::Error) -> GitError {
+    let what = what.into();
+    move |source| GitError { what, source }
+}
+
+/// Which commit of the remote to follow.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Track {
+    /// The head of a branch.
+    Branch(String),
+    /// The highest version among tags starting with this prefix (`v` for `v*`).
+    Tags(String),
+}
+
+/// A bare mirror under the cache directory.
+pub struct Mirror {
+    repo: Repository,
+    url: String,
+}
+
+impl std::fmt::Debug for Mirror {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Mirror")
+            .field("url", &self.url)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Mirror {
+    /// Opens the mirror at `path`, creating an empty bare repository the first time.
+    pub fn open(path: &Path, url: &str) -> Result<Self, GitError> {
+        let repo = match Repository::open_bare(path) {
+            Ok(repo) => repo,
+            Err(_) => {
+                Repository::init_bare(path).map_err(err(format!("creating {}", path.display())))?
+            }
+        };
+        Ok(Self {
+            repo,
+            url: url.to_string(),
+        })
+    }
+
+    /// Fetches every branch and tag of the remote into the mirror (forced: the remote is the
+    /// source of truth for names; ancestry decides what may serve).
+    pub fn fetch(&self) -> Result<(), GitError> {
+        let mut remote = self
+            .repo
+            .remote_anonymous(&self.url)
+            .map_err(err(format!("remote {}", self.url)))?;
+        let mut options = FetchOptions::new();
+        options.download_tags(git2::AutotagOption::All);
+        remote
+            .fetch(
+                &["+refs/heads/*:refs/heads/*", "+refs/tags/*:refs/tags/*"],
+                Some(&mut options),
+                None,
+            )
+            .map_err(err(format!("fetching {}", self.url)))
+    }
+
+    /// The commit `track` points at in the mirror, if any.
+    pub fn candidate(&self, track: &Track) -> Result<Option<Oid>, GitError> {
+        match track {
+            Track::Branch(branch) => {
+                let name = format!("refs/heads/{branch}");
+                match self.repo.find_reference(&name) {
+                    Ok(r) => Ok(Some(r.peel_to_commit().map_err(err(&name))?.id())),
+                    Err(e) if e.code() == git2::ErrorCode::NotFound => Ok(None),
+                    Err(e) => Err(err(name)(e)),
+                }
+            }
+            Track::Tags(prefix) => {
+                let names = self
+                    .repo
+                    .tag_names(Some(&format!("{prefix}*")))
+                    .map_err(err("listing tags"))?;
+                let best = names
+                    .iter()
+                    .filter_map(|n| n.ok().flatten())
+                    .filter_map(|n| Some((version_key(n.strip_prefix(prefix.as_str())?)?, n)))
+                    .max_by_key(|(key, _)| *key);
+                match best {
+                    Some((_, name)) => self.resolve(&format!("refs/tags/{name}")).map(Some),
+                    None => Ok(None),
+                }
+            }
+        }
+    }
+
+    /// A commit id, tag (`v1.2.0` or `refs/tags/…`) or branch, resolved to a commit.
+    pub fn resolve(&self, spec: &str) -> Result<Oid, GitError> {
+        let object = self
+            .repo
+            .revparse_single(spec)
+            .map_err(err(format!("resolving {spec:?}")))?;
+        let commit = object
+            .peel_to_commit()
+            .map_err(err(format!("{spec:?} is not a commit")))?;
+        Ok(commit.id())
+    }
+
+    /// The bytes of `path` in `commit`'s tree.
+    pub fn read(&self, commit: Oid, path: &str) -> Result<Vec<u8>, GitError> {
+        let tree = self
+            .repo
+            .find_commit(commit)
+            .and_then(|c| c.tree())
+            .map_err(err(format!("commit {commit}")))?;
+        let entry = tree
+            .get_path(Path::new(path))
+            .map_err(err(format!("{path} in {commit}")))?;
+        let blob = entry
+            .to_object(&self.repo)
+            .and_then(|o| o.peel_to_blob())
+            .map_err(err(format!("{path} in {commit}")))?;
+        Ok(blob.content().to_vec())
+    }
+
+    /// Whether `commit` is `base` or comes after it in history.
+    pub fn is_at_or_after(&self, commit: Oid, base: Oid) -> Result<bool, GitError> {
+        if commit == base {
+            return Ok(true);
+        }
+        self.repo
+            .graph_descendant_of(commit, base)
+            .map_err(err(format!("ancestry of {commit}")))
+    }
+
+    /// The commit's signature (armored) and the exact bytes it signs, or `None` if unsigned.
+    pub fn signature(&self, commit: Oid) -> Result<Option<(String, Vec<u8>)>, GitError> {
+        match self.repo.extract_signature(&commit, Some("gpgsig")) {
+            Ok((sig, data)) => Ok(Some((
+                String::from_utf8_lossy(&sig).into_owned(),
+                data.to_vec(),
+            ))),
+            Err(e) if e.code() == git2::ErrorCode::NotFound => Ok(None),
+            Err(e) => Err(err(format!("signature of {commit}"))(e)),
+        }
+    }
+}

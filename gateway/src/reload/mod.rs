@@ -1,0 +1,444 @@
+//! Policy bundles from git, taken live without a restart. Off the request path: fetch →
+//! manifest schema → digests → commit signature → ancestry (no rollback unless pinned) →
+//! compile → `validate-settings` → vectors → atomic swap of the whole set. A failed version
+//! never serves; the last good one keeps serving and is remembered on disk (the mirror holds
+//! its objects), so a restart without the remote comes up on it.
+
+mod git;
+pub mod manifest;
+pub mod sshsig;
+
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use git2::Oid;
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+pub use git::{GitError, Track};
+pub use manifest::{Manifest, ManifestError, ManifestPolicy};
+
+use crate::audit::AuditEvent;
+use crate::metrics::Metrics;
+use crate::policy::vectors::{self, VectorFile};
+use crate::policy::{
+    ActivePolicies, ModuleSource, PolicyBinding, PolicyError, PolicyHost, PolicySet, SetError,
+};
+use crate::store::Store;
+
+/// The `[policy.source]` section: where bundles come from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SourceConfig {
+    /// A local path, `file://` URL or network URL of the policy repository.
+    pub url: String,
+    /// Which commit to follow. Default: the `main` branch.
+    pub track: Track,
+    /// How often to fetch. Default 30 s.
+    pub poll_interval: Duration,
+    /// Where the mirror and the record of the active version live. Default `state/policy`.
+    pub cache_dir: PathBuf,
+    /// Refuse commits without a valid SSH signature by an allowed signer. Default false.
+    pub require_signed_commits: bool,
+    /// OpenSSH `allowed_signers` file, required when signatures are.
+    pub allowed_signers: Option<PathBuf>,
+}
+
+/// Why a candidate version was refused. Each is a label of `bootstrap_policy_reload_total`.
+#[derive(Debug, thiserror::Error)]
+pub enum ReloadError {
+    /// The remote could not be fetched (the mirror keeps what it had).
+    #[error("fetch failed: {0}")]
+    Fetch(String),
+    /// `bundle.json` (or a schema or vector file it names) does not parse or match its schema.
+    #[error("{0}")]
+    Schema(String),
+    /// A module's sha256 differs from the manifest's.
+    #[error("policy {policy}: {path} has sha256 {actual}, the manifest says {expected}")]
+    Digest {
+        /// The policy.
+        policy: String,
+        /// The module file.
+        path: String,
+        /// What the manifest says.
+        expected: String,
+        /// What the file has.
+        actual: String,
+    },
+    /// Unsigned, or not signed by an allowed signer, while signatures are required.
+    #[error("commit signature: {0}")]
+    Signature(String),
+    /// A module does not compile or link, or targets another WIT version.
+    #[error("policy {policy}: {source}")]
+    Compile {
+        /// The policy.
+        policy: String,
+        /// Why.
+        #[source]
+        source: PolicyError,
+    },
+    /// A policy's `validate-settings` refused its settings.
+    #[error("policy {policy}: {reason}")]
+    Settings {
+        /// The policy.
+        policy: String,
+        /// Its reason.
+        reason: String,
+    },
+    /// A test vector did not reach its expected decision.
+    #[error("policy {policy}, vector {vector:?}: {detail}")]
+    Vector {
+        /// The policy.
+        policy: String,
+        /// The vector's name.
+        vector: String,
+        /// What differed.
+        detail: String,
+    },
+    /// The candidate is older than (or unrelated to) the active version and nothing pins it.
+    #[error("commit {candidate} does not come after the active {active}; pin it to roll back")]
+    Rollback {
+        /// The refused commit.
+        candidate: String,
+        /// The active one.
+        active: String,
+    },
+    /// Nothing to load: the remote has no such branch or tag, or a pin names no commit.
+    #[error("{0}")]
+    NotFound(String),
+}
+
+impl ReloadError {
+    /// The metric label.
+    pub fn label(&self) -> &'static str {
+        match self {
+            Self::Fetch(_) | Self::NotFound(_) => "fetch_error",
+            Self::Schema(_) => "schema_error",
+            Self::Digest { .. } => "digest_mismatch",
+            Self::Signature(_) => "signature_error",
+            Self::Compile { .. } => "compile_error",
+            Self::Settings { .. } => "settings_error",
+            Self::Vector { .. } => "vector_failure",
+            Self::Rollback { .. } => "rollback_refused",
+        }
+    }
+}
+
+/// What the status endpoint shows.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct Status {
+    /// The version serving now.
+    pub active: Option<Version>,
+    /// What a pin holds the gateway to, if anything.
+    pub pinned: Option<String>,
+    /// The last version tried, and how it went.
+    pub last_candidate: Option<Attempt>,
+    /// The last poll of the remote.
+    pub last_poll: Option<Attempt>,
+}
+
+/// A bundle version.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Version {
+    /// Bundle name.
+    pub bundle: String,
+    /// Version.
+    pub version: String,
+    /// Commit id.
+    pub commit: String,
+    /// When it became active, Unix seconds.
+    pub since: u64,
+}
+
+/// One attempt: when, what, and the outcome label (`ok`, `unchanged` or a failure label).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Attempt {
+    /// Unix seconds.
+    pub at: u64,
+    /// The commit, when one was involved.
+    pub commit: Option<String>,
+    /// The version, when the manifest was read.
+    pub version: Option<String>,
+    /// `ok`, `unchanged`, or a failure label.
+    pub result: String,
+    /// Why it failed.
+    pub reason: Option<String>,
+}
+
+/// What is remembered on disk between runs.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+struct Persisted {
+    commit: Option<String>,
+    pinned: Option<String>,
+}
+
+/// Follows the policy repository. One per gateway; its poll task stops with the gateway.
+pub struct Reloader {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for Reloader {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Reloader")
+            .field("source", &self.inner.config.url)
+            .finish_non_exhaustive()
+    }
+}
+
+struct Inner {
+    config: SourceConfig,
+    host: Arc<PolicyHost>,
+    policies: Arc<ActivePolicies>,
+    metrics: Arc<Metrics>,
+    store: Arc<dyn Store>,
+    mirror: Mutex<git::Mirror>,
+    signers: Option<sshsig::AllowedSigners>,
+    state: Mutex<(Status, Persisted)>,
+    /// One reload at a time.
+    busy: tokio::sync::Mutex<()>,
+}
+
+mod pipeline;
+
+impl Reloader {
+    /// Opens the mirror and comes up on the remembered version (without the remote), then on
+    /// whatever the remote has now if it is reachable.
+    pub async fn start(
+        config: SourceConfig,
+        host: Arc<PolicyHost>,
+        policies: Arc<ActivePolicies>,
+        metrics: Arc<Metrics>,
+        store: Arc<dyn Store>,
+    ) -> anyhow::Result<Self> {
+        std::fs::create_dir_all(&config.cache_dir)?;
+        let mirror = git::Mirror::open(&config.cache_dir.join("mirror.git"), &config.url)?;
+        let signers = match &config.allowed_signers {
+            Some(path) => Some(sshsig::AllowedSigners::parse(&std::fs::read_to_string(
+                path,
+            )?)?),
+            None => None,
+        };
+        anyhow::ensure!(
+            !config.require_signed_commits || signers.is_some(),
+            "policy.source.require_signed_commits needs policy.source.allowed_signers"
+        );
+        let persisted: Persisted = std::fs::read(config.cache_dir.join("active.json"))
+            .ok()
+            .and_then(|b| serde_json::from_slice(&b).ok())
+            .unwrap_or_default();
+        let inner = Arc::new(Inner {
+            config,
+            host,
+            policies,
+            metrics,
+            store,
+            mirror: Mutex::new(mirror),
+            signers,
+            state: Mutex::new((
+                Status {
+                    pinned: persisted.pinned.clone(),
+                    ..Status::default()
+                },
+                persisted.clone(),
+            )),
+            busy: tokio::sync::Mutex::new(()),
+        });
+        let reloader = Self { inner };
+        if let Some(commit) = persisted
+            .commit
+            .as_deref()
+            .and_then(|c| Oid::from_str(c).ok())
+        {
+            match reloader.inner.load(commit, true, "startup").await {
+                Ok(()) => tracing::info!(%commit, "policy bundle restored from the local mirror"),
+                Err(e) => {
+                    tracing::error!(%commit, error = %e, "the remembered policy bundle does not load")
+                }
+            }
+        }
+        if let Err(e) = reloader.poll().await {
+            tracing::warn!(error = %e, "policy source not reachable at startup; serving what is loaded");
+        }
+        Ok(reloader)
+    }
+
+    /// Fetches and takes the tracked commit live if it is new and passes every check.
+    /// A pinned gateway fetches but does not move.
+    pub async fn poll(&self) -> Result<Option<Version>, ReloadError> {
+        self.inner.poll().await
+    }
+
+    /// Holds the gateway to a version (`1.2.0`, a tag or a commit id), even an older one.
+    pub async fn pin(&self, target: &str, by: &str) -> Result<Version, ReloadError> {
+        self.inner.pin(target, by).await
+    }
+
+    /// Lets the gateway follow the remote again (rollback protection resumes from the pinned
+    /// version).
+    pub async fn unpin(&self, by: &str) -> Result<Option<Version>, ReloadError> {
+        self.inner.unpin(by).await
+    }
+
+    /// The active version, the pin, the last candidate and the last poll.
+    pub fn status(&self) -> Status {
+        self.inner
+            .state
+            .lock()
+            .map(|s| s.0.clone())
+            .unwrap_or_default()
+    }
+
+    /// Polls every `poll_interval` until `stop` turns true.
+    pub fn spawn_polling(
+        &self,
+        mut stop: tokio::sync::watch::Receiver<bool>,
+    ) -> tokio::task::JoinHandle<()> {
+        let inner = self.inner.clone();
+        tokio::spawn(async move {
+            let mut every = tokio::time::interval(inner.config.poll_interval);
+            every.tick().await;
+            loop {
+                tokio::select! {
+                    _ = every.tick() => {
+                        if let Err(e) = inner.poll().await {
+                            tracing::warn!(result = e.label(), error = %e, "policy poll");
+                        }
+                    }
+                    _ = stop.changed() => return,
+                }
+            }
+        })
+    }
+}
+
+fn now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+fn sha256_hex(bytes: &[u8]) -> String {
+    hex::encode(Sha256::digest(bytes))
+}
+
+/// The bindings a manifest describes, with modules and schemas read from `read`, each module
+/// checked against its digest.
+pub fn bindings(
+    manifest: &Manifest,
+    read: &mut dyn FnMut(&str) -> Result<Vec<u8>, ReloadError>,
+) -> Result<Vec<(PolicyBinding, Option<VectorFile>)>, ReloadError> {
+    let mut out = Vec::with_capacity(manifest.policies.len());
+    for p in &manifest.policies {
+        let module = read(&p.module)?;
+        let actual = sha256_hex(&module);
+        if actual != p.sha256 {
+            return Err(ReloadError::Digest {
+                policy: p.name.clone(),
+                path: p.module.clone(),
+                expected: p.sha256.clone(),
+                actual,
+            });
+        }
+        let json = |path: &str, bytes: Vec<u8>| {
+            serde_json::from_slice::<serde_json::Value>(&bytes)
+                .map_err(|e| ReloadError::Schema(format!("policy {}: {path}: {e}", p.name)))
+        };
+        let evidence_schema = match &p.evidence_schema {
+            Some(path) => Some(json(path, read(path)?)?),
+            None => None,
+        };
+        let vectors = match &p.vectors {
+            Some(path) => Some(
+                serde_json::from_value::<VectorFile>(json(path, read(path)?)?)
+                    .map_err(|e| ReloadError::Schema(format!("policy {}: {path}: {e}", p.name)))?,
+            ),
+            None => None,
+        };
+        let or_any = |list: &Vec<String>| {
+            if list.is_empty() {
+                vec!["*".to_string()]
+            } else {
+                list.clone()
+            }
+        };
+        out.push((
+            PolicyBinding {
+                name: p.name.clone(),
+                module: ModuleSource::Bytes(Arc::from(module)),
+                clusters: or_any(&p.clusters),
+                roles: or_any(&p.roles),
+                settings: p.settings.clone(),
+                evidence_schema,
+            },
+            vectors,
+        ));
+    }
+    Ok(out)
+}
+
+/// Maps a policy-set failure to the stage that refused.
+fn set_error(e: SetError) -> ReloadError {
+    match e {
+        SetError::Policy {
+            name,
+            source: PolicyError::SettingsRejected(reason),
+        } => ReloadError::Settings {
+            policy: name,
+            reason,
+        },
+        SetError::Policy { name, source } => ReloadError::Compile {
+            policy: name,
+            source,
+        },
+        SetError::Schema { name, reason } => {
+            ReloadError::Schema(format!("policy {name}: evidence schema: {reason}"))
+        }
+        other => ReloadError::Schema(other.to_string()),
+    }
+}
+
+/// Runs every vector of every policy in `set`; the first failure refuses the version.
+async fn run_vectors(
+    host: &PolicyHost,
+    set: &PolicySet,
+    files: &[(String, Option<VectorFile>)],
+) -> Result<(), ReloadError> {
+    for (name, file) in files {
+        let (Some(file), Some(bound)) = (file, set.by_name(name)) else {
+            continue;
+        };
+        for result in vectors::run(host, &bound.policy, file).await {
+            if let Some(detail) = result.failure {
+                return Err(ReloadError::Vector {
+                    policy: name.clone(),
+                    vector: result.name,
+                    detail,
+                });
+            }
+        }
+    }
+    Ok(())
+}
+
+fn audit_event(
+    result: &Result<Version, ReloadError>,
+    commit: Oid,
+    trigger: &str,
+    version: Option<&str>,
+) -> AuditEvent {
+    match result {
+        Ok(v) => AuditEvent::PolicyActivated {
+            bundle: v.bundle.clone(),
+            version: v.version.clone(),
+            commit: v.commit.clone(),
+            trigger: trigger.to_string(),
+        },
+        Err(e) => AuditEvent::PolicyRejected {
+            commit: commit.to_string(),
+            version: version.map(str::to_string),
+            result: e.label().to_string(),
+            reason: e.to_string(),
+        },
+    }
+}

@@ -1,0 +1,313 @@
+//! The reload pipeline itself, stage by stage, and the pin/unpin controls.
+
+use std::sync::Arc;
+
+use git2::Oid;
+
+use super::{
+    Attempt, Inner, Manifest, Persisted, ReloadError, Version, audit_event, bindings, now,
+    run_vectors, set_error,
+};
+use crate::policy::PolicySet;
+use crate::reload::manifest::FILE;
+
+/// What the blocking git stage hands to the async stages.
+struct Candidate {
+    manifest: Manifest,
+    bindings: Vec<(
+        crate::policy::PolicyBinding,
+        Option<crate::policy::vectors::VectorFile>,
+    )>,
+}
+
+impl Inner {
+    pub(super) async fn poll(self: &Arc<Self>) -> Result<Option<Version>, ReloadError> {
+        let _one = self.busy.lock().await;
+        let this = self.clone();
+        let fetched = tokio::task::spawn_blocking(move || {
+            let mirror = this
+                .mirror
+                .lock()
+                .map_err(|_| ReloadError::Fetch("mirror lock poisoned".into()))?;
+            mirror
+                .fetch()
+                .map_err(|e| ReloadError::Fetch(e.to_string()))?;
+            mirror
+                .candidate(&this.config.track)
+                .map_err(|e| ReloadError::Fetch(e.to_string()))
+        })
+        .await
+        .map_err(|e| ReloadError::Fetch(e.to_string()))?;
+        let candidate = match fetched {
+            Ok(Some(oid)) => oid,
+            Ok(None) => {
+                let e = ReloadError::NotFound(format!(
+                    "{:?} not found in {}",
+                    self.config.track, self.config.url
+                ));
+                self.record_poll(None, &Err(&e));
+                return Err(e);
+            }
+            Err(e) => {
+                self.metrics.policy_reload(e.label());
+                self.record_poll(None, &Err(&e));
+                return Err(e);
+            }
+        };
+        let (pinned, active) = self.pin_and_active();
+        if pinned.is_some() || active == Some(candidate) {
+            self.record_poll(Some(candidate), &Ok("unchanged"));
+            return Ok(None);
+        }
+        let result = self.activate(candidate, false, "poll").await;
+        self.record_poll(Some(candidate), &result.as_ref().map(|_| "ok"));
+        result.map(Some)
+    }
+
+    /// Loads `commit` at startup or on a pin (no rollback check when `any_age`).
+    pub(super) async fn load(
+        self: &Arc<Self>,
+        commit: Oid,
+        any_age: bool,
+        trigger: &str,
+    ) -> Result<(), ReloadError> {
+        let _one = self.busy.lock().await;
+        self.activate(commit, any_age, trigger).await.map(|_| ())
+    }
+
+    pub(super) async fn pin(
+        self: &Arc<Self>,
+        target: &str,
+        by: &str,
+    ) -> Result<Version, ReloadError> {
+        let _one = self.busy.lock().await;
+        let this = self.clone();
+        let spec = target.to_string();
+        let commit = tokio::task::spawn_blocking(move || {
+            let mirror = this
+                .mirror
+                .lock()
+                .map_err(|_| ReloadError::Fetch("mirror lock poisoned".into()))?;
+            // A version number names its tag; anything else is a tag, branch or commit id.
+            [
+                format!("refs/tags/v{spec}"),
+                format!("refs/tags/{spec}"),
+                spec.clone(),
+            ]
+            .iter()
+            .find_map(|s| mirror.resolve(s).ok())
+            .ok_or_else(|| {
+                ReloadError::NotFound(format!("nothing named {spec:?} in the policy mirror"))
+            })
+        })
+        .await
+        .map_err(|e| ReloadError::Fetch(e.to_string()))??;
+        let version = self.activate(commit, true, "pin").await?;
+        self.update(|status, persisted| {
+            status.pinned = Some(target.to_string());
+            persisted.pinned = Some(target.to_string());
+        });
+        self.audit(crate::audit::AuditEvent::PolicyPinned {
+            target: target.to_string(),
+            commit: commit.to_string(),
+            pinned_by: by.to_string(),
+        })
+        .await;
+        Ok(version)
+    }
+
+    pub(super) async fn unpin(self: &Arc<Self>, by: &str) -> Result<Option<Version>, ReloadError> {
+        {
+            let _one = self.busy.lock().await;
+            self.update(|status, persisted| {
+                status.pinned = None;
+                persisted.pinned = None;
+            });
+        }
+        self.audit(crate::audit::AuditEvent::PolicyUnpinned {
+            unpinned_by: by.to_string(),
+        })
+        .await;
+        self.poll().await
+    }
+
+    /// Every stage for one commit; swaps the set only when all pass. Callers hold `busy`.
+    async fn activate(
+        self: &Arc<Self>,
+        commit: Oid,
+        any_age: bool,
+        trigger: &str,
+    ) -> Result<Version, ReloadError> {
+        let mut read_version = None;
+        let result = self
+            .check_and_build(commit, any_age, &mut read_version)
+            .await;
+        let version = match result {
+            Ok(set) => {
+                let version = Version {
+                    bundle: set.bundle().to_string(),
+                    version: set.version().to_string(),
+                    commit: commit.to_string(),
+                    since: now(),
+                };
+                let previous = self.policies.current().map(|s| s.version().to_string());
+                self.policies.swap(set);
+                self.metrics
+                    .policy_active(&version.bundle, &version.version, &version.commit);
+                tracing::info!(
+                    bundle = %version.bundle, version = %version.version, %commit, ?previous, trigger,
+                    "policy bundle active"
+                );
+                self.update(|status, persisted| {
+                    status.active = Some(version.clone());
+                    persisted.commit = Some(commit.to_string());
+                });
+                Ok(version)
+            }
+            Err(e) => {
+                tracing::warn!(%commit, version = ?read_version, result = e.label(), error = %e, trigger, "policy bundle refused");
+                Err(e)
+            }
+        };
+        let label = version.as_ref().map(|_| "ok").unwrap_or_else(|e| e.label());
+        self.metrics.policy_reload(label);
+        self.update(|status, _| {
+            status.last_candidate = Some(Attempt {
+                at: now(),
+                commit: Some(commit.to_string()),
+                version: read_version.clone(),
+                result: label.to_string(),
+                reason: version.as_ref().err().map(ToString::to_string),
+            });
+        });
+        self.audit(audit_event(
+            &version,
+            commit,
+            trigger,
+            read_version.as_deref(),
+        ))
+        .await;
+        version
+    }
+
+    async fn check_and_build(
+        self: &Arc<Self>,
+        commit: Oid,
+        any_age: bool,
+        read_version: &mut Option<String>,
+    ) -> Result<PolicySet, ReloadError> {
+        let this = self.clone();
+        let candidate = tokio::task::spawn_blocking(move || this.read_candidate(commit, any_age))
+            .await
+            .map_err(|e| ReloadError::Fetch(e.to_string()))??;
+        *read_version = Some(candidate.manifest.version.clone());
+        let bindings: Vec<_> = candidate.bindings.iter().map(|(b, _)| b.clone()).collect();
+        let commit_text = commit.to_string();
+        let set = PolicySet::load(
+            &self.host,
+            &bindings,
+            &candidate.manifest.bundle,
+            Some(&candidate.manifest.version),
+            Some(&commit_text),
+        )
+        .await
+        .map_err(set_error)?;
+        let vectors: Vec<_> = candidate
+            .bindings
+            .into_iter()
+            .map(|(b, v)| (b.name, v))
+            .collect();
+        run_vectors(&self.host, &set, &vectors).await?;
+        Ok(set)
+    }
+
+    /// The git stages: ancestry, signature, manifest schema, digests.
+    fn read_candidate(&self, commit: Oid, any_age: bool) -> Result<Candidate, ReloadError> {
+        let mirror = self
+            .mirror
+            .lock()
+            .map_err(|_| ReloadError::Fetch("mirror lock poisoned".into()))?;
+        let git = |e: super::GitError| ReloadError::NotFound(e.to_string());
+        if !any_age
+            && let Some(active) = self.pin_and_active().1
+            && !mirror.is_at_or_after(commit, active).map_err(git)?
+        {
+            return Err(ReloadError::Rollback {
+                candidate: commit.to_string(),
+                active: active.to_string(),
+            });
+        }
+        if self.config.require_signed_commits {
+            let signers = self
+                .signers
+                .as_ref()
+                .ok_or_else(|| ReloadError::Signature("no allowed signers".into()))?;
+            let (signature, signed) = mirror
+                .signature(commit)
+                .map_err(git)?
+                .ok_or_else(|| ReloadError::Signature("the commit is not signed".into()))?;
+            let signer = signers
+                .verify(&signature, &signed)
+                .map_err(|e| ReloadError::Signature(e.to_string()))?;
+            tracing::info!(%commit, signer, "policy commit signature verified");
+        }
+        let manifest = Manifest::parse(
+            &mirror
+                .read(commit, FILE)
+                .map_err(|e| ReloadError::Schema(e.to_string()))?,
+        )
+        .map_err(|e| ReloadError::Schema(e.to_string()))?;
+        let bindings = bindings(&manifest, &mut |path| {
+            mirror
+                .read(commit, path)
+                .map_err(|e| ReloadError::Schema(format!("{path}: {e}")))
+        })?;
+        Ok(Candidate { manifest, bindings })
+    }
+
+    fn pin_and_active(&self) -> (Option<String>, Option<Oid>) {
+        self.state
+            .lock()
+            .map(|s| {
+                let active = s.1.commit.as_deref().and_then(|c| Oid::from_str(c).ok());
+                (s.1.pinned.clone(), active)
+            })
+            .unwrap_or((None, None))
+    }
+
+    /// Changes the status and the persisted record together, writing the record atomically.
+    fn update(&self, change: impl FnOnce(&mut super::Status, &mut Persisted)) {
+        let Ok(mut state) = self.state.lock() else {
+            return;
+        };
+        let (status, persisted) = &mut *state;
+        change(status, persisted);
+        let path = self.config.cache_dir.join("active.json");
+        if let Ok(json) = serde_json::to_vec_pretty(persisted)
+            && let Err(e) = crate::secrets::write_file(&path, &json, 0o644)
+        {
+            tracing::error!(error = %e, "cannot record the active policy version");
+        }
+    }
+
+    fn record_poll(&self, commit: Option<Oid>, result: &Result<&str, &ReloadError>) {
+        self.update(|status, _| {
+            status.last_poll = Some(Attempt {
+                at: now(),
+                commit: commit.map(|c| c.to_string()),
+                version: None,
+                result: match result {
+                    Ok(label) => label.to_string(),
+                    Err(e) => e.label().to_string(),
+                },
+                reason: result.as_ref().err().map(ToString::to_string),
+            });
+        });
+    }
+
+    async fn audit(&self, event: crate::audit::AuditEvent) {
+        if let Err(e) = self.store.audit(vec![event]).await {
+            tracing::error!(error = %e, "cannot audit a policy change");
+        }
+    }
+}
