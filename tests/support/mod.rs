@@ -8,6 +8,8 @@
     reason = "test support: a failure is a failed test"
 )]
 
+pub mod bundles;
+
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};

@@ -158,3 +158,61 @@ impl Mirror {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A repository with commits tagged `v1.2.0`, `v1.10.0`, `v1.9.3` and `x2.0.0`.
+    fn tagged() -> (std::path::PathBuf, Repository) {
+        let dir = std::env::temp_dir().join(format!("omnirelay-git-tags-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let repo = Repository::init_bare(&dir).unwrap();
+        let who = git2::Signature::now("t", "t@example.invalid").unwrap();
+        let tree_id = repo.treebuilder(None).unwrap().write().unwrap();
+        let mut parent: Option<Oid> = None;
+        for tag in ["v1.2.0", "v1.10.0", "v1.9.3", "x2.0.0"] {
+            let tree = repo.find_tree(tree_id).unwrap();
+            let parents: Vec<git2::Commit<'_>> = parent
+                .iter()
+                .map(|p| repo.find_commit(*p).unwrap())
+                .collect();
+            let refs: Vec<&git2::Commit<'_>> = parents.iter().collect();
+            let oid = repo
+                .commit(Some("refs/heads/main"), &who, &who, tag, &tree, &refs)
+                .unwrap();
+            repo.tag_lightweight(tag, &repo.find_object(oid, None).unwrap(), false)
+                .unwrap();
+            parent = Some(oid);
+        }
+        (dir, repo)
+    }
+
+    #[test]
+    fn tag_tracking_follows_the_highest_version_with_the_prefix() {
+        let (dir, repo) = tagged();
+        let mirror = Mirror::open(&dir, &dir.display().to_string()).unwrap();
+        let want = repo
+            .revparse_single("refs/tags/v1.10.0")
+            .unwrap()
+            .peel_to_commit()
+            .unwrap()
+            .id();
+        assert_eq!(
+            mirror.candidate(&Track::Tags("v".into())).unwrap(),
+            Some(want)
+        );
+        let head = repo.revparse_single("refs/heads/main").unwrap().id();
+        assert_eq!(
+            mirror.candidate(&Track::Branch("main".into())).unwrap(),
+            Some(head)
+        );
+        assert_eq!(
+            mirror.candidate(&Track::Branch("nope".into())).unwrap(),
+            None
+        );
+        assert!(mirror.is_at_or_after(head, want).unwrap());
+        assert!(!mirror.is_at_or_after(want, head).unwrap());
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}

@@ -55,7 +55,9 @@ impl Inner {
             }
         };
         let (pinned, active) = self.pin_and_active();
-        if pinned.is_some() || active == Some(candidate) {
+        if pinned.is_some() || active == Some(candidate) || self.refused_before(candidate) {
+            // A refused commit is not tried again at every poll: it cannot have changed, and
+            // its reason stays in the status until a new commit arrives.
             self.record_poll(Some(candidate), &Ok("unchanged"));
             return Ok(None);
         }
@@ -263,6 +265,18 @@ impl Inner {
                 .map_err(|e| ReloadError::Schema(format!("{path}: {e}")))
         })?;
         Ok(Candidate { manifest, bindings })
+    }
+
+    fn refused_before(&self, commit: Oid) -> bool {
+        let commit = commit.to_string();
+        self.state
+            .lock()
+            .map(|s| {
+                s.0.last_candidate.as_ref().is_some_and(|c| {
+                    c.result != "ok" && c.commit.as_deref() == Some(commit.as_str())
+                })
+            })
+            .unwrap_or(false)
     }
 
     fn pin_and_active(&self) -> (Option<String>, Option<Oid>) {
