@@ -165,20 +165,7 @@ async fn a_device_with_verified_secure_boot_joins_the_secure_cluster_and_nothing
 
 #[test]
 fn the_gateway_refuses_to_start_with_a_key_others_can_read() {
-    let dir = TempDir::new("open-key");
-    let init = omnirelay(&[
-        "init",
-        "--dir",
-        dir.0.to_str().unwrap(),
-        "--trust-domain",
-        TRUST_DOMAIN,
-        "--listen",
-        "127.0.0.1:0",
-        "--admin-listen",
-        "127.0.0.1:0",
-    ])
-    .unwrap();
-    assert!(init.status.success());
+    let dir = init_state("open-key");
     let key = dir.0.join("ca/ca.key");
     std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o644)).unwrap();
     let config = dir.0.join("gateway.toml");

@@ -86,6 +86,29 @@ impl Drop for TempDir {
     }
 }
 
+/// `omnirelay init` into a new directory, listening on OS-chosen loopback ports.
+pub fn init_state(name: &str) -> TempDir {
+    let dir = TempDir::new(name);
+    let out = omnirelay(&[
+        "init",
+        "--dir",
+        dir.0.to_str().unwrap(),
+        "--trust-domain",
+        TRUST_DOMAIN,
+        "--listen",
+        "127.0.0.1:0",
+        "--admin-listen",
+        "127.0.0.1:0",
+    ])
+    .unwrap();
+    assert!(
+        out.status.success(),
+        "init failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    dir
+}
+
 /// A gateway process started with `omnirelay init` + `omnirelay serve` on loopback ports
 /// chosen by the OS. Killed (SIGTERM, then waited for) when dropped.
 #[derive(Debug)]
@@ -110,24 +133,7 @@ impl Gateway {
 
     /// Starts a gateway after `edit` changed `gateway.toml` (its text is passed in).
     pub fn start_with(name: &str, edit: impl FnOnce(&mut String)) -> Self {
-        let dir = TempDir::new(name);
-        let out = omnirelay(&[
-            "init",
-            "--dir",
-            dir.0.to_str().unwrap(),
-            "--trust-domain",
-            TRUST_DOMAIN,
-            "--listen",
-            "127.0.0.1:0",
-            "--admin-listen",
-            "127.0.0.1:0",
-        ])
-        .unwrap();
-        assert!(
-            out.status.success(),
-            "init failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        let dir = init_state(name);
         let config = dir.0.join("gateway.toml");
         let mut text = std::fs::read_to_string(&config).unwrap();
         text.push_str("\n[log]\nformat = \"json\"\nfilter = \"info\"\n");

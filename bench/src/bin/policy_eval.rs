@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 
 use cluster_role::ClusterRole;
 use gateway::policy::{LoadedPolicy, Metering, PolicyConfig, PolicyHost, Verdict, examples};
+use omnirelay_bench::percentile;
 use policy_sdk::testing;
 
 const SETTINGS: &str =
@@ -144,11 +145,6 @@ fn throughput(
         total += worker.join().map_err(|_| "bench thread panicked")??;
     }
     Ok(total as f64 / start.elapsed().as_secs_f64())
-}
-
-fn percentile(sorted: &[Duration], p: f64) -> Duration {
-    let index = ((sorted.len() as f64 - 1.0) * p / 100.0).round() as usize;
-    sorted[index.min(sorted.len() - 1)]
 }
 
 fn ratio(a: Duration, b: Duration) -> f64 {

@@ -16,6 +16,7 @@ use gateway::store::{
     IdentityRecord, IssueOutcome, IssueRecord, SqliteStore, Store, StoreConfig, TokenRecord,
 };
 use gateway::token::TokenId;
+use omnirelay_bench::cpu_seconds;
 
 type BoxResult<T> = Result<T, Box<dyn Error + Send + Sync>>;
 
@@ -73,7 +74,7 @@ async fn run(joins: usize) -> BoxResult<()> {
         .map(|(i, t)| record(*t, i, now))
         .collect::<BoxResult<_>>()?;
     let records = Arc::new(std::sync::Mutex::new(records));
-    let cpu_before = cpu_seconds();
+    let cpu_before = cpu_seconds(std::process::id());
     let started = Instant::now();
     let mut callers = tokio::task::JoinSet::new();
     for _ in 0..CALLERS {
@@ -95,7 +96,7 @@ async fn run(joins: usize) -> BoxResult<()> {
         issued += n?;
     }
     let elapsed = started.elapsed().as_secs_f64();
-    let cpu = cpu_seconds() - cpu_before;
+    let cpu = cpu_seconds(std::process::id()) - cpu_before;
     println!(
         "{issued} durable issues from {CALLERS} callers: {:.0}/s, {:.0} µs of CPU each",
         issued as f64 / elapsed,
@@ -149,17 +150,4 @@ fn record(token: TokenId, i: usize, now: u64) -> BoxResult<IssueRecord> {
         client_ip: "127.0.0.1".into(),
         now,
     })
-}
-
-fn cpu_seconds() -> f64 {
-    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
-    let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
-    let fields: Vec<&str> = rest.split_whitespace().collect();
-    let ticks = |i: usize| {
-        fields
-            .get(i)
-            .and_then(|v| v.parse::<f64>().ok())
-            .unwrap_or(0.0)
-    };
-    (ticks(11) + ticks(12)) / 100.0
 }

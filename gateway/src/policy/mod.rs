@@ -20,7 +20,9 @@ pub use bindings::WORLD_VERSION;
 pub use config::PolicyConfig;
 pub use error::PolicyError;
 pub use host::{LoadedPolicy, Metered, Metering, ModuleDigest, PolicyHost};
-pub use set::{ActivePolicies, BoundPolicy, ModuleSource, PolicyBinding, PolicySet, SetError};
+pub use set::{
+    ActivePolicies, BoundPolicy, ModuleSource, PolicyBinding, PolicySet, SetError, schema_errors,
+};
 pub use verdict::{Grant, InvalidResult, Refusal, Verdict};
 
 #[cfg(test)]

@@ -108,6 +108,26 @@ pub enum SetError {
     },
 }
 
+/// Up to `max` violations of `schema` by `value`, each prefixed with where it is.
+pub fn schema_errors(
+    schema: &jsonschema::Validator,
+    value: &serde_json::Value,
+    max: usize,
+) -> Vec<String> {
+    schema
+        .iter_errors(value)
+        .take(max)
+        .map(|e| {
+            let at = e.instance_path().to_string();
+            if at.is_empty() {
+                e.to_string()
+            } else {
+                format!("{at}: {e}")
+            }
+        })
+        .collect()
+}
+
 /// A loaded binding.
 pub struct BoundPolicy {
     /// The policy, ready to evaluate.
@@ -134,18 +154,7 @@ impl BoundPolicy {
         let Some(schema) = &self.schema else {
             return Ok(());
         };
-        let errors: Vec<String> = schema
-            .iter_errors(evidence)
-            .take(8)
-            .map(|e| {
-                let at = e.instance_path().to_string();
-                if at.is_empty() {
-                    e.to_string()
-                } else {
-                    format!("{at}: {e}")
-                }
-            })
-            .collect();
+        let errors = schema_errors(schema, evidence, 8);
         if errors.is_empty() {
             Ok(())
         } else {

@@ -95,18 +95,7 @@ impl Manifest {
                 "the bundle schema failed to load".into(),
             ]));
         };
-        let errors: Vec<String> = validator
-            .iter_errors(&value)
-            .take(16)
-            .map(|e| {
-                let at = e.instance_path().to_string();
-                if at.is_empty() {
-                    e.to_string()
-                } else {
-                    format!("{at}: {e}")
-                }
-            })
-            .collect();
+        let errors = crate::policy::schema_errors(validator, &value, 16);
         if !errors.is_empty() {
             return Err(ManifestError::Schema(errors));
         }
