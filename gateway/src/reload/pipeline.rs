@@ -140,6 +140,7 @@ impl Inner {
         any_age: bool,
         trigger: &str,
     ) -> Result<Version, ReloadError> {
+        let started = std::time::Instant::now();
         let mut read_version = None;
         let result = self
             .check_and_build(commit, any_age, &mut read_version)
@@ -158,6 +159,7 @@ impl Inner {
                     .policy_active(&version.bundle, &version.version, &version.commit);
                 tracing::info!(
                     bundle = %version.bundle, version = %version.version, %commit, ?previous, trigger,
+                    took_ms = started.elapsed().as_millis() as u64,
                     "policy bundle active"
                 );
                 self.update(|status, persisted| {
