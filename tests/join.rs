@@ -105,3 +105,36 @@ async fn a_csr_asking_for_ca_and_extra_names_still_gets_a_plain_leaf_with_only_t
     );
     verify_with_webpki(&joined.certificate_chain, &gw.bundle());
 }
+
+/// The case idempotency keys exist for: a one-use token whose answer was lost. The retry must
+/// get the same certificate, not a 409 for the use its own first attempt consumed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_one_use_token_retried_after_a_lost_answer_gets_the_same_certificate() {
+    let gw = Gateway::start("one-use-retry");
+    let token = gw.issue_token("edge-eu", "dispatcher", 1).await;
+    let node = gw.node();
+    let key = NodeKey::new("n1");
+    let mut request = join_request(&node, &token.token, "n1", &key).await;
+    request.idempotency_key = Some("3b1f9a0c-retry".into());
+    let first = post_join(&node, &request).await;
+    assert_eq!(
+        first.status,
+        200,
+        "{}",
+        String::from_utf8_lossy(&first.body)
+    );
+    let retry = post_join(&node, &request).await;
+    assert_eq!(
+        retry.status,
+        200,
+        "{}",
+        String::from_utf8_lossy(&retry.body)
+    );
+    assert_eq!(retry.body, first.body);
+    // Without the key, the token is spent.
+    let mut again = join_request(&node, &token.token, "n1", &key).await;
+    again.idempotency_key = None;
+    let refused = post_join(&node, &again).await;
+    assert_eq!(refused.status, 409);
+    assert_eq!(problem(&refused).reason, "token-exhausted");
+}

@@ -1,6 +1,7 @@
 //! `POST /v1/bootstrap/join`, top to bottom (after the envelope in `api` checked the global
-//! and per-IP rate limits and read the body): parse → token → rate limits → token state →
-//! CSR proof of possession → idempotent retry → policy selection and evidence schema →
+//! and per-IP rate limits and read the body): parse → token → rate limits → token and nonce
+//! pre-check → CSR proof of possession → idempotent retry → use count → policy selection and
+//! evidence schema →
 //! attestation → policy decision → mint → one transaction that consumes the use, records the
 //! identity and audits → response.
 //!
@@ -52,14 +53,20 @@ pub(super) async fn join(
         .check_token(&claims.id.to_string(), &claims.cluster)
         .map_err(|l| limited(gw, l))?;
     let (record, nonce_used) = gw.store.precheck(claims.id, &evidence.nonce).await?;
-    let uses_left = usable(record, now_ms / 1000)?;
+    let record = record.ok_or(ApiError::TokenUnknown)?;
+    if record.revoked_at.is_some() {
+        return Err(ApiError::TokenRevoked);
+    }
 
+    // A retry after a lost response comes before the use count: a one-use token's only use
+    // went to the request being retried, and the retry must get that answer, not a 409.
     let csr = identity::verify_csr(&req.csr, MAX_CSR)?;
     if let Some(replayed) =
         idempotent_replay(gw, cx, &claims, req.idempotency_key.as_deref(), &csr).await?
     {
         return Ok(replayed);
     }
+    let uses_left = usable(record, now_ms / 1000)?;
 
     let set = gw.policies.current().ok_or(ApiError::NoPolicy)?;
     let bound = set
@@ -98,7 +105,8 @@ pub(super) async fn join(
     })?;
 
     let response = respond(gw, bound, &svid, &grant);
-    let body = serde_json::to_string(&response).map_err(|e| ApiError::Malformed(e.to_string()))?;
+    // Serialising strings and integers cannot fail.
+    let body = serde_json::to_string(&response).unwrap_or_default();
     let outcome = gw
         .store
         .issue(IssueRecord {
@@ -151,8 +159,7 @@ pub(super) fn limited(gw: &Gateway, limited: crate::limits::Limited) -> ApiError
 
 /// The token's registered state: revoked and exhausted tokens stop here, before any policy or
 /// crypto work. (The final transaction checks again, atomically.)
-fn usable(record: Option<TokenRecord>, now: u64) -> Result<u32, ApiError> {
-    let record = record.ok_or(ApiError::TokenUnknown)?;
+fn usable(record: TokenRecord, now: u64) -> Result<u32, ApiError> {
     match record.status(now) {
         TokenStatus::Usable { uses_left } => Ok(uses_left),
         TokenStatus::Revoked => Err(ApiError::TokenRevoked),
