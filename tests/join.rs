@@ -8,7 +8,6 @@
     reason = "a failed unwrap is a failed test"
 )]
 
-use gateway::api::wire::JoinResponse;
 use omnirelay_e2e::*;
 use rustls_pki_types::CertificateDer;
 use rustls_pki_types::pem::PemObject;
@@ -19,18 +18,7 @@ async fn a_node_joins_and_its_svid_verifies_against_the_served_bundle() {
     let token = gw.issue_token("edge-eu", "dispatcher", 1).await;
     let node = gw.node();
     let key = NodeKey::new("dispatcher-07");
-    let reply = post_join(
-        &node,
-        &join_request(&node, &token.token, "dispatcher-07", &key).await,
-    )
-    .await;
-    assert_eq!(
-        reply.status,
-        200,
-        "{}",
-        String::from_utf8_lossy(&reply.body)
-    );
-    let joined: JoinResponse = serde_json::from_slice(&reply.body).unwrap();
+    let joined = join_as(&node, &token.token, "dispatcher-07", &key).await;
 
     let want =
         format!("spiffe://{TRUST_DOMAIN}/cluster/edge-eu/role/dispatcher/node/dispatcher-07");
@@ -70,18 +58,7 @@ async fn a_csr_asking_for_ca_and_extra_names_still_gets_a_plain_leaf_with_only_t
             rcgen::SanType::URI("spiffe://evil.example/admin".try_into().unwrap()),
         ];
     });
-    let reply = post_join(
-        &node,
-        &join_request(&node, &token.token, "relay-1", &key).await,
-    )
-    .await;
-    assert_eq!(
-        reply.status,
-        200,
-        "{}",
-        String::from_utf8_lossy(&reply.body)
-    );
-    let joined: JoinResponse = serde_json::from_slice(&reply.body).unwrap();
+    let joined = join_as(&node, &token.token, "relay-1", &key).await;
 
     let der = CertificateDer::from_pem_slice(joined.certificate_chain.as_bytes()).unwrap();
     let (_, cert) = x509_parser::parse_x509_certificate(&der).unwrap();

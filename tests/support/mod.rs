@@ -474,9 +474,17 @@ pub async fn join_request(
 
 /// A fresh node `name` joins with `token`; the join must succeed.
 pub async fn join_ok(gw: &Gateway, token: &str, name: &str) -> gateway::api::wire::JoinResponse {
-    let node = gw.node();
-    let request = join_request(&node, token, name, &NodeKey::new(name)).await;
-    let reply = post_join(&node, &request).await;
+    join_as(&gw.node(), token, name, &NodeKey::new(name)).await
+}
+
+/// A join with `key` that must succeed: the response, parsed.
+pub async fn join_as(
+    node: &GatewayClient,
+    token: &str,
+    name: &str,
+    key: &NodeKey,
+) -> gateway::api::wire::JoinResponse {
+    let reply = post_join(node, &join_request(node, token, name, key).await).await;
     assert_eq!(
         reply.status,
         200,

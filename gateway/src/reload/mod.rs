@@ -166,7 +166,7 @@ pub struct Attempt {
 }
 
 /// What is remembered on disk between runs.
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 struct Persisted {
     commit: Option<String>,
     pinned: Option<String>,

@@ -23,21 +23,16 @@ struct Candidate {
 impl Inner {
     pub(super) async fn poll(self: &Arc<Self>) -> Result<Option<Version>, ReloadError> {
         let _one = self.busy.lock().await;
-        let this = self.clone();
-        let fetched = tokio::task::spawn_blocking(move || {
-            let mirror = this
-                .mirror
-                .lock()
-                .map_err(|_| ReloadError::Fetch("mirror lock poisoned".into()))?;
-            mirror
-                .fetch()
-                .map_err(|e| ReloadError::Fetch(e.to_string()))?;
-            mirror
-                .candidate(&this.config.track)
-                .map_err(|e| ReloadError::Fetch(e.to_string()))
-        })
-        .await
-        .map_err(|e| ReloadError::Fetch(e.to_string()))?;
+        let fetched = self
+            .with_mirror(|this, mirror| {
+                mirror
+                    .fetch()
+                    .map_err(|e| ReloadError::Fetch(e.to_string()))?;
+                mirror
+                    .candidate(&this.config.track)
+                    .map_err(|e| ReloadError::Fetch(e.to_string()))
+            })
+            .await;
         let candidate = match fetched {
             Ok(Some(oid)) => oid,
             Ok(None) => {
@@ -83,27 +78,22 @@ impl Inner {
         by: &str,
     ) -> Result<Version, ReloadError> {
         let _one = self.busy.lock().await;
-        let this = self.clone();
         let spec = target.to_string();
-        let commit = tokio::task::spawn_blocking(move || {
-            let mirror = this
-                .mirror
-                .lock()
-                .map_err(|_| ReloadError::Fetch("mirror lock poisoned".into()))?;
-            // A version number names its tag; anything else is a tag, branch or commit id.
-            [
-                format!("refs/tags/v{spec}"),
-                format!("refs/tags/{spec}"),
-                spec.clone(),
-            ]
-            .iter()
-            .find_map(|s| mirror.resolve(s).ok())
-            .ok_or_else(|| {
-                ReloadError::NotFound(format!("nothing named {spec:?} in the policy mirror"))
+        let commit = self
+            .with_mirror(move |_, mirror| {
+                // A version number names its tag; anything else is a tag, branch or commit id.
+                [
+                    format!("refs/tags/v{spec}"),
+                    format!("refs/tags/{spec}"),
+                    spec.clone(),
+                ]
+                .iter()
+                .find_map(|s| mirror.resolve(s).ok())
+                .ok_or_else(|| {
+                    ReloadError::NotFound(format!("nothing named {spec:?} in the policy mirror"))
+                })
             })
-        })
-        .await
-        .map_err(|e| ReloadError::Fetch(e.to_string()))??;
+            .await?;
         let version = self.activate(commit, true, "pin").await?;
         self.update(|status, persisted| {
             status.pinned = Some(target.to_string());
@@ -200,10 +190,9 @@ impl Inner {
         any_age: bool,
         read_version: &mut Option<String>,
     ) -> Result<PolicySet, ReloadError> {
-        let this = self.clone();
-        let candidate = tokio::task::spawn_blocking(move || this.read_candidate(commit, any_age))
-            .await
-            .map_err(|e| ReloadError::Fetch(e.to_string()))??;
+        let candidate = self
+            .with_mirror(move |this, mirror| this.read_candidate(mirror, commit, any_age))
+            .await?;
         *read_version = Some(candidate.manifest.version.clone());
         let bindings: Vec<_> = candidate.bindings.iter().map(|(b, _)| b.clone()).collect();
         let commit_text = commit.to_string();
@@ -226,11 +215,12 @@ impl Inner {
     }
 
     /// The git stages: ancestry, signature, manifest schema, digests.
-    fn read_candidate(&self, commit: Oid, any_age: bool) -> Result<Candidate, ReloadError> {
-        let mirror = self
-            .mirror
-            .lock()
-            .map_err(|_| ReloadError::Fetch("mirror lock poisoned".into()))?;
+    fn read_candidate(
+        &self,
+        mirror: &super::git::Mirror,
+        commit: Oid,
+        any_age: bool,
+    ) -> Result<Candidate, ReloadError> {
         let git = |e: super::GitError| ReloadError::NotFound(e.to_string());
         if !any_age
             && let Some(active) = self.pin_and_active().1
@@ -291,13 +281,36 @@ impl Inner {
             .unwrap_or((None, None))
     }
 
-    /// Changes the status and the persisted record together, writing the record atomically.
+    /// Runs `f` on the mirror on a blocking thread: git2 blocks, and its repository is not
+    /// `Sync`, so every use goes through the mirror's lock.
+    async fn with_mirror<T: Send + 'static>(
+        self: &Arc<Self>,
+        f: impl FnOnce(&Inner, &super::git::Mirror) -> Result<T, ReloadError> + Send + 'static,
+    ) -> Result<T, ReloadError> {
+        let this = self.clone();
+        tokio::task::spawn_blocking(move || {
+            let mirror = this
+                .mirror
+                .lock()
+                .map_err(|_| ReloadError::Fetch("mirror lock poisoned".into()))?;
+            f(&this, &mirror)
+        })
+        .await
+        .map_err(|e| ReloadError::Fetch(e.to_string()))?
+    }
+
+    /// Changes the status and the persisted record together; the record is rewritten
+    /// (atomically) only when it changed, not at every poll.
     fn update(&self, change: impl FnOnce(&mut super::Status, &mut Persisted)) {
         let Ok(mut state) = self.state.lock() else {
             return;
         };
         let (status, persisted) = &mut *state;
+        let before = persisted.clone();
         change(status, persisted);
+        if *persisted == before {
+            return;
+        }
         let path = self.config.cache_dir.join("active.json");
         if let Ok(json) = serde_json::to_vec_pretty(persisted)
             && let Err(e) = crate::secrets::write_file(&path, &json, 0o644)
