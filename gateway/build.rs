@@ -15,6 +15,7 @@ const POLICIES: &[&str] = &[
     "fixture-huge-result",
     "fixture-wrong-wit",
     "fixture-wasi-env",
+    "fixture-grant",
 ];
 
 fn main() {

@@ -13,7 +13,8 @@ use std::path::Path;
 
 use omnirelay_e2e::*;
 
-/// A device CA and one device certificate (CN `device-0042`) written under `dir`.
+/// A device CA and one device certificate (CN `sec-1`, the node it may join as) written under
+/// `dir`.
 fn device_pki(dir: &Path, name: &str) -> (String, String, String) {
     let ca_key = rcgen::KeyPair::generate().unwrap();
     let mut ca = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
@@ -31,7 +32,7 @@ fn device_pki(dir: &Path, name: &str) -> (String, String, String) {
     let mut device = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
     device
         .distinguished_name
-        .push(rcgen::DnType::CommonName, "device-0042");
+        .push(rcgen::DnType::CommonName, "sec-1");
     device.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ClientAuth];
     let device_cert = device.signed_by(&device_key, &issuer).unwrap();
 
@@ -127,11 +128,23 @@ async fn a_device_with_verified_secure_boot_joins_the_secure_cluster_and_nothing
         "{out}"
     );
 
+    // The same device under another node's name: the name is the device certificate's.
+    let (ok, out) = join(
+        &gw,
+        &token.token,
+        "sec-9",
+        &[&device[..], &["--claim", "secure-boot=true"]].concat(),
+    );
+    assert!(
+        !ok && out.contains("stage attestation") && out.contains("node-not-device"),
+        "{out}"
+    );
+
     // Device attestation that reports secure boot off.
     let (ok, out) = join(
         &gw,
         &token.token,
-        "sec-3",
+        "sec-1",
         &[&device[..], &["--claim", "secure-boot=false"]].concat(),
     );
     assert!(!ok && out.contains("posture-requirement"), "{out}");

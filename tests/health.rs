@@ -67,6 +67,8 @@ async fn the_token_endpoints_refuse_401_without_the_credential() {
         ttl_seconds: 900,
         max_uses: 1,
         issued_by: Some("intruder".into()),
+        node: None,
+        supersede: false,
     })
     .unwrap();
     let existing = gw.issue_token("edge-eu", "dispatcher", 1).await;

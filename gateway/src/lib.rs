@@ -17,5 +17,7 @@ pub mod policy;
 pub mod reload;
 pub mod secrets;
 pub mod server;
+pub mod state;
 pub mod store;
 pub mod token;
+pub mod wire;

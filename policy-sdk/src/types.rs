@@ -207,6 +207,42 @@ pub struct Request {
     pub extensions: Vec<Kv>,
 }
 
+/// Extension key: how the gateway bound `node-name` to something it verified — `device` (the
+/// x509pop device certificate's common name, the verified `device-id` claim), `token` (the
+/// token's `node` claim) or `none` (a fleet token: the name is the node's own choice, and only
+/// the gateway's one-live-identity-per-SPIFFE-ID rule protects it).
+pub const EXT_NODE_BINDING: &str = "omnirelay.node-binding";
+/// Extension key: the node name the token admits, when the token is bound to one.
+pub const EXT_TOKEN_NODE: &str = "omnirelay.token-node";
+/// Extension key: `true` when the token may supersede a live identity of the same SPIFFE ID.
+pub const EXT_SUPERSEDE: &str = "omnirelay.supersede";
+
+impl Request {
+    /// The value of an extension, if the gateway sent it.
+    pub fn extension(&self, key: &str) -> Option<&str> {
+        self.extensions
+            .iter()
+            .find(|kv| kv.key == key)
+            .map(|kv| kv.value.as_str())
+    }
+
+    /// The node's name as the gateway verified it: the device certificate's `device-id` under
+    /// x509pop, the token's `node` claim for a node-bound token, otherwise `None` (the
+    /// node chose its name itself). The gateway refuses a join whose `node-name` differs from
+    /// a bound name, so when this is `Some` it equals `node-name`; build identities from it.
+    pub fn verified_node_name(&self) -> Option<&str> {
+        if let Some(ClaimValue::Text(id)) = self.attestation.verified_claim("device-id") {
+            return Some(id);
+        }
+        self.extension(EXT_TOKEN_NODE)
+    }
+
+    /// [`Request::verified_node_name`] when there is one, else the self-chosen `node-name`.
+    pub fn node_identity(&self) -> &str {
+        self.verified_node_name().unwrap_or(&self.node_name)
+    }
+}
+
 /// Something the gateway must enforce when it issues, or refuse to issue.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]

@@ -250,13 +250,20 @@ impl Gateway {
         role: &str,
         max_uses: u32,
     ) -> IssueTokenResponse {
-        let request = IssueTokenRequest {
+        self.issue_token_with(IssueTokenRequest {
             cluster: cluster.into(),
             role: role.into(),
             ttl_seconds: 900,
             max_uses,
             issued_by: Some("e2e".into()),
-        };
+            node: None,
+            supersede: false,
+        })
+        .await
+    }
+
+    /// Issues the token `request` describes through the admin API.
+    pub async fn issue_token_with(&self, request: IssueTokenRequest) -> IssueTokenResponse {
         let reply = self
             .admin()
             .post("/admin/v1/tokens", serde_json::to_vec(&request).unwrap())
@@ -400,6 +407,8 @@ pub fn claims(cluster: &str, role: &str, max_uses: u32) -> Claims {
         not_before: now,
         expires_at: now + 600,
         max_uses,
+        node: None,
+        supersede: false,
     }
 }
 

@@ -293,6 +293,8 @@ async fn prepare(
                     ttl_seconds: 3600,
                     max_uses: 1,
                     issued_by: Some("bench".into()),
+                    node: None,
+                    supersede: false,
                 };
                 sender.ready().await?;
                 let request = hyper::Request::post("/admin/v1/tokens")
@@ -307,7 +309,7 @@ async fn prepare(
                     .serialize_request(&key)?
                     .pem()?;
                 out.push(Prepared {
-                    name: format!("node-{}", issued.id.split('-').next().unwrap_or("x")),
+                    name: format!("node-{}", issued.id),
                     token: issued.token,
                     csr,
                 });
@@ -351,6 +353,8 @@ fn crypto_ceiling(dir: &Path, per_thread: usize) -> BoxResult<f64> {
                 not_before: now,
                 expires_at: now + 3600,
                 max_uses: 1,
+                node: None,
+                supersede: false,
             };
             let key = rcgen::KeyPair::generate()?;
             let csr = rcgen::CertificateParams::default()

@@ -65,6 +65,8 @@ async fn run(joins: usize) -> BoxResult<()> {
             not_before: now,
             expires_at: now + 3600,
             issued_by: "bench".into(),
+            node: None,
+            supersede: false,
         };
         store.register_token(token, event).await?;
     }
@@ -147,7 +149,7 @@ fn record(token: TokenId, i: usize, now: u64) -> BoxResult<IssueRecord> {
             matched_rules: vec!["cluster-role-listed".into()],
             policy,
         },
-        client_ip: "127.0.0.1".into(),
+        supersede: false,
         now,
     })
 }

@@ -16,6 +16,7 @@ use tokio::sync::Mutex;
 use tokio_rustls::TlsConnector;
 
 use super::AgentError;
+use super::verify::GatewayVerifier;
 
 /// Connect and handshake deadline.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
@@ -68,11 +69,13 @@ impl GatewayClient {
         let server_name = ServerName::try_from(host.to_string())
             .map_err(|_| AgentError::Usage(format!("{host:?} is not a host name or address")))?;
         let mut roots = rustls::RootCertStore::empty();
+        let mut bundle = Vec::new();
         for cert in CertificateDer::pem_slice_iter(ca_bundle) {
             let cert = cert.map_err(|e| AgentError::Usage(format!("CA bundle: {e}")))?;
             roots
-                .add(cert)
+                .add(cert.clone())
                 .map_err(|e| AgentError::Usage(format!("CA bundle: {e}")))?;
+            bundle.push(cert);
         }
         if roots.is_empty() {
             return Err(AgentError::Usage(
@@ -80,10 +83,13 @@ impl GatewayClient {
             ));
         }
         let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+        let verifier = GatewayVerifier::new(roots, &bundle, provider.clone())
+            .map_err(|e| AgentError::Usage(format!("CA bundle: {e}")))?;
         let mut config = rustls::ClientConfig::builder_with_provider(provider)
             .with_safe_default_protocol_versions()
             .map_err(|e| AgentError::Usage(e.to_string()))?
-            .with_root_certificates(roots)
+            .dangerous()
+            .with_custom_certificate_verifier(Arc::new(verifier))
             .with_no_client_auth();
         config.alpn_protocols = vec![b"http/1.1".to_vec()];
         Ok(Self {

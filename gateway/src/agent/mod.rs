@@ -3,6 +3,7 @@
 //! jitter honouring `Retry-After`, and write key, certificate and bundle atomically.
 
 mod client;
+mod verify;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -21,9 +22,9 @@ use sha2::{Digest, Sha256};
 
 pub use client::{GatewayClient, Reply};
 
-use crate::api::wire::{Challenge, JoinRequest, JoinResponse, Problem};
 use crate::attest::{Evidence, X509Pop, pop_payload};
 use crate::secrets;
+use crate::wire::{Challenge, JoinRequest, JoinResponse, Problem};
 
 /// A join could not complete.
 #[derive(Debug, thiserror::Error)]

@@ -12,16 +12,16 @@ use hyper::body::Incoming;
 use hyper::{Request, Response};
 use tracing::Instrument;
 
-use super::wire::{
+use super::{ApiError, body, json, parse_json, readyz, rescue};
+use crate::audit::AuditEvent;
+use crate::server::{Handler, Peer};
+use crate::state::Gateway;
+use crate::store::TokenRecord;
+use crate::token::{Claims, TokenId};
+use crate::wire::{
     IssueTokenRequest, IssueTokenResponse, PinRequest, ReloadResponse, RevokeRequest,
     RevokeResponse, UnpinRequest,
 };
-use super::{ApiError, body, json, parse_json, readyz, rescue};
-use crate::app::Gateway;
-use crate::audit::AuditEvent;
-use crate::server::{Handler, Peer};
-use crate::store::TokenRecord;
-use crate::token::{Claims, TokenId};
 
 /// Largest admin request body.
 const MAX_ADMIN_BODY: usize = 16 << 10;
@@ -176,6 +176,8 @@ async fn issue(gw: &Gateway, req: IssueTokenRequest) -> Result<IssueTokenRespons
         not_before: now,
         expires_at: now + req.ttl_seconds,
         max_uses: req.max_uses,
+        node: req.node,
+        supersede: req.supersede,
     };
     claims
         .validate()
@@ -189,6 +191,8 @@ async fn issue(gw: &Gateway, req: IssueTokenRequest) -> Result<IssueTokenRespons
         not_before: claims.not_before,
         expires_at: claims.expires_at,
         issued_by: req.issued_by.unwrap_or_else(|| "admin-api".into()),
+        node: claims.node.clone(),
+        supersede: claims.supersede,
     };
     let record = TokenRecord {
         id: claims.id,

@@ -14,15 +14,15 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use bytes::Bytes;
 use policy_sdk as sdk;
 
-use super::wire::{JoinRequest, JoinResponse, PolicyVersion};
 use super::{ApiError, JoinContext, parse_json};
-use crate::app::Gateway;
 use crate::attest::{Checked, Evidence};
 use crate::audit::AuditEvent;
 use crate::identity::{self, MintRequest, SpiffeId, Svid, VerifiedCsr};
-use crate::policy::{BoundPolicy, Grant, Verdict};
+use crate::policy::{BoundPolicy, Grant, PolicySet, Verdict};
+use crate::state::Gateway;
 use crate::store::{IdentityRecord, IssueOutcome, IssueRecord, TokenRecord, TokenStatus};
-use crate::token::Claims;
+use crate::token::{Claims, NODE_NAME_RULE, is_node_name};
+use crate::wire::{JoinRequest, JoinResponse, PolicyVersion};
 use serde::Deserialize;
 
 /// Largest CSR accepted, bytes of PEM.
@@ -30,20 +30,60 @@ const MAX_CSR: usize = 16 << 10;
 /// Longest idempotency key.
 const MAX_IDEMPOTENCY_KEY: usize = 128;
 
+/// The join pipeline. Each step is a named function below; each refuses with a typed error
+/// that `problem::rescue` turns into the response and the envelope audits.
 pub(super) async fn join(
     gw: &Gateway,
     cx: &mut JoinContext,
     body: &[u8],
     client_ip: IpAddr,
 ) -> Result<Bytes, ApiError> {
+    let (req, evidence) = parse_request(cx, body)?;
+    let now_ms = gw.now_ms();
+    let (claims, token, nonce_used) = authenticate(gw, cx, &req, &evidence, now_ms).await?;
+    // A retry after a lost response comes before the use count: a one-use token's only use
+    // went to the request being retried, and the retry must get that answer, not a 409.
+    let csr = identity::verify_csr(&req.csr, MAX_CSR)?;
+    if let Some(earlier) = idempotent_replay(gw, cx, &claims, &req, &csr).await? {
+        return Ok(earlier);
+    }
+    let uses_left = usable(token, now_ms / 1000)?;
+    let set = gw.policies.current().ok_or(ApiError::NoPolicy)?;
+    let bound = select_policy(cx, &set, &claims, &req)?;
+    let checked = attest(gw, &req, &evidence, &csr, nonce_used, now_ms)?;
+    let request = policy_request(&claims, uses_left, &checked, &csr, &req, client_ip, now_ms);
+    let grant = decide(gw, cx, bound, &request).await?;
+    let svid = mint(gw, &csr, &grant)?;
+    record(
+        gw, cx, bound, &claims, req, &csr, checked, &svid, &grant, now_ms,
+    )
+    .await
+}
+
+/// The body: JSON of the expected shape, a valid node name and idempotency key, evidence of a
+/// known kind.
+fn parse_request(cx: &mut JoinContext, body: &[u8]) -> Result<(JoinRequest, Evidence), ApiError> {
     let req: JoinRequest = parse_json(body)?;
-    check_node_name(&req.node_name)?;
+    if !is_node_name(&req.node_name) {
+        return Err(ApiError::Malformed(format!("node_name {NODE_NAME_RULE}")));
+    }
     check_idempotency_key(req.idempotency_key.as_deref())?;
     cx.node = Some(req.node_name.clone());
     let evidence = Evidence::deserialize(&req.attestation)
         .map_err(|e| ApiError::Malformed(format!("attestation: {e}")))?;
+    Ok((req, evidence))
+}
 
-    let now_ms = gw.now_ms();
+/// The token: signature, time window and audience (no database), the per-token and
+/// per-cluster limits, the node it is bound to, then its registered state and the nonce's in
+/// one read.
+async fn authenticate(
+    gw: &Gateway,
+    cx: &mut JoinContext,
+    req: &JoinRequest,
+    evidence: &Evidence,
+    now_ms: u64,
+) -> Result<(Claims, TokenRecord, bool), ApiError> {
     let claims = gw.verifier.verify(&req.token, now_ms / 1000)?;
     tracing::Span::current().record("token", tracing::field::display(claims.id));
     cx.token_id = Some(claims.id.to_string());
@@ -52,23 +92,28 @@ pub(super) async fn join(
     gw.limits
         .check_token(&claims.id.to_string(), &claims.cluster)
         .map_err(|l| limited(gw, l))?;
+    if let Some(bound) = &claims.node
+        && *bound != req.node_name
+    {
+        return Err(ApiError::NodeMismatch {
+            bound: bound.clone(),
+        });
+    }
     let (record, nonce_used) = gw.store.precheck(claims.id, &evidence.nonce).await?;
     let record = record.ok_or(ApiError::TokenUnknown)?;
     if record.revoked_at.is_some() {
         return Err(ApiError::TokenRevoked);
     }
+    Ok((claims, record, nonce_used))
+}
 
-    // A retry after a lost response comes before the use count: a one-use token's only use
-    // went to the request being retried, and the retry must get that answer, not a 409.
-    let csr = identity::verify_csr(&req.csr, MAX_CSR)?;
-    if let Some(replayed) =
-        idempotent_replay(gw, cx, &claims, req.idempotency_key.as_deref(), &csr).await?
-    {
-        return Ok(replayed);
-    }
-    let uses_left = usable(record, now_ms / 1000)?;
-
-    let set = gw.policies.current().ok_or(ApiError::NoPolicy)?;
+/// The policy that decides for the token's cluster and role, and its evidence schema.
+fn select_policy<'s>(
+    cx: &mut JoinContext,
+    set: &'s PolicySet,
+    claims: &Claims,
+    req: &JoinRequest,
+) -> Result<&'s BoundPolicy, ApiError> {
     let bound = set
         .select(&claims.cluster, &claims.role)
         .ok_or(ApiError::NoPolicyBinding)?;
@@ -76,37 +121,63 @@ pub(super) async fn join(
     bound
         .check_evidence(&req.attestation)
         .map_err(ApiError::EvidenceSchema)?;
+    Ok(bound)
+}
+
+/// The evidence: nonce (not consumed by any join), freshness, and under `x509pop` the device
+/// signature, which also binds the node name to the device.
+fn attest(
+    gw: &Gateway,
+    req: &JoinRequest,
+    evidence: &Evidence,
+    csr: &VerifiedCsr,
+    nonce_used: bool,
+    now_ms: u64,
+) -> Result<Checked, ApiError> {
     if nonce_used {
         return Err(crate::attest::AttestError::Replayed.into());
     }
-    let checked = gw
+    Ok(gw
         .attestor
-        .check(&evidence, &req.node_name, &csr.public_key_sha256(), now_ms)?;
+        .check(evidence, &req.node_name, &csr.public_key_sha256(), now_ms)?)
+}
 
-    let request = policy_request(
-        &claims,
-        uses_left,
-        &checked,
-        &csr,
-        &req.node_name,
-        client_ip,
-        now_ms,
-    );
-    let grant = decide(gw, cx, bound, &request).await?;
-
+/// The certificate for the grant: our trust domain plus the checked path, the CSR's key.
+fn mint(gw: &Gateway, csr: &VerifiedCsr, grant: &Grant) -> Result<Svid, ApiError> {
     let spiffe_id = SpiffeId::new(gw.trust_domain.clone(), grant.path.clone())
         .map_err(|e| ApiError::PolicyFailed(crate::policy::InvalidResult::Path(e).into()))?;
-    let svid = gw.ca.mint(&MintRequest {
-        csr: &csr,
+    Ok(gw.ca.mint(&MintRequest {
+        csr,
         spiffe_id: &spiffe_id,
         dns_sans: &grant.dns_sans,
         ttl: grant.ttl,
         now: SystemTime::now(),
-    })?;
+    })?)
+}
 
-    let response = respond(gw, bound, &svid, &grant);
+/// The final transaction: consume the use, record the identity (superseding a live one only
+/// when the token allows), audit, then answer. A refusal here keeps the policy's decision
+/// pending so the envelope audits it with the refusal.
+#[allow(clippy::too_many_arguments)] // The pipeline's products, each used once.
+async fn record(
+    gw: &Gateway,
+    cx: &mut JoinContext,
+    bound: &BoundPolicy,
+    claims: &Claims,
+    req: JoinRequest,
+    csr: &VerifiedCsr,
+    checked: Checked,
+    svid: &Svid,
+    grant: &Grant,
+    now_ms: u64,
+) -> Result<Bytes, ApiError> {
+    let response = respond(gw, bound, svid, grant);
     // Serialising strings and integers cannot fail.
     let body = serde_json::to_string(&response).unwrap_or_default();
+    let decision = cx
+        .pending
+        .pop()
+        .unwrap_or_else(|| decision_event(cx, "allow", None, None, &[]));
     let outcome = gw
         .store
         .issue(IssueRecord {
@@ -127,29 +198,37 @@ pub(super) async fn join(
             response: body.clone(),
             policy: bound.provenance.clone(),
             audit_notes: grant.audit_notes.clone(),
-            decision: std::mem::take(&mut cx.pending)
-                .pop()
-                .unwrap_or_else(|| decision_event(cx, "allow", None, None, &[])),
-            client_ip: cx.client_ip.clone(),
+            decision: decision.clone(),
+            supersede: claims.supersede,
             now: now_ms / 1000,
         })
         .await?;
-    // Past this point the store has audited the outcome, whatever it is.
-    cx.audited = true;
-    match outcome {
+    let refusal = match outcome {
         IssueOutcome::Issued { .. } => {
+            // The store audited the issuance with the decision.
+            cx.audited = true;
             gw.metrics.token_uses.inc();
-            Ok(Bytes::from(body))
+            return Ok(Bytes::from(body));
         }
-        IssueOutcome::Replayed(earlier) => Ok(Bytes::from(earlier)),
-        IssueOutcome::IdempotencyConflict => Err(ApiError::IdempotencyConflict),
-        IssueOutcome::Exhausted => Err(ApiError::TokenExhausted),
-        IssueOutcome::Revoked => Err(ApiError::TokenRevoked),
-        IssueOutcome::Expired => Err(ApiError::Token(crate::token::TokenError::Expired {
+        IssueOutcome::Replayed(earlier) => {
+            cx.audited = true;
+            return Ok(Bytes::from(earlier));
+        }
+        IssueOutcome::IdempotencyConflict => ApiError::IdempotencyConflict,
+        IssueOutcome::Exhausted => ApiError::TokenExhausted,
+        IssueOutcome::Revoked => ApiError::TokenRevoked,
+        IssueOutcome::Expired => ApiError::Token(crate::token::TokenError::Expired {
             expires_at: claims.expires_at,
-        })),
-        IssueOutcome::NonceReplayed => Err(crate::attest::AttestError::Replayed.into()),
-    }
+        }),
+        IssueOutcome::NonceReplayed => crate::attest::AttestError::Replayed.into(),
+        IssueOutcome::IdentityInUse => ApiError::IdentityInUse {
+            spiffe_id: svid.spiffe_id.to_string(),
+        },
+    };
+    // Nothing was written: the certificate is discarded, and the refusal audited with the
+    // policy's decision by the envelope.
+    cx.pending.push(decision);
+    Err(refusal)
 }
 
 pub(super) fn limited(gw: &Gateway, limited: crate::limits::Limited) -> ApiError {
@@ -177,10 +256,12 @@ async fn idempotent_replay(
     gw: &Gateway,
     cx: &mut JoinContext,
     claims: &Claims,
-    key: Option<&str>,
+    req: &JoinRequest,
     csr: &VerifiedCsr,
 ) -> Result<Option<Bytes>, ApiError> {
-    let Some(key) = key else { return Ok(None) };
+    let Some(key) = req.idempotency_key.as_deref() else {
+        return Ok(None);
+    };
     let Some((digest, earlier)) = gw.store.idempotent(claims.id, key).await? else {
         return Ok(None);
     };
@@ -201,7 +282,9 @@ async fn idempotent_replay(
     Ok(Some(Bytes::from(earlier)))
 }
 
-/// Runs the policy and records its decision (committed with the issuance or the refusal).
+/// Runs the policy and records its decision (committed with the issuance or the refusal). A
+/// grant of a DNS name outside the binding's suffixes or of one of the gateway's own names is
+/// the policy's error, like any invalid result.
 async fn decide(
     gw: &Gateway,
     cx: &mut JoinContext,
@@ -209,7 +292,17 @@ async fn decide(
     request: &sdk::Request,
 ) -> Result<Grant, ApiError> {
     let started = Instant::now();
-    let verdict = gw.host.evaluate(&bound.policy, request).await;
+    let verdict = gw
+        .host
+        .evaluate(&bound.policy, request)
+        .await
+        .and_then(|v| match v {
+            Verdict::Allow(grant) => match bound.admit(&grant, &gw.reserved_dns) {
+                Ok(()) => Ok(Verdict::Allow(grant)),
+                Err(invalid) => Err(invalid.into()),
+            },
+            deny => Ok(deny),
+        });
     let took = started.elapsed();
     match verdict {
         Ok(Verdict::Allow(grant)) => {
@@ -280,15 +373,35 @@ fn decision_event(
     }
 }
 
+/// What the policy sees. The node-binding facts travel as extensions (see
+/// `policy_sdk::EXT_NODE_BINDING`): how `node-name` was bound, and the token's bound node.
 fn policy_request(
     claims: &Claims,
     uses_left: u32,
     checked: &Checked,
     csr: &VerifiedCsr,
-    node: &str,
+    req: &JoinRequest,
     client_ip: IpAddr,
     now_ms: u64,
 ) -> sdk::Request {
+    let binding = if checked.attestation.kind == sdk::AttestationKind::X509pop {
+        "device"
+    } else if claims.node.is_some() {
+        "token"
+    } else {
+        "none"
+    };
+    let kv = |key: &str, value: &str| sdk::Kv {
+        key: key.into(),
+        value: value.into(),
+    };
+    let mut extensions = vec![kv(sdk::EXT_NODE_BINDING, binding)];
+    if let Some(node) = &claims.node {
+        extensions.push(kv(sdk::EXT_TOKEN_NODE, node));
+    }
+    if claims.supersede {
+        extensions.push(kv(sdk::EXT_SUPERSEDE, "true"));
+    }
     sdk::Request {
         kind: sdk::RequestKind::Join,
         token: sdk::TokenClaims {
@@ -303,10 +416,10 @@ fn policy_request(
         },
         attestation: checked.attestation.clone(),
         csr: csr.facts().clone(),
-        node_name: node.to_string(),
+        node_name: req.node_name.clone(),
         client_address: client_ip.to_string(),
         now_ms,
-        extensions: Vec::new(),
+        extensions,
     }
 }
 
@@ -338,23 +451,6 @@ fn unix(t: SystemTime) -> u64 {
     t.duration_since(UNIX_EPOCH)
         .unwrap_or(Duration::ZERO)
         .as_secs()
-}
-
-/// Node names become SPIFFE path segments and log fields: DNS-label characters only.
-fn check_node_name(name: &str) -> Result<(), ApiError> {
-    let ok = (1..=63).contains(&name.len())
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
-        && !name.starts_with('-')
-        && !name.ends_with('-');
-    if ok {
-        Ok(())
-    } else {
-        Err(ApiError::Malformed(
-            "node_name must be 1-63 characters of a-z, 0-9 and '-', not starting or ending with '-'".into(),
-        ))
-    }
 }
 
 fn check_idempotency_key(key: Option<&str>) -> Result<(), ApiError> {

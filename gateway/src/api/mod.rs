@@ -5,7 +5,9 @@
 mod admin;
 mod join;
 mod problem;
-pub mod wire;
+
+/// The JSON bodies, re-exported where clients have always found them.
+pub use crate::wire;
 
 use std::net::IpAddr;
 use std::sync::Arc;
@@ -21,9 +23,9 @@ use tracing::Instrument;
 pub use admin::AdminApi;
 pub use problem::{ApiError, rescue};
 
-use crate::app::Gateway;
 use crate::audit::AuditEvent;
 use crate::server::{Handler, Peer};
+use crate::state::Gateway;
 
 /// Deepest JSON nesting accepted in a request body.
 const MAX_JSON_DEPTH: usize = 16;

@@ -8,13 +8,13 @@ use http::{HeaderValue, StatusCode, header};
 use http_body_util::Full;
 use hyper::Response;
 
-use super::wire::Problem;
 use crate::attest::AttestError;
 use crate::identity::{CsrError, IdentityError};
 use crate::limits::Limited;
 use crate::policy::{PolicyError, Refusal};
 use crate::store::StoreError;
 use crate::token::TokenError;
+use crate::wire::Problem;
 
 /// A refused request.
 #[derive(Debug, thiserror::Error)]
@@ -73,6 +73,21 @@ pub enum ApiError {
     /// The store failed.
     #[error("store: {0}")]
     Store(#[from] StoreError),
+    /// The token admits one named node and the request named another.
+    #[error("this token admits only node {bound:?}")]
+    NodeMismatch {
+        /// The node the token is bound to.
+        bound: String,
+    },
+    /// The SPIFFE ID the policy granted has a live identity from another join, and the token
+    /// may not supersede it.
+    #[error(
+        "{spiffe_id} already has a live identity; a token issued with --supersede can replace it"
+    )]
+    IdentityInUse {
+        /// The contested SPIFFE ID.
+        spiffe_id: String,
+    },
     /// The idempotency key was used before with a different CSR.
     #[error("idempotency key already used with a different CSR")]
     IdempotencyConflict,
@@ -100,9 +115,11 @@ impl ApiError {
             Self::Malformed(_) | Self::NotFound | Self::MethodNotAllowed => "request",
             Self::TooLarge(_) | Self::SlowRequest(_) | Self::Shed => "transport",
             Self::RateLimited(_) => "limits",
-            Self::Token(_) | Self::TokenUnknown | Self::TokenRevoked | Self::TokenExhausted => {
-                "token"
-            }
+            Self::Token(_)
+            | Self::TokenUnknown
+            | Self::TokenRevoked
+            | Self::TokenExhausted
+            | Self::NodeMismatch { .. } => "token",
             Self::Csr(_) => "csr",
             Self::Attest(_) => "attestation",
             Self::EvidenceSchema(_) => "evidence-schema",
@@ -110,7 +127,7 @@ impl ApiError {
                 "policy"
             }
             Self::Mint(_) => "mint",
-            Self::Store(_) | Self::IdempotencyConflict => "record",
+            Self::Store(_) | Self::IdempotencyConflict | Self::IdentityInUse { .. } => "record",
             Self::Unauthorized => "admin",
             Self::NoPolicySource | Self::Reload(_) => "policy-reload",
         }
@@ -138,6 +155,8 @@ impl ApiError {
             Self::Mint(e) => e.reason().into(),
             Self::Store(_) => "store-unavailable".into(),
             Self::IdempotencyConflict => "idempotency-conflict".into(),
+            Self::NodeMismatch { .. } => "node-mismatch".into(),
+            Self::IdentityInUse { .. } => "identity-in-use".into(),
             Self::NotFound => "not-found".into(),
             Self::MethodNotAllowed => "method-not-allowed".into(),
             Self::Unauthorized => "unauthorized".into(),
@@ -154,13 +173,19 @@ impl ApiError {
             Self::Attest(
                 A::Stale { .. } | A::FromFuture { .. } | A::Claims(_) | A::ProofMismatch(_),
             ) => StatusCode::BAD_REQUEST,
+            Self::Attest(A::NotThisDevice { .. }) => StatusCode::FORBIDDEN,
             Self::Attest(_) => StatusCode::UNAUTHORIZED,
             Self::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             Self::SlowRequest(_) => StatusCode::REQUEST_TIMEOUT,
             Self::RateLimited(_) => StatusCode::TOO_MANY_REQUESTS,
             Self::Token(_) | Self::TokenUnknown | Self::Unauthorized => StatusCode::UNAUTHORIZED,
-            Self::TokenRevoked | Self::NoPolicyBinding | Self::Denied(_) => StatusCode::FORBIDDEN,
-            Self::TokenExhausted | Self::IdempotencyConflict => StatusCode::CONFLICT,
+            Self::TokenRevoked
+            | Self::NoPolicyBinding
+            | Self::Denied(_)
+            | Self::NodeMismatch { .. } => StatusCode::FORBIDDEN,
+            Self::TokenExhausted | Self::IdempotencyConflict | Self::IdentityInUse { .. } => {
+                StatusCode::CONFLICT
+            }
             Self::Shed | Self::NoPolicy | Self::PolicyFailed(_) | Self::Store(_) => {
                 StatusCode::SERVICE_UNAVAILABLE
             }

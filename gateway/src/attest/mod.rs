@@ -125,6 +125,12 @@ pub enum AttestError {
     /// The proof's signature does not verify under the device certificate's key.
     #[error("x509pop signature does not verify")]
     BadSignature,
+    /// Under x509pop the node's name is its device certificate's: the request named another.
+    #[error("the node name must be the device certificate's common name, {device:?}")]
+    NotThisDevice {
+        /// The verified device identity (the certificate's common name, bounded).
+        device: String,
+    },
 }
 
 impl AttestError {
@@ -141,7 +147,23 @@ impl AttestError {
             Self::NoDeviceCa => "no-device-ca",
             Self::UntrustedDevice(_) => "untrusted-device",
             Self::BadSignature => "bad-signature",
+            Self::NotThisDevice { .. } => "node-not-device",
         }
+    }
+}
+
+/// A device proves one identity: the node name it joins under must be its certificate's common
+/// name (the verified `device-id`), so one device key cannot mint identities for other nodes.
+fn bind_node_to_device(node: &str, device: &[sdk::Claim]) -> Result<(), AttestError> {
+    let id = device.iter().find_map(|c| match (&*c.name, &c.value) {
+        ("device-id", sdk::ClaimValue::Text(id)) => Some(id.as_str()),
+        _ => None,
+    });
+    match id {
+        Some(id) if id == node => Ok(()),
+        other => Err(AttestError::NotThisDevice {
+            device: other.unwrap_or_default().chars().take(64).collect(),
+        }),
     }
 }
 
@@ -217,6 +239,7 @@ impl Attestor {
                 }
                 let payload = pop_payload(evidence, node, csr_key);
                 let mut device = self.roots.verify(pop, &payload, now_ms / 1000)?;
+                bind_node_to_device(node, &device)?;
                 device.extend(claims);
                 (device, Vec::new())
             }

@@ -6,7 +6,7 @@ use aws_lc_rs::hmac;
 use aws_lc_rs::rand::{SecureRandom, SystemRandom};
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
-use serde::{Deserialize, Serialize};
+
 use std::time::Duration;
 
 use super::AttestError;
@@ -15,14 +15,8 @@ const RANDOM: usize = 16;
 const TAG: usize = 16;
 const LEN: usize = RANDOM + 8 + TAG;
 
-/// A challenge handed to a node.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Challenge {
-    /// Put this in the evidence.
-    pub nonce: String,
-    /// Unix seconds from which it is refused.
-    pub expires_at: u64,
-}
+/// A challenge handed to a node (a wire type).
+pub use crate::wire::Challenge;
 
 /// Issues and checks nonces.
 pub struct Challenges {

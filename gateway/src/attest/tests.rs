@@ -366,14 +366,12 @@ impl DeviceCa {
         roots.unwrap()
     }
 
-    /// A device certificate for `device-0042` (serial 42:00:42), valid until `until`.
+    /// A device certificate for [`NODE`] (serial 42:00:42), valid until `until`.
     fn device(&self, until: u64) -> Device {
         let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).unwrap();
         let mut params = CertificateParams::default();
         params.distinguished_name.remove(DnType::CommonName);
-        params
-            .distinguished_name
-            .push(DnType::CommonName, "device-0042");
+        params.distinguished_name.push(DnType::CommonName, NODE);
         params.serial_number = Some(SerialNumber::from(vec![0x42, 0x00, 0x42]));
         params.is_ca = IsCa::NoCa;
         params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
@@ -423,6 +421,29 @@ impl Device {
 const CERT_UNTIL: u64 = NOW_SECS + 365 * 86_400;
 
 #[test]
+fn a_device_joins_only_under_its_own_name() {
+    let ca = DeviceCa::new("Device CA");
+    let device = ca.device(CERT_UNTIL);
+    let attestor = attestor(ca.roots());
+    let nonce = attestor.challenge(NOW_MS).nonce;
+    // The device signs a proof for another node's name: the signature is good, the name is
+    // not the device's.
+    let evidence = device.evidence(&nonce, NOW_MS, ("node-8", &CSR_KEY), &device.key);
+    assert_eq!(
+        attestor
+            .check(&evidence, "node-8", &CSR_KEY, NOW_MS)
+            .unwrap_err(),
+        AttestError::NotThisDevice {
+            device: NODE.into()
+        }
+    );
+    // The nonce was not burnt by the refusal: the device's own join still works.
+    attestor
+        .check(&device.good(&nonce, NOW_MS), NODE, &CSR_KEY, NOW_MS)
+        .unwrap();
+}
+
+#[test]
 fn a_device_proves_possession_and_its_signed_claims_are_verified() {
     let ca = DeviceCa::new("Device CA");
     let device = ca.device(CERT_UNTIL);
@@ -434,7 +455,7 @@ fn a_device_proves_possession_and_its_signed_claims_are_verified() {
     let attestation = checked.attestation;
     assert_eq!(attestation.kind, AttestationKind::X509pop);
     let mut expected = vec![
-        claim("device-id", text("device-0042")),
+        claim("device-id", text(NODE)),
         claim("device-serial", text("420042")),
     ];
     expected.extend(posture_claims());
@@ -583,5 +604,77 @@ fn a_signed_claim_cannot_pose_as_the_device_identity() {
             AttestError::Claims("device-id and device-serial come from the device certificate"),
             "{name}"
         );
+    }
+}
+
+/// Generated evidence: whatever a network client sends as `attestation`, parsing and checking
+/// return a typed answer and never panic; nothing without a nonce this gateway issued passes.
+mod properties {
+    use proptest::prelude::*;
+
+    use super::*;
+
+    fn claim_value() -> impl Strategy<Value = serde_json::Value> {
+        prop_oneof![
+            any::<bool>().prop_map(serde_json::Value::from),
+            any::<i64>().prop_map(serde_json::Value::from),
+            ".{0,300}".prop_map(serde_json::Value::from),
+            Just(serde_json::Value::Null),
+        ]
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(256))]
+
+        #[test]
+        fn arbitrary_evidence_is_refused_without_panicking(
+            kind in prop_oneof![
+                Just("token-only".to_string()),
+                Just("x509pop".to_string()),
+                ".{0,12}",
+            ],
+            nonce in ".{0,120}",
+            issued_at_ms in any::<u64>(),
+            claims in proptest::collection::btree_map(".{0,80}", claim_value(), 0..40),
+            chain in proptest::collection::vec(".{0,200}", 0..6),
+            signature in ".{0,120}",
+        ) {
+            let raw = serde_json::json!({
+                "kind": kind,
+                "nonce": nonce,
+                "issued_at_ms": issued_at_ms,
+                "claims": claims,
+                "x509pop": { "chain": chain, "signature": signature },
+            });
+            let attestor = attestor(DeviceRoots::default());
+            if let Ok(evidence) = Evidence::deserialize(&raw) {
+                prop_assert!(attestor.check(&evidence, NODE, &CSR_KEY, NOW_MS).is_err());
+            }
+        }
+
+        /// A real nonce with arbitrary claims: accepted only within the claim bounds.
+        #[test]
+        fn claims_are_bounded(
+            claims in proptest::collection::btree_map("[a-z-]{0,80}", ".{0,300}", 0..40),
+        ) {
+            let attestor = attestor(DeviceRoots::default());
+            let nonce = attestor.challenge(NOW_MS).nonce;
+            let raw = serde_json::json!({
+                "kind": "token-only",
+                "nonce": nonce,
+                "issued_at_ms": NOW_MS,
+                "claims": claims,
+            });
+            let evidence = Evidence::deserialize(&raw).unwrap();
+            match attestor.check(&evidence, NODE, &CSR_KEY, NOW_MS) {
+                Ok(checked) => {
+                    prop_assert!(checked.attestation.self_reported.len() <= 32);
+                    for c in &checked.attestation.self_reported {
+                        prop_assert!(!c.name.is_empty() && c.name.len() <= 64);
+                    }
+                }
+                Err(e) => prop_assert!(matches!(e, AttestError::Claims(_)), "{e:?}"),
+            }
+        }
     }
 }

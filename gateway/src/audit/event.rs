@@ -26,6 +26,12 @@ pub enum AuditEvent {
         expires_at: u64,
         /// Who issued it (operator identity).
         issued_by: String,
+        /// The only node name the token admits, when it is bound to one.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        node: Option<String>,
+        /// Whether a join with it may replace a live identity of the same SPIFFE ID.
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        supersede: bool,
     },
     /// An operator revoked a bootstrap token.
     TokenRevoked {
@@ -108,6 +114,21 @@ pub enum AuditEvent {
         matched_rules: Vec<String>,
         /// The policy that allowed it.
         policy: PolicyRef,
+    },
+    /// A live identity was revoked because a join with a superseding token took its SPIFFE ID.
+    IdentitySuperseded {
+        /// The request id of the superseding join.
+        request_id: String,
+        /// The SPIFFE ID both certificates carry.
+        spiffe_id: String,
+        /// The serial of the revoked certificate, hex.
+        serial: String,
+        /// The token the revoked certificate was issued through.
+        token_id: String,
+        /// The serial of the certificate that replaces it, hex.
+        superseded_by: String,
+        /// The superseding token.
+        superseding_token_id: String,
     },
     /// A retried request was answered with an identity already issued (same idempotency key).
     IdentityReplayed {
@@ -220,6 +241,21 @@ impl AuditEvent {
                 serial,
                 ..
             } => vec![request_id, token_id, serial],
+            Self::IdentitySuperseded {
+                request_id,
+                spiffe_id,
+                serial,
+                token_id,
+                superseded_by,
+                superseding_token_id,
+            } => vec![
+                request_id,
+                spiffe_id,
+                serial,
+                token_id,
+                superseded_by,
+                superseding_token_id,
+            ],
             Self::RateLimited { .. } | Self::PolicyUnpinned { .. } => Vec::new(),
             Self::PolicyActivated { commit, .. }
             | Self::PolicyRejected { commit, .. }
@@ -236,6 +272,7 @@ impl AuditEvent {
             Self::PolicyDecision { .. } => "policy-decision",
             Self::IdentityIssued { .. } => "identity-issued",
             Self::IdentityReplayed { .. } => "identity-replayed",
+            Self::IdentitySuperseded { .. } => "identity-superseded",
             Self::RateLimited { .. } => "rate-limited",
             Self::PolicyActivated { .. } => "policy-activated",
             Self::PolicyRejected { .. } => "policy-rejected",

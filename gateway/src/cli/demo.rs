@@ -12,9 +12,9 @@ use http::StatusCode;
 use super::init::{InitOptions, init};
 use super::token::{expect, rfc3339};
 use crate::agent::{self, Backoff, GatewayClient, JoinOptions};
-use crate::api::wire::{IssueTokenRequest, IssueTokenResponse};
 use crate::config::Config;
 use crate::identity::TrustDomain;
+use crate::wire::{IssueTokenRequest, IssueTokenResponse};
 
 pub(super) async fn demo(dir: Option<PathBuf>) -> anyhow::Result<ExitCode> {
     let dir = dir.unwrap_or_else(|| {
@@ -56,6 +56,8 @@ pub(super) async fn demo(dir: Option<PathBuf>) -> anyhow::Result<ExitCode> {
         ttl_seconds: 900,
         max_uses: 1,
         issued_by: Some("demo".into()),
+        node: None,
+        supersede: false,
     };
     let issued: IssueTokenResponse = expect(
         admin

@@ -9,9 +9,9 @@ use clap::Subcommand;
 use http::StatusCode;
 
 use super::publish;
-use crate::api::wire::{PinRequest, ReloadResponse, UnpinRequest};
 use crate::policy::{Metering, PolicyConfig, PolicyHost, vectors};
 use crate::reload::Manifest;
+use crate::wire::{PinRequest, ReloadResponse, UnpinRequest};
 
 #[derive(Debug, Subcommand)]
 pub(super) enum PolicyCommand {

@@ -49,6 +49,8 @@ struct SourcePolicy {
     vectors: Option<String>,
     #[serde(default)]
     fuel_budget: Option<u64>,
+    #[serde(default)]
+    dns_suffixes: Vec<String>,
 }
 
 /// The source manifest's file name.
@@ -94,6 +96,7 @@ pub(super) fn build(source: &Path) -> anyhow::Result<Built> {
             evidence_schema: p.evidence_schema.clone(),
             vectors: p.vectors.clone(),
             fuel_budget: p.fuel_budget,
+            dns_suffixes: p.dns_suffixes.clone(),
         });
     }
     Ok(Built {

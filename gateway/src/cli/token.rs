@@ -8,9 +8,9 @@ use clap::{Args, Subcommand, ValueEnum};
 use http::StatusCode;
 
 use crate::agent::GatewayClient;
-use crate::api::wire::{IssueTokenRequest, IssueTokenResponse, RevokeRequest, RevokeResponse};
 use crate::config::Config;
 use crate::store::TokenRecord;
+use crate::wire::{IssueTokenRequest, IssueTokenResponse, RevokeRequest, RevokeResponse};
 
 /// Where the admin API is and how to authenticate.
 #[derive(Debug, Args)]
@@ -78,6 +78,14 @@ pub(super) enum TokenCommand {
         /// Joins it allows.
         #[arg(long, default_value_t = 1)]
         max_uses: u32,
+        /// Admit only the node of this name: a join naming another node is refused.
+        #[arg(long)]
+        node: Option<String>,
+        /// Let a join with this token replace a live identity of the same SPIFFE ID, revoking
+        /// the old one (re-provisioning a node whose key was lost). Without it such a join is
+        /// refused with 409 `identity-in-use`.
+        #[arg(long)]
+        supersede: bool,
         /// Output format.
         #[arg(long, value_enum, default_value_t = Output::Human)]
         output: Output,
@@ -111,6 +119,8 @@ pub(super) async fn run(cmd: TokenCommand) -> anyhow::Result<ExitCode> {
             role,
             ttl,
             max_uses,
+            node,
+            supersede,
             output,
             admin,
         } => {
@@ -121,6 +131,8 @@ pub(super) async fn run(cmd: TokenCommand) -> anyhow::Result<ExitCode> {
                 ttl_seconds: ttl.as_secs(),
                 max_uses,
                 issued_by: Some(format!("cli:{}", whoami())),
+                node,
+                supersede,
             };
             let reply = admin
                 .client()?
@@ -197,7 +209,7 @@ pub(super) fn expect<T: serde::de::DeserializeOwned>(
 ) -> anyhow::Result<T> {
     if reply.status != want {
         let text = String::from_utf8_lossy(&reply.body);
-        match serde_json::from_slice::<crate::api::wire::Problem>(&reply.body) {
+        match serde_json::from_slice::<crate::wire::Problem>(&reply.body) {
             Ok(p) => bail!(
                 "refused ({} at stage {}, {}): {}",
                 p.status,

@@ -529,6 +529,11 @@ impl Validator<'_> {
                 }
             }
         };
+        for suffix in &raw.dns_suffixes {
+            if let Err(why) = crate::policy::check_dns_suffix(suffix) {
+                self.problem(&format!("{key}.dns_suffixes"), format!("{suffix:?}: {why}"));
+            }
+        }
         let or_any = |list: Vec<String>| {
             if list.is_empty() {
                 vec!["*".to_string()]
@@ -543,6 +548,7 @@ impl Validator<'_> {
             roles: or_any(raw.roles),
             settings,
             evidence_schema,
+            dns_suffixes: raw.dns_suffixes,
         })
     }
 

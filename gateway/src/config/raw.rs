@@ -145,6 +145,8 @@ pub struct RawBinding {
     pub roles: Vec<String>,
     pub settings: Option<toml::Table>,
     pub evidence_schema: Option<String>,
+    #[serde(default)]
+    pub dns_suffixes: Vec<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]

@@ -595,3 +595,86 @@ fn a_p384_ca_issues_and_is_described_as_p384() {
         point[49..97]
     );
 }
+
+/// Generated input for the parsers a network client or a policy reaches: CSR intake and SPIFFE
+/// IDs and paths. No input panics; every refusal is a typed error; what is accepted satisfies
+/// the SPIFFE rules, checked independently of the parser.
+mod properties {
+    use base64::Engine;
+    use proptest::prelude::*;
+
+    use super::*;
+
+    /// The SPIFFE path rules, written out again without the parser.
+    fn is_spiffe_path(p: &str) -> bool {
+        p.len() <= MAX_SPIFFE_ID_LEN
+            && p.len() > 1
+            && p.starts_with('/')
+            && p[1..].split('/').all(|s| {
+                !s.is_empty()
+                    && s != "."
+                    && s != ".."
+                    && s.chars()
+                        .all(|c| c.is_ascii_alphanumeric() || ".-_".contains(c))
+            })
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(512))]
+
+        #[test]
+        fn arbitrary_text_as_a_csr_is_refused(text in ".{0,2000}") {
+            prop_assert!(verify_csr(&text, LIMIT).is_err());
+        }
+
+        /// PEM armour around noise: the shape of a CSR, the content of garbage.
+        #[test]
+        fn pem_wrapped_noise_is_refused(der in proptest::collection::vec(any::<u8>(), 0..3000)) {
+            let b64 = base64::engine::general_purpose::STANDARD.encode(&der);
+            let pem = format!(
+                "-----BEGIN CERTIFICATE REQUEST-----\n{b64}\n-----END CERTIFICATE REQUEST-----\n"
+            );
+            prop_assert!(verify_csr(&pem, LIMIT).is_err());
+        }
+
+        /// A real CSR with one byte flipped anywhere in its DER: refused (the signature or the
+        /// structure breaks) or, when the flip lands in an ignored spot, still the same key.
+        #[test]
+        fn a_flipped_byte_in_a_real_csr_never_panics(at in 0usize..4096, bit in 0u8..8) {
+            let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).unwrap();
+            let csr = CertificateParams::default().serialize_request(&key).unwrap();
+            let mut der = csr.der().to_vec();
+            let i = at % der.len();
+            der[i] ^= 1 << bit;
+            let b64 = base64::engine::general_purpose::STANDARD.encode(&der);
+            let pem = format!(
+                "-----BEGIN CERTIFICATE REQUEST-----\n{b64}\n-----END CERTIFICATE REQUEST-----\n"
+            );
+            if let Ok(verified) = verify_csr(&pem, LIMIT) {
+                prop_assert_eq!(verified.public_key_sha256(), {
+                    let good = verify_csr(&csr.pem().unwrap(), LIMIT).unwrap();
+                    good.public_key_sha256()
+                });
+            }
+        }
+
+        #[test]
+        fn spiffe_paths_are_accepted_exactly_when_the_rules_allow(path in "(/[a-zA-Z0-9._%@ -]{0,12}){0,6}/?") {
+            match SpiffePath::parse(&path) {
+                Ok(parsed) => {
+                    prop_assert!(is_spiffe_path(&path), "{path:?} accepted");
+                    prop_assert_eq!(parsed.as_str(), path.as_str());
+                }
+                Err(_) => prop_assert!(!is_spiffe_path(&path), "{path:?} refused"),
+            }
+        }
+
+        #[test]
+        fn arbitrary_spiffe_ids_never_panic(text in ".{0,300}") {
+            if let Ok(id) = SpiffeId::parse(&text) {
+                prop_assert!(text.starts_with("spiffe://"));
+                prop_assert_eq!(id.to_string(), text);
+            }
+        }
+    }
+}

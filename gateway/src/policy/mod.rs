@@ -23,7 +23,7 @@ pub use host::{LoadedPolicy, Metered, Metering, ModuleDigest, PolicyHost};
 pub use set::{
     ActivePolicies, BoundPolicy, ModuleSource, PolicyBinding, PolicySet, SetError, schema_errors,
 };
-pub use verdict::{Grant, InvalidResult, Refusal, Verdict};
+pub use verdict::{Grant, InvalidResult, RESERVED_PATH, Refusal, Verdict, check_dns_suffix};
 
 #[cfg(test)]
 mod tests;

@@ -7,7 +7,7 @@ use std::sync::{Arc, RwLock};
 
 use sha2::{Digest, Sha256};
 
-use super::{LoadedPolicy, PolicyError, PolicyHost, examples};
+use super::{Grant, InvalidResult, LoadedPolicy, PolicyError, PolicyHost, examples};
 use crate::audit::PolicyRef;
 
 /// Where a policy module comes from.
@@ -72,6 +72,8 @@ pub struct PolicyBinding {
     pub settings: serde_json::Value,
     /// The JSON Schema the `attestation` object must satisfy, if any.
     pub evidence_schema: Option<serde_json::Value>,
+    /// DNS names it may grant: each one of these or a name under one. Empty: none at all.
+    pub dns_suffixes: Vec<String>,
 }
 
 /// A policy set could not be built.
@@ -136,6 +138,7 @@ pub struct BoundPolicy {
     clusters: Vec<String>,
     roles: Vec<String>,
     schema: Option<jsonschema::Validator>,
+    dns_suffixes: Vec<String>,
     /// Provenance recorded with every decision.
     pub provenance: PolicyRef,
 }
@@ -160,6 +163,27 @@ impl BoundPolicy {
         } else {
             Err(errors)
         }
+    }
+
+    /// Checks what the host cannot know from the policy alone: every DNS name granted is under
+    /// one of this binding's allowed suffixes and is none of the gateway's own names
+    /// (`reserved`), so no node certificate can pass for the gateway.
+    pub fn admit(&self, grant: &Grant, reserved: &[String]) -> Result<(), InvalidResult> {
+        for name in &grant.dns_sans {
+            if reserved.iter().any(|r| r == name) {
+                return Err(InvalidResult::DnsReserved(name.clone()));
+            }
+            let allowed = self.dns_suffixes.iter().any(|suffix| {
+                name == suffix
+                    || name
+                        .strip_suffix(suffix.as_str())
+                        .is_some_and(|rest| rest.ends_with('.'))
+            });
+            if !allowed {
+                return Err(InvalidResult::DnsNotAllowed(name.clone()));
+            }
+        }
+        Ok(())
     }
 
     fn matches(&self, cluster: &str, role: &str) -> bool {
@@ -230,6 +254,7 @@ impl PolicySet {
                 clusters: binding.clusters.clone(),
                 roles: binding.roles.clone(),
                 schema,
+                dns_suffixes: binding.dns_suffixes.clone(),
             })
             .collect();
         Ok(Self {

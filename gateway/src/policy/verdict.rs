@@ -85,6 +85,15 @@ pub enum InvalidResult {
     /// A deny code is not a short kebab-case token.
     #[error("deny code {0:?} is not 1-64 characters of a-z, 0-9, '-'")]
     DenyCode(String),
+    /// The SPIFFE path is under `/omnirelay/`, which names the gateway's own identities.
+    #[error("spiffe-path {0:?} is reserved for the gateway")]
+    ReservedPath(String),
+    /// A DNS name is one of the gateway's own.
+    #[error("DNS SAN {0:?} is one of the gateway's own names")]
+    DnsReserved(String),
+    /// A DNS name is outside the policy binding's allowed suffixes.
+    #[error("DNS SAN {0:?} is not under one of the policy's dns_suffixes")]
+    DnsNotAllowed(String),
     /// A text field is longer than the host accepts.
     #[error("{field} is {len} bytes, at most {max} allowed")]
     TooLong {
@@ -117,6 +126,14 @@ impl Verdict {
 impl Grant {
     fn check(allow: sdk::Allow, limits: &PolicyConfig) -> Result<Self, InvalidResult> {
         let path = SpiffePath::parse(&allow.spiffe_path)?;
+        if path.as_str() == RESERVED_PATH
+            || path
+                .as_str()
+                .strip_prefix(RESERVED_PATH)
+                .is_some_and(|rest| rest.starts_with('/'))
+        {
+            return Err(InvalidResult::ReservedPath(truncate(path.as_str())));
+        }
         let requested_ttl = Duration::from_secs(allow.ttl_seconds.into());
         if requested_ttl < limits.min_ttl {
             return Err(InvalidResult::TtlTooShort {
@@ -200,6 +217,20 @@ fn check_len(field: &'static str, len: usize, max: usize) -> Result<(), InvalidR
         return Err(InvalidResult::TooLong { field, len, max });
     }
     Ok(())
+}
+
+/// SPIFFE paths at or under this one name the gateway's own identities (its serving
+/// certificate is `/omnirelay/gateway`); no policy can grant them.
+pub const RESERVED_PATH: &str = "/omnirelay";
+
+/// Checks an operator's DNS suffix (a `dns_suffixes` entry): a host name, lowercase.
+pub fn check_dns_suffix(suffix: &str) -> Result<(), &'static str> {
+    match dns_name(suffix) {
+        Ok(lower) if lower == suffix => Ok(()),
+        Ok(_) => Err("must be lowercase"),
+        Err(InvalidResult::DnsName { why, .. }) => Err(why),
+        Err(_) => Err("is not a host name"),
+    }
 }
 
 /// A host name per RFC 1123: LDH labels of 1–63 bytes, 253 bytes in all, no leading or
@@ -329,6 +360,28 @@ mod tests {
             check(sdk::Decision::Allow(many)),
             Err(InvalidResult::TooManyDnsSans { got: 17, max: 16 })
         ));
+    }
+
+    #[test]
+    fn the_gateways_own_paths_are_reserved() {
+        for p in ["/omnirelay", "/omnirelay/gateway", "/omnirelay/x/y"] {
+            assert!(
+                matches!(check(allow(p)), Err(InvalidResult::ReservedPath(_))),
+                "{p:?}"
+            );
+        }
+        // A segment that merely starts with the word is a node's to have.
+        for p in ["/omnirelay-edge/n1", "/cluster/omnirelay/node/n1"] {
+            assert!(matches!(check(allow(p)), Ok(Verdict::Allow(_))), "{p:?}");
+        }
+    }
+
+    #[test]
+    fn dns_suffixes_are_host_names() {
+        assert_eq!(check_dns_suffix("nodes.example.org"), Ok(()));
+        assert!(check_dns_suffix("Nodes.example.org").is_err());
+        assert!(check_dns_suffix("*.example.org").is_err());
+        assert!(check_dns_suffix("").is_err());
     }
 
     #[test]

@@ -54,6 +54,10 @@ pub struct ManifestPolicy {
     /// Most fuel one evaluation may use (enforced by `policy test` and `policy publish`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub fuel_budget: Option<u64>,
+    /// DNS names the policy may grant: each must be one of these or under one of them. Empty
+    /// (the default): the policy may grant no DNS name.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub dns_suffixes: Vec<String>,
 }
 
 fn empty_object() -> serde_json::Value {

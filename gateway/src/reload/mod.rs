@@ -137,18 +137,8 @@ pub struct Status {
     pub last_poll: Option<Attempt>,
 }
 
-/// A bundle version.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Version {
-    /// Bundle name.
-    pub bundle: String,
-    /// Version.
-    pub version: String,
-    /// Commit id.
-    pub commit: String,
-    /// When it became active, Unix seconds.
-    pub since: u64,
-}
+/// A bundle version (a wire type: the admin API reports it).
+pub use crate::wire::Version;
 
 /// One attempt: when, what, and the outcome label (`ok`, `unchanged` or a failure label).
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -370,6 +360,7 @@ pub fn bindings(
                 roles: or_any(&p.roles),
                 settings: p.settings.clone(),
                 evidence_schema,
+                dns_suffixes: p.dns_suffixes.clone(),
             },
             vectors,
         ));

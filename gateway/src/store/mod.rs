@@ -56,6 +56,14 @@ pub enum StoreError {
     /// The writer thread is gone (shutting down or crashed).
     #[error("the store is shut down")]
     Closed,
+    /// The database was written by a newer version of the gateway.
+    #[error("the database schema is version {found}; this gateway knows up to {known}: upgrade it")]
+    SchemaTooNew {
+        /// The database's `user_version`.
+        found: u32,
+        /// The newest this binary writes.
+        known: u32,
+    },
     /// A stored value did not parse back.
     #[error("corrupt row: {0}")]
     Corrupt(String),
@@ -162,13 +170,15 @@ pub struct IssueRecord {
     pub audit_notes: Vec<String>,
     /// The policy-decision audit event, committed with the issuance.
     pub decision: AuditEvent,
-    /// Where the request came from, for a refusal entry if the commit refuses it.
-    pub client_ip: String,
+    /// Whether the token may replace a live identity of the same SPIFFE ID (revoking it in
+    /// this transaction). Without it, a live identity refuses the issuance.
+    pub supersede: bool,
     /// Issuance time, Unix seconds.
     pub now: u64,
 }
 
-/// How the final step ended.
+/// How the final step ended. Refusals are outcomes, not errors: nothing was written, and the
+/// caller decides what the node is told and audits it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum IssueOutcome {
     /// Recorded; the token has this many uses left.
@@ -189,6 +199,9 @@ pub enum IssueOutcome {
     Expired,
     /// The nonce was consumed by another join.
     NonceReplayed,
+    /// The SPIFFE ID already has a live (unrevoked, unexpired) identity and the token may not
+    /// supersede it.
+    IdentityInUse,
 }
 
 type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;

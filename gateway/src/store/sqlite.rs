@@ -63,6 +63,37 @@ CREATE TABLE IF NOT EXISTS audit (
 );
 ";
 
+/// Changes since the first schema, in order; `PRAGMA user_version` counts those applied (the
+/// first schema, created by `SCHEMA` above, is version 1).
+const MIGRATIONS: &[&str] = &[
+    // 2: identities can be revoked (superseded by a later join for the same SPIFFE ID).
+    "ALTER TABLE identities ADD COLUMN revoked_at INTEGER;
+     ALTER TABLE identities ADD COLUMN revoked_reason TEXT;",
+];
+
+/// The schema version this binary writes.
+const SCHEMA_VERSION: u32 = 1 + MIGRATIONS.len() as u32;
+
+/// Creates or upgrades the schema in one transaction; refuses a database written by a newer
+/// binary (it may hold rows this one would misread).
+fn migrate(conn: &mut Connection) -> Result<(), StoreError> {
+    let found: u32 = conn.pragma_query_value(None, "user_version", |row| row.get(0))?;
+    if found > SCHEMA_VERSION {
+        return Err(StoreError::SchemaTooNew {
+            found,
+            known: SCHEMA_VERSION,
+        });
+    }
+    let tx = conn.transaction()?;
+    tx.execute_batch(SCHEMA)?;
+    for migration in MIGRATIONS.iter().skip(found.saturating_sub(1) as usize) {
+        tx.execute_batch(migration)?;
+    }
+    tx.pragma_update(None, "user_version", SCHEMA_VERSION)?;
+    tx.commit()?;
+    Ok(())
+}
+
 /// Read connections: enough for the runtime's workers to rarely wait on each other.
 const READERS: usize = 4;
 
@@ -96,12 +127,12 @@ impl SqliteStore {
         // Before SQLite opens it: SQLite creates the WAL and shared-memory files with the
         // database's mode, and they hold the same rows.
         make_private(&config.sqlite)?;
-        let write = open(&config.sqlite, OpenFlags::default())?;
+        let mut write = open(&config.sqlite, OpenFlags::default())?;
         // WAL with synchronous=FULL: a commit is on disk (WAL fsync'd) when it returns.
         write.pragma_update(None, "journal_mode", "WAL")?;
         write.pragma_update(None, "synchronous", "FULL")?;
         write.pragma_update(None, "foreign_keys", "ON")?;
-        write.execute_batch(SCHEMA)?;
+        migrate(&mut write)?;
         let mut mirror =
             AuditFile::open(&config.audit_file).map_err(|source| StoreError::Audit {
                 path: config.audit_file.clone(),

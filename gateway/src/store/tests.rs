@@ -88,6 +88,8 @@ fn token_issued(t: &TokenRecord) -> AuditEvent {
         not_before: t.not_before,
         expires_at: t.expires_at,
         issued_by: "alice@ops".into(),
+        node: None,
+        supersede: false,
     }
 }
 
@@ -134,7 +136,7 @@ fn issue_record(token: TokenId, request: &str, nonce: &str) -> IssueRecord {
             matched_rules: vec!["cluster-role".into()],
             policy: policy(),
         },
-        client_ip: "192.0.2.7".into(),
+        supersede: false,
         now: NOW,
     }
 }
@@ -186,6 +188,31 @@ fn kinds(events: &[AuditEvent]) -> Vec<&'static str> {
 
 fn count(events: &[AuditEvent], kind: &str) -> usize {
     events.iter().filter(|e| e.kind() == kind).count()
+}
+
+/// The record the refused join of [`with_history`] carried.
+fn record_of_refusal(token: TokenId) -> IssueRecord {
+    issue_record(token, "r2", "n2")
+}
+
+/// What the API audits for a join the final step refused: the policy's decision and the
+/// refusal.
+fn refusal(r: &IssueRecord) -> Vec<AuditEvent> {
+    vec![
+        r.decision.clone(),
+        AuditEvent::JoinRefused {
+            request_id: r.request_id.clone(),
+            stage: "token".into(),
+            status: 403,
+            reason: "token-revoked".into(),
+            token_id: Some(r.token.to_string()),
+            cluster: Some(r.identity.cluster.clone()),
+            role: Some(r.identity.role.clone()),
+            node: Some(r.identity.node.clone()),
+            client_ip: "192.0.2.7".into(),
+            policy: Some(r.policy.clone()),
+        },
+    ]
 }
 
 /// The status and reason of every `join-refused` event, in order.
@@ -252,17 +279,12 @@ async fn twenty_racing_joins_get_exactly_the_three_uses() {
     assert_eq!(recorded, issued);
 
     // token-issued, then an identity-issued entry (which records the allow decision) for each
-    // winner, and a policy decision plus a refusal for each of the 17 losers.
-    let events = mirrored(&dir.config().audit_file, 1 + 3 + 17 * 2).await;
+    // winner. A refusal is an outcome the caller audits (with what the node was told): the
+    // store wrote nothing for the 17 losers.
+    let events = mirrored(&dir.config().audit_file, 1 + 3).await;
     assert_eq!(events[0], token_issued(&token));
-    assert_eq!(count(&events, "policy-decision"), 17);
     assert_eq!(count(&events, "identity-issued"), 3);
-    assert_eq!(count(&events, "join-refused"), 17);
-    assert!(
-        refusals(&events)
-            .iter()
-            .all(|r| *r == (409, "token-exhausted".to_string()))
-    );
+    assert!(refusals(&events).is_empty());
     let audited: BTreeSet<String> = events
         .iter()
         .filter_map(|e| match e {
@@ -331,23 +353,15 @@ async fn revoked_and_expired_tokens_are_refused_without_consuming_a_use() {
     assert!(store.nonce_used("n2").await.unwrap());
     assert!(!store.nonce_used("n3").await.unwrap());
 
-    let events = mirrored(&dir.config().audit_file, 8).await;
+    let events = mirrored(&dir.config().audit_file, 4).await;
     assert_eq!(
         kinds(&events),
         [
             "token-issued",
             "token-revoked",
-            "policy-decision",
-            "join-refused",
             "token-issued",
             "identity-issued",
-            "policy-decision",
-            "join-refused",
         ]
-    );
-    assert_eq!(
-        refusals(&events),
-        [(403, "token-revoked".into()), (401, "expired".into())]
     );
 }
 
@@ -378,18 +392,11 @@ async fn a_reused_nonce_is_refused_and_its_use_given_back() {
         IssueOutcome::Issued { uses_left: 0 }
     );
 
-    let events = mirrored(&dir.config().audit_file, 5).await;
+    let events = mirrored(&dir.config().audit_file, 3).await;
     assert_eq!(
         kinds(&events),
-        [
-            "token-issued",
-            "identity-issued",
-            "policy-decision",
-            "join-refused",
-            "identity-issued",
-        ]
+        ["token-issued", "identity-issued", "identity-issued"]
     );
-    assert_eq!(refusals(&events), [(401, "nonce-replayed".into())]);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -443,19 +450,94 @@ async fn an_idempotent_retry_gets_the_first_response_and_consumes_nothing() {
         idempotency_key: "key-1".into(),
     };
     store.audit(vec![replayed.clone()]).await.unwrap();
-    let events = mirrored(&dir.config().audit_file, 5).await;
+    let events = mirrored(&dir.config().audit_file, 3).await;
     assert_eq!(
         kinds(&events),
-        [
-            "token-issued",
-            "identity-issued",
-            "policy-decision",
-            "join-refused",
-            "identity-replayed",
-        ]
+        ["token-issued", "identity-issued", "identity-replayed"]
     );
-    assert_eq!(refusals(&events), [(409, "idempotency-conflict".into())]);
-    assert_eq!(events[4], replayed);
+    assert_eq!(events[2], replayed);
+}
+
+/// The same SPIFFE ID as `record`, joining again through `token` with its own nonce and serial.
+fn same_identity(record: &IssueRecord, token: TokenId, request: &str) -> IssueRecord {
+    let mut again = issue_record(token, request, &format!("nonce-{request}"));
+    again.identity.spiffe_id = record.identity.spiffe_id.clone();
+    again.identity.node = record.identity.node.clone();
+    again
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_live_spiffe_id_refuses_a_second_lineage_unless_the_token_supersedes() {
+    let dir = TempDir::new("in-use");
+    let (store, fleet) = open_with_token(&dir, 10).await;
+    let mut first = issue_record(fleet.id, "r1", "n1");
+    first.identity.not_after = NOW + 600;
+    let first_serial = first.identity.serial.to_string();
+    assert!(matches!(
+        store.issue(first.clone()).await.unwrap(),
+        IssueOutcome::Issued { .. }
+    ));
+
+    // Another holder of the fleet token asks for the same SPIFFE ID: refused, nothing taken.
+    let thief = same_identity(&first, fleet.id, "r2");
+    assert_eq!(
+        store.issue(thief).await.unwrap(),
+        IssueOutcome::IdentityInUse
+    );
+    assert_eq!(store.token(fleet.id).await.unwrap().unwrap().uses, 1);
+    assert!(!store.nonce_used("nonce-r2").await.unwrap());
+
+    // Once the first identity has expired, the name is free again.
+    let mut later = same_identity(&first, fleet.id, "r3");
+    later.now = first.identity.not_after;
+    let later_serial = later.identity.serial.to_string();
+    assert!(matches!(
+        store.issue(later).await.unwrap(),
+        IssueOutcome::Issued { .. }
+    ));
+
+    // A superseding token replaces a live identity and revokes it in the same transaction.
+    let rescue = token_record(1);
+    store
+        .register_token(rescue.clone(), token_issued(&rescue))
+        .await
+        .unwrap();
+    let mut replace = same_identity(&first, rescue.id, "r4");
+    replace.supersede = true;
+    let new_serial = replace.identity.serial.to_string();
+    let live_before = replace.identity.spiffe_id.to_string();
+    assert!(matches!(
+        store.issue(replace).await.unwrap(),
+        IssueOutcome::Issued { .. }
+    ));
+    // token, r1, r3, token, two supersessions (at NOW both r1 and r3 are live), r4.
+    let events = mirrored(&dir.config().audit_file, 7).await;
+    let superseded: Vec<_> = events
+        .iter()
+        .filter_map(|e| match e {
+            AuditEvent::IdentitySuperseded {
+                serial,
+                superseded_by,
+                spiffe_id,
+                ..
+            } => Some((serial.clone(), superseded_by.clone(), spiffe_id.clone())),
+            _ => None,
+        })
+        .collect();
+    assert!(
+        superseded
+            .iter()
+            .all(|(_, by, id)| *by == new_serial && *id == live_before)
+    );
+    let revoked: BTreeSet<String> = superseded.into_iter().map(|(s, ..)| s).collect();
+    assert_eq!(revoked, BTreeSet::from([first_serial, later_serial]));
+
+    // And now the new identity is the only live one: another plain join is refused again.
+    let again = same_identity(&first, fleet.id, "r5");
+    assert_eq!(
+        store.issue(again).await.unwrap(),
+        IssueOutcome::IdentityInUse
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -574,6 +656,11 @@ async fn with_history(config: &StoreConfig) -> (TokenRecord, TokenRecord, String
         .await
         .unwrap();
     assert_eq!(refused, IssueOutcome::Revoked);
+    // The refusal is audited by the caller, as the API does.
+    store
+        .audit(refusal(&record_of_refusal(gone.id)))
+        .await
+        .unwrap();
     store.close().await;
     (live, gone, serial)
 }

@@ -283,58 +283,147 @@ fn insert_token(tx: &Connection, t: &TokenRecord) -> Result<(), StoreError> {
     Ok(())
 }
 
-/// The final step of a join. The use is taken by a conditional update, so two joins racing for
-/// the last use cannot both win, on this replica or any other sharing the database.
+/// The final step of a join, as a short sequence of checks and writes. The use is taken by a
+/// conditional update, so two joins racing for the last use cannot both win, on this replica or
+/// any other sharing the database. A refusal writes nothing (the caller audits it); only an
+/// issuance adds rows and audit entries.
 fn issue(
     tx: &Connection,
     r: &IssueRecord,
     events: &mut Vec<AuditEvent>,
 ) -> Result<IssueOutcome, StoreError> {
     let token = r.token.to_string();
-    if let Some((key, digest)) = &r.idempotency {
-        let earlier: Option<(String, String)> = tx
-            .prepare_cached(
-                "SELECT csr_digest, response FROM idempotency WHERE token_id = ?1 AND key = ?2",
-            )?
-            .query_row(params![token, key], |row| Ok((row.get(0)?, row.get(1)?)))
-            .optional()?;
-        if let Some((earlier_digest, response)) = earlier {
-            return Ok(if earlier_digest == hex::encode(digest) {
-                IssueOutcome::Replayed(response)
-            } else {
-                refused(r, events, "record", 409, "idempotency-conflict");
-                IssueOutcome::IdempotencyConflict
-            });
-        }
+    if let Some(earlier) = earlier_answer(tx, r, &token)? {
+        return Ok(earlier);
     }
-    let consumed: Option<(u32, u32)> = tx
+    let live = live_identities(tx, &r.identity.spiffe_id.to_string(), r.now)?;
+    if !live.is_empty() && !r.supersede {
+        return Ok(IssueOutcome::IdentityInUse);
+    }
+    let Some((uses, max_uses)) = consume_use(tx, &token, r.now)? else {
+        return why_not_usable(tx, &token, r.now);
+    };
+    if !consume_nonce(tx, r)? {
+        // Undo the use taken above: the savepoint rolls back only on error, so do it here.
+        tx.execute("UPDATE tokens SET uses = uses - 1 WHERE id = ?1", [&token])?;
+        return Ok(IssueOutcome::NonceReplayed);
+    }
+    supersede(tx, r, &live, events)?;
+    record_identity(tx, r, &token)?;
+    // The issuance entry records the allow decision too (its rules and policy): one entry
+    // per issued join instead of two halves the audit volume of the hot path (measured: a
+    // third of the store's CPU per join).
+    let matched_rules = match &r.decision {
+        AuditEvent::PolicyDecision { matched_rules, .. } => matched_rules.clone(),
+        _ => Vec::new(),
+    };
+    let id = &r.identity;
+    events.push(AuditEvent::IdentityIssued {
+        request_id: r.request_id.clone(),
+        token_id: token,
+        spiffe_id: id.spiffe_id.to_string(),
+        serial: id.serial.to_string(),
+        node: id.node.clone(),
+        not_after: id.not_after,
+        uses_after: uses,
+        audit_notes: r.audit_notes.clone(),
+        matched_rules,
+        policy: r.policy.clone(),
+    });
+    Ok(IssueOutcome::Issued {
+        uses_left: max_uses - uses,
+    })
+}
+
+/// A retry with an idempotency key seen before: the earlier response for the same CSR, a
+/// conflict for another one.
+fn earlier_answer(
+    tx: &Connection,
+    r: &IssueRecord,
+    token: &str,
+) -> Result<Option<IssueOutcome>, StoreError> {
+    let Some((key, digest)) = &r.idempotency else {
+        return Ok(None);
+    };
+    let earlier: Option<(String, String)> = tx
+        .prepare_cached(
+            "SELECT csr_digest, response FROM idempotency WHERE token_id = ?1 AND key = ?2",
+        )?
+        .query_row(params![token, key], |row| Ok((row.get(0)?, row.get(1)?)))
+        .optional()?;
+    Ok(earlier.map(|(earlier_digest, response)| {
+        if earlier_digest == hex::encode(digest) {
+            IssueOutcome::Replayed(response)
+        } else {
+            IssueOutcome::IdempotencyConflict
+        }
+    }))
+}
+
+/// Serials (and their tokens) of the unrevoked, unexpired identities carrying `spiffe_id`.
+fn live_identities(
+    tx: &Connection,
+    spiffe_id: &str,
+    now: u64,
+) -> Result<Vec<(String, String)>, StoreError> {
+    let mut stmt = tx.prepare_cached(
+        "SELECT serial, token_id FROM identities
+         WHERE spiffe_id = ?1 AND revoked_at IS NULL AND not_after > ?2",
+    )?;
+    let rows = stmt.query_map(params![spiffe_id, now], |row| {
+        Ok((row.get(0)?, row.get(1)?))
+    })?;
+    Ok(rows.collect::<Result<_, _>>()?)
+}
+
+/// Takes one use of the token if it has one left and is neither revoked nor expired; returns
+/// the uses after and the maximum.
+fn consume_use(tx: &Connection, token: &str, now: u64) -> Result<Option<(u32, u32)>, StoreError> {
+    Ok(tx
         .prepare_cached(
             "UPDATE tokens SET uses = uses + 1
              WHERE id = ?1 AND uses < max_uses AND revoked_at IS NULL AND expires_at > ?2
              RETURNING uses, max_uses",
         )?
-        .query_row(params![token, r.now], |row| Ok((row.get(0)?, row.get(1)?)))
-        .optional()?;
-    let Some((uses, max_uses)) = consumed else {
-        let outcome = why_not_usable(tx, &token, r.now)?;
-        let (status, reason) = match outcome {
-            IssueOutcome::Revoked => (403, "token-revoked"),
-            IssueOutcome::Expired => (401, "expired"),
-            _ => (409, "token-exhausted"),
-        };
-        refused(r, events, "token", status, reason);
-        return Ok(outcome);
-    };
-    let nonce_is_new = tx
+        .query_row(params![token, now], |row| Ok((row.get(0)?, row.get(1)?)))
+        .optional()?)
+}
+
+/// Marks the attestation nonce used for good; false when another join already did.
+fn consume_nonce(tx: &Connection, r: &IssueRecord) -> Result<bool, StoreError> {
+    Ok(tx
         .prepare_cached("INSERT OR IGNORE INTO used_nonces (nonce, expires_at) VALUES (?1, ?2)")?
         .execute(params![r.nonce, r.nonce_expires_at])?
-        == 1;
-    if !nonce_is_new {
-        // Undo the use taken above: the savepoint rolls back only on error, so do it here.
-        tx.execute("UPDATE tokens SET uses = uses - 1 WHERE id = ?1", [&token])?;
-        refused(r, events, "attestation", 401, "nonce-replayed");
-        return Ok(IssueOutcome::NonceReplayed);
+        == 1)
+}
+
+/// Revokes the live identities a superseding join replaces, each audited.
+fn supersede(
+    tx: &Connection,
+    r: &IssueRecord,
+    live: &[(String, String)],
+    events: &mut Vec<AuditEvent>,
+) -> Result<(), StoreError> {
+    for (serial, token_id) in live {
+        tx.prepare_cached(
+            "UPDATE identities SET revoked_at = ?2, revoked_reason = 'superseded'
+             WHERE serial = ?1 AND revoked_at IS NULL",
+        )?
+        .execute(params![serial, r.now])?;
+        events.push(AuditEvent::IdentitySuperseded {
+            request_id: r.request_id.clone(),
+            spiffe_id: r.identity.spiffe_id.to_string(),
+            serial: serial.clone(),
+            token_id: token_id.clone(),
+            superseded_by: r.identity.serial.to_string(),
+            superseding_token_id: r.token.to_string(),
+        });
     }
+    Ok(())
+}
+
+/// The identity row, and the response an idempotent retry gets back.
+fn record_identity(tx: &Connection, r: &IssueRecord, token: &str) -> Result<(), StoreError> {
     let id = &r.identity;
     tx.prepare_cached(
         "INSERT INTO identities (serial, spiffe_id, token_id, node, cluster, role, policy_name,
@@ -361,28 +450,7 @@ fn issue(
         )?
         .execute(params![token, key, hex::encode(digest), r.response])?;
     }
-    // The issuance entry records the allow decision too (its rules and policy): one entry
-    // per issued join instead of two halves the audit volume of the hot path (measured: a
-    // third of the store's CPU per join).
-    let matched_rules = match &r.decision {
-        AuditEvent::PolicyDecision { matched_rules, .. } => matched_rules.clone(),
-        _ => Vec::new(),
-    };
-    events.push(AuditEvent::IdentityIssued {
-        request_id: r.request_id.clone(),
-        token_id: token,
-        spiffe_id: id.spiffe_id.to_string(),
-        serial: id.serial.to_string(),
-        node: id.node.clone(),
-        not_after: id.not_after,
-        uses_after: uses,
-        audit_notes: r.audit_notes.clone(),
-        matched_rules,
-        policy: r.policy.clone(),
-    });
-    Ok(IssueOutcome::Issued {
-        uses_left: max_uses - uses,
-    })
+    Ok(())
 }
 
 fn why_not_usable(tx: &Connection, token: &str, now: u64) -> Result<IssueOutcome, StoreError> {
@@ -395,25 +463,6 @@ fn why_not_usable(tx: &Connection, token: &str, now: u64) -> Result<IssueOutcome
         Some((None, expires_at)) if now >= expires_at => IssueOutcome::Expired,
         _ => IssueOutcome::Exhausted,
     })
-}
-
-/// The audit entry of a join the final step refused (the policy had allowed it). `stage` is
-/// the stage the node is told refused it (the token's, for a use lost to a concurrent join), so
-/// the entry reads the same whether the refusal came before or inside the transaction.
-fn refused(r: &IssueRecord, events: &mut Vec<AuditEvent>, stage: &str, status: u16, reason: &str) {
-    events.push(r.decision.clone());
-    events.push(AuditEvent::JoinRefused {
-        request_id: r.request_id.clone(),
-        stage: stage.into(),
-        status,
-        reason: reason.into(),
-        token_id: Some(r.token.to_string()),
-        cluster: Some(r.identity.cluster.clone()),
-        role: Some(r.identity.role.clone()),
-        node: Some(r.identity.node.clone()),
-        client_ip: r.client_ip.clone(),
-        policy: Some(r.policy.clone()),
-    });
 }
 
 fn append_audit(

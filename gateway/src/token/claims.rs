@@ -78,6 +78,13 @@ pub struct Claims {
     pub expires_at: u64,
     /// `max_uses`: how many joins the token allows, 1 to [`MAX_USES_LIMIT`].
     pub max_uses: u32,
+    /// `node`: when present, the token admits only the node of this name (a node-name syntax
+    /// string); the gateway refuses a join that names another node.
+    pub node: Option<String>,
+    /// `supersede`: a join with this token may replace a live identity of the same SPIFFE ID,
+    /// revoking it in the same transaction. Absent means false: a second live lineage for one
+    /// SPIFFE ID is refused.
+    pub supersede: bool,
 }
 
 impl Claims {
@@ -100,12 +107,17 @@ impl Claims {
         if self.expires_at <= self.not_before {
             return Err(invalid("exp", "must be after nbf"));
         }
+        if let Some(node) = &self.node
+            && !is_node_name(node)
+        {
+            return Err(invalid("node", NODE_NAME_RULE));
+        }
         Ok(())
     }
 
     /// The JWT payload, with the registered claim names.
     pub(super) fn to_json(&self) -> Value {
-        json!({
+        let mut payload = json!({
             "jti": self.id.to_string(),
             "iss": self.issuer,
             "aud": self.audience,
@@ -115,7 +127,14 @@ impl Claims {
             "nbf": self.not_before,
             "exp": self.expires_at,
             "max_uses": self.max_uses,
-        })
+        });
+        if let Some(node) = &self.node {
+            payload["node"] = json!(node);
+        }
+        if self.supersede {
+            payload["supersede"] = json!(true);
+        }
+        payload
     }
 
     /// Reads a verified payload: every claim present with the right JSON type. Unknown claims
@@ -140,8 +159,33 @@ impl Claims {
             not_before: uint("nbf", raw.nbf)?,
             expires_at: uint("exp", raw.exp)?,
             max_uses,
+            node: raw.node.map(|n| string("node", Some(n))).transpose()?,
+            supersede: match raw.supersede {
+                None | Some(Value::Bool(false)) => false,
+                Some(Value::Bool(true)) => true,
+                Some(_) => {
+                    return Err(TokenError::InvalidClaim {
+                        claim: "supersede",
+                        why: "must be a boolean",
+                    });
+                }
+            },
         })
     }
+}
+
+/// What a node name must look like (it becomes a SPIFFE path segment and a log field).
+pub const NODE_NAME_RULE: &str =
+    "must be 1-63 characters of a-z, 0-9 and '-', not starting or ending with '-'";
+
+/// Whether `name` is a valid node name: a DNS label in lowercase.
+pub fn is_node_name(name: &str) -> bool {
+    (1..=63).contains(&name.len())
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && !name.starts_with('-')
+        && !name.ends_with('-')
 }
 
 /// The payload as JSON values, so a missing or mistyped claim gets a precise error.
@@ -156,6 +200,8 @@ struct RawClaims {
     nbf: Option<Value>,
     exp: Option<Value>,
     max_uses: Option<Value>,
+    node: Option<Value>,
+    supersede: Option<Value>,
 }
 
 fn string(claim: &'static str, value: Option<Value>) -> Result<String, TokenError> {

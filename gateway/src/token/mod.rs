@@ -13,7 +13,7 @@ mod keys;
 mod secret;
 mod verify;
 
-pub use claims::{Claims, MAX_USES_LIMIT, TokenId};
+pub use claims::{Claims, MAX_USES_LIMIT, NODE_NAME_RULE, TokenId, is_node_name};
 pub use config::TokenConfig;
 pub use error::TokenError;
 pub use keys::{SigningKey, VerifyingKey};

@@ -29,6 +29,8 @@ fn claims() -> Claims {
         not_before: 1_000,
         expires_at: 2_000,
         max_uses: 3,
+        node: None,
+        supersede: false,
     }
 }
 
@@ -506,5 +508,81 @@ fn token_ids_have_one_spelling() {
             matches!(err, TokenError::InvalidClaim { claim: "jti", .. }),
             "{bad}: {err:?}"
         );
+    }
+}
+
+#[test]
+fn node_binding_and_supersede_round_trip_and_are_checked() {
+    let key = key();
+    let verifier = verifier(&[&key]);
+    let bound = Claims {
+        node: Some("edge-17".into()),
+        supersede: true,
+        ..claims()
+    };
+    let verified = verifier.verify(&key.sign(&bound), NOW).unwrap();
+    assert_eq!(verified.node.as_deref(), Some("edge-17"));
+    assert!(verified.supersede);
+    // Absent claims mean unbound and no supersede.
+    let plain = verifier.verify(&key.sign(&claims()), NOW).unwrap();
+    assert_eq!((plain.node, plain.supersede), (None, false));
+    for bad in ["Edge-17", "-a", "a/b", "", &"a".repeat(64)] {
+        let token = key.sign(&Claims {
+            node: Some(bad.to_string()),
+            ..claims()
+        });
+        assert_invalid_claim(&token, &verifier, "node");
+    }
+    for bad in [json!("yes"), json!(1)] {
+        let token = sign_edited(&key, |p| p["supersede"] = bad);
+        assert_invalid_claim(&token, &verifier, "supersede");
+    }
+    let token = sign_edited(&key, |p| p["node"] = json!(7));
+    assert_invalid_claim(&token, &verifier, "node");
+}
+
+mod properties {
+    use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(512))]
+
+        /// Whatever a network client sends as a token, verification returns a typed answer and
+        /// never panics; nothing but a token our key signed verifies.
+        #[test]
+        fn arbitrary_tokens_never_panic_and_never_verify(text in ".{0,400}") {
+            let key = key();
+            prop_assert!(verifier(&[&key]).verify(&text, NOW).is_err());
+        }
+
+        /// Three base64url segments of arbitrary bytes: the shape of a JWS, the content of noise.
+        #[test]
+        fn jws_shaped_noise_is_refused(
+            header in proptest::collection::vec(any::<u8>(), 0..200),
+            payload in proptest::collection::vec(any::<u8>(), 0..400),
+            signature in proptest::collection::vec(any::<u8>(), 0..80),
+        ) {
+            use base64::Engine;
+            let b64 = |b: &[u8]| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(b);
+            let token = format!("{}.{}.{}", b64(&header), b64(&payload), b64(&signature));
+            let key = key();
+            prop_assert!(verifier(&[&key]).verify(&token, NOW).is_err());
+        }
+
+        /// Any edit of a valid token's payload is refused (the signature covers every byte).
+        #[test]
+        fn edited_payloads_are_refused(flip in 0usize..4096, bit in 0u8..8) {
+            let key = key();
+            let token = key.sign(&claims());
+            let (head, rest) = token.split_once('.').unwrap();
+            let (payload, sig) = rest.split_once('.').unwrap();
+            let mut bytes = payload.as_bytes().to_vec();
+            let i = flip % bytes.len();
+            bytes[i] ^= 1 << bit;
+            let edited = format!("{head}.{}.{sig}", String::from_utf8_lossy(&bytes));
+            prop_assume!(edited != token);
+            prop_assert!(verifier(&[&key]).verify(&edited, NOW).is_err());
+        }
     }
 }

@@ -78,7 +78,9 @@ impl Policy for ClusterRole {
         }
         let path = format!(
             "/cluster/{}/role/{}/node/{}",
-            token.cluster, token.role, request.node_name
+            token.cluster,
+            token.role,
+            request.node_identity()
         );
         Ok(Decision::Allow(
             Allow::new(path, settings.ttl_seconds).matched("cluster-role-listed"),
@@ -114,6 +116,23 @@ mod tests {
                 Allow::new("/cluster/edge-eu/role/dispatcher/node/node-7", 3600)
                     .matched("cluster-role-listed")
             )
+        );
+    }
+
+    #[test]
+    fn a_token_bound_node_name_wins_over_the_chosen_one() {
+        let mut request = testing::request("edge-eu", "dispatcher", "node-7");
+        request.extensions.push(policy_sdk::Kv {
+            key: policy_sdk::EXT_TOKEN_NODE.into(),
+            value: "node-9".into(),
+        });
+        let Decision::Allow(allow) = testing::evaluate::<ClusterRole>(SETTINGS, &request).unwrap()
+        else {
+            panic!("expected an allow");
+        };
+        assert_eq!(
+            allow.spiffe_path,
+            "/cluster/edge-eu/role/dispatcher/node/node-9"
         );
     }
 

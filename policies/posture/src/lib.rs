@@ -79,7 +79,9 @@ impl Policy for Posture {
                 let t = &request.token;
                 let path = format!(
                     "/cluster/{}/role/{}/node/{}",
-                    t.cluster, t.role, request.node_name
+                    t.cluster,
+                    t.role,
+                    request.node_identity()
                 );
                 Ok(Decision::Allow(
                     Allow::new(path, settings.ttl_seconds).matched("posture-verified"),
@@ -225,6 +227,22 @@ mod tests {
             "/cluster/edge-eu/role/dispatcher/node/node-1"
         );
         assert_eq!(allow.ttl_seconds, 900);
+    }
+
+    #[test]
+    fn the_path_names_the_verified_device_not_the_chosen_name() {
+        let mut r = healthy();
+        r.attestation
+            .verified
+            .push(claim("device-id", ClaimValue::Text("edge-17".to_string())));
+        r.node_name = "someone-else".to_string();
+        let Decision::Allow(allow) = testing::evaluate::<Posture>(SETTINGS, &r).unwrap() else {
+            panic!("expected an allow")
+        };
+        assert_eq!(
+            allow.spiffe_path,
+            "/cluster/edge-eu/role/dispatcher/node/edge-17"
+        );
     }
 
     #[test]

@@ -65,7 +65,7 @@ impl Policy for EdgeGate {
                     .retry_after(300),
             ));
         }
-        let path = format!("/edge/{}/{}/{}", t.cluster, t.role, request.node_name);
+        let path = format!("/edge/{}/{}/{}", t.cluster, t.role, request.node_identity());
         Ok(Decision::Allow(
             Allow::new(path, settings.ttl_seconds)
                 .obligation(Obligation::AuditNote(format!(

@@ -36,6 +36,8 @@ fn one_of_each() -> Vec<AuditEvent> {
             not_before: 1_700_000_000,
             expires_at: 1_700_086_400,
             issued_by: "alice@ops".into(),
+            node: None,
+            supersede: false,
         },
         AuditEvent::TokenRevoked {
             token_id: TOKEN.into(),

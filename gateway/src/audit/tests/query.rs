@@ -36,6 +36,8 @@ fn events() -> Vec<AuditEvent> {
             not_before: 0,
             expires_at: 1,
             issued_by: TOKEN.into(),
+            node: None,
+            supersede: false,
         },
         /* 2 */
         AuditEvent::JoinRefused {

@@ -1,10 +1,17 @@
 //! The JSON bodies of the HTTP API, shared by the server and by clients (the node agent, the
-//! CLI, tests and the load generator) so both sides agree on one definition.
+//! CLI, tests and the load generator) so both sides agree on one definition. A leaf: it imports
+//! nothing from the rest of the crate, so the node side can use it without the server.
 
 use serde::{Deserialize, Serialize};
 
-/// `GET /v1/bootstrap/challenge`.
-pub use crate::attest::Challenge;
+/// `GET /v1/bootstrap/challenge`: a nonce to bind into attestation evidence.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Challenge {
+    /// Put this in the evidence.
+    pub nonce: String,
+    /// Unix seconds from which it is refused.
+    pub expires_at: u64,
+}
 
 /// `POST /v1/bootstrap/join`.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -69,6 +76,12 @@ pub struct IssueTokenRequest {
     /// Who asked (recorded in the audit log).
     #[serde(default)]
     pub issued_by: Option<String>,
+    /// Admit only the node of this name (the gateway refuses a join naming another node).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node: Option<String>,
+    /// A join with this token may replace a live identity of the same SPIFFE ID (revoking it).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub supersede: bool,
 }
 
 /// A freshly issued token.
@@ -147,5 +160,18 @@ pub struct ReloadResponse {
     /// `ok` (a new version is active) or `unchanged`.
     pub result: String,
     /// The version now active.
-    pub active: Option<crate::reload::Version>,
+    pub active: Option<Version>,
+}
+
+/// A policy bundle version.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Version {
+    /// Bundle name.
+    pub bundle: String,
+    /// Version.
+    pub version: String,
+    /// Commit id.
+    pub commit: String,
+    /// When it became active, Unix seconds.
+    pub since: u64,
 }

@@ -1,0 +1,197 @@
+//! The gateway's shared state: every part a request needs (keys, CA, store, limits, policy host,
+//! metrics), built once from a [`Config`] and shared by both listeners and the background tasks.
+//! It sits below `api` and `app`: both import it, it imports neither.
+
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use anyhow::Context;
+use bytes::Bytes;
+use tokio::sync::Semaphore;
+
+use crate::attest::{Attestor, DeviceRoots};
+use crate::config::Config;
+use crate::identity::{Ca, IdentityConfig, TrustDomain, bundle_pem, spiffe_bundle};
+use crate::limits::Limits;
+use crate::metrics::Metrics;
+use crate::policy::{ActivePolicies, Metering, PolicyHost, PolicySet};
+use crate::reload::Reloader;
+use crate::secrets;
+use crate::server::ServerConfig;
+use crate::store::{SqliteStore, Store};
+use crate::token::{SigningKey, TokenConfig, Verifier, VerifyingKey};
+
+/// Everything a request needs, shared by both listeners.
+pub struct Gateway {
+    /// Our trust domain.
+    pub trust_domain: TrustDomain,
+    /// Node listener settings (body size, request timeout).
+    pub server: ServerConfig,
+    /// CA settings (TTL bound, renewal point).
+    pub identity: IdentityConfig,
+    /// Token settings (issuer, lifetime bound).
+    pub token: TokenConfig,
+    /// Rate limiters.
+    pub limits: Limits,
+    /// Verifies bootstrap tokens.
+    pub verifier: Verifier,
+    /// Signs bootstrap tokens (admin API).
+    pub signer: SigningKey,
+    /// Checks attestation evidence.
+    pub attestor: Attestor,
+    /// Runs policies.
+    pub host: Arc<PolicyHost>,
+    /// The policy set in force.
+    pub policies: Arc<ActivePolicies>,
+    /// Follows the policy repository, when one is configured.
+    pub reloader: Option<Reloader>,
+    /// The issuing CA.
+    pub ca: Ca,
+    /// Durable state.
+    pub store: Arc<dyn Store>,
+    /// Metrics.
+    pub metrics: Arc<Metrics>,
+    /// Joins being processed; beyond the cap requests are shed.
+    pub in_flight: Semaphore,
+    /// The admin bearer credential.
+    pub admin_credential: String,
+    /// The trust bundle, PEM.
+    pub bundle_pem: Bytes,
+    /// The trust bundle, SPIFFE JWKS.
+    pub spiffe_bundle: Bytes,
+    /// The gateway's own DNS names (from its serving certificate): no policy may grant them.
+    pub reserved_dns: Vec<String>,
+    /// Rate-limit refusals already audited recently (one entry per key per window).
+    pub audited_limits: moka::sync::Cache<String, ()>,
+}
+
+impl std::fmt::Debug for Gateway {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Gateway")
+            .field("trust_domain", &self.trust_domain)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Gateway {
+    /// Builds every part. Fails on the first unusable file, naming it.
+    pub async fn build(config: &Config) -> anyhow::Result<Self> {
+        let ca = Ca::load(
+            &read(&config.identity.ca_cert)?,
+            &secrets::read(&config.identity.ca_key)?,
+        )
+        .with_context(|| format!("loading the CA from {}", config.identity.ca_cert.display()))?;
+        let signer = SigningKey::from_pkcs8_pem(&secrets::read(&config.token.signing_key)?)
+            .with_context(|| format!("loading {}", config.token.signing_key.display()))?;
+        let mut keys = vec![signer.verifying_key()];
+        for path in &config.token.verification_keys {
+            keys.push(
+                VerifyingKey::from_public_pem(&read(path)?)
+                    .with_context(|| format!("loading {}", path.display()))?,
+            );
+        }
+        let verifier = Verifier::new(config.trust_domain.as_str(), keys, config.token.leeway);
+        let roots =
+            DeviceRoots::load(&config.attestation.device_cas).map_err(anyhow::Error::msg)?;
+        // Every replica that shares the signing key accepts the others' nonces.
+        let nonce_secret = secrets::read(&config.token.signing_key)?;
+        let attestor = Attestor::new(config.attestation.clone(), nonce_secret.as_bytes(), roots);
+        let host = Arc::new(PolicyHost::new(config.policy.clone(), Metering::Off)?);
+        let store: Arc<dyn Store> = Arc::new(
+            SqliteStore::open(&config.store)
+                .with_context(|| format!("opening {}", config.store.sqlite.display()))?,
+        );
+        let metrics = Arc::new(Metrics::new());
+        let policies = Arc::new(ActivePolicies::default());
+        let mut reloader = None;
+        if let Some(source) = &config.policy_source {
+            let started = Reloader::start(
+                source.clone(),
+                host.clone(),
+                policies.clone(),
+                metrics.clone(),
+                store.clone(),
+            )
+            .await
+            .with_context(|| format!("policy source {}", source.url))?;
+            reloader = Some(started);
+        } else if !config.policies.is_empty() {
+            let set = PolicySet::load(&host, &config.policies, "local", None, None).await?;
+            tracing::info!(
+                bundle = set.bundle(),
+                version = set.version(),
+                "policy set loaded"
+            );
+            policies.swap(set);
+        }
+        if policies.current().is_none() {
+            tracing::warn!("no policy loaded: every join is refused with 503 until one is");
+        }
+        let admin_credential = secrets::read(&config.admin.credential)?.trim().to_string();
+        anyhow::ensure!(
+            admin_credential.len() >= 32,
+            "{}: the admin credential must be at least 32 characters",
+            config.admin.credential.display()
+        );
+        let bundle = bundle_pem(&[&ca]);
+        let jwks = spiffe_bundle(&[&ca], 1, config.identity.bundle_refresh_hint);
+        Ok(Self {
+            trust_domain: config.trust_domain.clone(),
+            server: config.server.clone(),
+            identity: config.identity.clone(),
+            token: config.token.clone(),
+            limits: Limits::new(&config.limits),
+            verifier,
+            signer,
+            attestor,
+            host,
+            policies,
+            reloader,
+            ca,
+            store,
+            metrics,
+            in_flight: Semaphore::new(config.server.max_in_flight.get() as usize),
+            admin_credential,
+            reserved_dns: own_dns_names(&read(&config.server.tls_cert)?)?,
+            bundle_pem: Bytes::from(bundle),
+            spiffe_bundle: Bytes::from(jwks.to_string()),
+            audited_limits: moka::sync::Cache::builder()
+                .max_capacity(100_000)
+                .time_to_live(Duration::from_secs(10))
+                .build(),
+        })
+    }
+
+    /// Wall-clock time as Unix milliseconds.
+    pub fn now_ms(&self) -> u64 {
+        SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_millis() as u64)
+            .unwrap_or(0)
+    }
+}
+
+/// The DNS names of the gateway's serving certificate, lowercased, plus `localhost`: a node
+/// certificate carrying one of them could pass for the gateway.
+fn own_dns_names(cert_pem: &str) -> anyhow::Result<Vec<String>> {
+    use rustls_pki_types::pem::PemObject;
+    let der = rustls_pki_types::CertificateDer::from_pem_slice(cert_pem.as_bytes())
+        .context("the serving certificate is not PEM")?;
+    let (_, cert) = x509_parser::parse_x509_certificate(&der)
+        .map_err(|e| anyhow::anyhow!("the serving certificate does not parse: {e}"))?;
+    let mut names = vec!["localhost".to_string()];
+    if let Ok(Some(san)) = cert.subject_alternative_name() {
+        for name in &san.value.general_names {
+            if let x509_parser::extensions::GeneralName::DNSName(dns) = name {
+                names.push(dns.to_ascii_lowercase());
+            }
+        }
+    }
+    names.sort();
+    names.dedup();
+    Ok(names)
+}
+
+fn read(path: &std::path::Path) -> anyhow::Result<String> {
+    std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))
+}
