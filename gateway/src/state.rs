@@ -86,7 +86,7 @@ impl Gateway {
         let mut keys = vec![signer.verifying_key()];
         for path in &config.token.verification_keys {
             keys.push(
-                VerifyingKey::from_public_pem(&read(path)?)
+                VerifyingKey::from_public_pem(&secrets::read_trust_anchor(path)?)
                     .with_context(|| format!("loading {}", path.display()))?,
             );
         }

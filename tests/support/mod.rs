@@ -76,6 +76,10 @@ impl TempDir {
             std::process::id()
         ));
         std::fs::create_dir_all(&dir).unwrap();
+        // Private whatever the umask: a trust anchor in a directory others can write is
+        // refused (as OpenSSH refuses it).
+        std::fs::set_permissions(&dir, std::os::unix::fs::PermissionsExt::from_mode(0o700))
+            .unwrap();
         Self(dir)
     }
 }

@@ -55,8 +55,9 @@ impl DeviceRoots {
         let mut anchors = Vec::new();
         for path in paths {
             let path = path.as_ref();
-            let pem = std::fs::read(path).map_err(|e| format!("{}: {e}", path.display()))?;
-            for cert in CertificateDer::pem_slice_iter(&pem) {
+            // A trust anchor: refused when others can write it or its directory.
+            let pem = crate::secrets::read_trust_anchor(path).map_err(|e| e.to_string())?;
+            for cert in CertificateDer::pem_slice_iter(pem.as_bytes()) {
                 let cert = cert.map_err(|e| format!("{}: {e}", path.display()))?;
                 let anchor = webpki::anchor_from_trusted_cert(&cert)
                     .map_err(|e| format!("{}: not a usable CA certificate: {e}", path.display()))?;

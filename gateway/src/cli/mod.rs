@@ -161,12 +161,15 @@ async fn run(command: Command) -> anyhow::Result<ExitCode> {
     }
 }
 
-/// Logs go to stderr; `RUST_LOG` overrides the filter.
+/// Logs go to stderr; `RUST_LOG` overrides the filter. Human logs are coloured only when
+/// stderr is a terminal, so `serve 2>file` (or a pipe to a log shipper) gets plain text.
 pub(crate) fn init_tracing(json: bool, filter: Option<&str>) {
+    use std::io::IsTerminal;
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(filter.unwrap_or("info")));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(std::io::stderr().is_terminal())
         .with_writer(std::io::stderr);
     let _ = if json {
         builder.json().try_init()

@@ -2,6 +2,7 @@
 //! into a typed [`Config`] that reports every problem at once. Relative paths resolve against
 //! the directory of the config file. Every default lives in the section types' constructors.
 
+mod files;
 mod raw;
 
 use std::net::SocketAddr;
@@ -122,20 +123,17 @@ impl Config {
         }
     }
 
-    /// Problems with the files the configuration names: missing, unreadable, or private keys
-    /// that others can read. `check-config` reports these too.
+    /// Problems with the files the configuration names: missing, unreadable, private keys or
+    /// state files that others can read, trust anchors that others can write, an
+    /// `allowed_signers` that does not parse. `serve` refuses to start on any of them;
+    /// `check-config` reports them all.
     pub fn check_files(&self) -> Vec<String> {
         let mut problems = Vec::new();
         let public = [
             ("server.tls_cert", &self.server.tls_cert),
             ("identity.ca_cert", &self.identity.ca_cert),
         ];
-        for (key, path) in public.into_iter().chain(
-            self.token
-                .verification_keys
-                .iter()
-                .map(|p| ("token.verification_keys", p)),
-        ) {
+        for (key, path) in public {
             if let Err(e) = std::fs::metadata(path) {
                 problems.push(format!("{key}: {}: {e}", path.display()));
             }
@@ -158,6 +156,8 @@ impl Config {
                 problems.push(format!("policies[{i}].module: {}: {e}", path.display()));
             }
         }
+        problems.extend(self.check_trust_anchors());
+        problems.extend(self.check_state_files());
         problems
     }
 }

@@ -146,6 +146,15 @@ impl Mirror {
             .map_err(err(format!("ancestry of {commit}")))
     }
 
+    /// The committer time, Unix seconds: the time git checks a signer's `valid-after` and
+    /// `valid-before` against (`ssh-keygen -Y verify -Overify-time`).
+    pub fn commit_time(&self, commit: Oid) -> Result<i64, GitError> {
+        self.repo
+            .find_commit(commit)
+            .map(|c| c.committer().when().seconds())
+            .map_err(err(format!("commit {commit}")))
+    }
+
     /// The commit's signature (armored) and the exact bytes it signs, or `None` if unsigned.
     pub fn signature(&self, commit: Oid) -> Result<Option<(String, Vec<u8>)>, GitError> {
         match self.repo.extract_signature(&commit, Some("gpgsig")) {

@@ -199,6 +199,70 @@ mod tests {
         ));
     }
 
+    /// Any JSON value, nested a few levels, with keys a manifest uses.
+    fn json() -> impl proptest::strategy::Strategy<Value = serde_json::Value> {
+        use proptest::prelude::*;
+        let key = prop_oneof![
+            Just("bundle".to_string()),
+            Just("version".to_string()),
+            Just("policies".to_string()),
+            Just("name".to_string()),
+            Just("module".to_string()),
+            Just("sha256".to_string()),
+            "[a-z_]{0,8}",
+        ];
+        let leaf = prop_oneof![
+            Just(serde_json::Value::Null),
+            any::<bool>().prop_map(serde_json::Value::from),
+            any::<i64>().prop_map(serde_json::Value::from),
+            any::<f64>().prop_map(serde_json::Value::from),
+            "\\PC{0,12}".prop_map(serde_json::Value::from),
+            "[0-9]{1,3}\\.[0-9]{1,3}\\.[0-9]{1,3}".prop_map(serde_json::Value::from),
+        ];
+        leaf.prop_recursive(4, 48, 6, move |inner| {
+            prop_oneof![
+                proptest::collection::vec(inner.clone(), 0..4).prop_map(serde_json::Value::from),
+                proptest::collection::btree_map(key.clone(), inner, 0..6)
+                    .prop_map(|m| serde_json::Value::Object(m.into_iter().collect())),
+            ]
+        })
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn arbitrary_bytes_never_panic_and_are_refused_typed(
+            bytes in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..512)
+        ) {
+            if let Err(e) = Manifest::parse(&bytes) {
+                proptest::prop_assert!(!e.to_string().is_empty());
+            }
+        }
+
+        #[test]
+        fn arbitrary_json_never_panics(value in json()) {
+            let _ = Manifest::parse(value.to_string().as_bytes());
+        }
+
+        #[test]
+        fn a_good_manifest_with_one_byte_changed_never_panics(
+            at in 0..GOOD.len(),
+            byte in proptest::prelude::any::<u8>(),
+        ) {
+            let mut bytes = GOOD.as_bytes().to_vec();
+            bytes[at] = byte;
+            match Manifest::parse(&bytes) {
+                // A change inside a string or to whitespace can still be a good manifest.
+                Ok(m) => proptest::prop_assert_eq!(Manifest::parse(m.to_json().as_bytes()), Ok(m)),
+                Err(e) => proptest::prop_assert!(!e.to_string().is_empty()),
+            }
+        }
+
+        #[test]
+        fn version_keys_never_panic(text in "\\PC{0,24}") {
+            let _ = version_key(&text);
+        }
+    }
+
     #[test]
     fn versions_order_numerically_with_prereleases_first() {
         assert!(version_key("1.10.0") > version_key("1.9.3"));

@@ -203,17 +203,16 @@ impl Reloader {
         std::fs::create_dir_all(&config.cache_dir)?;
         let mirror = git::Mirror::open(&config.cache_dir.join("mirror.git"), &config.url)?;
         let signers = match &config.allowed_signers {
-            Some(path) => Some(sshsig::AllowedSigners::parse(&std::fs::read_to_string(
-                path,
-            )?)?),
+            Some(path) => Some(load_signers(path)?),
             None => None,
         };
         anyhow::ensure!(
             !config.require_signed_commits || signers.is_some(),
             "policy.source.require_signed_commits needs policy.source.allowed_signers"
         );
-        let persisted: Persisted = std::fs::read(config.cache_dir.join("active.json"))
-            .ok()
+        // Written 0600; one that others could have rewritten is not trusted to pick the code
+        // that decides who gets an identity.
+        let persisted: Persisted = crate::secrets::read_state(&active_file(&config))?
             .and_then(|b| serde_json::from_slice(&b).ok())
             .unwrap_or_default();
         let inner = Arc::new(Inner {
@@ -299,6 +298,17 @@ impl Reloader {
             }
         })
     }
+}
+
+/// Where the active version is remembered.
+pub fn active_file(config: &SourceConfig) -> PathBuf {
+    config.cache_dir.join("active.json")
+}
+
+/// Reads and parses `allowed_signers`, a trust anchor (refused when others can write it).
+pub fn load_signers(path: &std::path::Path) -> anyhow::Result<sshsig::AllowedSigners> {
+    let text = crate::secrets::read_trust_anchor(path)?;
+    sshsig::AllowedSigners::parse(&text).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))
 }
 
 fn now() -> u64 {

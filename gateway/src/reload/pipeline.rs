@@ -240,8 +240,19 @@ impl Inner {
                 .signature(commit)
                 .map_err(git)?
                 .ok_or_else(|| ReloadError::Signature("the commit is not signed".into()))?;
+            // git checks the signer's validity window at the committer time. That time is
+            // whatever the signer wrote, so a commit newly taken from the remote is checked
+            // now as well: a retired key cannot bring in a backdated commit, while a version
+            // it signed in its time still restores at start (or on an operator's pin).
+            let committed = mirror.commit_time(commit).map_err(git)?;
+            let now = i64::try_from(now()).unwrap_or(i64::MAX);
+            let times = if any_age {
+                vec![committed]
+            } else {
+                vec![committed, now]
+            };
             let signer = signers
-                .verify(&signature, &signed)
+                .verify(&signature, &signed, &times)
                 .map_err(|e| ReloadError::Signature(e.to_string()))?;
             tracing::info!(%commit, signer, "policy commit signature verified");
         }
@@ -311,9 +322,9 @@ impl Inner {
         if *persisted == before {
             return;
         }
-        let path = self.config.cache_dir.join("active.json");
+        let path = super::active_file(&self.config);
         if let Ok(json) = serde_json::to_vec_pretty(persisted)
-            && let Err(e) = crate::secrets::write_file(&path, &json, 0o644)
+            && let Err(e) = crate::secrets::write(&path, &json)
         {
             tracing::error!(error = %e, "cannot record the active policy version");
         }

@@ -7,6 +7,10 @@ use base64::Engine;
 use base64::engine::general_purpose::STANDARD;
 use sha2::{Digest, Sha512};
 
+mod allowed;
+
+pub use allowed::AllowedSigners;
+
 const MAGIC: &[u8] = b"SSHSIG";
 const BEGIN: &str = "-----BEGIN SSH SIGNATURE-----";
 const END: &str = "-----END SSH SIGNATURE-----";
@@ -43,60 +47,59 @@ pub enum SigError {
         /// What is wrong.
         why: &'static str,
     },
-}
-
-/// Keys allowed to sign policy commits.
-#[derive(Debug, Clone, Default)]
-pub struct AllowedSigners {
-    keys: Vec<(String, Vec<u8>)>,
+    /// A line is a `cert-authority`: only plain keys are supported, and skipping the option
+    /// would trust the CA key itself as a signer.
+    #[error(
+        "allowed_signers line {line}: option \"cert-authority\" is not supported \
+         (only plain ssh-ed25519 keys may sign policy commits)"
+    )]
+    CertAuthority {
+        /// 1-based line number.
+        line: usize,
+    },
+    /// A line carries an option this gateway does not know, so cannot honour.
+    #[error("allowed_signers line {line}: unknown option {option:?}")]
+    UnknownOption {
+        /// 1-based line number.
+        line: usize,
+        /// The option's name (at most 64 characters of it).
+        option: String,
+    },
+    /// The signer's line does not allow the signature's namespace.
+    #[error("{principals}: the allowed_signers line does not allow namespace {namespace:?}")]
+    NamespaceNotAllowed {
+        /// The line's principals.
+        principals: String,
+        /// The namespace signed in.
+        namespace: String,
+    },
+    /// The signer's `valid-after` is later than the time checked.
+    #[error("{principals}: key valid only after {valid_after} (Unix time), checked at {at}")]
+    NotYetValid {
+        /// The line's principals.
+        principals: String,
+        /// Its `valid-after`, Unix seconds.
+        valid_after: i64,
+        /// The time checked, Unix seconds.
+        at: i64,
+    },
+    /// The signer's `valid-before` is earlier than the time checked.
+    #[error("{principals}: key valid only before {valid_before} (Unix time), checked at {at}")]
+    Expired {
+        /// The line's principals.
+        principals: String,
+        /// Its `valid-before`, Unix seconds.
+        valid_before: i64,
+        /// The time checked, Unix seconds.
+        at: i64,
+    },
 }
 
 impl AllowedSigners {
-    /// Parses the OpenSSH `allowed_signers` format: `principals [options] key-type base64
-    /// [comment]`; `#` comments and blank lines are ignored; only `ssh-ed25519` keys are used.
-    pub fn parse(text: &str) -> Result<Self, SigError> {
-        let mut keys = Vec::new();
-        for (i, raw) in text.lines().enumerate() {
-            let line = raw.trim();
-            if line.is_empty() || line.starts_with('#') {
-                continue;
-            }
-            let bad = |why| SigError::AllowedSigners { line: i + 1, why };
-            let fields: Vec<&str> = line.split_whitespace().collect();
-            let at = fields
-                .iter()
-                .position(|f| {
-                    f.starts_with("ssh-") || f.starts_with("ecdsa-") || f.starts_with("sk-")
-                })
-                .ok_or_else(|| bad("no key type"))?;
-            if at == 0 {
-                return Err(bad("no principal before the key"));
-            }
-            if fields[at] != KEY_TYPE {
-                continue;
-            }
-            let blob = STANDARD
-                .decode(
-                    fields
-                        .get(at + 1)
-                        .ok_or_else(|| bad("no key after the key type"))?,
-                )
-                .map_err(|_| bad("the key is not base64"))?;
-            keys.push((fields[0].to_string(), blob));
-        }
-        Ok(Self { keys })
-    }
-
-    /// The `allowed_signers` line for a public key blob.
-    pub fn line(principal: &str, public_key_blob: &[u8]) -> String {
-        format!(
-            "{principal} {KEY_TYPE} {}",
-            STANDARD.encode(public_key_blob)
-        )
-    }
-
-    /// Verifies an armored signature over `message` in the git namespace; returns the signer.
-    pub fn verify(&self, armored: &str, message: &[u8]) -> Result<&str, SigError> {
+    /// Verifies an armored signature over `message` in the git namespace, by a key whose
+    /// `allowed_signers` line allows it at every one of `times` (Unix seconds: `ssh-keygen -Y
+    /// verify` checks one, the time git passes as `-Overify-time`); returns the principals.
+    pub fn verify(&self, armored: &str, message: &[u8], times: &[i64]) -> Result<&str, SigError> {
         let blob = dearmor(armored)?;
         let mut r = Reader(&blob);
         if r.take(MAGIC.len())? != MAGIC {
@@ -133,11 +136,7 @@ impl AllowedSigners {
         UnparsedPublicKey::new(&ED25519, raw_key)
             .verify(&signed, sig_bytes)
             .map_err(|_| SigError::BadSignature)?;
-        self.keys
-            .iter()
-            .find(|(_, k)| k.as_slice() == public_key)
-            .map(|(principal, _)| principal.as_str())
-            .ok_or(SigError::UnknownSigner)
+        self.authorize(public_key, GIT_NAMESPACE, times)
     }
 }
 
@@ -256,31 +255,38 @@ mod tests {
         .unwrap();
         let sig = sign(&alice, b"tree 1234\n\nv2\n");
         assert_eq!(
-            signers.verify(&sig, b"tree 1234\n\nv2\n"),
+            signers.verify(&sig, b"tree 1234\n\nv2\n", &[NOW]),
             Ok("ci@omnirelay")
         );
         assert_eq!(
-            signers.verify(&sig, b"tree 1234\n\nv3\n"),
+            signers.verify(&sig, b"tree 1234\n\nv3\n", &[NOW]),
             Err(SigError::BadSignature)
         );
         let forged = sign(&mallory, b"tree 1234\n\nv2\n");
         assert_eq!(
-            signers.verify(&forged, b"tree 1234\n\nv2\n"),
+            signers.verify(&forged, b"tree 1234\n\nv2\n", &[NOW]),
             Err(SigError::UnknownSigner)
         );
         assert!(matches!(
-            signers.verify("not a signature", b""),
+            signers.verify("not a signature", b"", &[NOW]),
             Err(SigError::Malformed(_))
         ));
     }
 
-    /// `ssh-keygen -Y sign` is the oracle: what OpenSSH (and so git) writes must verify.
-    #[test]
-    fn signatures_made_by_ssh_keygen_verify() {
-        let dir = std::env::temp_dir().join(format!("omnirelay-sshsig-{}", std::process::id()));
+    /// A time inside every window the tests write (2026-11-29).
+    pub(super) const NOW: i64 = 1_796_000_000;
+
+    /// The message every `ssh-keygen` signature in these tests covers.
+    pub(super) const MESSAGE: &[u8] = b"tree 89ab\nauthor ci\n\npolicy v2\n";
+
+    /// A fresh key signs [`MESSAGE`] with `ssh-keygen -Y sign -n namespace`: returns the
+    /// armored signature and the public key line (`ssh-ed25519 AAAA… comment`).
+    pub(super) fn ssh_keygen_signature(name: &str, namespace: &str) -> (String, String) {
+        let dir =
+            std::env::temp_dir().join(format!("omnirelay-sshsig-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).unwrap();
         let key = dir.join("id_ed25519");
-        let _ = std::fs::remove_file(&key);
         let status = std::process::Command::new("ssh-keygen")
             .args(["-q", "-t", "ed25519", "-N", "", "-C", "ci", "-f"])
             .arg(&key)
@@ -288,9 +294,9 @@ mod tests {
             .unwrap();
         assert!(status.success());
         let message = dir.join("message");
-        std::fs::write(&message, b"tree 89ab\nauthor ci\n\npolicy v2\n").unwrap();
+        std::fs::write(&message, MESSAGE).unwrap();
         let status = std::process::Command::new("ssh-keygen")
-            .args(["-Y", "sign", "-n", "git", "-f"])
+            .args(["-Y", "sign", "-n", namespace, "-f"])
             .arg(&key)
             .arg(&message)
             .status()
@@ -298,17 +304,21 @@ mod tests {
         assert!(status.success());
         let sig = std::fs::read_to_string(dir.join("message.sig")).unwrap();
         let public = std::fs::read_to_string(dir.join("id_ed25519.pub")).unwrap();
+        let _ = std::fs::remove_dir_all(&dir);
+        (sig, public.trim().to_string())
+    }
+
+    /// `ssh-keygen -Y sign` is the oracle: what OpenSSH (and so git) writes must verify.
+    #[test]
+    fn signatures_made_by_ssh_keygen_verify() {
+        let (sig, public) = ssh_keygen_signature("oracle", "git");
         let signers =
             AllowedSigners::parse(&format!("ci@omnirelay namespaces=\"git\" {public}")).unwrap();
+        assert_eq!(signers.verify(&sig, MESSAGE, &[NOW]), Ok("ci@omnirelay"));
         assert_eq!(
-            signers.verify(&sig, b"tree 89ab\nauthor ci\n\npolicy v2\n"),
-            Ok("ci@omnirelay")
-        );
-        assert_eq!(
-            signers.verify(&sig, b"tampered"),
+            signers.verify(&sig, b"tampered", &[NOW]),
             Err(SigError::BadSignature)
         );
-        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]
@@ -331,7 +341,7 @@ mod tests {
         put_string(&mut blob, &sig);
         let armored = format!("{BEGIN}\n{}\n{END}", STANDARD.encode(blob));
         assert_eq!(
-            signers.verify(&armored, b"m"),
+            signers.verify(&armored, b"m", &[NOW]),
             Err(SigError::Namespace("file".into()))
         );
     }

@@ -1,0 +1,74 @@
+//! The file checks `serve` runs before starting and `check-config` prints: trust anchors that
+//! others could rewrite, and state files that others could read or rewrite.
+
+use std::path::{Path, PathBuf};
+
+use super::Config;
+use crate::secrets;
+
+impl Config {
+    /// Trust anchors (token verification keys, device CAs, `allowed_signers`): each must be
+    /// readable and not writable by group or others, nor sit in a directory they can write;
+    /// `allowed_signers` must also parse (options included).
+    pub(super) fn check_trust_anchors(&self) -> Vec<String> {
+        let mut problems = Vec::new();
+        let keys = self
+            .token
+            .verification_keys
+            .iter()
+            .map(|p| ("token.verification_keys", p));
+        let cas = self
+            .attestation
+            .device_cas
+            .iter()
+            .map(|p| ("attestation.device_cas", p));
+        for (key, path) in keys.chain(cas) {
+            if let Err(e) = secrets::read_trust_anchor(path) {
+                problems.push(format!("{key}: {e}"));
+            }
+        }
+        if let Some(path) = self
+            .policy_source
+            .as_ref()
+            .and_then(|s| s.allowed_signers.as_ref())
+            && let Err(e) = crate::reload::load_signers(path)
+        {
+            problems.push(format!("policy.source.allowed_signers: {e:#}"));
+        }
+        problems
+    }
+
+    /// State files the gateway writes 0600 (the database and its side files, the audit file,
+    /// the record of the active policy version): one that group or others may access is
+    /// refused, since its content can no longer be trusted.
+    pub(super) fn check_state_files(&self) -> Vec<String> {
+        let sqlite = &self.store.sqlite;
+        let mut files = vec![
+            ("store.sqlite", sqlite.clone()),
+            ("store.sqlite", side_file(sqlite, "-wal")),
+            ("store.sqlite", side_file(sqlite, "-shm")),
+            ("store.audit_file", self.store.audit_file.clone()),
+        ];
+        if let Some(source) = &self.policy_source {
+            files.push((
+                "policy.source.cache_dir",
+                crate::reload::active_file(source),
+            ));
+        }
+        files
+            .into_iter()
+            .filter_map(|(key, path)| {
+                secrets::check_state(&path)
+                    .err()
+                    .map(|e| format!("{key}: {e}"))
+            })
+            .collect()
+    }
+}
+
+/// SQLite's `-wal` and `-shm` files beside the database.
+fn side_file(db: &Path, suffix: &str) -> PathBuf {
+    let mut name = db.as_os_str().to_owned();
+    name.push(suffix);
+    PathBuf::from(name)
+}
