@@ -12,11 +12,12 @@ use tokio::net::TcpListener;
 use tokio::sync::{Semaphore, watch};
 use tokio::task::JoinSet;
 
-use crate::api::{AdminApi, NodeApi};
+use crate::api::{AdminApi, NodeApi, flush_refusals};
 use crate::attest::{Attestor, DeviceRoots};
+use crate::audit::RefusalCoalescer;
 use crate::config::Config;
 use crate::identity::{Ca, IdentityConfig, TrustDomain, bundle_pem, spiffe_bundle};
-use crate::limits::Limits;
+use crate::limits::{KeyedSlots, Limits};
 use crate::metrics::Metrics;
 use crate::policy::{ActivePolicies, Metering, PolicyHost, PolicySet};
 use crate::reload::Reloader;
@@ -60,6 +61,12 @@ pub struct Gateway {
     pub metrics: Arc<Metrics>,
     /// Joins being processed; beyond the cap requests are shed.
     pub in_flight: Semaphore,
+    /// Joins being processed per client; beyond its cap a client gets 429.
+    pub in_flight_per_ip: Arc<KeyedSlots>,
+    /// Refusals before the token verified, counted until the next coalesced audit write.
+    pub refusals: RefusalCoalescer,
+    /// How often `refusals` is written to the audit.
+    pub refusal_audit_interval: Duration,
     /// The admin bearer credential.
     pub admin_credential: String,
     /// The trust bundle, PEM.
@@ -156,6 +163,9 @@ impl Gateway {
             store,
             metrics,
             in_flight: Semaphore::new(config.server.max_in_flight.get() as usize),
+            in_flight_per_ip: KeyedSlots::new(config.server.max_in_flight_per_ip.get()),
+            refusals: RefusalCoalescer::new(config.limits.refusal_audit_max_keys.get() as usize),
+            refusal_audit_interval: config.limits.refusal_audit_interval,
             admin_credential,
             bundle_pem: Bytes::from(bundle),
             spiffe_bundle: Bytes::from(jwks.to_string()),
@@ -198,6 +208,8 @@ impl Running {
     pub async fn stop(mut self) {
         let _ = self.shutdown.send(true);
         while self.tasks.join_next().await.is_some() {}
+        // Every connection is closed: the refusals counted since the last write are final.
+        flush_refusals(&self.gateway).await;
     }
 
     /// Waits until a shutdown signal (SIGINT/SIGTERM) arrives, then stops.
@@ -258,6 +270,7 @@ pub async fn start(config: &Config) -> anyhow::Result<Running> {
             let _ = polling.await;
         });
     }
+    tasks.spawn(audit_refusals(gateway.clone(), stop.clone()));
     tasks.spawn(housekeeping(gateway.clone(), stop));
     tracing::info!(%node_addr, %admin_addr, trust_domain = %config.trust_domain, "gateway serving");
     Ok(Running {
@@ -275,6 +288,19 @@ async fn housekeeping(gateway: Arc<Gateway>, mut stop: watch::Receiver<bool>) {
     loop {
         tokio::select! {
             _ = every.tick() => gateway.limits.forget_idle(),
+            _ = stop.changed() => return,
+        }
+    }
+}
+
+/// Writes the coalesced refusals of unauthenticated clients every interval; the last ones are
+/// written by [`Running::stop`] once the listeners have drained.
+async fn audit_refusals(gateway: Arc<Gateway>, mut stop: watch::Receiver<bool>) {
+    let mut every = tokio::time::interval(gateway.refusal_audit_interval);
+    every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = every.tick() => flush_refusals(&gateway).await,
             _ = stop.changed() => return,
         }
     }

@@ -129,6 +129,30 @@ pub enum AuditEvent {
         /// The client's address.
         client_ip: String,
     },
+    /// Requests from one client refused for one reason before their token verified, counted
+    /// over an interval: what an unauthenticated client sends grows the log by one bounded
+    /// entry per interval, never by one entry per request.
+    RefusalsCoalesced {
+        /// The client (IPv4 address or IPv6 /64), or `*` for the overflow entry that counts
+        /// every refusal beyond the distinct clients remembered in one interval.
+        client: String,
+        /// The refusing stage (`transport`, `request`, `limits`, `token`), `*` for overflow.
+        stage: String,
+        /// The problem's reason code, `*` for overflow.
+        reason: String,
+        /// The HTTP status returned (0 for overflow).
+        status: u16,
+        /// How many requests were refused.
+        count: u64,
+        /// Unix seconds of the first and the last of them.
+        first_at: u64,
+        /// See `first_at`.
+        last_at: u64,
+        /// The explanation given for the first of them, at most 256 bytes, without control
+        /// characters.
+        #[serde(default, skip_serializing_if = "String::is_empty")]
+        sample: String,
+    },
     /// A policy bundle version was taken live.
     PolicyActivated {
         /// Bundle name.
@@ -220,7 +244,9 @@ impl AuditEvent {
                 serial,
                 ..
             } => vec![request_id, token_id, serial],
-            Self::RateLimited { .. } | Self::PolicyUnpinned { .. } => Vec::new(),
+            Self::RateLimited { .. }
+            | Self::RefusalsCoalesced { .. }
+            | Self::PolicyUnpinned { .. } => Vec::new(),
             Self::PolicyActivated { commit, .. }
             | Self::PolicyRejected { commit, .. }
             | Self::PolicyPinned { commit, .. } => vec![commit],
@@ -237,6 +263,7 @@ impl AuditEvent {
             Self::IdentityIssued { .. } => "identity-issued",
             Self::IdentityReplayed { .. } => "identity-replayed",
             Self::RateLimited { .. } => "rate-limited",
+            Self::RefusalsCoalesced { .. } => "refusals-coalesced",
             Self::PolicyActivated { .. } => "policy-activated",
             Self::PolicyRejected { .. } => "policy-rejected",
             Self::PolicyPinned { .. } => "policy-pinned",
