@@ -1,7 +1,8 @@
 //! Every way a join is refused before anything is issued: the exact status, the problem's
-//! `stage` and `reason`, an audited `join-refused` entry saying the same, and no identity and no
-//! consumed use for the token. The tests share one gateway: each uses its own tokens, nodes and
-//! nonces, so none can see another's effects.
+//! `stage` and `reason`, an audited `join-refused` entry saying the same (or, for a token that
+//! did not verify, the refusal counted in the client's coalesced `refusals-coalesced` entry),
+//! and no identity and no consumed use for the token. The tests share one gateway: each uses
+//! its own tokens, nodes and nonces, so none can see another's effects.
 
 #![allow(
     clippy::unwrap_used,
@@ -51,6 +52,50 @@ async fn refused(
     (problem, entry)
 }
 
+/// Posts `request`, whose token does not verify, and checks the refusal: status, problem+json
+/// with `stage` and `reason`, no audit entry of its own (an unauthenticated client must not
+/// grow the audit per request) but a count in the client's coalesced entry for the reason.
+/// Returns the coalesced entries.
+async fn refused_unauthenticated(
+    gw: &Gateway,
+    request: &JoinRequest,
+    status: u16,
+    reason: &str,
+) -> Vec<serde_json::Value> {
+    let reply = post_join(&gw.node(), request).await;
+    assert_eq!(
+        reply.status.as_u16(),
+        status,
+        "{}",
+        String::from_utf8_lossy(&reply.body)
+    );
+    let problem = problem(&reply);
+    assert_eq!(
+        (
+            problem.status,
+            problem.stage.as_str(),
+            problem.reason.as_str()
+        ),
+        (status, "token", reason),
+        "{problem:?}"
+    );
+    let (entries, _) = gw.wait_for_coalesced("127.0.0.1", reason, 1);
+    for entry in &entries {
+        assert_eq!(
+            (entry["stage"].as_str(), entry["status"].as_u64()),
+            (Some("token"), Some(u64::from(status))),
+            "{entry}"
+        );
+    }
+    assert!(
+        gw.audit_events()
+            .iter()
+            .all(|e| e["request_id"] != problem.request_id),
+        "a refusal before the token verified was audited on its own"
+    );
+    entries
+}
+
 /// Nothing was issued for `token_id`: no audited issuance, no row in `identities`.
 fn nothing_issued(gw: &Gateway, token_id: &str) {
     assert_eq!(
@@ -80,7 +125,7 @@ async fn an_expired_token_is_refused_401() {
     claims.not_before -= 7200;
     claims.expires_at = unix_now() - 3600;
     let request = forged(&gw, &gw.signing_key().sign(&claims), "expired-1").await;
-    refused(&gw, &request, 401, "token", "expired").await;
+    refused_unauthenticated(&gw, &request, 401, "expired").await;
     nothing_issued(&gw, &claims.id.to_string());
 }
 
@@ -91,7 +136,7 @@ async fn a_token_not_yet_valid_is_refused_401() {
     claims.not_before = unix_now() + 3600;
     claims.expires_at = unix_now() + 7200;
     let request = forged(&gw, &gw.signing_key().sign(&claims), "early-1").await;
-    refused(&gw, &request, 401, "token", "not-yet-valid").await;
+    refused_unauthenticated(&gw, &request, 401, "not-yet-valid").await;
     nothing_issued(&gw, &claims.id.to_string());
 }
 
@@ -101,7 +146,7 @@ async fn a_token_for_another_trust_domain_is_refused_401() {
     let mut claims = claims("edge-eu", "dispatcher", 1);
     claims.audience = "other.omnirelay.example".into();
     let request = forged(&gw, &gw.signing_key().sign(&claims), "elsewhere-1").await;
-    refused(&gw, &request, 401, "token", "wrong-audience").await;
+    refused_unauthenticated(&gw, &request, 401, "wrong-audience").await;
     nothing_issued(&gw, &claims.id.to_string());
 }
 
@@ -111,10 +156,12 @@ async fn a_token_signed_by_another_key_is_refused_401_and_its_claims_are_not_tru
     let (stranger, _) = SigningKey::generate().unwrap();
     let claims = claims("edge-eu", "dispatcher", 1);
     let request = forged(&gw, &stranger.sign(&claims), "stranger-1").await;
-    let (_, entry) = refused(&gw, &request, 401, "token", "unknown-key").await;
+    let entries = refused_unauthenticated(&gw, &request, 401, "unknown-key").await;
     // Claims whose signature did not verify are not facts: the audit does not repeat them.
-    assert!(entry.get("token_id").is_none(), "{entry}");
-    assert!(entry.get("cluster").is_none(), "{entry}");
+    for entry in entries {
+        assert!(entry.get("token_id").is_none(), "{entry}");
+        assert!(entry.get("cluster").is_none(), "{entry}");
+    }
     nothing_issued(&gw, &claims.id.to_string());
 }
 
@@ -136,8 +183,9 @@ async fn a_token_with_an_edited_claim_is_refused_401_bad_signature() {
         parts[2]
     );
     let request = forged(&gw, &tampered, "tampered-1").await;
-    let (_, entry) = refused(&gw, &request, 401, "token", "bad-signature").await;
-    assert!(entry.get("token_id").is_none(), "{entry}");
+    for entry in refused_unauthenticated(&gw, &request, 401, "bad-signature").await {
+        assert!(entry.get("token_id").is_none(), "{entry}");
+    }
     unused(&gw, &issued.id).await;
     assert_eq!(gw.token(&issued.id).await.unwrap().max_uses, 1);
 }

@@ -10,106 +10,14 @@
 )]
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
+use omnirelay_e2e::raw::{DEADLINE, RawResponse, raw_problem, read_response, tls};
 use omnirelay_e2e::*;
-use rustls_pki_types::pem::PemObject;
-use rustls_pki_types::{CertificateDer, ServerName};
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::task::JoinHandle;
-use tokio_rustls::TlsConnector;
 use tokio_rustls::client::TlsStream;
-
-/// Generous bound for things the server must do on its own (close a connection, answer).
-const DEADLINE: Duration = Duration::from_secs(20);
-
-/// A TLS connection to the node listener, trusting only the gateway's CA, with no HTTP on top.
-async fn tls(gw: &Gateway) -> TlsStream<TcpStream> {
-    let mut roots = rustls::RootCertStore::empty();
-    for cert in CertificateDer::pem_slice_iter(&gw.bundle()) {
-        roots.add(cert.unwrap()).unwrap();
-    }
-    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
-    let config = rustls::ClientConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .unwrap()
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-    let tcp = TcpStream::connect(gw.node_addr).await.unwrap();
-    TlsConnector::from(Arc::new(config))
-        .connect(ServerName::IpAddress(gw.node_addr.ip().into()), tcp)
-        .await
-        .unwrap()
-}
-
-/// A raw HTTP/1.1 response.
-#[derive(Debug)]
-struct RawResponse {
-    status: u16,
-    headers: Vec<(String, String)>,
-    body: Vec<u8>,
-}
-
-impl RawResponse {
-    fn header(&self, name: &str) -> Option<&str> {
-        self.headers
-            .iter()
-            .find(|(n, _)| n.eq_ignore_ascii_case(name))
-            .map(|(_, v)| v.as_str())
-    }
-}
-
-/// Reads one response (head, then a Content-Length body). A server that closes or resets the
-/// connection right after answering is fine, as long as the whole answer arrived first.
-async fn read_response(reader: &mut (impl AsyncRead + Unpin)) -> RawResponse {
-    let mut buf = Vec::new();
-    let mut chunk = [0u8; 4096];
-    let complete = |buf: &[u8]| -> Option<RawResponse> {
-        let end = buf.windows(4).position(|w| w == b"\r\n\r\n")?;
-        let head = std::str::from_utf8(&buf[..end]).unwrap();
-        let mut lines = head.split("\r\n");
-        let status = lines.next()?.split(' ').nth(1)?.parse().ok()?;
-        let headers: Vec<(String, String)> = lines
-            .filter_map(|l| l.split_once(':'))
-            .map(|(n, v)| (n.trim().to_string(), v.trim().to_string()))
-            .collect();
-        let length: usize = headers
-            .iter()
-            .find(|(n, _)| n.eq_ignore_ascii_case("content-length"))
-            .map_or(0, |(_, v)| v.parse().unwrap());
-        let body = buf.get(end + 4..end + 4 + length)?.to_vec();
-        Some(RawResponse {
-            status,
-            headers,
-            body,
-        })
-    };
-    let deadline = Instant::now() + DEADLINE;
-    loop {
-        if let Some(response) = complete(&buf) {
-            return response;
-        }
-        let left = deadline.saturating_duration_since(Instant::now());
-        match tokio::time::timeout(left, reader.read(&mut chunk)).await {
-            Ok(Ok(n)) if n > 0 => buf.extend_from_slice(&chunk[..n]),
-            outcome => panic!(
-                "no complete response ({outcome:?}); got {:?}",
-                String::from_utf8_lossy(&buf)
-            ),
-        }
-    }
-}
-
-/// The problem document of a raw response, after checking its content type.
-fn raw_problem(response: &RawResponse) -> gateway::api::wire::Problem {
-    assert_eq!(
-        response.header("content-type"),
-        Some("application/problem+json"),
-        "{response:?}"
-    );
-    serde_json::from_slice(&response.body).unwrap()
-}
 
 async fn assert_healthy(gw: &Gateway) {
     let reply = gw.node().get("/healthz").await.unwrap();
@@ -123,13 +31,20 @@ async fn a_client_over_its_ip_rate_limit_gets_429_with_retry_after() {
     });
     let token = gw.issue_token("edge-eu", "dispatcher", 3).await;
     // Three joins from one address at once, each on its own connection with its challenge
-    // already fetched (challenges are not limited): the burst lets two through.
+    // already fetched from another address (challenges have buckets of their own, under the
+    // same limits): the burst lets two through.
     let barrier = Arc::new(tokio::sync::Barrier::new(3));
     let mut joins = Vec::new();
     for i in 0..3 {
         let node = gw.node();
         let name = format!("limited-{i}");
-        let request = join_request(&node, &token.token, &name, &NodeKey::new(&name)).await;
+        let request = join_request(
+            &gw.node_from(&format!("127.0.0.{}", 10 + i)),
+            &token.token,
+            &name,
+            &NodeKey::new(&name),
+        )
+        .await;
         let barrier = barrier.clone();
         joins.push(tokio::spawn(async move {
             barrier.wait().await;
@@ -170,8 +85,13 @@ async fn a_client_over_its_ip_rate_limit_gets_429_with_retry_after() {
         (problem.stage.as_str(), problem.reason.as_str()),
         ("limits", "rate-limited-ip")
     );
-    let limited = gw.wait_for_audit("rate-limited", |e| e["scope"] == "ip");
-    assert_eq!(limited["key"], "127.0.0.1");
+    // Refused before the token was read: counted, and audited coalesced for the client.
+    let (entries, count) = gw.wait_for_coalesced("127.0.0.1", "rate-limited-ip", 1);
+    assert_eq!(count, 1, "{entries:#?}");
+    assert_eq!(
+        (entries[0]["stage"].as_str(), entries[0]["status"].as_u64()),
+        (Some("limits"), Some(429))
+    );
     // Refused before the token was even read: the third join burned nothing.
     assert_eq!(gw.token(&token.id).await.unwrap().uses, 2);
     assert_healthy(&gw).await;
@@ -219,8 +139,9 @@ async fn a_ten_mebibyte_body_is_refused_413_declared_or_streamed() {
         ),
         (413, "transport", "too-large")
     );
-    let entry = gw.wait_for_audit("join-refused", |e| e["request_id"] == problem.request_id);
-    assert_eq!(entry["status"], 413);
+    // Unauthenticated: counted in the coalesced entry, not audited one by one.
+    let (entries, _) = gw.wait_for_coalesced("127.0.0.1", "too-large", 1);
+    assert_eq!(entries[0]["status"], 413);
 
     // Streamed without a length: refused once the cap is crossed.
     let head = format!(

@@ -11,7 +11,7 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinSet;
 
-use crate::api::{AdminApi, NodeApi};
+use crate::api::{AdminApi, NodeApi, flush_refusals};
 use crate::config::Config;
 use crate::server::{Bounds, serve, server_tls};
 pub use crate::state::Gateway;
@@ -38,6 +38,8 @@ impl Running {
     pub async fn stop(mut self) {
         let _ = self.shutdown.send(true);
         while self.tasks.join_next().await.is_some() {}
+        // Every connection is closed: the refusals counted since the last write are final.
+        flush_refusals(&self.gateway).await;
     }
 
     /// Waits until a shutdown signal (SIGINT/SIGTERM) arrives, then stops.
@@ -98,6 +100,7 @@ pub async fn start(config: &Config) -> anyhow::Result<Running> {
             let _ = polling.await;
         });
     }
+    tasks.spawn(audit_refusals(gateway.clone(), stop.clone()));
     tasks.spawn(housekeeping(gateway.clone(), stop));
     tracing::info!(%node_addr, %admin_addr, trust_domain = %config.trust_domain, "gateway serving");
     Ok(Running {
@@ -115,6 +118,19 @@ async fn housekeeping(gateway: Arc<Gateway>, mut stop: watch::Receiver<bool>) {
     loop {
         tokio::select! {
             _ = every.tick() => gateway.limits.forget_idle(),
+            _ = stop.changed() => return,
+        }
+    }
+}
+
+/// Writes the coalesced refusals of unauthenticated clients every interval; the last ones are
+/// written by [`Running::stop`] once the listeners have drained.
+async fn audit_refusals(gateway: Arc<Gateway>, mut stop: watch::Receiver<bool>) {
+    let mut every = tokio::time::interval(gateway.refusal_audit_interval);
+    every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = every.tick() => flush_refusals(&gateway).await,
             _ = stop.changed() => return,
         }
     }

@@ -10,9 +10,10 @@ use bytes::Bytes;
 use tokio::sync::Semaphore;
 
 use crate::attest::{Attestor, DeviceRoots};
+use crate::audit::RefusalCoalescer;
 use crate::config::Config;
 use crate::identity::{Ca, IdentityConfig, TrustDomain, bundle_pem, spiffe_bundle};
-use crate::limits::Limits;
+use crate::limits::{KeyedSlots, Limits};
 use crate::metrics::Metrics;
 use crate::policy::{ActivePolicies, Metering, PolicyHost, PolicySet};
 use crate::reload::Reloader;
@@ -53,6 +54,12 @@ pub struct Gateway {
     pub metrics: Arc<Metrics>,
     /// Joins being processed; beyond the cap requests are shed.
     pub in_flight: Semaphore,
+    /// Joins being processed per client; beyond its cap a client gets 429.
+    pub in_flight_per_ip: Arc<KeyedSlots>,
+    /// Refusals before the token verified, counted until the next coalesced audit write.
+    pub refusals: RefusalCoalescer,
+    /// How often `refusals` is written to the audit.
+    pub refusal_audit_interval: Duration,
     /// The admin bearer credential.
     pub admin_credential: String,
     /// The trust bundle, PEM.
@@ -151,6 +158,9 @@ impl Gateway {
             store,
             metrics,
             in_flight: Semaphore::new(config.server.max_in_flight.get() as usize),
+            in_flight_per_ip: KeyedSlots::new(config.server.max_in_flight_per_ip.get()),
+            refusals: RefusalCoalescer::new(config.limits.refusal_audit_max_keys.get() as usize),
+            refusal_audit_interval: config.limits.refusal_audit_interval,
             admin_credential,
             reserved_dns: own_dns_names(&read(&config.server.tls_cert)?)?,
             bundle_pem: Bytes::from(bundle),

@@ -9,6 +9,7 @@
 )]
 
 pub mod bundles;
+pub mod raw;
 
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
@@ -135,13 +136,22 @@ impl Gateway {
         Self::start_with(name, |_| {})
     }
 
-    /// Starts a gateway after `edit` changed `gateway.toml` (its text is passed in).
+    /// Starts a gateway after `edit` changed `gateway.toml` (its text is passed in). Unless
+    /// `edit` sets it, refusals of unauthenticated clients are audited every 200 ms, so tests
+    /// can wait for them.
     pub fn start_with(name: &str, edit: impl FnOnce(&mut String)) -> Self {
         let dir = init_state(name);
         let config = dir.0.join("gateway.toml");
         let mut text = std::fs::read_to_string(&config).unwrap();
         text.push_str("\n[log]\nformat = \"json\"\nfilter = \"info\"\n");
         edit(&mut text);
+        if !text.contains("refusal_audit_interval") {
+            const QUICK: &str = "refusal_audit_interval = \"200ms\"\n";
+            match text.find("\n[limits]\n") {
+                Some(at) => text.insert_str(at + "\n[limits]\n".len(), QUICK),
+                None => text.push_str(&format!("\n[limits]\n{QUICK}")),
+            }
+        }
         std::fs::write(&config, text).unwrap();
         Self::spawn(dir)
     }
@@ -237,6 +247,49 @@ impl Gateway {
     /// A client for the node API.
     pub fn node(&self) -> GatewayClient {
         GatewayClient::new(&format!("https://{}", self.node_addr), &self.bundle()).unwrap()
+    }
+
+    /// A client for the node API that connects from `ip` (any address of 127.0.0.0/8 reaches
+    /// the loopback listener on Linux), posing as another client.
+    pub fn node_from(&self, ip: &str) -> GatewayClient {
+        self.node().with_local_addr(ip.parse().unwrap())
+    }
+
+    /// The value of the metric series `series` (name and labels exactly as rendered), if the
+    /// gateway exports it.
+    pub async fn metric(&self, series: &str) -> Option<f64> {
+        let reply = self.admin().get("/metrics").await.unwrap();
+        assert_eq!(reply.status, 200);
+        let text = String::from_utf8(reply.body.to_vec()).unwrap();
+        text.lines()
+            .find_map(|line| line.strip_prefix(series)?.strip_prefix(' '))
+            .map(|value| value.trim().parse().unwrap())
+    }
+
+    /// The audit file's size, bytes.
+    pub fn audit_bytes(&self) -> u64 {
+        std::fs::metadata(self.path("audit/audit.log")).map_or(0, |m| m.len())
+    }
+
+    /// The `refusals-coalesced` entries for `client` and `reason`, and the sum of their
+    /// counts.
+    pub fn coalesced(&self, client: &str, reason: &str) -> (Vec<serde_json::Value>, u64) {
+        coalesced_in(&self.audit_events(), client, reason)
+    }
+
+    /// Waits (polling, with a deadline) until the coalesced refusals of `client` for `reason`
+    /// count at least `count`; returns the entries and their total.
+    pub fn wait_for_coalesced(
+        &self,
+        client: &str,
+        reason: &str,
+        count: u64,
+    ) -> (Vec<serde_json::Value>, u64) {
+        let events = self.audit_until(
+            &format!("{count} refusals of {client} for {reason}"),
+            |events| coalesced_in(events, client, reason).1 >= count,
+        );
+        coalesced_in(&events, client, reason)
     }
 
     /// An authenticated client for the admin API.
@@ -396,6 +449,24 @@ impl Drop for Gateway {
     fn drop(&mut self) {
         self.terminate();
     }
+}
+
+/// The `refusals-coalesced` entries among `events` for `client` and `reason`, and the sum of
+/// their counts.
+pub fn coalesced_in(
+    events: &[serde_json::Value],
+    client: &str,
+    reason: &str,
+) -> (Vec<serde_json::Value>, u64) {
+    let entries: Vec<serde_json::Value> = events
+        .iter()
+        .filter(|e| {
+            e["kind"] == "refusals-coalesced" && e["client"] == client && e["reason"] == reason
+        })
+        .cloned()
+        .collect();
+    let total = entries.iter().map(|e| e["count"].as_u64().unwrap()).sum();
+    (entries, total)
 }
 
 /// Claims for a token the tests sign themselves.

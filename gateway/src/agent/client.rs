@@ -1,6 +1,7 @@
 //! A small HTTPS client for the gateway's API: rustls trusting only the given CA bundle,
 //! HTTP/1.1 over one kept-alive connection, reconnecting when the server closed it.
 
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -11,7 +12,7 @@ use hyper::client::conn::http1::SendRequest;
 use hyper_util::rt::TokioIo;
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, ServerName};
-use tokio::net::TcpStream;
+use tokio::net::{TcpSocket, TcpStream};
 use tokio::sync::Mutex;
 use tokio_rustls::TlsConnector;
 
@@ -40,6 +41,7 @@ pub struct GatewayClient {
     server_name: ServerName<'static>,
     connector: TlsConnector,
     bearer: Option<String>,
+    local_addr: Option<IpAddr>,
     connection: Mutex<Option<SendRequest<Full<Bytes>>>>,
 }
 
@@ -101,6 +103,7 @@ impl GatewayClient {
             server_name,
             connector: TlsConnector::from(Arc::new(config)),
             bearer: None,
+            local_addr: None,
             connection: Mutex::new(None),
         })
     }
@@ -108,6 +111,14 @@ impl GatewayClient {
     /// Sends `Authorization: Bearer <credential>` with every request (the admin API).
     pub fn with_bearer(mut self, credential: String) -> Self {
         self.bearer = Some(credential);
+        self
+    }
+
+    /// Connects from `ip` (any port) instead of the address the system picks: a host with
+    /// several addresses, or a test posing as several clients (Linux routes all of 127.0.0.0/8
+    /// to loopback).
+    pub fn with_local_addr(mut self, ip: IpAddr) -> Self {
+        self.local_addr = Some(ip);
         self
     }
 
@@ -172,9 +183,11 @@ impl GatewayClient {
     async fn connect(&self) -> Result<SendRequest<Full<Bytes>>, AgentError> {
         let transport = |e: String| AgentError::Transport(format!("{}: {e}", self.authority));
         let connect = async {
-            let tcp = TcpStream::connect(&self.authority)
-                .await
-                .map_err(|e| transport(e.to_string()))?;
+            let tcp = match self.local_addr {
+                None => TcpStream::connect(&self.authority).await,
+                Some(local) => connect_from(local, &self.authority).await,
+            }
+            .map_err(|e| transport(e.to_string()))?;
             let _ = tcp.set_nodelay(true);
             let tls = self
                 .connector
@@ -193,4 +206,30 @@ impl GatewayClient {
             .await
             .map_err(|_| transport(format!("no connection within {CONNECT_TIMEOUT:?}")))?
     }
+}
+
+/// Connects to `authority` from `local` (port chosen by the system).
+async fn connect_from(local: IpAddr, authority: &str) -> std::io::Result<TcpStream> {
+    let mut last = None;
+    for remote in tokio::net::lookup_host(authority).await? {
+        if remote.is_ipv4() != local.is_ipv4() {
+            continue;
+        }
+        let socket = if local.is_ipv4() {
+            TcpSocket::new_v4()?
+        } else {
+            TcpSocket::new_v6()?
+        };
+        socket.bind(SocketAddr::new(local, 0))?;
+        match socket.connect(remote).await {
+            Ok(stream) => return Ok(stream),
+            Err(e) => last = Some(e),
+        }
+    }
+    Err(last.unwrap_or_else(|| {
+        std::io::Error::new(
+            std::io::ErrorKind::AddrNotAvailable,
+            format!("{authority} has no address of the family of {local}"),
+        )
+    }))
 }

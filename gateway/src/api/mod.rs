@@ -1,6 +1,10 @@
-//! The HTTP API: routing, the per-request envelope (request id, tracing span, load shedding,
-//! body limit and deadline, latency metric, refusal audit), and the handlers. The join pipeline
-//! itself reads top to bottom in `join::join`.
+//! The HTTP API: routing, the per-request envelope (request id, tracing span, rate limits,
+//! load shedding, body limit and deadlines, latency metric, refusal audit), and the handlers.
+//! The join pipeline itself reads top to bottom in `join::join`.
+//!
+//! A refusal before the token verified is counted (metric) and coalesced into one audit entry
+//! per client, stage and reason per interval ([`flush_refusals`]); a refusal after it gets an
+//! audit entry of its own, written before the response.
 
 mod admin;
 mod join;
@@ -21,9 +25,10 @@ use hyper::{Request, Response};
 use tracing::Instrument;
 
 pub use admin::AdminApi;
-pub use problem::{ApiError, rescue};
+pub use problem::{ApiError, MAX_REASON_BYTES, bounded, rescue};
 
-use crate::audit::AuditEvent;
+use crate::audit::{AuditEvent, Counted, Refused};
+use crate::limits::{ClientKey, Door};
 use crate::server::{Handler, Peer};
 use crate::state::Gateway;
 
@@ -69,7 +74,7 @@ impl Handler for NodeApi {
         let response = async {
             match route {
                 NodeRoute::Join => join_endpoint(gw, request, peer.addr.ip(), &request_id).await,
-                NodeRoute::Challenge => json(StatusCode::OK, &gw.attestor.challenge(gw.now_ms())),
+                NodeRoute::Challenge => challenge_endpoint(gw, peer.addr.ip(), &request_id),
                 NodeRoute::BundlePem => body(
                     StatusCode::OK,
                     "application/x-pem-file",
@@ -156,8 +161,21 @@ fn readyz(gw: &Gateway) -> Response<Full<Bytes>> {
     }
 }
 
-/// The envelope of a join: shed when too many are in flight, read the body within its limit
-/// and deadline, run the pipeline, and audit and count whatever the outcome.
+/// A challenge nonce, under the same per-client and global limits as joins (buckets of its
+/// own: a challenge flood cannot starve joins).
+fn challenge_endpoint(gw: &Gateway, client_ip: IpAddr, request_id: &str) -> Response<Full<Bytes>> {
+    match gw.limits.check_client(Door::Challenge, client_ip) {
+        Ok(()) => json(StatusCode::OK, &gw.attestor.challenge(gw.now_ms())),
+        Err(limited) => {
+            let error = join::limited(gw, limited);
+            count_unauthenticated(gw, client_ip, &error);
+            rescue(&error, request_id)
+        }
+    }
+}
+
+/// The envelope of a join: run it under the request deadline, and audit and count whatever
+/// the outcome.
 async fn join_endpoint(
     gw: &Gateway,
     request: Request<Incoming>,
@@ -169,28 +187,10 @@ async fn join_endpoint(
         client_ip: client_ip.to_string(),
         ..Default::default()
     };
-    let outcome = match gw.in_flight.try_acquire() {
-        Err(_) => {
-            gw.metrics.shed.inc();
-            Err(ApiError::Shed)
-        }
-        Ok(_permit) => {
-            let deadline = gw.server.request_timeout;
-            match tokio::time::timeout(deadline, async {
-                // Cheapest refusal first: before the body is read, no crypto, no database.
-                gw.limits
-                    .check_client(client_ip)
-                    .map_err(|l| join::limited(gw, l))?;
-                let body = read_body(request, gw.server.max_body_bytes).await?;
-                join::join(gw, &mut cx, &body, client_ip).await
-            })
-            .await
-            {
-                Ok(result) => result,
-                Err(_) => Err(ApiError::SlowRequest(deadline)),
-            }
-        }
-    };
+    let deadline = gw.server.request_timeout;
+    let outcome = tokio::time::timeout(deadline, admit_and_join(gw, &mut cx, request, client_ip))
+        .await
+        .unwrap_or(Err(ApiError::SlowRequest(deadline)));
     match outcome {
         Ok(response) => {
             gw.metrics.join("issued");
@@ -198,17 +198,86 @@ async fn join_endpoint(
         }
         Err(error) => {
             gw.metrics.join(error.stage());
-            tracing::info!(stage = error.stage(), reason = %error.reason(), status = error.status().as_u16(), "join refused");
-            audit_refusal(gw, cx, &error).await;
+            tracing::info!(stage = error.stage(), reason = %bounded(&error.reason()), status = error.status().as_u16(), "join refused");
+            audit_refusal(gw, cx, client_ip, &error).await;
             rescue(&error, request_id)
         }
     }
 }
 
+/// Admission, cheapest refusal first and the client's own share before the shared one: the
+/// client's rate, then the global rate, the client's joins in flight, the gateway's; then the
+/// body under its own deadline (so a slow body holds its slots that long only), then the
+/// pipeline.
+async fn admit_and_join(
+    gw: &Gateway,
+    cx: &mut JoinContext,
+    request: Request<Incoming>,
+    client_ip: IpAddr,
+) -> Result<Bytes, ApiError> {
+    gw.limits
+        .check_client(Door::Join, client_ip)
+        .map_err(|l| join::limited(gw, l))?;
+    let _client_slot = gw
+        .in_flight_per_ip
+        .try_acquire(ClientKey::of(client_ip))
+        .map_err(|full| {
+            gw.metrics.rate_limited("in-flight-ip");
+            ApiError::ClientInFlight(full.cap)
+        })?;
+    let _slot = gw.in_flight.try_acquire().map_err(|_| {
+        gw.metrics.shed.inc();
+        ApiError::Shed
+    })?;
+    let body_deadline = gw.server.body_read_timeout;
+    let body = tokio::time::timeout(body_deadline, read_body(request, gw.server.max_body_bytes))
+        .await
+        .map_err(|_| ApiError::SlowBody(body_deadline))??;
+    join::join(gw, cx, &body, client_ip).await
+}
+
+/// Counts a refusal that came before the token verified, for the next coalesced audit entry.
+fn count_unauthenticated(gw: &Gateway, client_ip: IpAddr, error: &ApiError) {
+    let reason = bounded(&error.reason());
+    gw.metrics.unauthenticated_refusal(error.stage(), &reason);
+    let counted = gw.refusals.record(
+        Refused {
+            client: &ClientKey::of(client_ip).to_string(),
+            stage: error.stage(),
+            reason: &reason,
+            status: error.status().as_u16(),
+            now: gw.now_ms() / 1000,
+        },
+        || bounded(&error.detail()),
+    );
+    if counted == Counted::Overflow {
+        gw.metrics.refusal_audit_overflow.inc();
+    }
+}
+
+/// Writes the coalesced refusals counted so far to the audit. On failure they are kept for
+/// the next attempt.
+pub async fn flush_refusals(gw: &Gateway) {
+    let events = gw.refusals.drain();
+    if events.is_empty() {
+        return;
+    }
+    if let Err(e) = gw.store.audit(events.clone()).await {
+        tracing::error!(error = %e, "cannot audit coalesced refusals; keeping them for the next interval");
+        gw.refusals.restore(events);
+    }
+}
+
 /// Writes the refusal's audit entry (with any pending decision) before the response goes out.
-/// Rate-limit refusals are audited once per key per window so a flood cannot flood the log.
-async fn audit_refusal(gw: &Gateway, cx: JoinContext, error: &ApiError) {
+/// Before the token verified, the refusal is only counted ([`count_unauthenticated`]): what an
+/// unauthenticated client sends never makes a durable entry per request. Rate-limit refusals
+/// of a token or cluster are audited once per key per window.
+async fn audit_refusal(gw: &Gateway, cx: JoinContext, client_ip: IpAddr, error: &ApiError) {
     if cx.audited {
+        return;
+    }
+    if cx.token_id.is_none() {
+        count_unauthenticated(gw, client_ip, error);
         return;
     }
     let mut events = cx.pending;
@@ -230,10 +299,10 @@ async fn audit_refusal(gw: &Gateway, cx: JoinContext, error: &ApiError) {
             status: error.status().as_u16(),
             // Always "<reason code>: <explanation>", the code being the problem's `reason`.
             // The operator's reason goes to the audit log, never to the node.
-            reason: match error {
+            reason: bounded(&match error {
                 ApiError::Denied(r) => format!("{}: {}", r.code, r.reason),
                 other => format!("{}: {other}", other.reason()),
-            },
+            }),
             token_id: cx.token_id,
             cluster: cx.cluster,
             role: cx.role,

@@ -1,5 +1,7 @@
 //! Every way a request can be refused, and [`rescue`]: the one place errors become HTTP
-//! responses (`application/problem+json` naming the stage and the reason).
+//! responses (`application/problem+json` naming the stage and the reason). Every text a
+//! refusal shows or audits goes through [`bounded`]: at most [`MAX_REASON_BYTES`] bytes, no
+//! control characters, whatever the client or a policy put in it.
 
 use std::time::Duration;
 
@@ -16,6 +18,28 @@ use crate::store::StoreError;
 use crate::token::TokenError;
 use crate::wire::Problem;
 
+/// Longest `reason` or `detail` a refusal shows a client or writes to the audit, bytes.
+pub const MAX_REASON_BYTES: usize = 256;
+
+/// `text` without control characters (a terminal or a log viewer would act on them), cut to
+/// at most [`MAX_REASON_BYTES`] bytes on a character boundary, ending in `…` when cut.
+pub fn bounded(text: &str) -> String {
+    const ELLIPSIS: char = '…';
+    let kept = || text.chars().filter(|c| !c.is_control());
+    if kept().map(char::len_utf8).sum::<usize>() <= MAX_REASON_BYTES {
+        return kept().collect();
+    }
+    let mut out = String::with_capacity(MAX_REASON_BYTES);
+    for c in kept() {
+        if out.len() + c.len_utf8() + ELLIPSIS.len_utf8() > MAX_REASON_BYTES {
+            break;
+        }
+        out.push(c);
+    }
+    out.push(ELLIPSIS);
+    out
+}
+
 /// A refused request.
 #[derive(Debug, thiserror::Error)]
 pub enum ApiError {
@@ -28,9 +52,15 @@ pub enum ApiError {
     /// Reading the request took too long.
     #[error("request not received within {0:?}")]
     SlowRequest(Duration),
+    /// Reading the body took longer than the body-read deadline.
+    #[error("request body not received within {0:?}")]
+    SlowBody(Duration),
     /// Too many requests are in flight; retry shortly.
     #[error("the gateway is busy")]
     Shed,
+    /// This client already has as many joins in flight as one client may.
+    #[error("this client already has {0} joins in flight")]
+    ClientInFlight(u32),
     /// A rate limit refused.
     #[error(transparent)]
     RateLimited(Limited),
@@ -113,8 +143,10 @@ impl ApiError {
     pub fn stage(&self) -> &'static str {
         match self {
             Self::Malformed(_) | Self::NotFound | Self::MethodNotAllowed => "request",
-            Self::TooLarge(_) | Self::SlowRequest(_) | Self::Shed => "transport",
-            Self::RateLimited(_) => "limits",
+            Self::TooLarge(_) | Self::SlowRequest(_) | Self::SlowBody(_) | Self::Shed => {
+                "transport"
+            }
+            Self::RateLimited(_) | Self::ClientInFlight(_) => "limits",
             Self::Token(_)
             | Self::TokenUnknown
             | Self::TokenRevoked
@@ -139,7 +171,9 @@ impl ApiError {
             Self::Malformed(_) => "malformed".into(),
             Self::TooLarge(_) => "too-large".into(),
             Self::SlowRequest(_) => "slow-request".into(),
+            Self::SlowBody(_) => "slow-body".into(),
             Self::Shed => "overloaded".into(),
+            Self::ClientInFlight(_) => "too-many-in-flight".into(),
             Self::RateLimited(l) => format!("rate-limited-{}", l.scope.label()),
             Self::Token(e) => e.reason().into(),
             Self::TokenUnknown => "unknown-token".into(),
@@ -176,8 +210,9 @@ impl ApiError {
             Self::Attest(A::NotThisDevice { .. }) => StatusCode::FORBIDDEN,
             Self::Attest(_) => StatusCode::UNAUTHORIZED,
             Self::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
-            Self::SlowRequest(_) => StatusCode::REQUEST_TIMEOUT,
-            Self::RateLimited(_) => StatusCode::TOO_MANY_REQUESTS,
+            Self::SlowRequest(_) | Self::SlowBody(_) => StatusCode::REQUEST_TIMEOUT,
+            // The client's own share is used up (429); 503 (`Shed`) means the gateway is.
+            Self::RateLimited(_) | Self::ClientInFlight(_) => StatusCode::TOO_MANY_REQUESTS,
             Self::Token(_) | Self::TokenUnknown | Self::Unauthorized => StatusCode::UNAUTHORIZED,
             Self::TokenRevoked
             | Self::NoPolicyBinding
@@ -218,26 +253,28 @@ impl ApiError {
     pub fn retry_after(&self) -> Option<Duration> {
         match self {
             Self::RateLimited(l) => Some(l.retry_after),
-            Self::Shed | Self::Store(_) | Self::PolicyFailed(PolicyError::Overloaded(_)) => {
-                Some(Duration::from_secs(1))
-            }
+            Self::Shed
+            | Self::ClientInFlight(_)
+            | Self::Store(_)
+            | Self::PolicyFailed(PolicyError::Overloaded(_)) => Some(Duration::from_secs(1)),
             Self::Denied(r) => r.retry_after,
             _ => None,
         }
     }
 }
 
-/// The response for a refusal: the only place an error becomes HTTP.
+/// The response for a refusal: the only place an error becomes HTTP. The reason and the detail
+/// are [`bounded`].
 pub fn rescue(error: &ApiError, request_id: &str) -> Response<Full<Bytes>> {
     let status = error.status();
-    let reason = error.reason();
+    let reason = bounded(&error.reason());
     let problem = Problem {
         kind: format!("https://omnirelay.dev/problems/{reason}"),
         title: status.canonical_reason().unwrap_or("Error").to_string(),
         status: status.as_u16(),
         stage: error.stage().to_string(),
         reason,
-        detail: error.detail(),
+        detail: bounded(&error.detail()),
         request_id: request_id.to_string(),
     };
     let body = serde_json::to_vec(&problem).unwrap_or_default();
@@ -261,4 +298,97 @@ pub fn rescue(error: &ApiError, request_id: &str) -> Response<Full<Bytes>> {
         );
     }
     response
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http_body_util::BodyExt;
+    use proptest::prelude::*;
+
+    #[test]
+    fn bounded_strips_control_characters_and_cuts_on_a_character_boundary() {
+        assert_eq!(
+            bounded("unknown field `\u{1b}[31mred\u{7}\r\n`"),
+            "unknown field `[31mred`"
+        );
+        assert_eq!(bounded("short"), "short");
+        let long = "é".repeat(1000);
+        let cut = bounded(&long);
+        assert!(cut.len() <= MAX_REASON_BYTES, "{}", cut.len());
+        assert!(cut.ends_with('…'));
+        assert!(cut.starts_with("éé"));
+        // Exactly at the limit: nothing is cut.
+        let exact = "a".repeat(MAX_REASON_BYTES);
+        assert_eq!(bounded(&exact), exact);
+        let over = "a".repeat(MAX_REASON_BYTES + 1);
+        let cut = bounded(&over);
+        assert_eq!(cut.len(), MAX_REASON_BYTES);
+        assert!(cut.ends_with("a…"));
+    }
+
+    fn errors(text: String, more: Vec<String>, secs: u64) -> Vec<ApiError> {
+        vec![
+            ApiError::Malformed(text.clone()),
+            ApiError::EvidenceSchema(more.clone()),
+            ApiError::Denied(Refusal {
+                code: text.clone(),
+                reason: more.join(" "),
+                node_message: Some(text.clone()),
+                retry_after: Some(Duration::from_secs(secs)),
+            }),
+            ApiError::Denied(Refusal {
+                code: text,
+                reason: String::new(),
+                node_message: None,
+                retry_after: None,
+            }),
+            ApiError::TooLarge(secs as usize),
+            ApiError::SlowBody(Duration::from_secs(secs)),
+            ApiError::ClientInFlight(secs as u32),
+            ApiError::RateLimited(Limited {
+                scope: crate::limits::Scope::Ip,
+                retry_after: Duration::from_secs(secs),
+            }),
+        ]
+    }
+
+    fn body_of(response: Response<Full<Bytes>>) -> Bytes {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        let collected = runtime.block_on(response.into_body().collect());
+        collected.unwrap().to_bytes()
+    }
+
+    proptest! {
+        #[test]
+        fn rescue_renders_valid_bounded_problem_json_for_any_text(
+            text in any::<String>(),
+            more in proptest::collection::vec(any::<String>(), 0..4),
+            huge in 0usize..70_000,
+            secs in any::<u32>(),
+        ) {
+            let text = format!("{text}{}", "\u{1}x".repeat(huge / 2));
+            for error in errors(text, more.clone(), u64::from(secs)) {
+                let response = rescue(&error, "req-1");
+                let status = response.status();
+                prop_assert_eq!(status, error.status());
+                prop_assert_eq!(
+                    response.headers().get(header::CONTENT_TYPE).unwrap(),
+                    "application/problem+json"
+                );
+                if let Some(after) = response.headers().get(header::RETRY_AFTER) {
+                    prop_assert!(after.to_str().unwrap().parse::<u64>().unwrap() >= 1);
+                }
+                let problem: Problem = serde_json::from_slice(&body_of(response)).unwrap();
+                prop_assert_eq!(problem.status, status.as_u16());
+                prop_assert_eq!(problem.request_id.as_str(), "req-1");
+                for shown in [&problem.detail, &problem.reason] {
+                    prop_assert!(shown.len() <= MAX_REASON_BYTES, "{} bytes", shown.len());
+                    prop_assert!(!shown.chars().any(char::is_control), "{shown:?}");
+                }
+            }
+        }
+    }
 }

@@ -150,6 +150,30 @@ pub enum AuditEvent {
         /// The client's address.
         client_ip: String,
     },
+    /// Requests from one client refused for one reason before their token verified, counted
+    /// over an interval: what an unauthenticated client sends grows the log by one bounded
+    /// entry per interval, never by one entry per request.
+    RefusalsCoalesced {
+        /// The client (IPv4 address or IPv6 /64), or `*` for the overflow entry that counts
+        /// every refusal beyond the distinct clients remembered in one interval.
+        client: String,
+        /// The refusing stage (`transport`, `request`, `limits`, `token`), `*` for overflow.
+        stage: String,
+        /// The problem's reason code, `*` for overflow.
+        reason: String,
+        /// The HTTP status returned (0 for overflow).
+        status: u16,
+        /// How many requests were refused.
+        count: u64,
+        /// Unix seconds of the first and the last of them.
+        first_at: u64,
+        /// See `first_at`.
+        last_at: u64,
+        /// The explanation given for the first of them, at most 256 bytes, without control
+        /// characters.
+        #[serde(default, skip_serializing_if = "String::is_empty")]
+        sample: String,
+    },
     /// A policy bundle version was taken live.
     PolicyActivated {
         /// Bundle name.
@@ -256,7 +280,9 @@ impl AuditEvent {
                 superseded_by,
                 superseding_token_id,
             ],
-            Self::RateLimited { .. } | Self::PolicyUnpinned { .. } => Vec::new(),
+            Self::RateLimited { .. }
+            | Self::RefusalsCoalesced { .. }
+            | Self::PolicyUnpinned { .. } => Vec::new(),
             Self::PolicyActivated { commit, .. }
             | Self::PolicyRejected { commit, .. }
             | Self::PolicyPinned { commit, .. } => vec![commit],
@@ -274,6 +300,7 @@ impl AuditEvent {
             Self::IdentityReplayed { .. } => "identity-replayed",
             Self::IdentitySuperseded { .. } => "identity-superseded",
             Self::RateLimited { .. } => "rate-limited",
+            Self::RefusalsCoalesced { .. } => "refusals-coalesced",
             Self::PolicyActivated { .. } => "policy-activated",
             Self::PolicyRejected { .. } => "policy-rejected",
             Self::PolicyPinned { .. } => "policy-pinned",

@@ -17,10 +17,12 @@
 //! [`verify`] returns with the head the store holds.
 
 mod chain;
+mod coalesce;
 mod event;
 mod file;
 
 pub use chain::{ChainHead, Problem, SealedEntry, VerifyError, VerifySummary, query, seal, verify};
+pub use coalesce::{Counted, RefusalCoalescer, Refused};
 pub use event::{AuditEvent, PolicyRef};
 pub use file::{AuditError, AuditFile};
 

@@ -366,7 +366,22 @@ impl Validator<'_> {
                 raw.max_connections,
                 d.max_connections,
             ),
+            max_connections_per_ip: self.nonzero(
+                "server.max_connections_per_ip",
+                raw.max_connections_per_ip,
+                d.max_connections_per_ip,
+            ),
             max_in_flight: self.nonzero("server.max_in_flight", raw.max_in_flight, d.max_in_flight),
+            max_in_flight_per_ip: self.nonzero(
+                "server.max_in_flight_per_ip",
+                raw.max_in_flight_per_ip,
+                d.max_in_flight_per_ip,
+            ),
+            body_read_timeout: self.duration(
+                "server.body_read_timeout",
+                raw.body_read_timeout,
+                d.body_read_timeout,
+            ),
             handshake_timeout: self.duration(
                 "server.handshake_timeout",
                 raw.handshake_timeout,
@@ -459,6 +474,16 @@ impl Validator<'_> {
             per_ip: self.rate("limits.per_ip", raw.per_ip, d.per_ip),
             per_token: self.rate("limits.per_token", raw.per_token, d.per_token),
             per_cluster: self.rate("limits.per_cluster", raw.per_cluster, d.per_cluster),
+            refusal_audit_interval: self.duration(
+                "limits.refusal_audit_interval",
+                raw.refusal_audit_interval,
+                d.refusal_audit_interval,
+            ),
+            refusal_audit_max_keys: self.nonzero(
+                "limits.refusal_audit_max_keys",
+                raw.refusal_audit_max_keys,
+                d.refusal_audit_max_keys,
+            ),
         }
     }
 

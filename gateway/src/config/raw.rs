@@ -38,9 +38,12 @@ pub struct RawServer {
     pub tls_cert: Option<String>,
     pub tls_key: Option<String>,
     pub max_connections: Option<u32>,
+    pub max_connections_per_ip: Option<u32>,
     pub max_in_flight: Option<u32>,
+    pub max_in_flight_per_ip: Option<u32>,
     pub handshake_timeout: Option<String>,
     pub header_read_timeout: Option<String>,
+    pub body_read_timeout: Option<String>,
     pub request_timeout: Option<String>,
     pub max_body_bytes: Option<usize>,
     pub max_header_bytes: Option<usize>,
@@ -98,6 +101,8 @@ pub struct RawLimits {
     pub per_ip: Option<RawRate>,
     pub per_token: Option<RawRate>,
     pub per_cluster: Option<RawRate>,
+    pub refusal_audit_interval: Option<String>,
+    pub refusal_audit_max_keys: Option<u32>,
 }
 
 #[derive(Debug, Default, Deserialize)]

@@ -1,12 +1,24 @@
-//! Rate limits (governor): a global cap and per client IP, checked before any parsing or
+//! Rate limits (governor): per client and then a global cap, checked before any parsing or
 //! crypto; per token and per cluster, checked right after the token's signature verified (so an
 //! attacker cannot spend another cluster's budget with forged claims), still before any
 //! database work. A refusal says how long to wait.
+//!
+//! A client is a [`ClientKey`] (an IPv4 address or an IPv6 /64). Its own budget is charged
+//! before the global one, so a client over its limit is refused without draining what everyone
+//! shares. The join and the challenge endpoints have buckets of their own with the same
+//! quotas: a challenge flood cannot starve joins, and a node's challenge + join is not charged
+//! twice. [`KeyedSlots`] caps what one client holds open (connections, joins in flight).
+
+mod key;
+mod slots;
 
 use std::hash::Hash;
 use std::net::IpAddr;
 use std::num::NonZeroU32;
 use std::time::Duration;
+
+pub use key::ClientKey;
+pub use slots::{AtCapacity, KeyedSlots, SlotPermit};
 
 use governor::clock::{Clock, DefaultClock};
 use governor::middleware::NoOpMiddleware;
@@ -30,17 +42,24 @@ impl Rate {
 }
 
 /// The `[limits]` section. Defaults (in [`LimitsConfig::default`]): global 5,000/s burst
-/// 10,000; per IP 100/s burst 200; per token 10/s burst 50; per cluster 2,000/s burst 4,000.
+/// 10,000; per IP 100/s burst 200; per token 10/s burst 50; per cluster 2,000/s burst 4,000;
+/// refusals before authentication audited every 10 s for at most 1,024 clients.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct LimitsConfig {
-    /// Every join and renewal on this replica.
+    /// Every join and renewal on this replica (challenges have a bucket of their own).
     pub global: Rate,
-    /// Per client IP address.
+    /// Per client (IPv4 address or IPv6 /64).
     pub per_ip: Rate,
     /// Per bootstrap token (its audit GUID).
     pub per_token: Rate,
     /// Per cluster named in the token.
     pub per_cluster: Rate,
+    /// How often the refusals of unauthenticated clients are written to the audit, one entry
+    /// per client, stage and reason with a count.
+    pub refusal_audit_interval: Duration,
+    /// Distinct (client, reason) pairs remembered per interval; the rest are counted in one
+    /// overflow entry.
+    pub refusal_audit_max_keys: NonZeroU32,
 }
 
 fn rate(per_second: u32, burst: u32) -> Rate {
@@ -57,8 +76,19 @@ impl Default for LimitsConfig {
             per_ip: rate(100, 200),
             per_token: rate(10, 50),
             per_cluster: rate(2_000, 4_000),
+            refusal_audit_interval: Duration::from_secs(10),
+            refusal_audit_max_keys: NonZeroU32::new(1024).unwrap_or(NonZeroU32::MIN),
         }
     }
+}
+
+/// Where a client knocked: each has its own per-client and global buckets.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Door {
+    /// `POST /v1/bootstrap/join`.
+    Join,
+    /// `GET /v1/bootstrap/challenge`.
+    Challenge,
 }
 
 /// Which limit refused.
@@ -100,12 +130,28 @@ type Keyed<K, C> =
     RateLimiter<K, DefaultKeyedStateStore<K>, C, NoOpMiddleware<<C as Clock>::Instant>>;
 type Direct<C> = RateLimiter<NotKeyed, InMemoryState, C, NoOpMiddleware<<C as Clock>::Instant>>;
 
+/// A door's buckets: one per client, one for everyone.
+#[derive(Debug)]
+struct ClientBuckets<C: Clock> {
+    global: Direct<C>,
+    per_client: Keyed<ClientKey, C>,
+}
+
+impl<C: Clock + Clone> ClientBuckets<C> {
+    fn new(config: &LimitsConfig, clock: &C) -> Self {
+        Self {
+            global: RateLimiter::direct_with_clock(config.global.quota(), clock.clone()),
+            per_client: RateLimiter::new(config.per_ip.quota(), Default::default(), clock.clone()),
+        }
+    }
+}
+
 /// All the limiters of one replica. Generic over the clock so tests can drive time.
 #[derive(Debug)]
 pub struct Limits<C: Clock = DefaultClock> {
     clock: C,
-    global: Direct<C>,
-    per_ip: Keyed<IpAddr, C>,
+    join: ClientBuckets<C>,
+    challenge: ClientBuckets<C>,
     per_token: Keyed<String, C>,
     per_cluster: Keyed<String, C>,
 }
@@ -121,8 +167,8 @@ impl<C: Clock + Clone> Limits<C> {
     /// Limiters on `clock`.
     pub fn with_clock(config: &LimitsConfig, clock: C) -> Self {
         Self {
-            global: RateLimiter::direct_with_clock(config.global.quota(), clock.clone()),
-            per_ip: RateLimiter::new(config.per_ip.quota(), Default::default(), clock.clone()),
+            join: ClientBuckets::new(config, &clock),
+            challenge: ClientBuckets::new(config, &clock),
             per_token: RateLimiter::new(
                 config.per_token.quota(),
                 Default::default(),
@@ -137,14 +183,21 @@ impl<C: Clock + Clone> Limits<C> {
         }
     }
 
-    /// Before anything else: the global cap and the client's address.
-    pub fn check_client(&self, ip: IpAddr) -> Result<(), Limited> {
-        self.global
+    /// Before anything else: the client's own budget at `door`, then the global one. A client
+    /// over its own limit is refused without touching the global bucket.
+    pub fn check_client(&self, door: Door, ip: IpAddr) -> Result<(), Limited> {
+        let buckets = match door {
+            Door::Join => &self.join,
+            Door::Challenge => &self.challenge,
+        };
+        buckets
+            .per_client
+            .check_key(&ClientKey::of(ip))
+            .map_err(|n| self.limited(Scope::Ip, &n))?;
+        buckets
+            .global
             .check()
-            .map_err(|n| self.limited(Scope::Global, &n))?;
-        self.per_ip
-            .check_key(&ip)
-            .map_err(|n| self.limited(Scope::Ip, &n))
+            .map_err(|n| self.limited(Scope::Global, &n))
     }
 
     /// After the token's signature verified: its own budget and its cluster's.
@@ -160,7 +213,8 @@ impl<C: Clock + Clone> Limits<C> {
     /// Forgets keys whose buckets are full again, so the maps do not grow without bound.
     /// The server calls this periodically.
     pub fn forget_idle(&self) {
-        forget(&self.per_ip);
+        forget(&self.join.per_client);
+        forget(&self.challenge.per_client);
         forget(&self.per_token);
         forget(&self.per_cluster);
     }
@@ -192,6 +246,7 @@ mod tests {
             per_ip: rate(2, 3),
             per_token: rate(1, 2),
             per_cluster: rate(10, 10),
+            ..LimitsConfig::default()
         };
         Limits::with_clock(&config, clock.clone())
     }
@@ -199,22 +254,26 @@ mod tests {
     const A: IpAddr = IpAddr::V4(std::net::Ipv4Addr::new(192, 0, 2, 1));
     const B: IpAddr = IpAddr::V4(std::net::Ipv4Addr::new(192, 0, 2, 2));
 
+    fn v6(text: &str) -> IpAddr {
+        text.parse().unwrap()
+    }
+
     #[test]
     fn per_ip_burst_then_refusal_with_retry_after_then_refill() {
         let clock = FakeRelativeClock::default();
         let limits = limits(&clock);
         for _ in 0..3 {
-            limits.check_client(A).unwrap();
+            limits.check_client(Door::Join, A).unwrap();
         }
-        let refused = limits.check_client(A).unwrap_err();
+        let refused = limits.check_client(Door::Join, A).unwrap_err();
         assert_eq!(refused.scope, Scope::Ip);
         assert_eq!(refused.retry_after, Duration::from_secs(1));
         // Another client is unaffected.
-        limits.check_client(B).unwrap();
+        limits.check_client(Door::Join, B).unwrap();
         // 2/s: after half a second one more request fits.
         clock.advance(Duration::from_millis(500));
-        limits.check_client(A).unwrap();
-        assert!(limits.check_client(A).is_err());
+        limits.check_client(Door::Join, A).unwrap();
+        assert!(limits.check_client(Door::Join, A).is_err());
     }
 
     #[test]
@@ -242,19 +301,90 @@ mod tests {
             ..LimitsConfig::default()
         };
         let limits = Limits::with_clock(&config, clock.clone());
-        limits.check_client(A).unwrap();
-        limits.check_client(B).unwrap();
-        assert_eq!(limits.check_client(A).unwrap_err().scope, Scope::Global);
+        limits.check_client(Door::Join, A).unwrap();
+        limits.check_client(Door::Join, B).unwrap();
+        assert_eq!(
+            limits.check_client(Door::Join, A).unwrap_err().scope,
+            Scope::Global
+        );
+    }
+
+    #[test]
+    fn a_client_over_its_own_limit_does_not_drain_the_global_budget() {
+        let clock = FakeRelativeClock::default();
+        let config = LimitsConfig {
+            global: rate(1, 5),
+            per_ip: rate(1, 2),
+            ..LimitsConfig::default()
+        };
+        let limits = Limits::with_clock(&config, clock.clone());
+        let refusals = (0..1000)
+            .filter_map(|_| limits.check_client(Door::Join, A).err())
+            .collect::<Vec<_>>();
+        assert_eq!(refusals.len(), 998);
+        assert!(refusals.iter().all(|r| r.scope == Scope::Ip));
+        // A spent two of the five global cells; B gets two of its own and the third left.
+        for _ in 0..2 {
+            limits.check_client(Door::Join, B).unwrap();
+        }
+        let c: IpAddr = "192.0.2.3".parse().unwrap();
+        limits.check_client(Door::Join, c).unwrap();
+        assert_eq!(
+            limits.check_client(Door::Join, c).unwrap_err().scope,
+            Scope::Global
+        );
+    }
+
+    #[test]
+    fn an_ipv6_64_shares_one_budget_and_mapped_ipv4_is_the_ipv4_client() {
+        let clock = FakeRelativeClock::default();
+        let limits = limits(&clock);
+        for low in 1..=3 {
+            limits
+                .check_client(Door::Join, v6(&format!("2001:db8:0:7::{low}")))
+                .unwrap();
+        }
+        let refused = limits
+            .check_client(Door::Join, v6("2001:db8:0:7:ffff::1"))
+            .unwrap_err();
+        assert_eq!(refused.scope, Scope::Ip);
+        limits
+            .check_client(Door::Join, v6("2001:db8:0:8::1"))
+            .unwrap();
+        for _ in 0..3 {
+            limits.check_client(Door::Join, A).unwrap();
+        }
+        let mapped = v6("::ffff:192.0.2.1");
+        assert_eq!(
+            limits.check_client(Door::Join, mapped).unwrap_err().scope,
+            Scope::Ip
+        );
+    }
+
+    #[test]
+    fn challenges_have_buckets_of_their_own() {
+        let clock = FakeRelativeClock::default();
+        let limits = limits(&clock);
+        for _ in 0..3 {
+            limits.check_client(Door::Challenge, A).unwrap();
+        }
+        let refused = limits.check_client(Door::Challenge, A).unwrap_err();
+        assert_eq!(refused.scope, Scope::Ip);
+        // The same client's joins are untouched by its challenge flood.
+        limits.check_client(Door::Join, A).unwrap();
     }
 
     #[test]
     fn idle_keys_are_forgotten() {
         let clock = FakeRelativeClock::default();
         let limits = limits(&clock);
-        limits.check_client(A).unwrap();
-        assert_eq!(limits.per_ip.len(), 1);
+        limits.check_client(Door::Join, A).unwrap();
+        limits.check_client(Door::Challenge, B).unwrap();
+        assert_eq!(limits.join.per_client.len(), 1);
+        assert_eq!(limits.challenge.per_client.len(), 1);
         clock.advance(Duration::from_secs(10));
         limits.forget_idle();
-        assert_eq!(limits.per_ip.len(), 0);
+        assert_eq!(limits.join.per_client.len(), 0);
+        assert_eq!(limits.challenge.per_client.len(), 0);
     }
 }

@@ -31,6 +31,15 @@ pub struct ScopeLabel {
     pub scope: &'static str,
 }
 
+/// Label: why a request was refused before its token verified.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RefusalLabel {
+    /// The refusing stage (`transport`, `request`, `limits`, `token`).
+    pub stage: &'static str,
+    /// The problem's reason code (a fixed set: none of these come from a client or a policy).
+    pub reason: String,
+}
+
 /// Label: a policy outcome or failure kind.
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct OutcomeLabel {
@@ -69,6 +78,14 @@ pub struct Metrics {
     pub shed: Counter,
     /// Connections currently open.
     pub connections: Gauge,
+    /// Connections closed at accept because a cap was reached, by scope (`per-ip`, `global`).
+    pub connections_refused: Family<ScopeLabel, Counter>,
+    /// Join and challenge refusals before the token verified, by stage and reason (audited
+    /// coalesced, so this is where each one is counted).
+    pub unauthenticated_refusals: Family<RefusalLabel, Counter>,
+    /// Unauthenticated refusals counted in the audit's overflow entry because too many
+    /// distinct clients were refused within one interval.
+    pub refusal_audit_overflow: Counter,
     /// Policy reload attempts by result.
     pub policy_reloads: Family<ResultLabel, Counter>,
     /// 1 for the active policy bundle version, 0 for those it replaced.
@@ -131,6 +148,24 @@ impl Metrics {
             "TLS connections currently open",
             connections.clone(),
         );
+        let connections_refused = Family::<ScopeLabel, Counter>::default();
+        registry.register(
+            "bootstrap_connections_refused",
+            "Connections closed at accept because a cap was reached, by scope",
+            connections_refused.clone(),
+        );
+        let unauthenticated_refusals = Family::<RefusalLabel, Counter>::default();
+        registry.register(
+            "bootstrap_unauthenticated_refusals",
+            "Requests refused before their token verified, by stage and reason",
+            unauthenticated_refusals.clone(),
+        );
+        let refusal_audit_overflow = Counter::default();
+        registry.register(
+            "bootstrap_refusal_audit_overflow",
+            "Unauthenticated refusals audited in the overflow entry (too many distinct clients)",
+            refusal_audit_overflow.clone(),
+        );
         let policy_reloads = Family::<ResultLabel, Counter>::default();
         registry.register(
             "bootstrap_policy_reload",
@@ -156,7 +191,27 @@ impl Metrics {
             token_uses,
             shed,
             connections,
+            connections_refused,
+            unauthenticated_refusals,
+            refusal_audit_overflow,
         }
+    }
+
+    /// Counts a connection closed at accept by the cap of `scope`.
+    pub fn connections_refused(&self, scope: &'static str) {
+        self.connections_refused
+            .get_or_create(&ScopeLabel { scope })
+            .inc();
+    }
+
+    /// Counts a refusal before the token verified.
+    pub fn unauthenticated_refusal(&self, stage: &'static str, reason: &str) {
+        self.unauthenticated_refusals
+            .get_or_create(&RefusalLabel {
+                stage,
+                reason: reason.to_string(),
+            })
+            .inc();
     }
 
     /// Counts a join outcome.

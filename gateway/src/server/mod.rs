@@ -1,6 +1,7 @@
 //! The HTTPS listeners (hyper + rustls): accept, TLS handshake, HTTP/1.1, and the bounds that
-//! keep one client from starving the rest — a connection cap, a handshake deadline, a header
-//! read deadline and a header size cap. Only `server` and `api` know HTTP types.
+//! keep one client from starving the rest — a connection cap, a per-client connection cap
+//! (IPv4 address or IPv6 /64), a handshake deadline, a header read deadline and a header size
+//! cap. Only `server` and `api` know HTTP types.
 
 mod tls;
 
@@ -24,6 +25,7 @@ use tokio_rustls::TlsAcceptor;
 
 pub use tls::{TlsError, server_tls};
 
+use crate::limits::{ClientKey, KeyedSlots};
 use crate::metrics::Metrics;
 
 /// The `[server]` section: the node-facing listener. Defaults in [`ServerConfig::defaults`].
@@ -37,12 +39,20 @@ pub struct ServerConfig {
     pub tls_key: PathBuf,
     /// Open connections at most; more are closed at once. Default 4,096.
     pub max_connections: NonZeroU32,
+    /// Open connections from one client (IPv4 address or IPv6 /64) at most; more are closed
+    /// at once. Default 64.
+    pub max_connections_per_ip: NonZeroU32,
     /// Joins being processed at once; more get 503 + Retry-After. Default 1,024.
     pub max_in_flight: NonZeroU32,
+    /// Joins in flight from one client at most; more get 429 + Retry-After. Default 32.
+    pub max_in_flight_per_ip: NonZeroU32,
     /// Longest TLS handshake. Default 5 s.
     pub handshake_timeout: Duration,
     /// Longest wait for a request's headers (slow-loris). Default 5 s.
     pub header_read_timeout: Duration,
+    /// Longest time to read a request body (a slow body holds an in-flight slot only this
+    /// long; 408 after). Default 5 s.
+    pub body_read_timeout: Duration,
     /// Longest time to read a body and answer. Default 10 s.
     pub request_timeout: Duration,
     /// Largest request body, bytes. Default 64 KiB.
@@ -59,9 +69,12 @@ impl ServerConfig {
             tls_cert,
             tls_key,
             max_connections: NonZeroU32::new(4096).unwrap_or(NonZeroU32::MIN),
+            max_connections_per_ip: NonZeroU32::new(64).unwrap_or(NonZeroU32::MIN),
             max_in_flight: NonZeroU32::new(1024).unwrap_or(NonZeroU32::MIN),
+            max_in_flight_per_ip: NonZeroU32::new(32).unwrap_or(NonZeroU32::MIN),
             handshake_timeout: Duration::from_secs(5),
             header_read_timeout: Duration::from_secs(5),
+            body_read_timeout: Duration::from_secs(5),
             request_timeout: Duration::from_secs(10),
             max_body_bytes: 64 << 10,
             max_header_bytes: 16 << 10,
@@ -100,6 +113,8 @@ pub trait Handler: Send + Sync + 'static {
 pub struct Bounds {
     /// Connection cap.
     pub max_connections: usize,
+    /// Connection cap per client.
+    pub max_connections_per_ip: u32,
     /// TLS handshake deadline.
     pub handshake_timeout: Duration,
     /// Header read deadline.
@@ -112,6 +127,7 @@ impl From<&ServerConfig> for Bounds {
     fn from(c: &ServerConfig) -> Self {
         Self {
             max_connections: c.max_connections.get() as usize,
+            max_connections_per_ip: c.max_connections_per_ip.get(),
             handshake_timeout: c.handshake_timeout,
             header_read_timeout: c.header_read_timeout,
             max_header_bytes: c.max_header_bytes,
@@ -132,6 +148,7 @@ pub async fn serve<H: Handler>(
 ) {
     let acceptor = TlsAcceptor::from(tls);
     let slots = Arc::new(Semaphore::new(bounds.max_connections));
+    let per_client = KeyedSlots::new(bounds.max_connections_per_ip);
     let mut connections = JoinSet::new();
     let mut http = hyper::server::conn::http1::Builder::new();
     http.timer(TokioTimer::new())
@@ -150,8 +167,15 @@ pub async fn serve<H: Handler>(
             },
             _ = shutdown.changed() => break,
         };
-        // Over the cap: close at once rather than queue; the client retries elsewhere.
+        // Over a cap: close at once rather than queue; the client retries elsewhere. The
+        // client's own cap first, so one client over it takes nothing from the shared one.
+        let Ok(client_slot) = per_client.try_acquire(ClientKey::of(addr.ip())) else {
+            metrics.connections_refused("per-ip");
+            drop(stream);
+            continue;
+        };
         let Ok(slot) = slots.clone().try_acquire_owned() else {
+            metrics.connections_refused("global");
             drop(stream);
             continue;
         };
@@ -164,7 +188,7 @@ pub async fn serve<H: Handler>(
         );
         let (handshake_timeout, mut stop) = (bounds.handshake_timeout, shutdown.clone());
         connections.spawn(async move {
-            let _slot = slot;
+            let _slots = (slot, client_slot);
             metrics.connections.inc();
             // Garbage or a stalled handshake costs this task only, never the accept loop.
             if let Ok(Ok(tls)) = tokio::time::timeout(handshake_timeout, acceptor.accept(stream)).await {

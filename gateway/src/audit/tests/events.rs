@@ -119,3 +119,25 @@ fn an_unknown_kind_does_not_parse() {
         "{err}"
     );
 }
+
+#[test]
+fn coalesced_refusals_have_a_fixed_shape_and_no_ids() {
+    let event = AuditEvent::RefusalsCoalesced {
+        client: "2001:db8:1:2::/64".into(),
+        stage: "request".into(),
+        reason: "malformed".into(),
+        status: 400,
+        count: 200,
+        first_at: 1_700_000_000,
+        last_at: 1_700_000_009,
+        sample: "malformed request: unknown field `aaa…".into(),
+    };
+    assert_eq!(
+        json(&event),
+        r#"{"kind":"refusals-coalesced","client":"2001:db8:1:2::/64","stage":"request","reason":"malformed","status":400,"count":200,"first_at":1700000000,"last_at":1700000009,"sample":"malformed request: unknown field `aaa…"}"#
+    );
+    assert_eq!(event.kind(), "refusals-coalesced");
+    assert!(event.ids().is_empty());
+    let back: AuditEvent = serde_json::from_str(&json(&event)).unwrap();
+    assert_eq!(back, event);
+}
