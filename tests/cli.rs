@@ -30,24 +30,6 @@ fn run(args: &[&str]) -> (i32, String, String) {
     )
 }
 
-/// The gateway listens on ports the OS chose, while `gateway.toml` still says port 0; write
-/// the admin port it got into the file, as an operator's config would name it. Returns the
-/// config's path.
-fn config_naming_the_admin_port(gw: &Gateway) -> String {
-    let path = gw.path("gateway.toml");
-    let text = std::fs::read_to_string(&path).unwrap();
-    let pinned = text.replace(
-        "[admin]\nlisten = \"127.0.0.1:0\"",
-        &format!("[admin]\nlisten = \"{}\"", gw.admin_addr),
-    );
-    assert_ne!(
-        pinned, text,
-        "gateway.toml has no [admin] listen line to pin"
-    );
-    std::fs::write(&path, pinned).unwrap();
-    path.display().to_string()
-}
-
 fn token_list(config: &str) -> Vec<TokenRecord> {
     let (code, stdout, stderr) = run(&["token", "list", "--json", "--config", config]);
     assert_eq!(code, 0, "{stderr}");
@@ -57,7 +39,7 @@ fn token_list(config: &str) -> Vec<TokenRecord> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn operator_issues_a_token_node_joins_with_it_and_is_refused_once_it_is_revoked() {
     let gw = Gateway::start("cli-tokens");
-    let config = config_naming_the_admin_port(&gw);
+    let config = gw.config_naming_the_admin_port();
 
     let issued_at = unix_now();
     let (code, stdout, stderr) = run(&[

@@ -300,6 +300,27 @@ impl Gateway {
             .with_bearer(credential.trim().to_string())
     }
 
+    /// The gateway listens on ports the OS chose, while `gateway.toml` still says port 0; write
+    /// the admin port it got into the file, as an operator's config would name it (so the CLI's
+    /// `--config` reaches it). Returns the config's path.
+    pub fn config_naming_the_admin_port(&self) -> String {
+        let path = self.path("gateway.toml");
+        let text = std::fs::read_to_string(&path).unwrap();
+        if text.contains(&format!("listen = \"{}\"", self.admin_addr)) {
+            return path.display().to_string();
+        }
+        let pinned = text.replace(
+            "[admin]\nlisten = \"127.0.0.1:0\"",
+            &format!("[admin]\nlisten = \"{}\"", self.admin_addr),
+        );
+        assert_ne!(
+            pinned, text,
+            "gateway.toml has no [admin] listen line to pin"
+        );
+        std::fs::write(&path, pinned).unwrap();
+        path.display().to_string()
+    }
+
     /// Issues a token through the admin API.
     pub async fn issue_token(
         &self,

@@ -16,7 +16,7 @@ use super::{ApiError, body, json, parse_json, readyz, rescue};
 use crate::audit::AuditEvent;
 use crate::server::{Handler, Peer};
 use crate::state::Gateway;
-use crate::store::TokenRecord;
+use crate::store::{IdentityFilter, IdentityState, MAX_LISTED, TokenRecord};
 use crate::token::{Claims, TokenId};
 use crate::wire::{
     IssueTokenRequest, IssueTokenResponse, PinRequest, ReloadResponse, RevokeRequest,
@@ -89,6 +89,13 @@ async fn route(
         (Method::GET, "/admin/v1/tokens", _) => {
             Ok(json(StatusCode::OK, &gw.store.list_tokens().await?))
         }
+        (Method::GET, "/admin/v1/identities", _) => {
+            let filter = identity_filter(request.uri().query().unwrap_or(""), now())?;
+            Ok(json(
+                StatusCode::OK,
+                &gw.store.identities(filter, now()).await?,
+            ))
+        }
         (Method::POST, _, Some(id)) => {
             let id = TokenId::parse(id)
                 .map_err(|_| ApiError::Malformed(format!("{id:?} is not a token id")))?;
@@ -144,6 +151,73 @@ async fn route(
         (_, "/admin/v1/tokens", _) | (_, _, Some(_)) => Err(ApiError::MethodNotAllowed),
         _ => Err(ApiError::NotFound),
     }
+}
+
+/// The inventory filter from a query string: `token`, `spiffe_id`, `cluster`, `role`,
+/// `policy_version`, `serial`, `state` (`live|expired|revoked`), `expires_within` (seconds from
+/// now), `expires_after`/`expires_before` (Unix seconds), `limit`. Unknown keys are refused.
+fn identity_filter(query: &str, now: u64) -> Result<IdentityFilter, ApiError> {
+    let bad = |key: &str, why: &str| ApiError::Malformed(format!("query {key}: {why}"));
+    let number = |key: &str, value: &str| {
+        value
+            .parse::<u64>()
+            .map_err(|_| bad(key, "must be a non-negative integer"))
+    };
+    let mut filter = IdentityFilter::default();
+    for pair in query.split('&').filter(|p| !p.is_empty()) {
+        let (key, raw) = pair.split_once('=').unwrap_or((pair, ""));
+        let value = percent_decode(raw).ok_or_else(|| bad(key, "bad percent-encoding"))?;
+        match key {
+            "token" => {
+                filter.token_id =
+                    Some(TokenId::parse(&value).map_err(|_| bad(key, "not a token id"))?)
+            }
+            "spiffe_id" => filter.spiffe_id = Some(value),
+            "cluster" => filter.cluster = Some(value),
+            "role" => filter.role = Some(value),
+            "policy_version" => filter.policy_version = Some(value),
+            "serial" => filter.serial = Some(value.to_ascii_lowercase()),
+            "state" => {
+                filter.state = Some(
+                    IdentityState::parse(&value)
+                        .ok_or_else(|| bad(key, "must be live, expired or revoked"))?,
+                )
+            }
+            "expires_within" => {
+                filter.expires_before = Some(now.saturating_add(number(key, &value)?))
+            }
+            "expires_after" => filter.expires_after = Some(number(key, &value)?),
+            "expires_before" => filter.expires_before = Some(number(key, &value)?),
+            "limit" => {
+                filter.limit = Some(
+                    u32::try_from(number(key, &value)?)
+                        .map_err(|_| bad(key, "too large"))?
+                        .min(MAX_LISTED),
+                )
+            }
+            other => return Err(bad(other, "unknown parameter")),
+        }
+    }
+    Ok(filter)
+}
+
+/// Decodes `%XX` escapes and `+` (a space) of a query value; `None` on a broken escape or
+/// bytes that are not UTF-8.
+fn percent_decode(text: &str) -> Option<String> {
+    let mut out = Vec::with_capacity(text.len());
+    let mut bytes = text.bytes();
+    while let Some(b) = bytes.next() {
+        match b {
+            b'%' => {
+                let hi = char::from(bytes.next()?).to_digit(16)?;
+                let lo = char::from(bytes.next()?).to_digit(16)?;
+                out.push(u8::try_from(hi * 16 + lo).ok()?);
+            }
+            b'+' => out.push(b' '),
+            b => out.push(b),
+        }
+    }
+    String::from_utf8(out).ok()
 }
 
 fn reloader(gw: &Gateway) -> Result<&crate::reload::Reloader, ApiError> {
@@ -241,4 +315,70 @@ fn now() -> u64 {
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_secs())
         .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_inventory_query_is_parsed_and_checked() {
+        let id = TokenId::random();
+        let filter = identity_filter(
+            &format!(
+                "token={id}&spiffe_id=spiffe%3A%2F%2Fexample.org%2Fnode%2Fn1&state=live\
+                 &serial=ABCD&expires_within=3600&limit=99999&cluster=edge+eu"
+            ),
+            1_000,
+        )
+        .unwrap();
+        assert_eq!(filter.token_id, Some(id));
+        assert_eq!(
+            filter.spiffe_id.as_deref(),
+            Some("spiffe://example.org/node/n1")
+        );
+        assert_eq!(filter.state, Some(IdentityState::Live));
+        assert_eq!(filter.serial.as_deref(), Some("abcd"));
+        assert_eq!(filter.expires_before, Some(4_600));
+        assert_eq!(filter.limit, Some(MAX_LISTED));
+        assert_eq!(filter.cluster.as_deref(), Some("edge eu"));
+        assert_eq!(identity_filter("", 0).unwrap(), IdentityFilter::default());
+        for bad in [
+            "colour=red",
+            "state=dead",
+            "token=nope",
+            "limit=-1",
+            "expires_within=soon",
+            "cluster=%zz",
+            "cluster=%ff",
+        ] {
+            assert!(
+                matches!(identity_filter(bad, 0), Err(ApiError::Malformed(_))),
+                "{bad}"
+            );
+        }
+    }
+
+    mod properties {
+        use proptest::prelude::*;
+
+        use super::super::*;
+
+        proptest! {
+            /// Any query string gets a filter or a 400, never a panic.
+            #[test]
+            fn arbitrary_queries_never_panic(query in ".{0,300}") {
+                if let Err(e) = identity_filter(&query, u64::MAX) {
+                    prop_assert!(matches!(e, ApiError::Malformed(_)));
+                }
+            }
+
+            /// Percent-encoding every byte decodes back to the text.
+            #[test]
+            fn percent_decoding_inverts_encoding(text in ".{0,100}") {
+                let encoded: String = text.bytes().map(|b| format!("%{b:02X}")).collect();
+                prop_assert_eq!(percent_decode(&encoded), Some(text));
+            }
+        }
+    }
 }

@@ -10,6 +10,7 @@ use clap::{Parser, Subcommand, ValueEnum};
 
 mod audit;
 mod demo;
+mod identities;
 pub mod init;
 mod mesh;
 mod policy;
@@ -75,6 +76,9 @@ enum Command {
     /// Issue, list and revoke bootstrap tokens (through the admin API).
     #[command(subcommand)]
     Token(token::TokenCommand),
+    /// List issued identities (the inventory, through the admin API).
+    #[command(subcommand)]
+    Identities(identities::IdentitiesCommand),
     /// Node-side commands.
     #[command(subcommand)]
     Mesh(mesh::MeshCommand),
@@ -155,6 +159,7 @@ async fn run(command: Command) -> anyhow::Result<ExitCode> {
         Command::CheckConfig { config } => serve::check_config(&config),
         Command::Demo { dir } => demo::demo(dir).await,
         Command::Token(cmd) => token::run(cmd).await,
+        Command::Identities(cmd) => identities::run(cmd).await,
         Command::Mesh(cmd) => mesh::run(cmd).await,
         Command::Audit(cmd) => audit::run(cmd),
         Command::Policy(cmd) => policy::run(cmd).await,

@@ -127,6 +127,91 @@ impl TokenRecord {
     }
 }
 
+/// Where an issued identity stands at a given time.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum IdentityState {
+    /// Unrevoked and not yet expired.
+    Live,
+    /// Past its not-after, never revoked.
+    Expired,
+    /// Revoked (superseded, or by an operator).
+    Revoked,
+}
+
+impl IdentityState {
+    /// Parses `live`, `expired` or `revoked`.
+    pub fn parse(text: &str) -> Option<Self> {
+        match text {
+            "live" => Some(Self::Live),
+            "expired" => Some(Self::Expired),
+            "revoked" => Some(Self::Revoked),
+            _ => None,
+        }
+    }
+}
+
+/// An issued identity as the inventory lists it.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct IssuedIdentity {
+    /// Certificate serial, hex.
+    pub serial: String,
+    /// The SPIFFE ID in it.
+    pub spiffe_id: String,
+    /// The token it was issued through.
+    pub token_id: String,
+    /// The node's name.
+    pub node: String,
+    /// Cluster, from the token.
+    pub cluster: String,
+    /// Role, from the token.
+    pub role: String,
+    /// The policy that allowed it.
+    pub policy_name: String,
+    /// That policy's bundle version.
+    pub policy_version: String,
+    /// Validity start, Unix seconds.
+    pub not_before: u64,
+    /// Expiry, Unix seconds.
+    pub not_after: u64,
+    /// When it was issued, Unix seconds.
+    pub issued_at: u64,
+    /// When it was revoked, if it was.
+    pub revoked_at: Option<u64>,
+    /// Why it was revoked (`superseded`, or an operator's reason).
+    pub revoked_reason: Option<String>,
+    /// Its state at the time of the query.
+    pub state: IdentityState,
+}
+
+/// Which identities to list: every field given narrows the result.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct IdentityFilter {
+    /// Issued through this token.
+    pub token_id: Option<TokenId>,
+    /// With this SPIFFE ID.
+    pub spiffe_id: Option<String>,
+    /// In this cluster.
+    pub cluster: Option<String>,
+    /// With this role.
+    pub role: Option<String>,
+    /// Allowed by this policy bundle version.
+    pub policy_version: Option<String>,
+    /// With this serial (hex).
+    pub serial: Option<String>,
+    /// In this state at `now`.
+    pub state: Option<IdentityState>,
+    /// Expiring at or after this time, Unix seconds.
+    pub expires_after: Option<u64>,
+    /// Expiring before this time, Unix seconds.
+    pub expires_before: Option<u64>,
+    /// At most this many, newest first ([`MAX_LISTED`] at most).
+    pub limit: Option<u32>,
+}
+
+/// Most identities one listing returns.
+pub const MAX_LISTED: u32 = 10_000;
+
 /// An identity about to be recorded.
 #[derive(Debug, Clone)]
 pub struct IdentityRecord {
@@ -257,6 +342,13 @@ pub trait Store: Send + Sync + 'static {
 
     /// Appends audit events on their own (refusals, replays), durably.
     fn audit(&self, events: Vec<AuditEvent>) -> BoxFuture<'_, Result<(), StoreError>>;
+
+    /// Issued identities matching `filter`, newest first, with their state at `now`.
+    fn identities(
+        &self,
+        filter: IdentityFilter,
+        now: u64,
+    ) -> BoxFuture<'_, Result<Vec<IssuedIdentity>, StoreError>>;
 
     /// Serial numbers of identities issued through a token.
     fn identities_of(&self, token: TokenId) -> BoxFuture<'_, Result<Vec<String>, StoreError>>;

@@ -11,8 +11,8 @@ use tokio::sync::{mpsc, oneshot};
 
 use super::writer::{Command, Writer};
 use super::{
-    BoxFuture, IdempotentResult, IssueOutcome, IssueRecord, Store, StoreConfig, StoreError,
-    TokenRecord,
+    BoxFuture, IdempotentResult, IdentityFilter, IdentityState, IssueOutcome, IssueRecord,
+    IssuedIdentity, MAX_LISTED, Store, StoreConfig, StoreError, TokenRecord,
 };
 use crate::audit::{AuditEvent, AuditFile};
 use crate::token::TokenId;
@@ -248,6 +248,80 @@ fn token_from_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<TokenRecord> {
 const TOKEN_COLUMNS: &str =
     "id, cluster, role, max_uses, uses, not_before, expires_at, issued_at, revoked_at";
 
+/// The inventory query for `filter`: its SQL and its parameters, in order.
+fn identities_query(filter: &IdentityFilter, now: u64) -> (String, Vec<rusqlite::types::Value>) {
+    use rusqlite::types::Value;
+    let mut sql = String::from(
+        "SELECT serial, spiffe_id, token_id, node, cluster, role, policy_name, policy_version,
+                not_before, not_after, issued_at, revoked_at, revoked_reason
+         FROM identities WHERE 1 = 1",
+    );
+    let mut args: Vec<Value> = Vec::new();
+    let mut eq = |column: &str, value: &Option<String>| {
+        if let Some(v) = value {
+            args.push(Value::Text(v.clone()));
+            sql.push_str(&format!(" AND {column} = ?{}", args.len()));
+        }
+    };
+    eq("token_id", &filter.token_id.map(|t| t.to_string()));
+    eq("spiffe_id", &filter.spiffe_id);
+    eq("cluster", &filter.cluster);
+    eq("role", &filter.role);
+    eq("policy_version", &filter.policy_version);
+    eq("serial", &filter.serial);
+    let clamp = |t: u64| Value::Integer(i64::try_from(t).unwrap_or(i64::MAX));
+    if let Some(state) = filter.state {
+        args.push(clamp(now));
+        let n = args.len();
+        sql.push_str(&match state {
+            IdentityState::Live => format!(" AND revoked_at IS NULL AND not_after > ?{n}"),
+            IdentityState::Expired => format!(" AND revoked_at IS NULL AND not_after <= ?{n}"),
+            IdentityState::Revoked => " AND revoked_at IS NOT NULL".to_string(),
+        });
+    }
+    if let Some(after) = filter.expires_after {
+        args.push(clamp(after));
+        sql.push_str(&format!(" AND not_after >= ?{}", args.len()));
+    }
+    if let Some(before) = filter.expires_before {
+        args.push(clamp(before));
+        sql.push_str(&format!(" AND not_after < ?{}", args.len()));
+    }
+    let limit = filter.limit.unwrap_or(MAX_LISTED).min(MAX_LISTED);
+    args.push(Value::Integer(limit.into()));
+    sql.push_str(&format!(
+        " ORDER BY issued_at DESC, serial LIMIT ?{}",
+        args.len()
+    ));
+    (sql, args)
+}
+
+fn identity_from_row(row: &rusqlite::Row<'_>, now: u64) -> rusqlite::Result<IssuedIdentity> {
+    let not_after: u64 = row.get(9)?;
+    let revoked_at: Option<u64> = row.get(11)?;
+    let state = match revoked_at {
+        Some(_) => IdentityState::Revoked,
+        None if not_after <= now => IdentityState::Expired,
+        None => IdentityState::Live,
+    };
+    Ok(IssuedIdentity {
+        serial: row.get(0)?,
+        spiffe_id: row.get(1)?,
+        token_id: row.get(2)?,
+        node: row.get(3)?,
+        cluster: row.get(4)?,
+        role: row.get(5)?,
+        policy_name: row.get(6)?,
+        policy_version: row.get(7)?,
+        not_before: row.get(8)?,
+        not_after,
+        issued_at: row.get(10)?,
+        revoked_at,
+        revoked_reason: row.get(12)?,
+        state,
+    })
+}
+
 impl Store for SqliteStore {
     fn register_token(
         &self,
@@ -255,6 +329,23 @@ impl Store for SqliteStore {
         event: AuditEvent,
     ) -> BoxFuture<'_, Result<(), StoreError>> {
         Box::pin(self.send(move |reply| Command::RegisterToken(token, event, reply)))
+    }
+
+    fn identities(
+        &self,
+        filter: IdentityFilter,
+        now: u64,
+    ) -> BoxFuture<'_, Result<Vec<IssuedIdentity>, StoreError>> {
+        Box::pin(async move {
+            let (sql, args) = identities_query(&filter, now);
+            self.read(|c| {
+                let mut stmt = c.prepare(&sql)?;
+                let rows = stmt.query_map(rusqlite::params_from_iter(args), |row| {
+                    identity_from_row(row, now)
+                })?;
+                rows.collect()
+            })
+        })
     }
 
     fn list_tokens(&self) -> BoxFuture<'_, Result<Vec<TokenRecord>, StoreError>> {
