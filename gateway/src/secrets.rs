@@ -172,8 +172,9 @@ pub fn write_file(path: &Path, contents: &[u8], mode: u32) -> Result<(), SecretE
     let mut random = [0u8; 16];
     aws_lc_rs::rand::fill(&mut random).map_err(|_| io(std::io::Error::other("no randomness")))?;
     let tmp = dir.join(format!(".{name}.tmp-{}", hex::encode(random)));
+    // Nothing is removed when the create fails: whatever holds that name is not ours.
+    let mut file = create_exclusive(&tmp, mode).map_err(io)?;
     let result = (|| {
-        let mut file = create_exclusive(&tmp, mode)?;
         // `mode` is filtered by the umask on create; set it exactly.
         file.set_permissions(fs::Permissions::from_mode(mode))?;
         file.write_all(contents)?;
