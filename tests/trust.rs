@@ -244,3 +244,90 @@ fn logs_written_to_a_file_carry_no_colour_codes() {
     assert!(text.contains("INFO"), "{text}");
     assert!(!text.contains("\x1b["), "{text:?}");
 }
+
+/// `omnirelay policy keygen`: the key's path and its `allowed_signers` key part
+/// (`ssh-ed25519 AAAA…`, without the principal).
+fn keygen(dir: &TempDir, name: &str) -> (std::path::PathBuf, String) {
+    let path = dir.0.join(name);
+    let out = omnirelay(&[
+        "policy",
+        "keygen",
+        "--out",
+        path.to_str().unwrap(),
+        "--principal",
+        name,
+    ])
+    .unwrap();
+    assert!(out.status.success());
+    let line = String::from_utf8(out.stdout).unwrap();
+    let key = line.trim().split_once(' ').unwrap().1.to_string();
+    (path, key)
+}
+
+/// Polls the policy status (with a deadline) until `done` holds for it.
+async fn policy_status_until(
+    gw: &Gateway,
+    what: &str,
+    done: impl Fn(&serde_json::Value) -> bool,
+) -> serde_json::Value {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let reply = gw.admin().get("/admin/v1/policy/status").await.unwrap();
+        let s: serde_json::Value = serde_json::from_slice(&reply.body).unwrap();
+        if done(&s) {
+            return s;
+        }
+        assert!(Instant::now() < deadline, "{what} never happened: {s:#}");
+        tokio::task::yield_now().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_commit_signed_by_a_retired_key_is_refused_and_a_key_in_its_window_serves() {
+    let keys = TempDir::new("windows");
+    let (retired, retired_key) = keygen(&keys, "retired");
+    let (current, current_key) = keygen(&keys, "current");
+    let signers = keys.0.join("allowed_signers");
+    std::fs::write(
+        &signers,
+        format!(
+            "retired valid-before=\"20200101Z\" {retired_key}\n\
+             current namespaces=\"git\",valid-after=\"20200101Z\",valid-before=\"29991231Z\" \
+             {current_key}\n"
+        ),
+    )
+    .unwrap();
+    let repo = PolicyRepo::new("windows");
+    let old = repo.publish(
+        &bundle_source("windows", "v1", 3600).0,
+        "1.0.0",
+        Some(&retired),
+    );
+    let extra = format!(
+        "require_signed_commits = true\nallowed_signers = \"{}\"",
+        signers.display()
+    );
+    let gw = Gateway::start_with("windows", |t| follow_repo(t, &repo.url(), &extra));
+    let s = policy_status_until(&gw, "the retired key's commit refused", |s| {
+        s["last_candidate"]["commit"] == old.as_str()
+    })
+    .await;
+    assert_eq!(s["last_candidate"]["result"], "signature_error", "{s:#}");
+    let reason = s["last_candidate"]["reason"].as_str().unwrap();
+    assert!(
+        reason.contains("retired") && reason.contains("valid only before"),
+        "{reason}"
+    );
+    assert!(s["active"].is_null(), "{s:#}");
+
+    let new = repo.publish(
+        &bundle_source("windows", "v2", 1800).0,
+        "1.1.0",
+        Some(&current),
+    );
+    let s = policy_status_until(&gw, "the current key's commit active", |s| {
+        s["active"]["commit"] == new.as_str()
+    })
+    .await;
+    assert_eq!(s["active"]["version"], "1.1.0");
+}

@@ -56,6 +56,19 @@ pub enum SecretError {
         /// The directory's permission bits.
         mode: u32,
     },
+
+    /// A trust anchor, or a directory holding one, belongs to a user other than root and
+    /// the gateway's own, who can rewrite it whatever its mode.
+    #[error(
+        "{path} belongs to uid {uid}, neither root nor the gateway's user; \
+         give it to one of them (`chown`)"
+    )]
+    ForeignOwner {
+        /// The file or directory.
+        path: PathBuf,
+        /// Its owner.
+        uid: u32,
+    },
 }
 
 const GROUP_OR_OTHER_WRITE: u32 = 0o022;
@@ -110,16 +123,19 @@ pub fn check_state(path: &Path) -> Result<bool, SecretError> {
     Ok(true)
 }
 
-/// Reads a trust anchor (a verification key, a CA, `allowed_signers`) after checking that
-/// neither it nor the directory holding it (as named, and after resolving symlinks) is
-/// writable by group or others. A directory with the sticky bit (`/tmp`) is accepted: others
-/// cannot replace a file they do not own there.
+/// Reads a trust anchor (a verification key, a CA, `allowed_signers`) after checking, as
+/// OpenSSH does, that neither it nor the directory holding it (as named, and after resolving
+/// symlinks) is writable by group or others or owned by a user other than root and ours. A
+/// directory with the sticky bit (`/tmp`) may be writable: others cannot replace a file they
+/// do not own there.
 pub fn read_trust_anchor(path: &Path) -> Result<String, SecretError> {
     let io = |source| SecretError::Io {
         path: path.to_path_buf(),
         source,
     };
-    let mode = fs::metadata(path).map_err(io)?.permissions().mode();
+    let meta = fs::metadata(path).map_err(io)?;
+    owned_by_root_or_us(path, &meta)?;
+    let mode = meta.permissions().mode();
     if mode & GROUP_OR_OTHER_WRITE != 0 {
         return Err(SecretError::Writable {
             path: path.to_path_buf(),
@@ -128,13 +144,12 @@ pub fn read_trust_anchor(path: &Path) -> Result<String, SecretError> {
     }
     let real = fs::canonicalize(path).map_err(io)?;
     for dir in [parent(path), parent(&real)] {
-        let mode = fs::metadata(dir)
-            .map_err(|source| SecretError::Io {
-                path: dir.to_path_buf(),
-                source,
-            })?
-            .permissions()
-            .mode();
+        let meta = fs::metadata(dir).map_err(|source| SecretError::Io {
+            path: dir.to_path_buf(),
+            source,
+        })?;
+        owned_by_root_or_us(dir, &meta)?;
+        let mode = meta.permissions().mode();
         if mode & GROUP_OR_OTHER_WRITE != 0 && mode & STICKY == 0 {
             return Err(SecretError::DirWritable {
                 dir: dir.to_path_buf(),
@@ -144,6 +159,20 @@ pub fn read_trust_anchor(path: &Path) -> Result<String, SecretError> {
         }
     }
     fs::read_to_string(path).map_err(io)
+}
+
+/// Refuses a file or directory owned by neither root nor this process's effective user (read
+/// from `/proc/self`, which belongs to it; without `/proc` the owner is not checked).
+fn owned_by_root_or_us(path: &Path, meta: &fs::Metadata) -> Result<(), SecretError> {
+    use std::os::unix::fs::MetadataExt;
+    let uid = meta.uid();
+    match fs::metadata("/proc/self").map(|m| m.uid()) {
+        Ok(ours) if uid != 0 && uid != ours => Err(SecretError::ForeignOwner {
+            path: path.to_path_buf(),
+            uid,
+        }),
+        _ => Ok(()),
+    }
 }
 
 fn parent(path: &Path) -> &Path {
@@ -172,8 +201,9 @@ pub fn write_file(path: &Path, contents: &[u8], mode: u32) -> Result<(), SecretE
     let mut random = [0u8; 16];
     aws_lc_rs::rand::fill(&mut random).map_err(|_| io(std::io::Error::other("no randomness")))?;
     let tmp = dir.join(format!(".{name}.tmp-{}", hex::encode(random)));
+    // Nothing is removed when the create fails: whatever holds that name is not ours.
+    let mut file = create_exclusive(&tmp, mode).map_err(io)?;
     let result = (|| {
-        let mut file = create_exclusive(&tmp, mode)?;
         // `mode` is filtered by the umask on create; set it exactly.
         file.set_permissions(fs::Permissions::from_mode(mode))?;
         file.write_all(contents)?;
@@ -307,6 +337,15 @@ mod tests {
         // Sticky (as /tmp): others cannot replace a file they do not own.
         fs::set_permissions(&dir, fs::Permissions::from_mode(0o1777)).unwrap();
         assert!(read_trust_anchor(&anchor).is_ok());
+        // Another user could rewrite it whatever its mode (checkable only as root).
+        let ours = std::os::unix::fs::MetadataExt::uid(&fs::metadata(&anchor).unwrap());
+        if std::os::unix::fs::chown(&anchor, Some(54_321), None).is_ok() {
+            assert!(matches!(
+                read_trust_anchor(&anchor),
+                Err(SecretError::ForeignOwner { uid: 54_321, .. })
+            ));
+            std::os::unix::fs::chown(&anchor, Some(ours), None).unwrap();
+        }
         // Through a symlink, the directory the file really lives in counts too.
         fs::set_permissions(&dir, fs::Permissions::from_mode(0o777)).unwrap();
         let safe = self::dir("anchor-link");
