@@ -300,7 +300,20 @@ mod tests {
         m.join("token");
         m.rate_limited("ip");
         m.policy("allow", Duration::from_micros(12));
+        m.connections_refused("per-ip");
+        m.unauthenticated_refusal("request", "malformed");
+        m.unauthenticated_refusal("request", "malformed");
         let text = m.render();
+        assert!(
+            text.contains("bootstrap_connections_refused_total{scope=\"per-ip\"} 1"),
+            "{text}"
+        );
+        assert!(
+            text.contains(
+                "bootstrap_unauthenticated_refusals_total{stage=\"request\",reason=\"malformed\"} 2"
+            ),
+            "{text}"
+        );
         assert!(
             text.contains("bootstrap_joins_total{result=\"issued\"} 2"),
             "{text}"
