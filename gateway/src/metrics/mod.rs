@@ -27,7 +27,8 @@ pub struct RouteLabel {
 /// Label: a rate-limit scope.
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ScopeLabel {
-    /// `global`, `ip`, `token` or `cluster`.
+    /// `global`, `ip`, `token`, `cluster` or `in-flight-ip` for rate limits; `global` or
+    /// `per-ip` for connection caps.
     pub scope: &'static str,
 }
 
