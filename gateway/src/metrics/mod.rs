@@ -27,7 +27,8 @@ pub struct RouteLabel {
 /// Label: a rate-limit scope.
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ScopeLabel {
-    /// `global`, `ip`, `token` or `cluster`.
+    /// `global`, `ip`, `token`, `cluster` or `in-flight-ip` for rate limits; `global` or
+    /// `per-ip` for connection caps.
     pub scope: &'static str,
 }
 
@@ -300,7 +301,20 @@ mod tests {
         m.join("token");
         m.rate_limited("ip");
         m.policy("allow", Duration::from_micros(12));
+        m.connections_refused("per-ip");
+        m.unauthenticated_refusal("request", "malformed");
+        m.unauthenticated_refusal("request", "malformed");
         let text = m.render();
+        assert!(
+            text.contains("bootstrap_connections_refused_total{scope=\"per-ip\"} 1"),
+            "{text}"
+        );
+        assert!(
+            text.contains(
+                "bootstrap_unauthenticated_refusals_total{stage=\"request\",reason=\"malformed\"} 2"
+            ),
+            "{text}"
+        );
         assert!(
             text.contains("bootstrap_joins_total{result=\"issued\"} 2"),
             "{text}"
