@@ -375,6 +375,15 @@ async fn try_join(
     (reply, serial)
 }
 
+/// Joins refused at the record stage (the store), from the gateway's metrics.
+async fn refused_at_record(gw: &Gateway) -> u64 {
+    let metrics = gw.admin().get("/metrics").await.unwrap();
+    let text = String::from_utf8(metrics.body.to_vec()).unwrap();
+    text.lines()
+        .find_map(|l| l.strip_prefix("bootstrap_joins_total{result=\"record\"} "))
+        .map_or(0, |n| n.trim().parse().unwrap())
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_full_disk_refuses_joins_with_503_and_the_gateway_recovers_by_itself() {
     // The database and the audit log each on a small disk of their own, so each can run full
@@ -451,6 +460,11 @@ async fn a_full_disk_refuses_joins_with_503_and_the_gateway_recovers_by_itself()
     // The database's disk runs full: joins are refused with 503 + Retry-After, nothing is
     // issued, and the gateway stays up.
     db_disk.fill();
+    // A node CLI joining meanwhile is refused like the others and keeps retrying.
+    let nodes = TempDir::new("disk-full-nodes");
+    let token_file = nodes.0.join("token");
+    std::fs::write(&token_file, &token.token).unwrap();
+    let mut cli = spawn_node(&gw, &nodes.0, "cli-node", &token_id, &token_file);
     for i in 0..4 {
         let (reply, serial) = try_join(&gw, &token.token, &format!("db-full-{i}")).await;
         assert_eq!(
@@ -464,8 +478,15 @@ async fn a_full_disk_refuses_joins_with_503_and_the_gateway_recovers_by_itself()
             "{:?}",
             reply.headers
         );
+        let retry_after = reply.headers["retry-after"].to_str().unwrap();
+        assert!(retry_after.parse::<u64>().unwrap() > 0, "{retry_after}");
         assert_eq!(problem(&reply).reason, "store-unavailable");
         assert_eq!(serial, None);
+    }
+    let deadline = Instant::now() + DEADLINE;
+    while refused_at_record(&gw).await < 5 {
+        assert!(Instant::now() < deadline, "the node CLI was never refused");
+        tokio::task::yield_now().await;
     }
     let health = gw.node().get("/healthz").await.unwrap();
     assert_eq!(health.status, 200);
@@ -482,6 +503,16 @@ async fn a_full_disk_refuses_joins_with_503_and_the_gateway_recovers_by_itself()
         );
         record(serial);
     }
+
+    let status = loop {
+        if let Some(status) = cli.child.try_wait().unwrap() {
+            break status;
+        }
+        assert!(Instant::now() < deadline, "the node CLI never finished");
+        tokio::task::yield_now().await;
+    };
+    assert!(status.success(), "the node CLI failed: {status}");
+    record(Some(cert_serial(&cli.out.join("cert.pem"))));
 
     // Every certificate handed out is recorded and audited, the token's uses are exactly its
     // identities, and the log verifies, agrees with the database, and lets the gateway start.
