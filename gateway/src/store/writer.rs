@@ -75,6 +75,10 @@ const MIRROR_SYNC: std::time::Duration = std::time::Duration::from_millis(500);
 /// How often the mirror tries again to append entries the file refused.
 const MIRROR_RETRY: std::time::Duration = std::time::Duration::from_millis(250);
 
+/// Most entries the mirror holds while the file refuses them (about 1 KiB each). Past it, it
+/// stops until a restart, whose catch-up from the database fills the file in.
+const MIRROR_BACKLOG: usize = 65_536;
+
 pub(super) struct Mirror {
     batches: std::sync::mpsc::Sender<Vec<SealedEntry>>,
     thread: std::thread::JoinHandle<()>,
@@ -110,6 +114,9 @@ struct MirrorLoop {
     synced: std::time::Instant,
     /// Whether the last append failed (logged once per failure, not per retry).
     failing: bool,
+    /// Retrying cannot help (the file's tail is unknown, or the backlog is full): entries are
+    /// dropped until a restart catches the file up from the database.
+    stopped: bool,
 }
 
 impl MirrorLoop {
@@ -119,6 +126,7 @@ impl MirrorLoop {
             pending: Vec::new(),
             synced: std::time::Instant::now(),
             failing: false,
+            stopped: false,
         }
     }
 
@@ -145,8 +153,12 @@ impl MirrorLoop {
     }
 
     /// Appends what is pending; on failure keeps it for the next try, unless trying again
-    /// cannot help (then the restart's catch-up from the database repairs the file).
+    /// cannot help or the backlog is full (then the restart's catch-up from the database
+    /// repairs the file).
     fn append(&mut self) {
+        if self.stopped {
+            self.pending.clear();
+        }
         if self.pending.is_empty() {
             return;
         }
@@ -164,7 +176,9 @@ impl MirrorLoop {
                 tracing::info!("store: the audit mirror caught up");
             }
             Ok(()) => {}
-            Err(AuditError::Io(e)) if !self.pending.is_empty() => {
+            Err(AuditError::Io(e))
+                if !self.pending.is_empty() && self.pending.len() <= MIRROR_BACKLOG =>
+            {
                 if !self.failing {
                     self.failing = true;
                     tracing::error!(error = %e, "store: audit mirror append failed; retrying");
@@ -173,10 +187,8 @@ impl MirrorLoop {
             Err(e) => {
                 // The database holds the chain; the mirror is rebuilt from it at start.
                 self.pending.clear();
-                if !self.failing {
-                    self.failing = true;
-                    tracing::error!(error = %e, "store: audit mirror failed until restart");
-                }
+                self.stopped = true;
+                tracing::error!(error = %e, "store: audit mirror stopped until restart");
             }
         }
     }
