@@ -40,6 +40,14 @@ struct NodeRun {
     child: Child,
 }
 
+impl Drop for NodeRun {
+    /// A failed test leaves no node retrying in the background.
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
 /// Starts the real node CLI for `name` with the token in `token_file`.
 fn spawn_node(gw: &Gateway, nodes: &Path, name: &str, token: &str, token_file: &Path) -> NodeRun {
     let out = nodes.join(name);
