@@ -227,6 +227,32 @@ impl Gateway {
         (dir, status)
     }
 
+    /// Pins both listeners in `gateway.toml` to the addresses the OS chose at this start, so a
+    /// restart on the same state (after [`kill`](Self::kill)) comes back where nodes already
+    /// dial. The listeners set `SO_REUSEADDR`, so the ports can be bound again at once.
+    pub fn pin_addresses(&self) {
+        let config = self.path("gateway.toml");
+        let text = std::fs::read_to_string(&config).unwrap();
+        let any = "listen = \"127.0.0.1:0\"";
+        assert_eq!(text.matches(any).count(), 2, "{text}");
+        // `init` writes `[server]` before `[admin]`.
+        let text = text
+            .replacen(any, &format!("listen = \"{}\"", self.node_addr), 1)
+            .replacen(any, &format!("listen = \"{}\"", self.admin_addr), 1);
+        std::fs::write(&config, text).unwrap();
+    }
+
+    /// Kills the process with SIGKILL, as a crash or the OOM killer would (no shutdown, no
+    /// flush), waits for it and returns its state directory.
+    pub fn kill(mut self) -> TempDir {
+        // `Child::kill` sends SIGKILL on Unix.
+        self.child.kill().unwrap();
+        self.child.wait().unwrap();
+        let dir = std::mem::replace(&mut self.dir, TempDir(PathBuf::new()));
+        std::mem::forget(self);
+        dir
+    }
+
     fn terminate(&mut self) -> std::process::ExitStatus {
         let _ = Command::new("kill")
             .args(["-TERM", &self.child.id().to_string()])

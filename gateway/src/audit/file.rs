@@ -1,6 +1,7 @@
 //! The append-only file mirror of the audit chain. Promises: only entries that continue the
 //! chain are written, a batch lands in one write followed by `fdatasync`, one writer at a time,
-//! and a torn or edited tail is reported when the file is opened, never written past.
+//! a write that fails is cut back off, and a torn or edited tail is reported when the file is
+//! opened, never written past (only a mirror, whose entries live elsewhere too, cuts a torn one).
 
 use std::fs::{File, OpenOptions};
 use std::io::{ErrorKind, Write};
@@ -43,9 +44,10 @@ pub enum AuditError {
     /// would fork the chain.
     #[error("the audit file is already open for appending elsewhere")]
     Locked,
-    /// An earlier append failed part-way, so the file's tail is unknown; reopen the file, which
-    /// reports a torn tail or learns the head from what was actually written.
-    #[error("an earlier append failed; reopen the audit file")]
+    /// An earlier sync failed, or a failed append could not be cut back off, so the file's
+    /// tail is unknown; reopen the file, which reports a torn tail or learns the head from what
+    /// was actually written.
+    #[error("an earlier append or sync failed; reopen the audit file")]
     Poisoned,
 }
 
@@ -56,7 +58,10 @@ pub struct AuditFile {
     file: File,
     /// The head after the file's last line.
     head: ChainHead,
-    /// Set when a write or sync failed: the file may hold part of a batch.
+    /// The file's length after its last line: where a failed append is cut back to.
+    len: u64,
+    /// Set when a sync failed, or a failed write could not be cut back: the file may hold part
+    /// of a batch.
     poisoned: bool,
 }
 
@@ -66,6 +71,18 @@ impl AuditFile {
     /// [`verify`](super::verify) checks the whole file. A torn last line (no trailing newline,
     /// as a crash mid-append leaves) is [`AuditError::Corrupt`], never silently dropped.
     pub fn open(path: &Path) -> Result<AuditFile, AuditError> {
+        Self::open_with(path, false).map(|(file, _)| file)
+    }
+
+    /// [`open`](Self::open) for a mirror whose durable copy lives elsewhere and re-appends
+    /// what the file lacks: a torn last line (no trailing newline: a crash or a kill landed in
+    /// the middle of an append) is cut off instead of refused, and the number of bytes cut is
+    /// returned. A whole last line that does not parse is still [`AuditError::Corrupt`].
+    pub fn open_mirror(path: &Path) -> Result<(AuditFile, u64), AuditError> {
+        Self::open_with(path, true)
+    }
+
+    fn open_with(path: &Path, cut_torn_tail: bool) -> Result<(AuditFile, u64), AuditError> {
         let mut options = OpenOptions::new();
         options.read(true).append(true).mode(0o600);
         let file = match options.clone().create_new(true).open(path) {
@@ -82,12 +99,20 @@ impl AuditFile {
             std::fs::TryLockError::WouldBlock => AuditError::Locked,
             std::fs::TryLockError::Error(e) => AuditError::Io(e),
         })?;
+        let cut = if cut_torn_tail {
+            cut_torn_tail_of(&file).map_err(AuditError::Io)?
+        } else {
+            0
+        };
         let head = read_head(&file)?;
-        Ok(AuditFile {
+        let len = file.metadata().map_err(AuditError::Io)?.len();
+        let file = AuditFile {
             file,
             head,
+            len,
             poisoned: false,
-        })
+        };
+        Ok((file, cut))
     }
 
     /// The head after the last line written.
@@ -115,7 +140,9 @@ impl AuditFile {
     }
 
     /// [`append`](Self::append) without the `fdatasync`: for a mirror whose durable copy lives
-    /// elsewhere and that syncs on its own schedule.
+    /// elsewhere and that syncs on its own schedule. A write that fails (a full disk) is cut
+    /// back off, so the file ends at its last whole line and the same entries can be appended
+    /// again later.
     pub fn append_unsynced(&mut self, entries: &[SealedEntry]) -> Result<(), AuditError> {
         if self.poisoned {
             return Err(AuditError::Poisoned);
@@ -131,9 +158,14 @@ impl AuditFile {
             return Ok(());
         }
         if let Err(e) = self.file.write_all(&batch) {
-            self.poisoned = true;
+            // A short write leaves a torn line: cut it off (shrinking needs no space). Only if
+            // that fails too is the tail unknown.
+            if self.file.set_len(self.len).is_err() {
+                self.poisoned = true;
+            }
             return Err(AuditError::Io(e));
         }
+        self.len += batch.len() as u64;
         self.head = head;
         Ok(())
     }
@@ -159,6 +191,24 @@ fn follow(head: &ChainHead, entry: &SealedEntry) -> Result<ChainHead, AuditError
         )));
     }
     parsed.follow(head).map_err(rejected)
+}
+
+/// Cuts everything after the last newline of `file` (durably) and returns how many bytes that
+/// was.
+fn cut_torn_tail_of(file: &File) -> std::io::Result<u64> {
+    let len = file.metadata()?.len();
+    if len == 0 {
+        return Ok(0);
+    }
+    let mut last = [0u8];
+    file.read_exact_at(&mut last, len - 1)?;
+    if last == *b"\n" {
+        return Ok(0);
+    }
+    let (start, _) = last_line(file, len)?;
+    file.set_len(start)?;
+    file.sync_all()?;
+    Ok(len - start)
 }
 
 /// Reads the last line of `file` and returns the head it records.

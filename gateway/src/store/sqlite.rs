@@ -133,11 +133,19 @@ impl SqliteStore {
         write.pragma_update(None, "synchronous", "FULL")?;
         write.pragma_update(None, "foreign_keys", "ON")?;
         migrate(&mut write)?;
-        let mut mirror =
-            AuditFile::open(&config.audit_file).map_err(|source| StoreError::Audit {
+        // A torn last line is an append a crash interrupted; the database holds that entry and
+        // the catch-up below writes it again.
+        let (mut mirror, cut) =
+            AuditFile::open_mirror(&config.audit_file).map_err(|source| StoreError::Audit {
                 path: config.audit_file.clone(),
                 source,
             })?;
+        if cut > 0 {
+            tracing::warn!(
+                bytes = cut,
+                "cut the audit file's torn last line (an append interrupted by a crash)"
+            );
+        }
         let head = super::writer::catch_up(&write, &mut mirror, &config.audit_file)?;
         let mut readers = Vec::with_capacity(READERS);
         for _ in 0..READERS {

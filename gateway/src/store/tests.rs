@@ -756,6 +756,23 @@ async fn a_mirror_cut_short_is_caught_up_from_the_database() {
     assert_eq!(mode(&config.audit_file), 0o600);
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_torn_mirror_line_left_by_a_crash_is_cut_and_written_again() {
+    let dir = TempDir::new("torn");
+    let config = dir.config();
+    with_history(&config).await;
+    let full = std::fs::read_to_string(&config.audit_file).unwrap();
+
+    // A kill in the middle of the mirror's append: the last line lacks its end, or only its
+    // newline. The database holds the entry, so the store opens and the file is whole again.
+    for cut in [40, 1] {
+        std::fs::write(&config.audit_file, &full[..full.len() - cut]).unwrap();
+        SqliteStore::open(&config).unwrap().close().await;
+        assert_eq!(std::fs::read_to_string(&config.audit_file).unwrap(), full);
+    }
+    assert_eq!(verify_file(&config.audit_file).head, db_head(&config));
+}
+
 /// Replaces the file's last line with `last` (which must end in a newline).
 fn replace_last_line(path: &Path, last: impl FnOnce(&str) -> String) {
     let text = std::fs::read_to_string(path).unwrap();

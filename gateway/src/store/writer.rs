@@ -8,7 +8,7 @@ use rusqlite::{Connection, OptionalExtension, Transaction, TransactionBehavior, 
 use tokio::sync::{mpsc, oneshot};
 
 use super::{IssueOutcome, IssueRecord, StoreError, TokenRecord};
-use crate::audit::{AuditEvent, AuditFile, ChainHead, SealedEntry, seal};
+use crate::audit::{AuditError, AuditEvent, AuditFile, ChainHead, SealedEntry, seal};
 use crate::token::TokenId;
 
 type Reply<T> = oneshot::Sender<Result<T, StoreError>>;
@@ -66,9 +66,18 @@ pub(super) struct Writer {
 /// The audit file mirror, on its own thread so that it never holds up the next commit. The
 /// database is the durable copy (the mirror is caught up from it at every start), so the
 /// mirror is written after each commit and synced at most every [`MIRROR_SYNC`]: measured,
-/// syncing it per batch cost a fifth of the store's CPU.
+/// syncing it per batch cost a fifth of the store's CPU. Entries whose append failed (a full
+/// disk) stay queued and are appended again every [`MIRROR_RETRY`] until the file takes them,
+/// so the file never keeps a gap while the gateway runs.
 /// Longest time mirrored audit lines may sit in the page cache before `fdatasync`.
 const MIRROR_SYNC: std::time::Duration = std::time::Duration::from_millis(500);
+
+/// How often the mirror tries again to append entries the file refused.
+const MIRROR_RETRY: std::time::Duration = std::time::Duration::from_millis(250);
+
+/// Most entries the mirror holds while the file refuses them (about 1 KiB each). Past it, it
+/// stops until a restart, whose catch-up from the database fills the file in.
+const MIRROR_BACKLOG: usize = 65_536;
 
 pub(super) struct Mirror {
     batches: std::sync::mpsc::Sender<Vec<SealedEntry>>,
@@ -76,28 +85,11 @@ pub(super) struct Mirror {
 }
 
 impl Mirror {
-    pub(super) fn start(mut file: AuditFile) -> std::io::Result<Self> {
+    pub(super) fn start(file: AuditFile) -> std::io::Result<Self> {
         let (batches, inbox) = std::sync::mpsc::channel::<Vec<SealedEntry>>();
         let thread = std::thread::Builder::new()
             .name("audit-mirror".into())
-            .spawn(move || {
-                let mut synced = std::time::Instant::now();
-                while let Ok(mut entries) = inbox.recv() {
-                    while let Ok(more) = inbox.try_recv() {
-                        entries.extend(more);
-                    }
-                    let mut result = file.append_unsynced(&entries);
-                    if result.is_ok() && synced.elapsed() >= MIRROR_SYNC {
-                        result = file.sync();
-                        synced = std::time::Instant::now();
-                    }
-                    if let Err(e) = result {
-                        // The database holds the chain; the mirror is rebuilt from it at start.
-                        tracing::error!(error = %e, "store: audit mirror append failed");
-                    }
-                }
-                let _ = file.sync();
-            })?;
+            .spawn(move || MirrorLoop::new(file).run(&inbox))?;
         Ok(Self { batches, thread })
     }
 
@@ -111,6 +103,94 @@ impl Mirror {
     pub(super) fn finish(self) {
         drop(self.batches);
         let _ = self.thread.join();
+    }
+}
+
+/// The mirror thread's state: the file, and the committed entries it has not taken yet.
+struct MirrorLoop {
+    file: AuditFile,
+    /// Committed entries not in the file yet, in chain order.
+    pending: Vec<SealedEntry>,
+    synced: std::time::Instant,
+    /// Whether the last append failed (logged once per failure, not per retry).
+    failing: bool,
+    /// Retrying cannot help (the file's tail is unknown, or the backlog is full): entries are
+    /// dropped until a restart catches the file up from the database.
+    stopped: bool,
+}
+
+impl MirrorLoop {
+    fn new(file: AuditFile) -> Self {
+        Self {
+            file,
+            pending: Vec::new(),
+            synced: std::time::Instant::now(),
+            failing: false,
+            stopped: false,
+        }
+    }
+
+    fn run(mut self, inbox: &std::sync::mpsc::Receiver<Vec<SealedEntry>>) {
+        use std::sync::mpsc::RecvTimeoutError;
+        loop {
+            let received = if self.pending.is_empty() {
+                inbox.recv().map_err(|_| RecvTimeoutError::Disconnected)
+            } else {
+                inbox.recv_timeout(MIRROR_RETRY)
+            };
+            match received {
+                Ok(entries) => self.pending.extend(entries),
+                Err(RecvTimeoutError::Timeout) => {}
+                Err(RecvTimeoutError::Disconnected) => break,
+            }
+            while let Ok(more) = inbox.try_recv() {
+                self.pending.extend(more);
+            }
+            self.append();
+        }
+        self.append();
+        let _ = self.file.sync();
+    }
+
+    /// Appends what is pending; on failure keeps it for the next try, unless trying again
+    /// cannot help or the backlog is full (then the restart's catch-up from the database
+    /// repairs the file).
+    fn append(&mut self) {
+        if self.stopped {
+            self.pending.clear();
+        }
+        if self.pending.is_empty() {
+            return;
+        }
+        let mut result = self.file.append_unsynced(&self.pending);
+        if result.is_ok() {
+            self.pending.clear();
+            if self.synced.elapsed() >= MIRROR_SYNC {
+                result = self.file.sync();
+                self.synced = std::time::Instant::now();
+            }
+        }
+        match result {
+            Ok(()) if self.failing => {
+                self.failing = false;
+                tracing::info!("store: the audit mirror caught up");
+            }
+            Ok(()) => {}
+            Err(AuditError::Io(e))
+                if !self.pending.is_empty() && self.pending.len() <= MIRROR_BACKLOG =>
+            {
+                if !self.failing {
+                    self.failing = true;
+                    tracing::error!(error = %e, "store: audit mirror append failed; retrying");
+                }
+            }
+            Err(e) => {
+                // The database holds the chain; the mirror is rebuilt from it at start.
+                self.pending.clear();
+                self.stopped = true;
+                tracing::error!(error = %e, "store: audit mirror stopped until restart");
+            }
+        }
     }
 }
 
