@@ -14,6 +14,7 @@ use tokio::task::JoinSet;
 
 use crate::api::{AdminApi, NodeApi};
 use crate::attest::{Attestor, DeviceRoots};
+use crate::audit::AuditKey;
 use crate::config::Config;
 use crate::identity::{Ca, IdentityConfig, TrustDomain, bundle_pem, spiffe_bundle};
 use crate::limits::Limits;
@@ -22,7 +23,7 @@ use crate::policy::{ActivePolicies, Metering, PolicyHost, PolicySet};
 use crate::reload::Reloader;
 use crate::secrets;
 use crate::server::{Bounds, ServerConfig, serve, server_tls};
-use crate::store::{SqliteStore, Store};
+use crate::store::{Checkpoints, SqliteStore, Store};
 use crate::token::{SigningKey, TokenConfig, Verifier, VerifyingKey};
 
 /// How long connections get to finish after shutdown starts.
@@ -102,8 +103,11 @@ impl Gateway {
         let nonce_secret = secrets::read(&config.token.signing_key)?;
         let attestor = Attestor::new(config.attestation.clone(), nonce_secret.as_bytes(), roots);
         let host = Arc::new(PolicyHost::new(config.policy.clone(), Metering::Off)?);
+        let audit_key = AuditKey::from_pkcs8_pem(&secrets::read(&config.audit.signing_key)?)
+            .with_context(|| format!("loading {}", config.audit.signing_key.display()))?;
+        let checkpoints = Checkpoints::new(Arc::new(audit_key), &config.audit);
         let store: Arc<dyn Store> = Arc::new(
-            SqliteStore::open(&config.store)
+            SqliteStore::open(&config.store, checkpoints)
                 .with_context(|| format!("opening {}", config.store.sqlite.display()))?,
         );
         let metrics = Arc::new(Metrics::new());
@@ -194,10 +198,14 @@ pub struct Running {
 
 impl Running {
     /// Stops accepting, lets requests in flight finish (up to the grace period), stops the
-    /// background tasks, and returns once everything has stopped.
+    /// background tasks, signs the audit chain's head (a checkpoint) and returns once
+    /// everything has stopped and the audit file holds every committed entry.
     pub async fn stop(mut self) {
         let _ = self.shutdown.send(true);
         while self.tasks.join_next().await.is_some() {}
+        if let Err(e) = self.gateway.store.flush_audit().await {
+            tracing::error!(error = %e, "could not sign and flush the audit log at shutdown");
+        }
     }
 
     /// Waits until a shutdown signal (SIGINT/SIGTERM) arrives, then stops.

@@ -120,6 +120,7 @@ fn the_documented_defaults_are_the_real_defaults() {
     assert_eq!(documented.attestation, defaults.attestation);
     assert_eq!(documented.limits, defaults.limits);
     assert_eq!(documented.store, defaults.store);
+    assert_eq!(documented.audit, defaults.audit);
     assert_eq!(documented.policy, defaults.policy);
     assert_eq!(documented.log, defaults.log);
     assert_eq!(documented.policies.len(), 2);

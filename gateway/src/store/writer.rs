@@ -7,11 +7,27 @@ use std::time::SystemTime;
 use rusqlite::{Connection, OptionalExtension, Transaction, TransactionBehavior, params};
 use tokio::sync::{mpsc, oneshot};
 
+use super::checkpoints::{Checkpoints, Ticker, Unsigned};
 use super::{IssueOutcome, IssueRecord, StoreError, TokenRecord};
 use crate::audit::{AuditEvent, AuditFile, ChainHead, SealedEntry, seal};
 use crate::token::TokenId;
 
 type Reply<T> = oneshot::Sender<Result<T, StoreError>>;
+
+/// What the writer's inbox carries: changes, and requests about the audit chain itself.
+#[allow(
+    clippy::large_enum_variant,
+    reason = "nearly every message is a change; boxing it would cost an allocation per change"
+)]
+pub(super) enum Message {
+    /// A change to commit.
+    Change(Command),
+    /// Time passed: sign the chain if a checkpoint is due by time.
+    Tick,
+    /// Sign the unsigned tail now, and answer once the audit file holds (synced) every entry
+    /// committed so far.
+    Flush(Reply<()>),
+}
 
 /// A change waiting for the writer.
 pub(super) enum Command {
@@ -61,6 +77,9 @@ pub(super) struct Writer {
     head: ChainHead,
     mirror: Mirror,
     max_batch: usize,
+    checkpoints: Checkpoints,
+    unsigned: Unsigned,
+    ticker: Option<Ticker>,
 }
 
 /// The audit file mirror, on its own thread so that it never holds up the next commit. The
@@ -71,29 +90,46 @@ pub(super) struct Writer {
 const MIRROR_SYNC: std::time::Duration = std::time::Duration::from_millis(500);
 
 pub(super) struct Mirror {
-    batches: std::sync::mpsc::Sender<Vec<SealedEntry>>,
+    batches: std::sync::mpsc::Sender<ToMirror>,
     thread: std::thread::JoinHandle<()>,
+}
+
+/// What the mirror thread is sent: committed entries, or callers waiting for a sync.
+enum ToMirror {
+    Entries(Vec<SealedEntry>),
+    Flush(Vec<Reply<()>>),
 }
 
 impl Mirror {
     pub(super) fn start(mut file: AuditFile) -> std::io::Result<Self> {
-        let (batches, inbox) = std::sync::mpsc::channel::<Vec<SealedEntry>>();
+        let (batches, inbox) = std::sync::mpsc::channel::<ToMirror>();
         let thread = std::thread::Builder::new()
             .name("audit-mirror".into())
             .spawn(move || {
                 let mut synced = std::time::Instant::now();
-                while let Ok(mut entries) = inbox.recv() {
-                    while let Ok(more) = inbox.try_recv() {
-                        entries.extend(more);
+                while let Ok(first) = inbox.recv() {
+                    let (mut entries, mut flushes) = (Vec::new(), Vec::new());
+                    for message in std::iter::once(first).chain(inbox.try_iter()) {
+                        match message {
+                            ToMirror::Entries(more) => entries.extend(more),
+                            ToMirror::Flush(more) => flushes.extend(more),
+                        }
                     }
                     let mut result = file.append_unsynced(&entries);
-                    if result.is_ok() && synced.elapsed() >= MIRROR_SYNC {
+                    if result.is_ok() && (!flushes.is_empty() || synced.elapsed() >= MIRROR_SYNC) {
                         result = file.sync();
                         synced = std::time::Instant::now();
                     }
-                    if let Err(e) = result {
+                    if let Err(e) = &result {
                         // The database holds the chain; the mirror is rebuilt from it at start.
                         tracing::error!(error = %e, "store: audit mirror append failed");
+                    }
+                    for reply in flushes {
+                        let answer = match &result {
+                            Ok(()) => Ok(()),
+                            Err(e) => failure(&format!("audit mirror: {e}")),
+                        };
+                        let _ = reply.send(answer);
                     }
                 }
                 let _ = file.sync();
@@ -103,7 +139,14 @@ impl Mirror {
 
     fn send(&self, entries: Vec<SealedEntry>) {
         if !entries.is_empty() {
-            let _ = self.batches.send(entries);
+            let _ = self.batches.send(ToMirror::Entries(entries));
+        }
+    }
+
+    /// Answers `replies` once everything sent before is written and synced.
+    fn flush(&self, replies: Vec<Reply<()>>) {
+        if !replies.is_empty() {
+            let _ = self.batches.send(ToMirror::Flush(replies));
         }
     }
 
@@ -115,32 +158,59 @@ impl Mirror {
 }
 
 impl Writer {
-    pub(super) fn new(conn: Connection, head: ChainHead, mirror: Mirror, max_batch: usize) -> Self {
+    /// `unsigned`: how many entries of the chain ending at `head` follow its last checkpoint.
+    pub(super) fn new(
+        conn: Connection,
+        head: ChainHead,
+        mirror: Mirror,
+        max_batch: usize,
+        checkpoints: Checkpoints,
+        unsigned: u64,
+        ticker: Ticker,
+    ) -> Self {
         Self {
             conn,
             head,
             mirror,
             max_batch: max_batch.max(1),
+            checkpoints,
+            unsigned: Unsigned {
+                count: unsigned,
+                since: std::time::Instant::now(),
+            },
+            ticker: Some(ticker),
         }
     }
 
-    /// Runs until every sender is gone.
-    pub(super) fn run(mut self, mut inbox: mpsc::Receiver<Command>) {
+    /// Runs until every sender is gone, then signs the unsigned tail (a clean close).
+    pub(super) fn run(mut self, mut inbox: mpsc::Receiver<Message>) {
         let mut batch = Vec::with_capacity(self.max_batch);
         while let Some(first) = inbox.blocking_recv() {
-            batch.push(first);
+            let mut flushes = Vec::new();
+            sort(first, &mut batch, &mut flushes);
             while batch.len() < self.max_batch {
                 match inbox.try_recv() {
-                    Ok(next) => batch.push(next),
+                    Ok(next) => sort(next, &mut batch, &mut flushes),
                     Err(_) => break,
                 }
             }
-            self.commit_batch(&mut batch);
+            let force = !flushes.is_empty();
+            self.commit_batch(&mut batch, flushes, force);
         }
+        if let Some(ticker) = self.ticker.take() {
+            ticker.stop();
+        }
+        self.commit_batch(&mut batch, Vec::new(), true);
         self.mirror.finish();
     }
 
-    fn commit_batch(&mut self, batch: &mut Vec<Command>) {
+    /// Commits `batch` and, when one is due (or `force`d), a checkpoint after it; answers
+    /// `flushes` once the audit file holds the result.
+    fn commit_batch(&mut self, batch: &mut Vec<Command>, flushes: Vec<Reply<()>>, force: bool) {
+        if batch.is_empty() && !self.checkpoints.due(&self.unsigned, force) {
+            self.mirror.flush(flushes);
+            return;
+        }
         let mut head = self.head;
         let mut sealed = Vec::new();
         let mut answers = Vec::with_capacity(batch.len());
@@ -154,24 +224,58 @@ impl Writer {
                 for command in batch.drain(..) {
                     answer_error(command, &e.to_string());
                 }
+                flushes
+                    .into_iter()
+                    .for_each(|r| drop(r.send(failure(&e.to_string()))));
                 return;
             }
         };
         for command in batch.drain(..) {
             answers.push(apply(&mut tx, command, &mut head, &mut sealed));
         }
+        let mut unsigned = self.unsigned;
+        unsigned.count += head.seq - self.head.seq;
+        if self.checkpoints.due(&unsigned, force) {
+            match self.checkpoints.append(&tx, &mut head, &mut sealed) {
+                Ok(()) => {
+                    unsigned = Unsigned {
+                        count: 0,
+                        since: std::time::Instant::now(),
+                    }
+                }
+                Err(e) => tracing::error!(error = %e, "store: cannot write an audit checkpoint"),
+            }
+        }
         match tx.commit() {
             Ok(()) => {
                 self.head = head;
+                self.unsigned = unsigned;
                 answers.into_iter().for_each(Answer::send);
                 self.mirror.send(sealed);
+                self.mirror.flush(flushes);
             }
             Err(e) => {
                 tracing::error!(error = %e, "store: commit failed");
                 let why = e.to_string();
                 answers.into_iter().for_each(|a| a.fail(&why));
+                flushes.into_iter().for_each(|r| fail_flush(r, &why));
             }
         }
+    }
+}
+
+/// A flush whose commit failed.
+fn fail_flush(reply: Reply<()>, why: &str) {
+    drop(reply.send(failure(&format!("commit failed: {why}"))));
+}
+
+/// Puts a message from the inbox where it belongs: a change into the batch, a flush among the
+/// callers to answer; a tick needs nothing more than the commit it causes.
+fn sort(message: Message, batch: &mut Vec<Command>, flushes: &mut Vec<Reply<()>>) {
+    match message {
+        Message::Change(command) => batch.push(command),
+        Message::Tick => {}
+        Message::Flush(reply) => flushes.push(reply),
     }
 }
 
@@ -416,7 +520,7 @@ fn refused(r: &IssueRecord, events: &mut Vec<AuditEvent>, stage: &str, status: u
     });
 }
 
-fn append_audit(
+pub(super) fn append_audit(
     tx: &Connection,
     head: &mut ChainHead,
     sealed: &mut Vec<SealedEntry>,
@@ -444,20 +548,7 @@ pub(super) fn catch_up(
     mirror: &mut AuditFile,
     path: &std::path::Path,
 ) -> Result<ChainHead, StoreError> {
-    let db_head: Option<(u64, String)> = conn
-        .query_row(
-            "SELECT seq, hash FROM audit ORDER BY seq DESC LIMIT 1",
-            [],
-            |r| Ok((r.get(0)?, r.get(1)?)),
-        )
-        .optional()?;
-    let db_head = match db_head {
-        Some((seq, hash)) => ChainHead {
-            seq,
-            hash: super::sqlite::digest_from_hex(&hash)?,
-        },
-        None => ChainHead::genesis(),
-    };
+    let db_head = super::sqlite::audit_head(conn)?;
     let file_head = mirror.head();
     if file_head.seq > db_head.seq {
         return Err(StoreError::AuditMismatch(format!(
