@@ -126,12 +126,25 @@ async fn verify_catches_a_cut_file_against_the_database_and_a_cut_of_both_agains
         "{stdout}"
     );
 
-    // The database cut the same way (an attacker with both, but not the key): consistent, so
-    // only the signed head kept elsewhere shows the cut.
+    // The database cut instead (an attacker with the database only): the file goes on past it.
+    write_lines(&log, &full);
     let cut_at = full.len() as u64 - 2;
     db(&dir)
         .execute("DELETE FROM audit WHERE seq > ?1", [cut_at])
         .unwrap();
+    let (code, stdout, stderr) = run(&["audit", "verify", "--config", config]);
+    assert_eq!(code, 1, "{stdout}{stderr}");
+    assert!(
+        stdout.contains(&format!(
+            "BROKEN at line {}: the file goes on past",
+            cut_at + 1
+        )),
+        "{stdout}"
+    );
+
+    // Both cut the same way (an attacker with both, but not the key): consistent, so only the
+    // signed head kept elsewhere shows the cut.
+    write_lines(&log, &full[..full.len() - 2]);
     let (code, stdout, stderr) = run(&["audit", "verify", "--config", config]);
     assert_eq!(code, 0, "{stdout}{stderr}");
     assert!(!stdout.contains(&anchor), "{stdout}");
@@ -247,4 +260,60 @@ async fn a_chain_recomputed_after_an_edit_fails_at_the_next_checkpoint_and_a_for
             && stdout.contains("not a trusted audit key"),
         "{stdout}"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_state_without_an_audit_key_is_refused_until_keygen_and_a_running_gateway_verifies() {
+    let state = init_state("audit-keygen");
+    let config = state.0.join("gateway.toml");
+    let key = state.0.join("audit-key/audit.key");
+    // As a state made before audit checkpoints: no key (the config names the default path).
+    std::fs::remove_file(&key).unwrap();
+    let mut serve = std::process::Command::new(bin())
+        .args(["serve", "--config", config.to_str().unwrap()])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    let status = loop {
+        if let Some(status) = serve.try_wait().unwrap() {
+            break status;
+        }
+        if std::time::Instant::now() > deadline {
+            serve.kill().unwrap();
+            panic!("serve started without an audit key");
+        }
+        std::thread::yield_now();
+    };
+    let mut stderr = String::new();
+    std::io::Read::read_to_string(&mut serve.stderr.take().unwrap(), &mut stderr).unwrap();
+    assert_eq!(status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains("audit.signing_key") && stderr.contains("omnirelay audit keygen"),
+        "{stderr}"
+    );
+
+    let (code, stdout, stderr) = run(&["audit", "keygen", "--config", config.to_str().unwrap()]);
+    assert_eq!(code, 0, "{stderr}");
+    assert!(stdout.starts_with("-----BEGIN PUBLIC KEY-----"), "{stdout}");
+    use std::os::unix::fs::PermissionsExt;
+    assert_eq!(
+        std::fs::metadata(&key).unwrap().permissions().mode() & 0o777,
+        0o600
+    );
+    // Never over an existing key.
+    let (code, _, stderr) = run(&["audit", "keygen", "--config", config.to_str().unwrap()]);
+    assert_eq!(code, 2, "{stderr}");
+
+    // Now it starts; verify passes while it runs and appends.
+    let mut text = std::fs::read_to_string(&config).unwrap();
+    text.push_str("\n[log]\nformat = \"json\"\n");
+    std::fs::write(&config, text).unwrap();
+    let gw = Gateway::spawn(state);
+    let token = gw.issue_token("edge-eu", "dispatcher", 1).await;
+    join_ok(&gw, &token.token, "while-running").await;
+    let (code, stdout, stderr) = run(&["audit", "verify", "--config", config.to_str().unwrap()]);
+    assert_eq!(code, 0, "{stdout}{stderr}");
+    assert!(stdout.contains("(the database's head)"), "{stdout}");
 }

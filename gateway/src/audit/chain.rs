@@ -164,16 +164,27 @@ pub enum Problem {
         /// The key id the checkpoint names.
         key_id: String,
     },
-    /// The log does not hold an entry it must hold (an anchor kept elsewhere, or the head of
-    /// the database): it was truncated or rewritten.
-    #[error("expected seq {seq} with hash {expected}, found {found}")]
+    /// The log has another entry where it must hold a known one (an anchor kept elsewhere, or
+    /// the database's head): it was rewritten.
+    #[error("expected seq {seq} with hash {expected}, found hash {found}")]
     Anchor {
         /// The entry's seq.
         seq: u64,
         /// The hash it must have, hex.
         expected: String,
-        /// What the log has there (a hash, or that the log ends before it).
+        /// The hash the log has there, hex.
         found: String,
+    },
+    /// The log ends before an entry it must hold (an anchor kept elsewhere, or the database's
+    /// head): it was cut short.
+    #[error("the log ends at seq {ends_at}, before seq {expected_seq} {expected} (truncated)")]
+    Truncated {
+        /// The seq of the entry it must hold.
+        expected_seq: u64,
+        /// That entry's hash, hex.
+        expected: String,
+        /// The seq the log ends at.
+        ends_at: u64,
     },
     /// The log could not be read.
     #[error("cannot read the log")]

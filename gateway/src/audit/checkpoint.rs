@@ -94,16 +94,17 @@ pub struct SignedSummary {
 }
 
 /// Checks a log as [`verify`](super::verify) does, and every checkpoint in it: it signs the
-/// seq and hash of the entry right before it, under one of `keys`. When `anchor` is given the
-/// log must hold that entry (seq and hash), as a log that was not truncated before it does.
+/// seq and hash of the entry right before it, under one of `keys`. The log must also hold every
+/// entry of `anchors` (seq and hash), as a log that was not cut short or rewritten before them
+/// does: a signed head kept elsewhere, or the database's head.
 pub fn verify_signed(
     reader: impl BufRead,
     keys: &[AuditPublicKey],
-    anchor: Option<ChainHead>,
+    anchors: &[ChainHead],
 ) -> Result<SignedSummary, VerifyError> {
     let mut last_checkpoint = None;
     let summary = walk(reader, |before, line| {
-        if let Some(anchor) = anchor.filter(|a| a.seq == line.seq)
+        if let Some(anchor) = anchors.iter().find(|a| a.seq == line.seq)
             && anchor.hash != line.hash
         {
             return Err(Problem::Anchor {
@@ -132,13 +133,17 @@ pub fn verify_signed(
         }
         Ok(())
     })?;
-    if let Some(anchor) = anchor.filter(|a| a.seq > summary.head.seq) {
+    if let Some(anchor) = anchors
+        .iter()
+        .filter(|a| a.seq > summary.head.seq)
+        .min_by_key(|a| a.seq)
+    {
         return Err(VerifyError {
             line: summary.entries.saturating_add(1),
-            problem: Problem::Anchor {
-                seq: anchor.seq,
+            problem: Problem::Truncated {
+                expected_seq: anchor.seq,
                 expected: hex::encode(anchor.hash),
-                found: format!("the log ends at seq {} (truncated)", summary.head.seq),
+                ends_at: summary.head.seq,
             },
         });
     }

@@ -105,7 +105,7 @@ pub(super) async fn demo(dir: Option<PathBuf>) -> anyhow::Result<ExitCode> {
     let summary = crate::audit::verify_signed(
         std::io::BufReader::new(audit),
         std::slice::from_ref(key.public()),
-        None,
+        &[],
     )?;
     println!(
         "5. stopped; audit log {} verifies ({} entries, {} after the last signed checkpoint)",

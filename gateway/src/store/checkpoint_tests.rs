@@ -26,7 +26,7 @@ fn schedule(every: u64, interval: Duration) -> (Checkpoints, audit::AuditPublicK
 /// The file's events, after checking its chain and every checkpoint under `key`.
 fn signed(path: &Path, key: &audit::AuditPublicKey) -> (SignedSummary, Vec<AuditEvent>) {
     let file = std::fs::File::open(path).unwrap();
-    let summary = audit::verify_signed(BufReader::new(file), std::slice::from_ref(key), None)
+    let summary = audit::verify_signed(BufReader::new(file), std::slice::from_ref(key), &[])
         .unwrap_or_else(|e| panic!("{e}"));
     let events = std::fs::read_to_string(path)
         .unwrap()

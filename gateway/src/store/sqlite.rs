@@ -159,14 +159,15 @@ impl SqliteStore {
     /// The head of the audit chain the database at `path` holds, read through a read-only
     /// connection of its own (for `audit verify`, while the gateway may be running).
     pub fn audit_head(path: &Path) -> Result<ChainHead, StoreError> {
-        if !path.exists() {
-            return Err(StoreError::Io(format!(
-                "{}: no such database",
-                path.display()
-            )));
-        }
-        let conn = open(path, OpenFlags::SQLITE_OPEN_READ_ONLY)?;
-        audit_head(&conn)
+        audit_head(&open_read_only(path)?)
+    }
+
+    /// The hash of audit entry `seq` in the database at `path`, if it holds that entry.
+    pub fn audit_hash_at(path: &Path, seq: u64) -> Result<Option<[u8; 32]>, StoreError> {
+        let hash: Option<String> = open_read_only(path)?
+            .query_row("SELECT hash FROM audit WHERE seq = ?1", [seq], |r| r.get(0))
+            .optional()?;
+        hash.map(|h| digest_from_hex(&h)).transpose()
     }
 
     /// Shuts the store down: the writer commits what it was sent, mirrors it, and exits. Returns
@@ -363,6 +364,17 @@ impl Store for SqliteStore {
             })
         })
     }
+}
+
+/// A read-only connection to an existing database (never creates one).
+fn open_read_only(path: &Path) -> Result<Connection, StoreError> {
+    if !path.exists() {
+        return Err(StoreError::Io(format!(
+            "{}: no such database",
+            path.display()
+        )));
+    }
+    open(path, OpenFlags::SQLITE_OPEN_READ_ONLY)
 }
 
 /// The head of the chain in the `audit` table.

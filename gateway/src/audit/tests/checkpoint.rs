@@ -26,7 +26,7 @@ fn key() -> AuditKey {
 }
 
 fn verify_signed_err(log: &[u8], keys: &[AuditPublicKey]) -> VerifyError {
-    match verify_signed(log, keys, None) {
+    match verify_signed(log, keys, &[]) {
         Ok(summary) => panic!("expected a verification failure, got {summary:?}"),
         Err(e) => e,
     }
@@ -62,7 +62,7 @@ fn a_signed_log_verifies_and_reports_the_last_checkpoint_and_the_unsigned_tail()
     let entries = signed_log(&key, 25, 10);
     // 25 entries and checkpoints after the 10th and 20th: lines 11 and 22, three lines after.
     assert_eq!(entries.len(), 27);
-    let summary = verify_signed(&log(&entries)[..], &[key.public().clone()], None).unwrap();
+    let summary = verify_signed(&log(&entries)[..], &[key.public().clone()], &[]).unwrap();
     assert_eq!(summary.entries, 27);
     assert_eq!(summary.head, head_of(&entries[26]));
     let last = summary.last_checkpoint.unwrap();
@@ -142,7 +142,7 @@ fn a_checkpoint_signed_by_another_key_is_refused() {
     let summary = verify_signed(
         &log(&entries)[..],
         &[trusted.public().clone(), other.public().clone()],
-        None,
+        &[],
     )
     .unwrap();
     assert_eq!(summary.unsigned, 2);
@@ -155,25 +155,32 @@ fn a_log_cut_before_a_kept_anchor_fails_and_one_that_holds_it_passes() {
     let full = log(&entries);
     let keys = [key.public().clone()];
     // The operator kept the signed head a verify printed earlier: the checkpoint at line 22.
-    let anchor = verify_signed(&full[..], &keys, None)
+    let anchor = verify_signed(&full[..], &keys, &[])
         .unwrap()
         .last_checkpoint
         .unwrap()
         .entry;
-    assert!(verify_signed(&full[..], &keys, Some(anchor)).is_ok());
+    assert!(verify_signed(&full[..], &keys, &[anchor]).is_ok());
     // Cut back to the first checkpoint: a chain that verifies, signed, with nothing unsigned.
     let cut = log(&entries[..11]);
-    let summary = verify_signed(&cut[..], &keys, None).unwrap();
+    let summary = verify_signed(&cut[..], &keys, &[]).unwrap();
     assert_eq!(summary.unsigned, 0);
-    let err = verify_signed(&cut[..], &keys, Some(anchor)).unwrap_err();
+    let err = verify_signed(&cut[..], &keys, &[anchor]).unwrap_err();
     assert_eq!(err.line, 12, "{err}");
     assert!(
-        matches!(err.problem, Problem::Anchor { seq: 22, .. }),
+        matches!(
+            err.problem,
+            Problem::Truncated {
+                expected_seq: 22,
+                ends_at: 11,
+                ..
+            }
+        ),
         "{err}"
     );
     // A log rewritten from scratch (here: without checkpoints) differs at the anchor's seq.
     let other = log(&sealed(&mixed(30)));
-    let err = verify_signed(&other[..], &keys, Some(anchor)).unwrap_err();
+    let err = verify_signed(&other[..], &keys, &[anchor]).unwrap_err();
     assert_eq!(err.line, 22, "{err}");
     assert!(
         matches!(err.problem, Problem::Anchor { seq: 22, .. }),
@@ -184,7 +191,7 @@ fn a_log_cut_before_a_kept_anchor_fails_and_one_that_holds_it_passes() {
 #[test]
 fn a_log_without_checkpoints_reports_every_entry_unsigned() {
     let entries = sealed(&mixed(7));
-    let summary = verify_signed(&log(&entries)[..], &[key().public().clone()], None).unwrap();
+    let summary = verify_signed(&log(&entries)[..], &[key().public().clone()], &[]).unwrap();
     assert_eq!(summary.last_checkpoint, None);
     assert_eq!(summary.unsigned, 7);
 }
