@@ -194,13 +194,16 @@ async fn audit_verify_passes_then_names_the_edited_line_and_query_finds_a_tokens
     assert!(status.success(), "graceful stop: {status}");
     let log = dir.0.join("audit/audit.log");
     let log_arg = log.to_str().unwrap();
+    let public = dir.0.join("audit-key/audit.pub");
+    let public = public.to_str().unwrap();
     let lines: Vec<String> = std::fs::read_to_string(&log)
         .unwrap()
         .lines()
         .map(str::to_string)
         .collect();
 
-    let (code, stdout, stderr) = run(&["audit", "verify", "--file", log_arg]);
+    let (code, stdout, stderr) =
+        run(&["audit", "verify", "--file", log_arg, "--public-key", public]);
     assert_eq!(code, 0, "{stdout}{stderr}");
     assert!(
         stdout.contains(&format!(": ok, {} entries", lines.len())),
@@ -225,7 +228,8 @@ async fn audit_verify_passes_then_names_the_edited_line_and_query_finds_a_tokens
     }
 
     edit_one_digit(&log, 2);
-    let (code, stdout, stderr) = run(&["audit", "verify", "--file", log_arg]);
+    let (code, stdout, stderr) =
+        run(&["audit", "verify", "--file", log_arg, "--public-key", public]);
     assert_eq!(code, 1, "{stdout}{stderr}");
     assert!(stdout.contains("BROKEN at line 2:"), "{stdout}");
     // No answers from a log that does not verify.

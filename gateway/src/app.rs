@@ -34,12 +34,17 @@ pub struct Running {
 
 impl Running {
     /// Stops accepting, lets requests in flight finish (up to the grace period), stops the
-    /// background tasks, and returns once everything has stopped.
+    /// background tasks, writes the coalesced refusals, signs the audit chain's head (a
+    /// checkpoint) and returns once everything has stopped and the audit file holds every
+    /// committed entry.
     pub async fn stop(mut self) {
         let _ = self.shutdown.send(true);
         while self.tasks.join_next().await.is_some() {}
         // Every connection is closed: the refusals counted since the last write are final.
         flush_refusals(&self.gateway).await;
+        if let Err(e) = self.gateway.store.flush_audit().await {
+            tracing::error!(error = %e, "could not sign and flush the audit log at shutdown");
+        }
     }
 
     /// Waits until a shutdown signal (SIGINT/SIGTERM) arrives, then stops.

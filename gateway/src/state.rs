@@ -10,7 +10,7 @@ use bytes::Bytes;
 use tokio::sync::Semaphore;
 
 use crate::attest::{Attestor, DeviceRoots};
-use crate::audit::RefusalCoalescer;
+use crate::audit::{AuditKey, RefusalCoalescer};
 use crate::config::Config;
 use crate::identity::{Ca, IdentityConfig, TrustDomain, bundle_pem, spiffe_bundle};
 use crate::limits::{KeyedSlots, Limits};
@@ -19,7 +19,7 @@ use crate::policy::{ActivePolicies, Metering, PolicyHost, PolicySet};
 use crate::reload::Reloader;
 use crate::secrets;
 use crate::server::ServerConfig;
-use crate::store::{SqliteStore, Store};
+use crate::store::{Checkpoints, SqliteStore, Store};
 use crate::token::{SigningKey, TokenConfig, Verifier, VerifyingKey};
 
 /// Everything a request needs, shared by both listeners.
@@ -104,8 +104,11 @@ impl Gateway {
         let nonce_secret = secrets::read(&config.token.signing_key)?;
         let attestor = Attestor::new(config.attestation.clone(), nonce_secret.as_bytes(), roots);
         let host = Arc::new(PolicyHost::new(config.policy.clone(), Metering::Off)?);
+        let audit_key = AuditKey::from_pkcs8_pem(&secrets::read(&config.audit.signing_key)?)
+            .with_context(|| format!("loading {}", config.audit.signing_key.display()))?;
+        let checkpoints = Checkpoints::new(Arc::new(audit_key), &config.audit);
         let store: Arc<dyn Store> = Arc::new(
-            SqliteStore::open(&config.store)
+            SqliteStore::open(&config.store, checkpoints)
                 .with_context(|| format!("opening {}", config.store.sqlite.display()))?,
         );
         let metrics = Arc::new(Metrics::new());

@@ -6,9 +6,9 @@
 use std::net::IpAddr;
 
 use super::{ApiError, JoinContext, bounded};
-use crate::state::Gateway;
 use crate::audit::{AuditEvent, Counted, Refused};
 use crate::limits::ClientKey;
+use crate::state::Gateway;
 
 /// Counts a refusal that came before the token verified, for the next coalesced audit entry.
 pub(super) fn count_unauthenticated(gw: &Gateway, client_ip: IpAddr, error: &ApiError) {

@@ -137,6 +137,55 @@ pub enum Problem {
         /// The seq it has.
         found: u64,
     },
+    /// A checkpoint signs another seq or hash than the entry right before it: an entry before
+    /// it was edited and the chain recomputed by someone without the audit key.
+    #[error(
+        "checkpoint signs seq {signed_seq} {signed_head}, but follows seq {seq} {head} (an earlier entry was edited and the chain recomputed)"
+    )]
+    CheckpointHead {
+        /// The seq the checkpoint signs.
+        signed_seq: u64,
+        /// The hash it signs, hex as written.
+        signed_head: String,
+        /// The seq it follows.
+        seq: u64,
+        /// The hash it follows, hex.
+        head: String,
+    },
+    /// A checkpoint names a key that is not one of the trusted audit keys.
+    #[error("checkpoint signed by {key_id}, which is not a trusted audit key")]
+    UntrustedKey {
+        /// The key id the checkpoint names.
+        key_id: String,
+    },
+    /// A checkpoint's signature does not verify under the key it names.
+    #[error("checkpoint signature does not verify under {key_id}")]
+    BadSignature {
+        /// The key id the checkpoint names.
+        key_id: String,
+    },
+    /// The log has another entry where it must hold a known one (an anchor kept elsewhere, or
+    /// the database's head): it was rewritten.
+    #[error("expected seq {seq} with hash {expected}, found hash {found}")]
+    Anchor {
+        /// The entry's seq.
+        seq: u64,
+        /// The hash it must have, hex.
+        expected: String,
+        /// The hash the log has there, hex.
+        found: String,
+    },
+    /// The log ends before an entry it must hold (an anchor kept elsewhere, or the database's
+    /// head): it was cut short.
+    #[error("the log ends at seq {ends_at}, before seq {expected_seq} {expected} (truncated)")]
+    Truncated {
+        /// The seq of the entry it must hold.
+        expected_seq: u64,
+        /// That entry's hash, hex.
+        expected: String,
+        /// The seq the log ends at.
+        ends_at: u64,
+    },
     /// The log could not be read.
     #[error("cannot read the log")]
     Io(#[source] std::io::Error),
@@ -150,25 +199,27 @@ pub enum Problem {
 /// the head the store holds, shows that entries are missing from the end. The same comparison
 /// is what catches a log rewritten from scratch with recomputed hashes.
 pub fn verify(reader: impl BufRead) -> Result<VerifySummary, VerifyError> {
-    walk(reader, |_, _| {})
+    walk(reader, |_, _| Ok(()))
 }
 
 /// The lines whose event mentions `id`, exactly, as one of [`AuditEvent::ids`]. Verifies the
 /// whole log as [`verify`] does, so answers never come from a log that fails verification.
 pub fn query(reader: impl BufRead, id: &str) -> Result<Vec<String>, VerifyError> {
     let mut found = Vec::new();
-    walk(reader, |line, event| {
-        if event.ids().contains(&id) {
-            found.push(line.to_string());
+    walk(reader, |_, line| {
+        if line.event.ids().contains(&id) {
+            found.push(line.text.to_string());
         }
+        Ok(())
     })?;
     Ok(found)
 }
 
-/// Verifies every line, handing each good one to `visit`.
-fn walk(
+/// Verifies every line, handing each good one to `visit` with the head it follows; a problem
+/// `visit` returns fails the walk at that line.
+pub(super) fn walk(
     mut reader: impl BufRead,
-    mut visit: impl FnMut(&str, &AuditEvent),
+    mut visit: impl FnMut(&ChainHead, &ParsedLine<'_>) -> Result<(), Problem>,
 ) -> Result<VerifySummary, VerifyError> {
     let mut head = ChainHead::genesis();
     let mut entries = 0;
@@ -189,8 +240,9 @@ fn walk(
             )));
         };
         let parsed = parse_line(bytes).map_err(fail)?;
-        head = parsed.follow(&head).map_err(fail)?;
-        visit(parsed.text, &parsed.event);
+        let next = parsed.follow(&head).map_err(fail)?;
+        visit(&head, &parsed).map_err(fail)?;
+        head = next;
         entries = line;
     }
 }
@@ -207,7 +259,7 @@ pub(super) struct ParsedLine<'a> {
     /// Its `prev`, as written.
     prev: String,
     /// Its event.
-    event: AuditEvent,
+    pub event: AuditEvent,
 }
 
 impl ParsedLine<'_> {

@@ -211,6 +211,21 @@ pub enum AuditEvent {
         /// Who.
         unpinned_by: String,
     },
+    /// A signed checkpoint: the audit key's Ed25519 signature over the chain head this entry
+    /// follows, so an auditor holding only the public key can tell the chain up to here was
+    /// written by the gateway (see [`checkpoint`](super::checkpoint)).
+    Checkpoint {
+        /// The seq of the entry it signs (the one right before it).
+        seq: u64,
+        /// That entry's hash, hex.
+        head: String,
+        /// When it was signed, Unix milliseconds.
+        signed_at: u64,
+        /// The signing key's id (`ed25519-` and 16 hex digits).
+        key_id: String,
+        /// The Ed25519 signature, hex.
+        signature: String,
+    },
 }
 
 /// Which policy decided: enough to replay the decision offline.
@@ -282,7 +297,8 @@ impl AuditEvent {
             ],
             Self::RateLimited { .. }
             | Self::RefusalsCoalesced { .. }
-            | Self::PolicyUnpinned { .. } => Vec::new(),
+            | Self::PolicyUnpinned { .. }
+            | Self::Checkpoint { .. } => Vec::new(),
             Self::PolicyActivated { commit, .. }
             | Self::PolicyRejected { commit, .. }
             | Self::PolicyPinned { commit, .. } => vec![commit],
@@ -305,6 +321,7 @@ impl AuditEvent {
             Self::PolicyRejected { .. } => "policy-rejected",
             Self::PolicyPinned { .. } => "policy-pinned",
             Self::PolicyUnpinned { .. } => "policy-unpinned",
+            Self::Checkpoint { .. } => "checkpoint",
         }
     }
 }

@@ -13,18 +13,23 @@
 //! a re-serialization, means even a whitespace edit breaks verification.
 //!
 //! What the chain cannot show on its own: a log cut short at a line boundary, or rewritten from
-//! scratch with recomputed hashes, verifies. Both are caught by comparing the head that
-//! [`verify`] returns with the head the store holds.
+//! scratch with recomputed hashes, verifies. Signed [`checkpoint`]s (entries carrying the audit
+//! key's Ed25519 signature over the head they follow, [`verify_signed`]) catch the rewrite; the
+//! store's head, or a signed head kept elsewhere, catches the cut.
 
 mod chain;
+mod checkpoint;
 mod coalesce;
 mod event;
 mod file;
+mod key;
 
 pub use chain::{ChainHead, Problem, SealedEntry, VerifyError, VerifySummary, query, seal, verify};
+pub use checkpoint::{AuditConfig, SignedHead, SignedSummary, checkpoint, verify_signed};
 pub use coalesce::{Counted, RefusalCoalescer, Refused};
 pub use event::{AuditEvent, PolicyRef};
 pub use file::{AuditError, AuditFile};
+pub use key::{AuditKey, AuditPublicKey, KeyError};
 
 #[cfg(test)]
 mod tests;

@@ -1,13 +1,16 @@
-//! `omnirelay audit verify|query`.
+//! `omnirelay audit verify|query|pubkey|keygen`.
 
 use std::io::BufReader;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::time::{Duration, Instant};
 
-use anyhow::Context;
+use anyhow::{Context, bail};
 use clap::{Args, Subcommand};
 
+use crate::audit::{AuditKey, AuditPublicKey, ChainHead, Problem, SignedSummary};
 use crate::config::Config;
+use crate::store::SqliteStore;
 
 /// Which log: a file, or the one a gateway config names.
 #[derive(Debug, Args)]
@@ -26,19 +29,51 @@ impl LogArgs {
             Some(file) => file.clone(),
             None => Config::load(&self.config)?.store.audit_file,
         };
-        let file =
-            std::fs::File::open(&path).with_context(|| format!("opening {}", path.display()))?;
-        Ok((path, BufReader::new(file)))
+        Ok((path.clone(), open(&path)?))
     }
+}
+
+fn open(path: &Path) -> anyhow::Result<BufReader<std::fs::File>> {
+    let file = std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
+    Ok(BufReader::new(file))
+}
+
+/// What `audit verify` checks against.
+#[derive(Debug, Args)]
+pub(super) struct VerifyArgs {
+    /// An exported audit log, checked without a database (needs `--public-key`).
+    #[arg(long, conflicts_with = "config", requires = "public_key")]
+    file: Option<PathBuf>,
+    /// The gateway config: its audit log, checked against its database and audit key.
+    #[arg(long, default_value = "gateway.toml")]
+    config: PathBuf,
+    /// A trusted audit public key (PEM; repeat for rotated keys). With `--config`, the default
+    /// is the public half of the configured audit key.
+    #[arg(long)]
+    public_key: Vec<PathBuf>,
+    /// An entry the log must hold, as `SEQ:HASH` — normally the signed head an earlier
+    /// `verify` printed and you kept elsewhere. Catches a log cut short before it.
+    #[arg(long, value_parser = parse_anchor)]
+    anchor: Option<ChainHead>,
+}
+
+fn parse_anchor(text: &str) -> Result<ChainHead, String> {
+    let (seq, hash) = text
+        .split_once(':')
+        .ok_or("expected SEQ:HASH, as `audit verify` prints a signed head")?;
+    let seq = seq.parse().map_err(|e| format!("seq {seq:?}: {e}"))?;
+    let hash = hex::decode(hash)
+        .ok()
+        .and_then(|h| <[u8; 32]>::try_from(h).ok())
+        .ok_or("the hash must be 64 hex digits")?;
+    Ok(ChainHead { seq, hash })
 }
 
 #[derive(Debug, Subcommand)]
 pub(super) enum AuditCommand {
-    /// Check the hash chain: every line intact, in order, none missing. Exit 1 names the line.
-    Verify {
-        #[command(flatten)]
-        log: LogArgs,
-    },
+    /// Check the log: the hash chain, every checkpoint's signature under the audit public key,
+    /// and (with `--config`) that the log ends where the database does. Exit 1 names the line.
+    Verify(VerifyArgs),
     /// Print the entries that mention a token GUID, SPIFFE ID, serial or request id.
     Query {
         /// What to look for.
@@ -47,29 +82,23 @@ pub(super) enum AuditCommand {
         #[command(flatten)]
         log: LogArgs,
     },
+    /// Print the public half of the configured audit key (PEM), for auditors.
+    Pubkey {
+        /// The gateway config.
+        #[arg(long, default_value = "gateway.toml")]
+        config: PathBuf,
+    },
+    /// Create the configured audit key (for a state made before audit checkpoints existed).
+    Keygen {
+        /// The gateway config.
+        #[arg(long, default_value = "gateway.toml")]
+        config: PathBuf,
+    },
 }
 
 pub(super) fn run(cmd: AuditCommand) -> anyhow::Result<ExitCode> {
     match cmd {
-        AuditCommand::Verify { log } => {
-            let (path, reader) = log.open()?;
-            match crate::audit::verify(reader) {
-                Ok(summary) => {
-                    println!(
-                        "{}: ok, {} entries, head {} {}",
-                        path.display(),
-                        summary.entries,
-                        summary.head.seq,
-                        hex::encode(summary.head.hash)
-                    );
-                    Ok(ExitCode::SUCCESS)
-                }
-                Err(e) => {
-                    println!("{}: BROKEN at {e}", path.display());
-                    Ok(ExitCode::from(1))
-                }
-            }
-        }
+        AuditCommand::Verify(args) => verify(&args),
         AuditCommand::Query { id, log } => {
             let (_, reader) = log.open()?;
             let lines = crate::audit::query(reader, &id)?;
@@ -82,5 +111,145 @@ pub(super) fn run(cmd: AuditCommand) -> anyhow::Result<ExitCode> {
                 ExitCode::SUCCESS
             })
         }
+        AuditCommand::Pubkey { config } => {
+            let config = Config::load(&config)?;
+            print!("{}", configured_key(&config)?.to_public_pem());
+            Ok(ExitCode::SUCCESS)
+        }
+        AuditCommand::Keygen { config } => {
+            let path = Config::load(&config)?.audit.signing_key;
+            if path.exists() {
+                bail!("{} exists; it is not replaced", path.display());
+            }
+            print!("{}", super::init::write_audit_key(&path)?);
+            Ok(ExitCode::SUCCESS)
+        }
     }
+}
+
+/// The public half of the audit key a config names.
+fn configured_key(config: &Config) -> anyhow::Result<AuditPublicKey> {
+    let path = &config.audit.signing_key;
+    let key = AuditKey::from_pkcs8_pem(&crate::secrets::read(path)?)
+        .with_context(|| format!("loading {}", path.display()))?;
+    Ok(key.public().clone())
+}
+
+fn verify(args: &VerifyArgs) -> anyhow::Result<ExitCode> {
+    let mut keys = Vec::new();
+    for path in &args.public_key {
+        let pem =
+            std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+        keys.push(
+            AuditPublicKey::from_public_pem(&pem)
+                .with_context(|| format!("loading {}", path.display()))?,
+        );
+    }
+    let anchors: Vec<ChainHead> = args.anchor.iter().copied().collect();
+    let Some(file) = &args.file else {
+        let config = Config::load(&args.config)?;
+        if keys.is_empty() {
+            keys.push(configured_key(&config)?);
+        }
+        return against_database(&config, &keys, anchors);
+    };
+    match crate::audit::verify_signed(open(file)?, &keys, &anchors) {
+        Ok(summary) => {
+            report(file, &summary, false);
+            Ok(ExitCode::SUCCESS)
+        }
+        Err(e) => Ok(broken(file, &e.to_string())),
+    }
+}
+
+/// How long a file that ends before the database's head is given to catch up: a running
+/// gateway mirrors each commit to the file right after it.
+const MIRROR_LAG: Duration = Duration::from_secs(2);
+
+/// Verifies the configured log and checks it against the database, the durable copy: the file
+/// must hold the database's head (read first), and its own head must be an entry of the
+/// database with the same hash (read after). So a cut file, a file extended past the database
+/// and a file that differs from it all fail, even while the gateway runs and appends.
+fn against_database(
+    config: &Config,
+    keys: &[AuditPublicKey],
+    mut anchors: Vec<ChainHead>,
+) -> anyhow::Result<ExitCode> {
+    let (path, db) = (&config.store.audit_file, &config.store.sqlite);
+    let reading = |e| anyhow::Error::new(e).context(format!("reading {}", db.display()));
+    let db_head = SqliteStore::audit_head(db).map_err(reading)?;
+    anchors.push(db_head);
+    let deadline = Instant::now() + MIRROR_LAG;
+    let summary = loop {
+        match crate::audit::verify_signed(open(path)?, keys, &anchors) {
+            Ok(summary) => break summary,
+            Err(e) => {
+                let behind = matches!(e.problem,
+                    Problem::Truncated { expected_seq, .. } if expected_seq == db_head.seq);
+                if behind && Instant::now() < deadline {
+                    // Not a test: a CLI giving a running gateway's mirror a moment.
+                    std::thread::sleep(Duration::from_millis(100));
+                    continue;
+                }
+                let whose = if behind {
+                    " (that entry is the database's head)"
+                } else {
+                    ""
+                };
+                return Ok(broken(path, &format!("{e}{whose}")));
+            }
+        }
+    };
+    let head = summary.head;
+    let problem = match SqliteStore::audit_hash_at(db, head.seq).map_err(reading)? {
+        Some(hash) if hash == head.hash => None,
+        Some(_) => Some((head.seq, "the file and the database differ here")),
+        None => Some((
+            db_head.seq + 1,
+            "the file goes on past the database's head (entries the database never committed)",
+        )),
+    };
+    if let Some((line, problem)) = problem {
+        return Ok(broken(path, &format!("line {line}: {problem}")));
+    }
+    report(path, &summary, true);
+    Ok(ExitCode::SUCCESS)
+}
+
+fn broken(path: &Path, problem: &str) -> ExitCode {
+    println!("{}: BROKEN at {problem}", path.display());
+    ExitCode::from(1)
+}
+
+fn report(path: &Path, summary: &SignedSummary, with_database: bool) {
+    let head = &summary.head;
+    println!(
+        "{}: ok, {} entries, head {} {}{}",
+        path.display(),
+        summary.entries,
+        head.seq,
+        hex::encode(head.hash),
+        if with_database {
+            " (the database's head)"
+        } else {
+            ""
+        }
+    );
+    match &summary.last_checkpoint {
+        Some(signed) => {
+            let at = std::time::UNIX_EPOCH + std::time::Duration::from_millis(signed.signed_at);
+            println!(
+                "signed head {}:{} (signed {} by {})",
+                signed.entry.seq,
+                hex::encode(signed.entry.hash),
+                humantime::format_rfc3339_millis(at),
+                signed.key_id
+            );
+        }
+        None => println!("no signed checkpoint"),
+    }
+    println!(
+        "{} unsigned entries after the last checkpoint",
+        summary.unsigned
+    );
 }

@@ -102,11 +102,18 @@ pub(super) async fn demo(dir: Option<PathBuf>) -> anyhow::Result<ExitCode> {
 
     running.stop().await;
     let audit = std::fs::File::open(&config.store.audit_file)?;
-    let summary = crate::audit::verify(std::io::BufReader::new(audit))?;
+    let key =
+        crate::audit::AuditKey::from_pkcs8_pem(&crate::secrets::read(&config.audit.signing_key)?)?;
+    let summary = crate::audit::verify_signed(
+        std::io::BufReader::new(audit),
+        std::slice::from_ref(key.public()),
+        &[],
+    )?;
     println!(
-        "5. stopped; audit log {} verifies ({} entries)",
+        "5. stopped; audit log {} verifies ({} entries, {} after the last signed checkpoint)",
         config.store.audit_file.display(),
-        summary.entries
+        summary.entries,
+        summary.unsigned
     );
     println!(
         "state kept in {} (config: {})",

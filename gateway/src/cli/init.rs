@@ -1,7 +1,8 @@
 //! `omnirelay init`: a complete development state in one directory — a self-signed P-256 CA,
-//! an Ed25519 token-signing key (separate from the CA key), the gateway's TLS certificate
-//! (itself an SVID), an admin credential, and a `gateway.toml` that uses the built-in example
-//! policies. Private files are 0600 in 0700 directories.
+//! an Ed25519 token-signing key (separate from the CA key), an Ed25519 audit key that signs the
+//! audit log's checkpoints (separate from both), the gateway's TLS certificate (itself an SVID),
+//! an admin credential, and a `gateway.toml` that uses the built-in example policies. Private
+//! files are 0600 in 0700 directories.
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
@@ -13,6 +14,7 @@ use aws_lc_rs::rand::{SecureRandom, SystemRandom};
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 
+use crate::audit::AuditKey;
 use crate::identity::{Ca, SpiffeId, SpiffePath, TrustDomain};
 use crate::secrets;
 use crate::token::SigningKey;
@@ -45,7 +47,16 @@ pub fn init(options: &InitOptions) -> anyhow::Result<PathBuf> {
             config_path.display()
         );
     }
-    for sub in ["", "ca", "tls", "token", "admin", "state", "audit"] {
+    for sub in [
+        "",
+        "ca",
+        "tls",
+        "token",
+        "admin",
+        "state",
+        "audit",
+        "audit-key",
+    ] {
         let path = dir.join(sub);
         std::fs::DirBuilder::new()
             .recursive(true)
@@ -65,6 +76,8 @@ pub fn init(options: &InitOptions) -> anyhow::Result<PathBuf> {
         &dir.join("token/signing.pub"),
         &signer.verifying_key().to_public_pem(),
     )?;
+
+    write_audit_key(&dir.join("audit-key/audit.key"))?;
 
     let ca = Ca::load(&ca_pem, &ca_key)?;
     let gateway_id = SpiffeId::new(
@@ -99,6 +112,16 @@ pub fn init(options: &InitOptions) -> anyhow::Result<PathBuf> {
     Ok(config_path)
 }
 
+/// Creates an audit key at `path` (0600) and its public half beside it (`.pub`, 0644), which
+/// is all an auditor needs to check the log's checkpoints. Returns the public half.
+pub fn write_audit_key(path: &Path) -> anyhow::Result<String> {
+    let (key, pem) = AuditKey::generate()?;
+    secrets::write(path, pem.as_bytes())?;
+    let public = key.public().to_public_pem();
+    write_public(&path.with_extension("pub"), &public)?;
+    Ok(public)
+}
+
 fn write_public(path: &Path, text: &str) -> anyhow::Result<()> {
     Ok(secrets::write_file(path, text.as_bytes(), 0o644)?)
 }
@@ -131,6 +154,11 @@ signing_key = "token/signing.key"
 [store]
 sqlite = "state/gateway.db"
 audit_file = "audit/audit.log"
+
+# Signs a checkpoint of the audit chain every 1000 entries or 60 s; the public half is
+# audit-key/audit.pub (`omnirelay audit verify --file LOG --public-key audit-key/audit.pub`).
+[audit]
+signing_key = "audit-key/audit.key"
 
 # Nodes of the `secure` cluster must prove a device certificate (x509pop) with secure boot.
 # Configure device CAs under [attestation] device_cas = ["devices/ca.pem"] to use it.

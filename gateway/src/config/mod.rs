@@ -11,6 +11,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use crate::attest::AttestConfig;
+use crate::audit::AuditConfig;
 use crate::identity::{IdentityConfig, TrustDomain};
 use crate::limits::{LimitsConfig, Rate};
 use crate::policy::{ModuleSource, PolicyBinding, PolicyConfig};
@@ -49,6 +50,8 @@ pub struct Config {
     pub limits: LimitsConfig,
     /// Durable state.
     pub store: StoreConfig,
+    /// Audit checkpoints.
+    pub audit: AuditConfig,
     /// Policy execution limits.
     pub policy: PolicyConfig,
     /// Which policy decides for which cluster and role (when they are configured here).
@@ -143,9 +146,16 @@ impl Config {
             ("identity.ca_key", &self.identity.ca_key),
             ("token.signing_key", &self.token.signing_key),
             ("admin.credential", &self.admin.credential),
+            ("audit.signing_key", &self.audit.signing_key),
         ];
         for (key, path) in secret {
-            if let Err(e) = crate::secrets::read(path) {
+            if key == "audit.signing_key" && !path.exists() {
+                // States made before audit checkpoints existed have no audit key.
+                problems.push(format!(
+                    "{key}: {} does not exist; create it with `omnirelay audit keygen --config <this file>`",
+                    path.display()
+                ));
+            } else if let Err(e) = crate::secrets::read(path) {
                 problems.push(format!("{key}: {e}"));
             }
         }
@@ -266,6 +276,7 @@ impl Validator<'_> {
         let attestation = self.attestation(raw.attestation);
         let limits = self.limits(raw.limits);
         let store = self.store(raw.store);
+        let audit = self.audit(raw.audit);
         let policy_source = raw.policy.source.take().map(|s| self.source(s));
         if policy_source.is_some() && !raw.policies.is_empty() {
             self.problem(
@@ -291,6 +302,7 @@ impl Validator<'_> {
             attestation,
             limits,
             store,
+            audit,
             policy,
             policies,
             policy_source,
@@ -496,6 +508,27 @@ impl Validator<'_> {
             sqlite: self.path(raw.sqlite, Path::new("state/gateway.db")),
             audit_file: self.path(raw.audit_file, Path::new("audit/audit.log")),
             max_batch: max_batch.max(1),
+        }
+    }
+
+    fn audit(&mut self, raw: raw::RawAudit) -> AuditConfig {
+        let d = AuditConfig::defaults();
+        let checkpoint_every = match raw.checkpoint_every.map(std::num::NonZeroU64::new) {
+            None => d.checkpoint_every,
+            Some(Some(n)) => n,
+            Some(None) => {
+                self.problem("audit.checkpoint_every", "must be at least 1");
+                d.checkpoint_every
+            }
+        };
+        AuditConfig {
+            signing_key: self.path(raw.signing_key, &d.signing_key),
+            checkpoint_every,
+            checkpoint_interval: self.duration(
+                "audit.checkpoint_interval",
+                raw.checkpoint_interval,
+                d.checkpoint_interval,
+            ),
         }
     }
 

@@ -29,6 +29,8 @@ pub struct RawConfig {
     pub policies: Vec<RawBinding>,
     #[serde(default)]
     pub log: RawLog,
+    #[serde(default)]
+    pub audit: RawAudit,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -152,6 +154,14 @@ pub struct RawBinding {
     pub evidence_schema: Option<String>,
     #[serde(default)]
     pub dns_suffixes: Vec<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawAudit {
+    pub signing_key: Option<String>,
+    pub checkpoint_every: Option<u64>,
+    pub checkpoint_interval: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]

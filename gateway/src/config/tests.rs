@@ -120,8 +120,45 @@ fn the_documented_defaults_are_the_real_defaults() {
     assert_eq!(documented.attestation, defaults.attestation);
     assert_eq!(documented.limits, defaults.limits);
     assert_eq!(documented.store, defaults.store);
+    assert_eq!(documented.audit, defaults.audit);
     assert_eq!(documented.policy, defaults.policy);
     assert_eq!(documented.log, defaults.log);
     assert_eq!(documented.policies.len(), 2);
     assert!(documented.policies[0].evidence_schema.is_some());
+}
+
+#[test]
+fn the_audit_section_resolves_its_key_and_refuses_a_zero_schedule() {
+    let c = parse(
+        r#"
+        trust_domain = "a.example"
+        [audit]
+        signing_key = "keys/audit.key"
+        checkpoint_every = 50
+        checkpoint_interval = "5s"
+        "#,
+    )
+    .unwrap();
+    assert_eq!(
+        c.audit.signing_key,
+        std::path::PathBuf::from("/etc/omnirelay/keys/audit.key")
+    );
+    assert_eq!(c.audit.checkpoint_every.get(), 50);
+    assert_eq!(c.audit.checkpoint_interval, Duration::from_secs(5));
+    let err = parse(
+        "trust_domain = \"a.example\"\n[audit]\ncheckpoint_every = 0\ncheckpoint_interval = \"0s\"",
+    )
+    .unwrap_err();
+    let Parse::Invalid(problems) = err else {
+        panic!("{err:?}")
+    };
+    let keys: Vec<&str> = problems
+        .iter()
+        .filter_map(|p| p.split(':').next())
+        .collect();
+    assert_eq!(
+        keys,
+        ["audit.checkpoint_every", "audit.checkpoint_interval"],
+        "{problems:?}"
+    );
 }

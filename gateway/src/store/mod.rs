@@ -4,6 +4,7 @@
 //! read-then-written; the audit entries of a change commit with it; nothing is acknowledged
 //! before it is on disk.
 
+mod checkpoints;
 mod sqlite;
 mod writer;
 
@@ -15,8 +16,11 @@ use crate::audit::{AuditEvent, PolicyRef};
 use crate::identity::{Serial, SpiffeId};
 use crate::token::TokenId;
 
+pub use checkpoints::Checkpoints;
 pub use sqlite::SqliteStore;
 
+#[cfg(test)]
+mod checkpoint_tests;
 #[cfg(test)]
 mod tests;
 
@@ -349,6 +353,11 @@ pub trait Store: Send + Sync + 'static {
         filter: IdentityFilter,
         now: u64,
     ) -> BoxFuture<'_, Result<Vec<IssuedIdentity>, StoreError>>;
+
+    /// Signs the audit chain's head now (a checkpoint) if unsigned entries trail the last
+    /// checkpoint, and returns once the audit file holds and has synced every committed entry.
+    /// A clean shutdown calls it last.
+    fn flush_audit(&self) -> BoxFuture<'_, Result<(), StoreError>>;
 
     /// Serial numbers of identities issued through a token.
     fn identities_of(&self, token: TokenId) -> BoxFuture<'_, Result<Vec<String>, StoreError>>;

@@ -9,12 +9,13 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use rusqlite::{Connection, OpenFlags, OptionalExtension, params};
 use tokio::sync::{mpsc, oneshot};
 
-use super::writer::{Command, Writer};
+use super::checkpoints::{Checkpoints, Ticker, unsigned_in};
+use super::writer::{Command, Message, Writer};
 use super::{
     BoxFuture, IdempotentResult, IdentityFilter, IdentityState, IssueOutcome, IssueRecord,
     IssuedIdentity, MAX_LISTED, Store, StoreConfig, StoreError, TokenRecord,
 };
-use crate::audit::{AuditEvent, AuditFile};
+use crate::audit::{AuditEvent, AuditFile, ChainHead};
 use crate::token::TokenId;
 
 const SCHEMA: &str = "
@@ -99,7 +100,7 @@ const READERS: usize = 4;
 
 /// The SQLite store.
 pub struct SqliteStore {
-    commands: mpsc::Sender<Command>,
+    commands: mpsc::Sender<Message>,
     readers: Vec<Mutex<Connection>>,
     next_reader: AtomicUsize,
     /// Resolves (its sender dropped) once the writer thread has exited, and with it released
@@ -121,9 +122,9 @@ fn open(path: &Path, flags: OpenFlags) -> Result<Connection, StoreError> {
 
 impl SqliteStore {
     /// Opens (creating if needed) the database and the audit mirror, brings the mirror up to
-    /// date with the committed chain, and starts the writer thread. Refuses to start when the
-    /// mirror and the database disagree.
-    pub fn open(config: &StoreConfig) -> Result<Self, StoreError> {
+    /// date with the committed chain, and starts the writer thread, which signs the chain with
+    /// `checkpoints`. Refuses to start when the mirror and the database disagree.
+    pub fn open(config: &StoreConfig, checkpoints: Checkpoints) -> Result<Self, StoreError> {
         // Before SQLite opens it: SQLite creates the WAL and shared-memory files with the
         // database's mode, and they hold the same rows.
         make_private(&config.sqlite)?;
@@ -147,6 +148,7 @@ impl SqliteStore {
             );
         }
         let head = super::writer::catch_up(&write, &mut mirror, &config.audit_file)?;
+        let unsigned = unsigned_in(&write)?;
         let mut readers = Vec::with_capacity(READERS);
         for _ in 0..READERS {
             let reader = open(
@@ -161,7 +163,17 @@ impl SqliteStore {
         let (commands, inbox) = mpsc::channel(max_batch.saturating_mul(4));
         let mirror = super::writer::Mirror::start(mirror)
             .map_err(|e| StoreError::Io(format!("cannot start the audit mirror thread: {e}")))?;
-        let writer = Writer::new(write, head, mirror, max_batch);
+        let ticker = Ticker::start(commands.downgrade(), checkpoints.interval)
+            .map_err(|e| StoreError::Io(format!("cannot start the audit ticker thread: {e}")))?;
+        let writer = Writer::new(
+            write,
+            head,
+            mirror,
+            max_batch,
+            checkpoints,
+            unsigned,
+            ticker,
+        );
         let (exited, writer_exited) = oneshot::channel();
         // The writer owns the write connection and the audit file, and exits once every sender
         // is gone, after committing what it has. `close` waits for that; a plain drop does not,
@@ -181,6 +193,20 @@ impl SqliteStore {
             next_reader: AtomicUsize::new(0),
             writer_exited,
         })
+    }
+
+    /// The head of the audit chain the database at `path` holds, read through a read-only
+    /// connection of its own (for `audit verify`, while the gateway may be running).
+    pub fn audit_head(path: &Path) -> Result<ChainHead, StoreError> {
+        audit_head(&open_read_only(path)?)
+    }
+
+    /// The hash of audit entry `seq` in the database at `path`, if it holds that entry.
+    pub fn audit_hash_at(path: &Path, seq: u64) -> Result<Option<[u8; 32]>, StoreError> {
+        let hash: Option<String> = open_read_only(path)?
+            .query_row("SELECT hash FROM audit WHERE seq = ?1", [seq], |r| r.get(0))
+            .optional()?;
+        hash.map(|h| digest_from_hex(&h)).transpose()
     }
 
     /// Shuts the store down: the writer commits what it was sent, mirrors it, and exits. Returns
@@ -213,7 +239,7 @@ impl SqliteStore {
     ) -> Result<T, StoreError> {
         let (reply, answer) = oneshot::channel();
         self.commands
-            .send(make(reply))
+            .send(Message::Change(make(reply)))
             .await
             .map_err(|_| StoreError::Closed)?;
         answer.await.map_err(|_| StoreError::Closed)?
@@ -446,6 +472,17 @@ impl Store for SqliteStore {
         Box::pin(self.send(move |reply| Command::Audit(events, reply)))
     }
 
+    fn flush_audit(&self) -> BoxFuture<'_, Result<(), StoreError>> {
+        Box::pin(async move {
+            let (reply, answer) = oneshot::channel();
+            self.commands
+                .send(Message::Flush(reply))
+                .await
+                .map_err(|_| StoreError::Closed)?;
+            answer.await.map_err(|_| StoreError::Closed)?
+        })
+    }
+
     fn identities_of(&self, token: TokenId) -> BoxFuture<'_, Result<Vec<String>, StoreError>> {
         Box::pin(async move {
             self.read(|c| {
@@ -457,6 +494,35 @@ impl Store for SqliteStore {
             })
         })
     }
+}
+
+/// A read-only connection to an existing database (never creates one).
+fn open_read_only(path: &Path) -> Result<Connection, StoreError> {
+    if !path.exists() {
+        return Err(StoreError::Io(format!(
+            "{}: no such database",
+            path.display()
+        )));
+    }
+    open(path, OpenFlags::SQLITE_OPEN_READ_ONLY)
+}
+
+/// The head of the chain in the `audit` table.
+pub(super) fn audit_head(conn: &Connection) -> Result<ChainHead, StoreError> {
+    let head: Option<(u64, String)> = conn
+        .query_row(
+            "SELECT seq, hash FROM audit ORDER BY seq DESC LIMIT 1",
+            [],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )
+        .optional()?;
+    Ok(match head {
+        Some((seq, hash)) => ChainHead {
+            seq,
+            hash: digest_from_hex(&hash)?,
+        },
+        None => ChainHead::genesis(),
+    })
 }
 
 pub(super) fn digest_from_hex(text: &str) -> Result<[u8; 32], StoreError> {

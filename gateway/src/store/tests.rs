@@ -20,11 +20,21 @@ const NOW: u64 = 1_750_000_000;
 /// How long to wait for the writer thread to mirror a commit before failing the test.
 const MIRROR_DEADLINE: Duration = Duration::from_secs(10);
 
+/// The audit key and checkpoint schedule of the tests: a fresh key, and checkpoints only when
+/// the store closes (the schedule's own tests set theirs).
+pub(super) fn checkpoints() -> Checkpoints {
+    Checkpoints {
+        key: Arc::new(audit::AuditKey::generate().unwrap().0),
+        every: std::num::NonZeroU64::new(1000).unwrap(),
+        interval: Duration::from_secs(3600),
+    }
+}
+
 /// A directory of its own under the system temp dir, removed when dropped.
-struct TempDir(PathBuf);
+pub(super) struct TempDir(pub(super) PathBuf);
 
 impl TempDir {
-    fn new(name: &str) -> Self {
+    pub(super) fn new(name: &str) -> Self {
         static NEXT: AtomicU64 = AtomicU64::new(0);
         let unique = format!(
             "omnirelay-store-{name}-{}-{}",
@@ -38,7 +48,7 @@ impl TempDir {
         Self(path)
     }
 
-    fn config(&self) -> StoreConfig {
+    pub(super) fn config(&self) -> StoreConfig {
         StoreConfig {
             sqlite: self.0.join("state.db"),
             audit_file: self.0.join("audit.log"),
@@ -65,7 +75,7 @@ fn policy() -> PolicyRef {
 }
 
 /// A token issued at `NOW`, valid for an hour.
-fn token_record(max_uses: u32) -> TokenRecord {
+pub(super) fn token_record(max_uses: u32) -> TokenRecord {
     TokenRecord {
         id: TokenId::random(),
         cluster: "edge-eu".into(),
@@ -79,7 +89,7 @@ fn token_record(max_uses: u32) -> TokenRecord {
     }
 }
 
-fn token_issued(t: &TokenRecord) -> AuditEvent {
+pub(super) fn token_issued(t: &TokenRecord) -> AuditEvent {
     AuditEvent::TokenIssued {
         token_id: t.id.to_string(),
         cluster: t.cluster.clone(),
@@ -227,7 +237,7 @@ fn refusals(events: &[AuditEvent]) -> Vec<(u16, String)> {
 }
 
 async fn open_with_token(dir: &TempDir, max_uses: u32) -> (SqliteStore, TokenRecord) {
-    let store = SqliteStore::open(&dir.config()).unwrap();
+    let store = SqliteStore::open(&dir.config(), checkpoints()).unwrap();
     let token = token_record(max_uses);
     store
         .register_token(token.clone(), token_issued(&token))
@@ -543,7 +553,7 @@ async fn a_live_spiffe_id_refuses_a_second_lineage_unless_the_token_supersedes()
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tokens_list_newest_first_and_revoke_once() {
     let dir = TempDir::new("tokens");
-    let store = SqliteStore::open(&dir.config()).unwrap();
+    let store = SqliteStore::open(&dir.config(), checkpoints()).unwrap();
     let mut old = token_record(1);
     let mut mid = token_record(1);
     let mut new = token_record(1);
@@ -607,7 +617,7 @@ async fn tokens_list_newest_first_and_revoke_once() {
 }
 
 /// The seq and hash of the database's last audit row.
-fn db_head(config: &StoreConfig) -> audit::ChainHead {
+pub(super) fn db_head(config: &StoreConfig) -> audit::ChainHead {
     let conn = rusqlite::Connection::open(&config.sqlite).unwrap();
     let (seq, hash): (u64, String) = conn
         .query_row(
@@ -627,9 +637,10 @@ fn verify_file(path: &Path) -> audit::VerifySummary {
 }
 
 /// A store with some history: a token with one identity issued through it (under an
-/// idempotency key) and a revoked token, refused once. [`HISTORY`] audit entries.
-async fn with_history(config: &StoreConfig) -> (TokenRecord, TokenRecord, String) {
-    let store = SqliteStore::open(config).unwrap();
+/// idempotency key) and a revoked token, refused once, then closed. [`HISTORY`] audit entries,
+/// the last the checkpoint written at close.
+pub(super) async fn with_history(config: &StoreConfig) -> (TokenRecord, TokenRecord, String) {
+    let store = SqliteStore::open(config, checkpoints()).unwrap();
     let live = token_record(3);
     let gone = token_record(3);
     for t in [&live, &gone] {
@@ -665,7 +676,7 @@ async fn with_history(config: &StoreConfig) -> (TokenRecord, TokenRecord, String
     (live, gone, serial)
 }
 
-const HISTORY: u64 = 6;
+pub(super) const HISTORY: u64 = 7;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn close_then_reopen_at_once_keeps_state_and_continues_the_chain() {
@@ -676,7 +687,7 @@ async fn close_then_reopen_at_once_keeps_state_and_continues_the_chain() {
     let before = std::fs::read(&config.audit_file).unwrap();
     assert_eq!(verify_file(&config.audit_file).entries, HISTORY);
 
-    let store = SqliteStore::open(&config).unwrap();
+    let store = SqliteStore::open(&config, checkpoints()).unwrap();
     let mut live_now = live.clone();
     live_now.uses = 1;
     let mut gone_now = gone.clone();
@@ -708,20 +719,21 @@ async fn close_then_reopen_at_once_keeps_state_and_continues_the_chain() {
     let after = std::fs::read(&config.audit_file).unwrap();
     assert_eq!(after[..before.len()], before[..]);
     let summary = verify_file(&config.audit_file);
-    assert_eq!(summary.entries, HISTORY + 1);
+    assert_eq!(summary.entries, HISTORY + 2);
     assert_eq!(summary.head, db_head(&config));
     let events = read_audit(&config.audit_file);
     assert!(matches!(
-        &events[events.len() - 1],
+        &events[events.len() - 2],
         AuditEvent::IdentityIssued { uses_after: 2, request_id, .. } if request_id == "r3"
     ));
+    assert_eq!(events[events.len() - 1].kind(), "checkpoint");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn close_releases_the_files_every_time() {
     let dir = TempDir::new("cycle");
     for round in 0..20 {
-        let store = SqliteStore::open(&dir.config())
+        let store = SqliteStore::open(&dir.config(), checkpoints())
             .unwrap_or_else(|e| panic!("reopen in round {round}: {e}"));
         let t = token_record(1);
         store
@@ -730,7 +742,8 @@ async fn close_releases_the_files_every_time() {
             .unwrap();
         store.close().await;
     }
-    assert_eq!(verify_file(&dir.config().audit_file).entries, 20);
+    // Each round: the token, and the checkpoint at close.
+    assert_eq!(verify_file(&dir.config().audit_file).entries, 40);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -745,13 +758,19 @@ async fn a_mirror_cut_short_is_caught_up_from_the_database() {
     // The last three lines lost (a crash before the mirror write), cut at a line boundary.
     std::fs::write(&config.audit_file, lines[..lines.len() - 3].concat()).unwrap();
     assert_eq!(verify_file(&config.audit_file).entries, HISTORY - 3);
-    SqliteStore::open(&config).unwrap().close().await;
+    SqliteStore::open(&config, checkpoints())
+        .unwrap()
+        .close()
+        .await;
     assert_eq!(std::fs::read_to_string(&config.audit_file).unwrap(), full);
     assert_eq!(verify_file(&config.audit_file).head, db_head(&config));
 
     // The whole file lost: rebuilt, with its restrictive mode.
     std::fs::remove_file(&config.audit_file).unwrap();
-    SqliteStore::open(&config).unwrap().close().await;
+    SqliteStore::open(&config, checkpoints())
+        .unwrap()
+        .close()
+        .await;
     assert_eq!(std::fs::read_to_string(&config.audit_file).unwrap(), full);
     assert_eq!(mode(&config.audit_file), 0o600);
 }
@@ -767,7 +786,10 @@ async fn a_torn_mirror_line_left_by_a_crash_is_cut_and_written_again() {
     // newline. The database holds the entry, so the store opens and the file is whole again.
     for cut in [40, 1] {
         std::fs::write(&config.audit_file, &full[..full.len() - cut]).unwrap();
-        SqliteStore::open(&config).unwrap().close().await;
+        SqliteStore::open(&config, checkpoints())
+            .unwrap()
+            .close()
+            .await;
         assert_eq!(std::fs::read_to_string(&config.audit_file).unwrap(), full);
     }
     assert_eq!(verify_file(&config.audit_file).head, db_head(&config));
@@ -791,11 +813,11 @@ async fn an_edited_last_line_stops_the_store_from_opening() {
     // One byte of the last line's event changed: the line no longer matches its own hash, so
     // the audit file refuses to open (a typed audit error naming the file).
     replace_last_line(&config.audit_file, |line| {
-        let at = line.find("\"client_ip\":\"192").unwrap() + "\"client_ip\":\"".len();
+        let at = line.find("\"key_id\":\"ed25519").unwrap() + "\"key_id\":\"ed2551".len();
         format!("{}8{}\n", &line[..at], &line[at + 1..])
     });
     let tampered = std::fs::read(&config.audit_file).unwrap();
-    let err = SqliteStore::open(&config).unwrap_err();
+    let err = SqliteStore::open(&config, checkpoints()).unwrap_err();
     match &err {
         StoreError::Audit { path, source } => {
             assert_eq!(path, &config.audit_file);
@@ -839,9 +861,9 @@ async fn a_rewritten_or_extended_mirror_disagrees_with_the_database() {
         )
     });
     verify_file(&config.audit_file);
-    let err = SqliteStore::open(&config).unwrap_err();
+    let err = SqliteStore::open(&config, checkpoints()).unwrap_err();
     assert!(
-        matches!(&err, StoreError::AuditMismatch(m) if m.contains("entry 6 differs")),
+        matches!(&err, StoreError::AuditMismatch(m) if m.contains("entry 7 differs")),
         "{err:?}"
     );
 
@@ -849,9 +871,9 @@ async fn a_rewritten_or_extended_mirror_disagrees_with_the_database() {
     let head = audit::verify(original.as_bytes()).unwrap().head;
     let extra = audit::seal(&head, std::time::SystemTime::now(), &forged).line;
     std::fs::write(&config.audit_file, format!("{original}{extra}\n")).unwrap();
-    let err = SqliteStore::open(&config).unwrap_err();
+    let err = SqliteStore::open(&config, checkpoints()).unwrap_err();
     assert!(
-        matches!(&err, StoreError::AuditMismatch(m) if m.contains("7 entries, the database 6")),
+        matches!(&err, StoreError::AuditMismatch(m) if m.contains("8 entries, the database 7")),
         "{err:?}"
     );
 }
@@ -880,7 +902,7 @@ async fn a_zero_max_batch_commits_one_change_at_a_time() {
     let dir = TempDir::new("batch");
     let mut config = dir.config();
     config.max_batch = 0;
-    let store = SqliteStore::open(&config).unwrap();
+    let store = SqliteStore::open(&config, checkpoints()).unwrap();
     let t = token_record(1);
     store
         .register_token(t.clone(), token_issued(&t))

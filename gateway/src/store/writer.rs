@@ -7,11 +7,27 @@ use std::time::SystemTime;
 use rusqlite::{Connection, OptionalExtension, Transaction, TransactionBehavior, params};
 use tokio::sync::{mpsc, oneshot};
 
+use super::checkpoints::{Checkpoints, Ticker, Unsigned};
 use super::{IssueOutcome, IssueRecord, StoreError, TokenRecord};
 use crate::audit::{AuditError, AuditEvent, AuditFile, ChainHead, SealedEntry, seal};
 use crate::token::TokenId;
 
 type Reply<T> = oneshot::Sender<Result<T, StoreError>>;
+
+/// What the writer's inbox carries: changes, and requests about the audit chain itself.
+#[allow(
+    clippy::large_enum_variant,
+    reason = "nearly every message is a change; boxing it would cost an allocation per change"
+)]
+pub(super) enum Message {
+    /// A change to commit.
+    Change(Command),
+    /// Time passed: sign the chain if a checkpoint is due by time.
+    Tick,
+    /// Sign the unsigned tail now, and answer once the audit file holds (synced) every entry
+    /// committed so far.
+    Flush(Reply<()>),
+}
 
 /// A change waiting for the writer.
 pub(super) enum Command {
@@ -61,6 +77,9 @@ pub(super) struct Writer {
     head: ChainHead,
     mirror: Mirror,
     max_batch: usize,
+    checkpoints: Checkpoints,
+    unsigned: Unsigned,
+    ticker: Option<Ticker>,
 }
 
 /// The audit file mirror, on its own thread so that it never holds up the next commit. The
@@ -80,13 +99,19 @@ const MIRROR_RETRY: std::time::Duration = std::time::Duration::from_millis(250);
 const MIRROR_BACKLOG: usize = 65_536;
 
 pub(super) struct Mirror {
-    batches: std::sync::mpsc::Sender<Vec<SealedEntry>>,
+    batches: std::sync::mpsc::Sender<ToMirror>,
     thread: std::thread::JoinHandle<()>,
+}
+
+/// What the mirror thread is sent: committed entries, or callers waiting for a sync.
+enum ToMirror {
+    Entries(Vec<SealedEntry>),
+    Flush(Vec<Reply<()>>),
 }
 
 impl Mirror {
     pub(super) fn start(file: AuditFile) -> std::io::Result<Self> {
-        let (batches, inbox) = std::sync::mpsc::channel::<Vec<SealedEntry>>();
+        let (batches, inbox) = std::sync::mpsc::channel::<ToMirror>();
         let thread = std::thread::Builder::new()
             .name("audit-mirror".into())
             .spawn(move || MirrorLoop::new(file).run(&inbox))?;
@@ -95,7 +120,14 @@ impl Mirror {
 
     fn send(&self, entries: Vec<SealedEntry>) {
         if !entries.is_empty() {
-            let _ = self.batches.send(entries);
+            let _ = self.batches.send(ToMirror::Entries(entries));
+        }
+    }
+
+    /// Answers `replies` once everything sent before is written and synced.
+    fn flush(&self, replies: Vec<Reply<()>>) {
+        if !replies.is_empty() {
+            let _ = self.batches.send(ToMirror::Flush(replies));
         }
     }
 
@@ -117,6 +149,8 @@ struct MirrorLoop {
     /// Retrying cannot help (the file's tail is unknown, or the backlog is full): entries are
     /// dropped until a restart catches the file up from the database.
     stopped: bool,
+    /// Callers waiting until the file holds and has synced every entry sent before them.
+    flushes: Vec<Reply<()>>,
 }
 
 impl MirrorLoop {
@@ -127,10 +161,18 @@ impl MirrorLoop {
             synced: std::time::Instant::now(),
             failing: false,
             stopped: false,
+            flushes: Vec::new(),
         }
     }
 
-    fn run(mut self, inbox: &std::sync::mpsc::Receiver<Vec<SealedEntry>>) {
+    fn take(&mut self, message: ToMirror) {
+        match message {
+            ToMirror::Entries(entries) => self.pending.extend(entries),
+            ToMirror::Flush(replies) => self.flushes.extend(replies),
+        }
+    }
+
+    fn run(mut self, inbox: &std::sync::mpsc::Receiver<ToMirror>) {
         use std::sync::mpsc::RecvTimeoutError;
         loop {
             let received = if self.pending.is_empty() {
@@ -139,17 +181,39 @@ impl MirrorLoop {
                 inbox.recv_timeout(MIRROR_RETRY)
             };
             match received {
-                Ok(entries) => self.pending.extend(entries),
+                Ok(message) => self.take(message),
                 Err(RecvTimeoutError::Timeout) => {}
                 Err(RecvTimeoutError::Disconnected) => break,
             }
             while let Ok(more) = inbox.try_recv() {
-                self.pending.extend(more);
+                self.take(more);
             }
             self.append();
+            self.answer_flushes();
         }
         self.append();
         let _ = self.file.sync();
+        self.answer_flushes();
+    }
+
+    /// Answers the callers waiting for a flush: synced when nothing is pending, an error while
+    /// the file refuses entries (they stay queued, or the restart's catch-up writes them).
+    fn answer_flushes(&mut self) {
+        if self.flushes.is_empty() {
+            return;
+        }
+        let result = if self.pending.is_empty() && !self.stopped {
+            self.synced = std::time::Instant::now();
+            self.file.sync().map_err(|e| format!("audit mirror: {e}"))
+        } else {
+            Err("audit mirror: the audit file refuses entries".to_string())
+        };
+        for reply in self.flushes.drain(..) {
+            let _ = reply.send(match &result {
+                Ok(()) => Ok(()),
+                Err(why) => failure(why),
+            });
+        }
     }
 
     /// Appends what is pending; on failure keeps it for the next try, unless trying again
@@ -195,32 +259,59 @@ impl MirrorLoop {
 }
 
 impl Writer {
-    pub(super) fn new(conn: Connection, head: ChainHead, mirror: Mirror, max_batch: usize) -> Self {
+    /// `unsigned`: how many entries of the chain ending at `head` follow its last checkpoint.
+    pub(super) fn new(
+        conn: Connection,
+        head: ChainHead,
+        mirror: Mirror,
+        max_batch: usize,
+        checkpoints: Checkpoints,
+        unsigned: u64,
+        ticker: Ticker,
+    ) -> Self {
         Self {
             conn,
             head,
             mirror,
             max_batch: max_batch.max(1),
+            checkpoints,
+            unsigned: Unsigned {
+                count: unsigned,
+                since: std::time::Instant::now(),
+            },
+            ticker: Some(ticker),
         }
     }
 
-    /// Runs until every sender is gone.
-    pub(super) fn run(mut self, mut inbox: mpsc::Receiver<Command>) {
+    /// Runs until every sender is gone, then signs the unsigned tail (a clean close).
+    pub(super) fn run(mut self, mut inbox: mpsc::Receiver<Message>) {
         let mut batch = Vec::with_capacity(self.max_batch);
         while let Some(first) = inbox.blocking_recv() {
-            batch.push(first);
+            let mut flushes = Vec::new();
+            sort(first, &mut batch, &mut flushes);
             while batch.len() < self.max_batch {
                 match inbox.try_recv() {
-                    Ok(next) => batch.push(next),
+                    Ok(next) => sort(next, &mut batch, &mut flushes),
                     Err(_) => break,
                 }
             }
-            self.commit_batch(&mut batch);
+            let force = !flushes.is_empty();
+            self.commit_batch(&mut batch, flushes, force);
         }
+        if let Some(ticker) = self.ticker.take() {
+            ticker.stop();
+        }
+        self.commit_batch(&mut batch, Vec::new(), true);
         self.mirror.finish();
     }
 
-    fn commit_batch(&mut self, batch: &mut Vec<Command>) {
+    /// Commits `batch` and, when one is due (or `force`d), a checkpoint after it; answers
+    /// `flushes` once the audit file holds the result.
+    fn commit_batch(&mut self, batch: &mut Vec<Command>, flushes: Vec<Reply<()>>, force: bool) {
+        if batch.is_empty() && !self.checkpoints.due(&self.unsigned, force) {
+            self.mirror.flush(flushes);
+            return;
+        }
         let mut head = self.head;
         let mut sealed = Vec::new();
         let mut answers = Vec::with_capacity(batch.len());
@@ -234,24 +325,58 @@ impl Writer {
                 for command in batch.drain(..) {
                     answer_error(command, &e.to_string());
                 }
+                flushes
+                    .into_iter()
+                    .for_each(|r| drop(r.send(failure(&e.to_string()))));
                 return;
             }
         };
         for command in batch.drain(..) {
             answers.push(apply(&mut tx, command, &mut head, &mut sealed));
         }
+        let mut unsigned = self.unsigned;
+        unsigned.count += head.seq - self.head.seq;
+        if self.checkpoints.due(&unsigned, force) {
+            match self.checkpoints.append(&tx, &mut head, &mut sealed) {
+                Ok(()) => {
+                    unsigned = Unsigned {
+                        count: 0,
+                        since: std::time::Instant::now(),
+                    }
+                }
+                Err(e) => tracing::error!(error = %e, "store: cannot write an audit checkpoint"),
+            }
+        }
         match tx.commit() {
             Ok(()) => {
                 self.head = head;
+                self.unsigned = unsigned;
                 answers.into_iter().for_each(Answer::send);
                 self.mirror.send(sealed);
+                self.mirror.flush(flushes);
             }
             Err(e) => {
                 tracing::error!(error = %e, "store: commit failed");
                 let why = e.to_string();
                 answers.into_iter().for_each(|a| a.fail(&why));
+                flushes.into_iter().for_each(|r| fail_flush(r, &why));
             }
         }
+    }
+}
+
+/// A flush whose commit failed.
+fn fail_flush(reply: Reply<()>, why: &str) {
+    drop(reply.send(failure(&format!("commit failed: {why}"))));
+}
+
+/// Puts a message from the inbox where it belongs: a change into the batch, a flush among the
+/// callers to answer; a tick needs nothing more than the commit it causes.
+fn sort(message: Message, batch: &mut Vec<Command>, flushes: &mut Vec<Reply<()>>) {
+    match message {
+        Message::Change(command) => batch.push(command),
+        Message::Tick => {}
+        Message::Flush(reply) => flushes.push(reply),
     }
 }
 
@@ -545,7 +670,7 @@ fn why_not_usable(tx: &Connection, token: &str, now: u64) -> Result<IssueOutcome
     })
 }
 
-fn append_audit(
+pub(super) fn append_audit(
     tx: &Connection,
     head: &mut ChainHead,
     sealed: &mut Vec<SealedEntry>,
@@ -573,20 +698,7 @@ pub(super) fn catch_up(
     mirror: &mut AuditFile,
     path: &std::path::Path,
 ) -> Result<ChainHead, StoreError> {
-    let db_head: Option<(u64, String)> = conn
-        .query_row(
-            "SELECT seq, hash FROM audit ORDER BY seq DESC LIMIT 1",
-            [],
-            |r| Ok((r.get(0)?, r.get(1)?)),
-        )
-        .optional()?;
-    let db_head = match db_head {
-        Some((seq, hash)) => ChainHead {
-            seq,
-            hash: super::sqlite::digest_from_hex(&hash)?,
-        },
-        None => ChainHead::genesis(),
-    };
+    let db_head = super::sqlite::audit_head(conn)?;
     let file_head = mirror.head();
     if file_head.seq > db_head.seq {
         return Err(StoreError::AuditMismatch(format!(

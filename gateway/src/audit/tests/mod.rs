@@ -5,6 +5,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use super::*;
 
 mod chain;
+mod checkpoint;
 mod events;
 mod file;
 mod query;
