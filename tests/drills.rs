@@ -146,9 +146,11 @@ fn audited_serials(audit: &[serde_json::Value]) -> BTreeSet<String> {
         .collect()
 }
 
-/// `omnirelay audit verify` on the state's audit file must exit 0.
-fn assert_audit_verifies(audit_file: &Path) {
-    let out = omnirelay(&["audit", "verify", "--file", audit_file.to_str().unwrap()]).unwrap();
+/// `omnirelay audit verify` on the state in `dir` (its audit file against its database and
+/// the audit key's signed checkpoints) must exit 0.
+fn assert_audit_verifies(dir: &Path) {
+    let config = dir.join("gateway.toml");
+    let out = omnirelay(&["audit", "verify", "--config", config.to_str().unwrap()]).unwrap();
     assert!(
         out.status.success(),
         "audit verify failed: {}{}",
@@ -301,14 +303,14 @@ async fn sigkill_mid_load_loses_no_certificate_and_overuses_no_token() {
     // The audit log names every certificate, agrees with the database and verifies.
     let audit_file = gw.path("audit/audit.log");
     wait_for_mirror(&db, &audit_file);
-    let (_dir, _) = gw.stop();
+    let (dir, _) = gw.stop();
     let delivered: BTreeSet<String> = delivered.into_keys().collect();
     assert_eq!(
         audited_serials(&audit_events_in(&audit_file)),
         delivered,
         "audited vs delivered"
     );
-    assert_audit_verifies(&audit_file);
+    assert_audit_verifies(&dir.0);
 }
 
 /// A tmpfs of a given size mounted for one test (the drills run as root), unmounted on drop.
@@ -535,7 +537,7 @@ async fn a_full_disk_refuses_joins_with_503_and_the_gateway_recovers_by_itself()
     wait_for_mirror(&db, &audit_file);
     assert_eq!(audited_serials(&audit_events_in(&audit_file)), issued);
     let (dir, _) = gw.stop();
-    assert_audit_verifies(&audit_file);
+    assert_audit_verifies(&dir.0);
     let gw = Gateway::spawn(dir);
     let (reply, _) = try_join(&gw, &token.token, "after-restart").await;
     assert_eq!(
