@@ -82,11 +82,19 @@ async fn two_hundred_joins_with_a_60_kb_unknown_field_grow_the_audit_by_one_coun
 
     let body = with_unknown_field(&"a".repeat(60_000), &token.token);
     assert!(body.len() > 60_000);
+    let started = std::time::Instant::now();
     flood(&gw.node(), &body).await;
+    let intervals = (started.elapsed().as_millis() / 200) as usize;
 
     let (entries, total) = gw.wait_for_coalesced("127.0.0.1", "malformed", REQUESTS);
     assert_eq!(total, REQUESTS, "{entries:#?}");
-    assert!(entries.len() <= 5, "one entry per interval: {entries:#?}");
+    // At most one entry per 200 ms interval the flood spanned (plus the partial ones at either
+    // end), however slow this machine is: never one per request.
+    let bound = (intervals + 2).min(REQUESTS as usize / 4);
+    assert!(
+        entries.len() <= bound,
+        "one entry per interval: {entries:#?}"
+    );
     for entry in &entries {
         assert_eq!(entry["stage"], "request", "{entry}");
         assert_eq!(entry["status"], 400, "{entry}");
@@ -94,9 +102,13 @@ async fn two_hundred_joins_with_a_60_kb_unknown_field_grow_the_audit_by_one_coun
     }
     // 200 verbatim entries were 12 MB; a few counted ones are a few hundred bytes each.
     let grown = gw.audit_bytes() - before.0;
-    assert!(grown <= 4096, "the audit grew by {grown} bytes");
+    // (One more line may be a signed checkpoint, if its interval passed meanwhile.)
     assert!(
-        gw.audit_lines().len() - before.1 <= 5,
+        grown <= 1024 * (entries.len() as u64 + 1),
+        "the audit grew by {grown} bytes"
+    );
+    assert!(
+        gw.audit_lines().len() - before.1 <= entries.len() + 1,
         "{:#?}",
         gw.audit_events()
     );

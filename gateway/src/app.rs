@@ -48,22 +48,34 @@ impl Running {
     }
 
     /// Waits until a shutdown signal (SIGINT/SIGTERM) arrives, then stops.
-    pub async fn run_until_signal(self) -> anyhow::Result<()> {
-        shutdown_signal().await?;
+    pub async fn run_until_signal(self, mut signals: Signals) -> anyhow::Result<()> {
+        tokio::select! {
+            _ = signals.interrupt.recv() => {}
+            _ = signals.terminate.recv() => {}
+        }
         tracing::info!("shutting down");
         self.stop().await;
         Ok(())
     }
 }
 
-async fn shutdown_signal() -> anyhow::Result<()> {
-    use tokio::signal::unix::{SignalKind, signal};
-    let mut term = signal(SignalKind::terminate())?;
-    tokio::select! {
-        r = tokio::signal::ctrl_c() => r?,
-        _ = term.recv() => {}
+/// SIGINT and SIGTERM, taken over before the gateway starts: a signal that arrives while it
+/// starts then stops it gracefully instead of killing it with the default action.
+#[derive(Debug)]
+pub struct Signals {
+    interrupt: tokio::signal::unix::Signal,
+    terminate: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    /// Installs the handlers.
+    pub fn register() -> anyhow::Result<Self> {
+        use tokio::signal::unix::{SignalKind, signal};
+        Ok(Self {
+            interrupt: signal(SignalKind::interrupt())?,
+            terminate: signal(SignalKind::terminate())?,
+        })
     }
-    Ok(())
 }
 
 /// Builds the gateway and starts serving.

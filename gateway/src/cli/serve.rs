@@ -23,8 +23,9 @@ pub(super) async fn serve(path: &Path) -> anyhow::Result<ExitCode> {
             problems.join("\n  - ")
         );
     }
+    let signals = crate::app::Signals::register()?;
     let running = crate::app::start(&config).await?;
-    running.run_until_signal().await?;
+    running.run_until_signal(signals).await?;
     Ok(ExitCode::SUCCESS)
 }
 
