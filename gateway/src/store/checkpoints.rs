@@ -8,10 +8,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use rusqlite::Connection;
-use tokio::sync::mpsc;
 
 use super::StoreError;
-use super::writer::{Message, append_audit};
+use super::chain::append_audit;
 use crate::audit::{AuditConfig, AuditEvent, AuditKey, ChainHead, SealedEntry, checkpoint};
 
 /// The audit key and how often it signs.
@@ -103,7 +102,8 @@ fn is_checkpoint(line: &str) -> bool {
 }
 
 /// Wakes the writer every `interval`, so that a checkpoint falls due even when nothing else is
-/// written. Holds only a weak handle on the writer's inbox: it never keeps the store open.
+/// written. `wake` holds only a weak handle on the writer's inbox (it never keeps the store
+/// open) and answers false once the writer is gone.
 pub(super) struct Ticker {
     stop: std::sync::mpsc::Sender<()>,
     thread: std::thread::JoinHandle<()>,
@@ -111,7 +111,7 @@ pub(super) struct Ticker {
 
 impl Ticker {
     pub(super) fn start(
-        writer: mpsc::WeakSender<Message>,
+        wake: impl Fn() -> bool + Send + 'static,
         interval: Duration,
     ) -> std::io::Result<Self> {
         let (stop, stopped) = std::sync::mpsc::channel::<()>();
@@ -121,11 +121,9 @@ impl Ticker {
                 while let Err(std::sync::mpsc::RecvTimeoutError::Timeout) =
                     stopped.recv_timeout(interval)
                 {
-                    let Some(writer) = writer.upgrade() else {
+                    if !wake() {
                         return;
-                    };
-                    // A full inbox means the writer is busy and checks the time at its commit.
-                    let _ = writer.try_send(Message::Tick);
+                    }
                 }
             })?;
         Ok(Self { stop, thread })

@@ -4,6 +4,7 @@
 //! read-then-written; the audit entries of a change commit with it; nothing is acknowledged
 //! before it is on disk.
 
+mod chain;
 mod checkpoints;
 mod sqlite;
 mod writer;

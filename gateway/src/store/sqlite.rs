@@ -9,6 +9,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use rusqlite::{Connection, OpenFlags, OptionalExtension, params};
 use tokio::sync::{mpsc, oneshot};
 
+use super::chain::{audit_head, digest_from_hex};
 use super::checkpoints::{Checkpoints, Ticker, unsigned_in};
 use super::writer::{Command, Message, Writer};
 use super::{
@@ -147,7 +148,7 @@ impl SqliteStore {
                 "cut the audit file's torn last line (an append interrupted by a crash)"
             );
         }
-        let head = super::writer::catch_up(&write, &mut mirror, &config.audit_file)?;
+        let head = super::chain::catch_up(&write, &mut mirror, &config.audit_file)?;
         let unsigned = unsigned_in(&write)?;
         let mut readers = Vec::with_capacity(READERS);
         for _ in 0..READERS {
@@ -163,7 +164,16 @@ impl SqliteStore {
         let (commands, inbox) = mpsc::channel(max_batch.saturating_mul(4));
         let mirror = super::writer::Mirror::start(mirror)
             .map_err(|e| StoreError::Io(format!("cannot start the audit mirror thread: {e}")))?;
-        let ticker = Ticker::start(commands.downgrade(), checkpoints.interval)
+        let writer = commands.downgrade();
+        let wake = move || {
+            let Some(writer) = writer.upgrade() else {
+                return false;
+            };
+            // A full inbox means the writer is busy and checks the time at its commit.
+            let _ = writer.try_send(Message::Tick);
+            true
+        };
+        let ticker = Ticker::start(wake, checkpoints.interval)
             .map_err(|e| StoreError::Io(format!("cannot start the audit ticker thread: {e}")))?;
         let writer = Writer::new(
             write,
@@ -505,29 +515,4 @@ fn open_read_only(path: &Path) -> Result<Connection, StoreError> {
         )));
     }
     open(path, OpenFlags::SQLITE_OPEN_READ_ONLY)
-}
-
-/// The head of the chain in the `audit` table.
-pub(super) fn audit_head(conn: &Connection) -> Result<ChainHead, StoreError> {
-    let head: Option<(u64, String)> = conn
-        .query_row(
-            "SELECT seq, hash FROM audit ORDER BY seq DESC LIMIT 1",
-            [],
-            |r| Ok((r.get(0)?, r.get(1)?)),
-        )
-        .optional()?;
-    Ok(match head {
-        Some((seq, hash)) => ChainHead {
-            seq,
-            hash: digest_from_hex(&hash)?,
-        },
-        None => ChainHead::genesis(),
-    })
-}
-
-pub(super) fn digest_from_hex(text: &str) -> Result<[u8; 32], StoreError> {
-    let bytes = hex::decode(text).map_err(|e| StoreError::Corrupt(e.to_string()))?;
-    bytes
-        .try_into()
-        .map_err(|_| StoreError::Corrupt("digest is not 32 bytes".into()))
 }

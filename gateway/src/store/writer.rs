@@ -2,14 +2,13 @@
 //! transaction, seals their audit events onto the chain, commits once (one fsync for the whole
 //! batch), then answers every caller and hands the new audit lines to the file mirror.
 
-use std::time::SystemTime;
-
 use rusqlite::{Connection, OptionalExtension, Transaction, TransactionBehavior, params};
 use tokio::sync::{mpsc, oneshot};
 
+use super::chain::append_audit;
 use super::checkpoints::{Checkpoints, Ticker, Unsigned};
 use super::{IssueOutcome, IssueRecord, StoreError, TokenRecord};
-use crate::audit::{AuditError, AuditEvent, AuditFile, ChainHead, SealedEntry, seal};
+use crate::audit::{AuditError, AuditEvent, AuditFile, ChainHead, SealedEntry};
 use crate::token::TokenId;
 
 type Reply<T> = oneshot::Sender<Result<T, StoreError>>;
@@ -668,86 +667,4 @@ fn why_not_usable(tx: &Connection, token: &str, now: u64) -> Result<IssueOutcome
         Some((None, expires_at)) if now >= expires_at => IssueOutcome::Expired,
         _ => IssueOutcome::Exhausted,
     })
-}
-
-pub(super) fn append_audit(
-    tx: &Connection,
-    head: &mut ChainHead,
-    sealed: &mut Vec<SealedEntry>,
-    events: &[AuditEvent],
-) -> Result<(), StoreError> {
-    let now = SystemTime::now();
-    let mut insert =
-        tx.prepare_cached("INSERT INTO audit (seq, hash, line) VALUES (?1, ?2, ?3)")?;
-    for event in events {
-        let entry = seal(head, now, event);
-        insert.execute(params![entry.seq, hex::encode(entry.hash), entry.line])?;
-        *head = ChainHead {
-            seq: entry.seq,
-            hash: entry.hash,
-        };
-        sealed.push(entry);
-    }
-    Ok(())
-}
-
-/// Brings the file mirror up to the database's chain and returns the chain head. A mirror that
-/// is ahead of the database, or disagrees with it at its last line, was edited: refuse.
-pub(super) fn catch_up(
-    conn: &Connection,
-    mirror: &mut AuditFile,
-    path: &std::path::Path,
-) -> Result<ChainHead, StoreError> {
-    let db_head = super::sqlite::audit_head(conn)?;
-    let file_head = mirror.head();
-    if file_head.seq > db_head.seq {
-        return Err(StoreError::AuditMismatch(format!(
-            "the audit file has {} entries, the database {}",
-            file_head.seq, db_head.seq
-        )));
-    }
-    if file_head.seq > 0 {
-        let hash_at: String = conn.query_row(
-            "SELECT hash FROM audit WHERE seq = ?1",
-            [file_head.seq],
-            |r| r.get(0),
-        )?;
-        if hash_at != hex::encode(file_head.hash) {
-            return Err(StoreError::AuditMismatch(format!(
-                "entry {} differs between the audit file and the database",
-                file_head.seq
-            )));
-        }
-    }
-    let mut stmt = conn.prepare("SELECT seq, hash, line FROM audit WHERE seq > ?1 ORDER BY seq")?;
-    let missing = stmt
-        .query_map([file_head.seq], |r| {
-            Ok((
-                r.get::<_, u64>(0)?,
-                r.get::<_, String>(1)?,
-                r.get::<_, String>(2)?,
-            ))
-        })?
-        .map(|row| {
-            let (seq, hash, line) = row?;
-            Ok(SealedEntry {
-                seq,
-                hash: super::sqlite::digest_from_hex(&hash)?,
-                line,
-            })
-        })
-        .collect::<Result<Vec<_>, StoreError>>()?;
-    if !missing.is_empty() {
-        tracing::info!(
-            entries = missing.len(),
-            "catching the audit file up with the database"
-        );
-        mirror
-            .append(&missing)
-            .map_err(|source| StoreError::Audit {
-                path: path.to_path_buf(),
-                source,
-            })?;
-    }
-    Ok(db_head)
 }
