@@ -20,7 +20,7 @@ use crate::app::Gateway;
 use crate::attest::{Checked, Evidence};
 use crate::audit::AuditEvent;
 use crate::identity::{self, MintRequest, SpiffeId, Svid, VerifiedCsr};
-use crate::policy::{BoundPolicy, Grant, Verdict};
+use crate::policy::{BoundPolicy, Grant, PolicyError, Verdict};
 use crate::store::{IdentityRecord, IssueOutcome, IssueRecord, TokenRecord, TokenStatus};
 use crate::token::Claims;
 use serde::Deserialize;
@@ -237,7 +237,12 @@ async fn decide(
         }
         Err(error) => {
             gw.metrics.policy(error.kind(), took);
-            tracing::warn!(policy = %bound.provenance.name, kind = error.kind(), %error, "policy failed; refusing");
+            if matches!(error, PolicyError::CircuitOpen { .. }) {
+                // The opening was logged and audited once; each refusal after it is routine.
+                tracing::debug!(policy = %bound.provenance.name, "policy circuit open; refusing");
+            } else {
+                tracing::warn!(policy = %bound.provenance.name, kind = error.kind(), %error, "policy failed; refusing");
+            }
             let event = decision_event(
                 cx,
                 "error",

@@ -166,6 +166,23 @@ pub enum AuditEvent {
         /// Who.
         unpinned_by: String,
     },
+    /// A policy's circuit breaker changed state: `open` (its evaluations fail fast for the
+    /// cooldown), `half-open` (one probe runs), `closed` (the probe answered).
+    PolicyCircuit {
+        /// The policy's configured name.
+        policy: String,
+        /// SHA-256 of the loaded module, as `sha256:<hex>`.
+        module_digest: String,
+        /// The new state.
+        state: String,
+        /// Consecutive failures that opened it (0 for other transitions).
+        failures: u32,
+        /// The failure kind that opened it (`timeout`, `trap`, `out-of-memory`, ...).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        cause: Option<String>,
+        /// How long it stays open, milliseconds (0 for other transitions).
+        cooldown_ms: u64,
+    },
 }
 
 /// Which policy decided: enough to replay the decision offline.
@@ -220,7 +237,9 @@ impl AuditEvent {
                 serial,
                 ..
             } => vec![request_id, token_id, serial],
-            Self::RateLimited { .. } | Self::PolicyUnpinned { .. } => Vec::new(),
+            Self::RateLimited { .. } | Self::PolicyUnpinned { .. } | Self::PolicyCircuit { .. } => {
+                Vec::new()
+            }
             Self::PolicyActivated { commit, .. }
             | Self::PolicyRejected { commit, .. }
             | Self::PolicyPinned { commit, .. } => vec![commit],
@@ -241,6 +260,7 @@ impl AuditEvent {
             Self::PolicyRejected { .. } => "policy-rejected",
             Self::PolicyPinned { .. } => "policy-pinned",
             Self::PolicyUnpinned { .. } => "policy-unpinned",
+            Self::PolicyCircuit { .. } => "policy-circuit",
         }
     }
 }

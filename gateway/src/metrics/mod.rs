@@ -38,6 +38,13 @@ pub struct OutcomeLabel {
     pub outcome: String,
 }
 
+/// Label: a policy, by its configured name.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PolicyLabel {
+    /// The policy's name.
+    pub policy: String,
+}
+
 /// Label: the active policy bundle version.
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct BundleLabel {
@@ -73,6 +80,10 @@ pub struct Metrics {
     pub policy_reloads: Family<ResultLabel, Counter>,
     /// 1 for the active policy bundle version, 0 for those it replaced.
     pub policy_active: Family<BundleLabel, Gauge>,
+    /// Times a policy's circuit breaker opened, by policy.
+    pub policy_circuit_opened: Family<PolicyLabel, Counter>,
+    /// A policy's breaker state after its last transition: 0 closed, 1 open, 2 half-open.
+    pub policy_circuit_state: Family<PolicyLabel, Gauge>,
     last_active: std::sync::Mutex<Option<BundleLabel>>,
 }
 
@@ -143,7 +154,21 @@ impl Metrics {
             "The active policy bundle version (1) and the ones it replaced (0)",
             policy_active.clone(),
         );
+        let policy_circuit_opened = Family::<PolicyLabel, Counter>::default();
+        registry.register(
+            "bootstrap_policy_circuit_open",
+            "Times a policy's circuit breaker opened (its evaluations then fail fast)",
+            policy_circuit_opened.clone(),
+        );
+        let policy_circuit_state = Family::<PolicyLabel, Gauge>::default();
+        registry.register(
+            "bootstrap_policy_circuit_state",
+            "Policy circuit breaker state after its last transition: 0 closed, 1 open, 2 half-open",
+            policy_circuit_state.clone(),
+        );
         Self {
+            policy_circuit_opened,
+            policy_circuit_state,
             policy_reloads,
             policy_active,
             last_active: std::sync::Mutex::new(None),
@@ -218,6 +243,18 @@ impl Metrics {
         *last = Some(active);
     }
 
+    /// Records a circuit-breaker transition of `policy` into `state` (the gauge value); an
+    /// opening also counts.
+    pub fn policy_circuit(&self, policy: &str, state: i64, opened: bool) {
+        let label = PolicyLabel {
+            policy: policy.to_string(),
+        };
+        if opened {
+            self.policy_circuit_opened.get_or_create(&label).inc();
+        }
+        self.policy_circuit_state.get_or_create(&label).set(state);
+    }
+
     /// The text exposition of every series.
     pub fn render(&self) -> String {
         let mut out = String::new();
@@ -245,7 +282,16 @@ mod tests {
         m.join("token");
         m.rate_limited("ip");
         m.policy("allow", Duration::from_micros(12));
+        m.policy_circuit("spin", 1, true);
         let text = m.render();
+        assert!(
+            text.contains("bootstrap_policy_circuit_open_total{policy=\"spin\"} 1"),
+            "{text}"
+        );
+        assert!(
+            text.contains("bootstrap_policy_circuit_state{policy=\"spin\"} 1"),
+            "{text}"
+        );
         assert!(
             text.contains("bootstrap_joins_total{result=\"issued\"} 2"),
             "{text}"
