@@ -214,7 +214,7 @@ impl PolicyHost {
 
     /// Every circuit-breaker transition from now on. The host owns neither metrics nor the
     /// store: the application drains this into both, so an opened breaker reaches the audit
-    /// log. A receiver that falls [`TRANSITION_BACKLOG`] behind is told how many it missed.
+    /// log. A receiver that falls 256 transitions behind is told how many it missed.
     pub fn breaker_transitions(&self) -> broadcast::Receiver<BreakerTransition> {
         self.transitions.subscribe()
     }
