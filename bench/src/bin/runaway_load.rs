@@ -7,8 +7,11 @@
 //! back on kept-alive connections without honouring `Retry-After` (the worst case), and reports
 //! p50/p99 of both phases and what the hammering nodes were answered.
 //!
+//! `--module builtin:deny-all` binds another policy to `runaway` instead: a control run with a
+//! policy that answers at once, to tell the cost of the refusals themselves from the runaway's.
+//!
 //! `cargo build --release -p gateway -p omnirelay-bench && target/release/runaway_load
-//! [--joins N] [--healthy C] [--hammer H]`
+//! [--joins N] [--healthy C] [--hammer H] [--module M] [--bin GATEWAY]`
 
 #![allow(clippy::print_stdout, reason = "a benchmark prints its results")]
 
@@ -40,11 +43,14 @@ fn main() -> BoxResult<()> {
 
 async fn run(joins: usize, healthy: usize, hammer: usize, bin: &Path) -> BoxResult<()> {
     let dir = std::env::temp_dir().join(format!("omnirelay-runaway-{}", std::process::id()));
-    let spin =
-        Path::new(gateway::policy::examples::BUILT_POLICY_DIR).join("fixture_infinite_loop.wasm");
+    let module = arg::<String>("--module").unwrap_or_else(|| {
+        Path::new(gateway::policy::examples::BUILT_POLICY_DIR)
+            .join("fixture_infinite_loop.wasm")
+            .display()
+            .to_string()
+    });
     let policies = format!(
-        "[[policies]]\nname = \"spin\"\nmodule = \"{}\"\nclusters = [\"runaway\"]\n\n",
-        spin.display()
+        "[[policies]]\nname = \"spin\"\nmodule = \"{module}\"\nclusters = [\"runaway\"]\n\n"
     );
     let gateway = GatewayProcess::start(bin, &dir, &policies)?;
     let tls = tls_config(&std::fs::read(dir.join("ca/ca.pem"))?)?;

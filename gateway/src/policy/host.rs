@@ -333,10 +333,12 @@ impl PolicyHost {
     /// raised another cluster's join p99 from 9 ms to 346 ms (issue #7). The guest still runs
     /// start to finish on one thread, so the deadline keeps counting that thread's CPU time:
     /// a busy machine cannot make a healthy policy time out. The hand-off (wake a pool thread,
-    /// wake the caller's task) costs ~5–8 µs per evaluation on top of the ~9.5 µs call
-    /// (`bench/README.md`, `policy_eval`); the blocking pool keeps idle threads for 10 s, and the
-    /// slots bound how many run at once. Slots move into the blocking closure: a caller that
-    /// gives up (request deadline) does not free a slot while its guest still runs in it.
+    /// wake the caller's task) is the price: one evaluation awaited alone went from 10.4 µs to
+    /// 25.9 µs median (p99 15 → 87 µs), and a kept-alive 16-node join load spends 20–50 µs more
+    /// gateway CPU per join, 6–10 % fewer joins/s (`bench/README.md`). The blocking pool keeps
+    /// idle threads for 10 s, and the slots bound how many run at once. Slots move into the
+    /// blocking closure: a caller that gives up (request deadline) does not free a slot while
+    /// its guest still runs in it.
     async fn call<T, F>(&self, policy: &LoadedPolicy, budget: Option<u64>, f: F) -> Metered<T>
     where
         T: Send + 'static,
