@@ -2,6 +2,8 @@
 
 use std::time::Duration;
 
+pub mod load;
+
 /// User + system CPU seconds a process has used, from `/proc/<pid>/stat` (0 when unreadable).
 pub fn cpu_seconds(pid: u32) -> f64 {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();

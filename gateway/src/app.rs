@@ -8,11 +8,13 @@ use std::time::Duration;
 
 use anyhow::Context;
 use tokio::net::TcpListener;
-use tokio::sync::watch;
+use tokio::sync::{broadcast, watch};
 use tokio::task::JoinSet;
 
 use crate::api::{AdminApi, NodeApi, flush_refusals};
+use crate::audit::AuditEvent;
 use crate::config::Config;
+use crate::policy::{BreakerState, BreakerTransition};
 use crate::server::{Bounds, serve, server_tls};
 pub use crate::state::Gateway;
 
@@ -117,6 +119,11 @@ pub async fn start(config: &Config) -> anyhow::Result<Running> {
             let _ = polling.await;
         });
     }
+    tasks.spawn(record_breaker_transitions(
+        gateway.clone(),
+        gateway.host.breaker_transitions(),
+        stop.clone(),
+    ));
     tasks.spawn(audit_refusals(gateway.clone(), stop.clone()));
     tasks.spawn(housekeeping(gateway.clone(), stop));
     tracing::info!(%node_addr, %admin_addr, trust_domain = %config.trust_domain, "gateway serving");
@@ -149,6 +156,43 @@ async fn audit_refusals(gateway: Arc<Gateway>, mut stop: watch::Receiver<bool>) 
         tokio::select! {
             _ = every.tick() => flush_refusals(&gateway).await,
             _ = stop.changed() => return,
+        }
+    }
+}
+
+/// Puts every policy circuit-breaker transition into the metrics and the audit log (the host
+/// owns neither). An audit write that fails is logged; the breaker itself is unaffected.
+async fn record_breaker_transitions(
+    gateway: Arc<Gateway>,
+    mut transitions: broadcast::Receiver<BreakerTransition>,
+    mut stop: watch::Receiver<bool>,
+) {
+    loop {
+        let transition = tokio::select! {
+            next = transitions.recv() => next,
+            _ = stop.changed() => return,
+        };
+        let t = match transition {
+            Ok(t) => t,
+            Err(broadcast::error::RecvError::Lagged(missed)) => {
+                tracing::error!(missed, "policy breaker transitions were not recorded");
+                continue;
+            }
+            Err(broadcast::error::RecvError::Closed) => return,
+        };
+        gateway
+            .metrics
+            .policy_circuit(&t.policy, t.state.gauge(), t.state == BreakerState::Open);
+        let event = AuditEvent::PolicyCircuit {
+            policy: t.policy.to_string(),
+            module_digest: t.digest.to_string(),
+            state: t.state.label().into(),
+            failures: t.failures,
+            cause: t.cause.map(Into::into),
+            cooldown_ms: u64::try_from(t.cooldown.as_millis()).unwrap_or(u64::MAX),
+        };
+        if let Err(error) = gateway.store.audit(vec![event]).await {
+            tracing::error!(%error, policy = %t.policy, "cannot audit a policy breaker transition");
         }
     }
 }

@@ -18,7 +18,7 @@ use super::{ApiError, JoinContext, parse_json};
 use crate::attest::{Checked, Evidence};
 use crate::audit::AuditEvent;
 use crate::identity::{self, MintRequest, SpiffeId, Svid, VerifiedCsr};
-use crate::policy::{BoundPolicy, Grant, PolicySet, Verdict};
+use crate::policy::{BoundPolicy, Grant, PolicyError, PolicySet, Verdict};
 use crate::state::Gateway;
 use crate::store::{IdentityRecord, IssueOutcome, IssueRecord, TokenRecord, TokenStatus};
 use crate::token::{Claims, NODE_NAME_RULE, is_node_name};
@@ -330,7 +330,12 @@ async fn decide(
         }
         Err(error) => {
             gw.metrics.policy(error.kind(), took);
-            tracing::warn!(policy = %bound.provenance.name, kind = error.kind(), %error, "policy failed; refusing");
+            if matches!(error, PolicyError::CircuitOpen { .. }) {
+                // The opening was logged and audited once; each refusal after it is routine.
+                tracing::debug!(policy = %bound.provenance.name, "policy circuit open; refusing");
+            } else {
+                tracing::warn!(policy = %bound.provenance.name, kind = error.kind(), %error, "policy failed; refusing");
+            }
             let event = decision_event(
                 cx,
                 "error",

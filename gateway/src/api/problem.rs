@@ -242,6 +242,9 @@ impl ApiError {
             Self::PolicyFailed(PolicyError::Overloaded(_)) => {
                 "policy evaluation is busy; retry shortly".into()
             }
+            Self::PolicyFailed(PolicyError::CircuitOpen { .. }) => {
+                "the policy for this cluster is failing and paused; retry later".into()
+            }
             Self::PolicyFailed(_) => "the policy could not decide; the request is refused".into(),
             Self::Store(_) => "the gateway's store is unavailable; retry shortly".into(),
             Self::Mint(_) => "internal error while issuing".into(),
@@ -257,6 +260,12 @@ impl ApiError {
             | Self::ClientInFlight(_)
             | Self::Store(_)
             | Self::PolicyFailed(PolicyError::Overloaded(_)) => Some(Duration::from_secs(1)),
+            // Whole seconds, rounded up: a retry before the cooldown ends is refused again.
+            Self::PolicyFailed(PolicyError::CircuitOpen { retry_after }) => {
+                Some(Duration::from_secs(
+                    retry_after.as_secs() + u64::from(retry_after.subsec_nanos() > 0),
+                ))
+            }
             Self::Denied(r) => r.retry_after,
             _ => None,
         }

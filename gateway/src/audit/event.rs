@@ -226,6 +226,23 @@ pub enum AuditEvent {
         /// The Ed25519 signature, hex.
         signature: String,
     },
+    /// A policy's circuit breaker changed state: `open` (its evaluations fail fast for the
+    /// cooldown), `half-open` (one probe runs), `closed` (the probe answered).
+    PolicyCircuit {
+        /// The policy's configured name.
+        policy: String,
+        /// SHA-256 of the loaded module, as `sha256:<hex>`.
+        module_digest: String,
+        /// The new state.
+        state: String,
+        /// Consecutive failures that opened it (0 for other transitions).
+        failures: u32,
+        /// The failure kind that opened it (`timeout`, `trap`, `out-of-memory`, ...).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        cause: Option<String>,
+        /// How long it stays open, milliseconds (0 for other transitions).
+        cooldown_ms: u64,
+    },
 }
 
 /// Which policy decided: enough to replay the decision offline.
@@ -298,7 +315,8 @@ impl AuditEvent {
             Self::RateLimited { .. }
             | Self::RefusalsCoalesced { .. }
             | Self::PolicyUnpinned { .. }
-            | Self::Checkpoint { .. } => Vec::new(),
+            | Self::Checkpoint { .. }
+            | Self::PolicyCircuit { .. } => Vec::new(),
             Self::PolicyActivated { commit, .. }
             | Self::PolicyRejected { commit, .. }
             | Self::PolicyPinned { commit, .. } => vec![commit],
@@ -322,6 +340,7 @@ impl AuditEvent {
             Self::PolicyPinned { .. } => "policy-pinned",
             Self::PolicyUnpinned { .. } => "policy-unpinned",
             Self::Checkpoint { .. } => "checkpoint",
+            Self::PolicyCircuit { .. } => "policy-circuit",
         }
     }
 }

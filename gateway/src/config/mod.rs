@@ -534,18 +534,41 @@ impl Validator<'_> {
 
     fn policy(&mut self, raw: raw::RawPolicy) -> PolicyConfig {
         let d = PolicyConfig::default();
+        let max_concurrent = self.nonzero(
+            "policy.max_concurrent",
+            raw.max_concurrent,
+            d.max_concurrent,
+        );
+        let per_policy_slots = self.nonzero(
+            "policy.per_policy_slots",
+            raw.per_policy_slots,
+            PolicyConfig::default_share(max_concurrent),
+        );
+        if per_policy_slots > max_concurrent {
+            self.problem(
+                "policy.per_policy_slots",
+                format!("must be at most max_concurrent ({max_concurrent})"),
+            );
+        }
         PolicyConfig {
             memory_limit: raw.memory_limit_bytes.unwrap_or(d.memory_limit),
             deadline: self.duration("policy.deadline", raw.deadline, d.deadline),
-            max_concurrent: self.nonzero(
-                "policy.max_concurrent",
-                raw.max_concurrent,
-                d.max_concurrent,
-            ),
+            max_concurrent,
             queue_timeout: self.duration(
                 "policy.queue_timeout",
                 raw.queue_timeout,
                 d.queue_timeout,
+            ),
+            per_policy_slots: per_policy_slots.min(max_concurrent),
+            breaker_failures: self.nonzero(
+                "policy.breaker_failures",
+                raw.breaker_failures,
+                d.breaker_failures,
+            ),
+            breaker_cooldown: self.duration(
+                "policy.breaker_cooldown",
+                raw.breaker_cooldown,
+                d.breaker_cooldown,
             ),
             min_ttl: self.duration("policy.min_ttl", raw.min_ttl, d.min_ttl),
             max_ttl: d.max_ttl,

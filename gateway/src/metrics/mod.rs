@@ -48,6 +48,13 @@ pub struct OutcomeLabel {
     pub outcome: String,
 }
 
+/// Label: a policy, by its configured name.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PolicyLabel {
+    /// The policy's name.
+    pub policy: String,
+}
+
 /// Label: the active policy bundle version.
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct BundleLabel {
@@ -91,6 +98,10 @@ pub struct Metrics {
     pub policy_reloads: Family<ResultLabel, Counter>,
     /// 1 for the active policy bundle version, 0 for those it replaced.
     pub policy_active: Family<BundleLabel, Gauge>,
+    /// Times a policy's circuit breaker opened, by policy.
+    pub policy_circuit_opened: Family<PolicyLabel, Counter>,
+    /// A policy's breaker state after its last transition: 0 closed, 1 open, 2 half-open.
+    pub policy_circuit_state: Family<PolicyLabel, Gauge>,
     last_active: std::sync::Mutex<Option<BundleLabel>>,
 }
 
@@ -179,7 +190,21 @@ impl Metrics {
             "The active policy bundle version (1) and the ones it replaced (0)",
             policy_active.clone(),
         );
+        let policy_circuit_opened = Family::<PolicyLabel, Counter>::default();
+        registry.register(
+            "bootstrap_policy_circuit_open",
+            "Times a policy's circuit breaker opened (its evaluations then fail fast)",
+            policy_circuit_opened.clone(),
+        );
+        let policy_circuit_state = Family::<PolicyLabel, Gauge>::default();
+        registry.register(
+            "bootstrap_policy_circuit_state",
+            "Policy circuit breaker state after its last transition: 0 closed, 1 open, 2 half-open",
+            policy_circuit_state.clone(),
+        );
         Self {
+            policy_circuit_opened,
+            policy_circuit_state,
             policy_reloads,
             policy_active,
             last_active: std::sync::Mutex::new(None),
@@ -274,6 +299,18 @@ impl Metrics {
         *last = Some(active);
     }
 
+    /// Records a circuit-breaker transition of `policy` into `state` (the gauge value); an
+    /// opening also counts.
+    pub fn policy_circuit(&self, policy: &str, state: i64, opened: bool) {
+        let label = PolicyLabel {
+            policy: policy.to_string(),
+        };
+        if opened {
+            self.policy_circuit_opened.get_or_create(&label).inc();
+        }
+        self.policy_circuit_state.get_or_create(&label).set(state);
+    }
+
     /// The text exposition of every series.
     pub fn render(&self) -> String {
         let mut out = String::new();
@@ -304,6 +341,7 @@ mod tests {
         m.connections_refused("per-ip");
         m.unauthenticated_refusal("request", "malformed");
         m.unauthenticated_refusal("request", "malformed");
+        m.policy_circuit("spin", 1, true);
         let text = m.render();
         assert!(
             text.contains("bootstrap_connections_refused_total{scope=\"per-ip\"} 1"),
@@ -313,6 +351,14 @@ mod tests {
             text.contains(
                 "bootstrap_unauthenticated_refusals_total{stage=\"request\",reason=\"malformed\"} 2"
             ),
+            "{text}"
+        );
+        assert!(
+            text.contains("bootstrap_policy_circuit_open_total{policy=\"spin\"} 1"),
+            "{text}"
+        );
+        assert!(
+            text.contains("bootstrap_policy_circuit_state{policy=\"spin\"} 1"),
             "{text}"
         );
         assert!(

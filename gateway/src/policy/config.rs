@@ -16,6 +16,16 @@ pub struct PolicyConfig {
     pub max_concurrent: NonZeroU32,
     /// Longest wait for a free evaluation slot before the caller is shed. Default 250 ms.
     pub queue_timeout: Duration,
+    /// Evaluation slots one policy may hold at once, so a runaway policy queues behind
+    /// itself while the others still find slots. Default half of `max_concurrent` (at least
+    /// 1); never more than `max_concurrent`.
+    pub per_policy_slots: NonZeroU32,
+    /// Consecutive failures (timeouts, traps, memory-cap hits) that open a policy's circuit
+    /// breaker. Default 5.
+    pub breaker_failures: NonZeroU32,
+    /// How long an open breaker fails the policy's evaluations fast before one probe call is
+    /// let through. Default 30 s.
+    pub breaker_cooldown: Duration,
     /// Shortest SVID lifetime a policy may grant. Default 60 s.
     pub min_ttl: Duration,
     /// Longest SVID lifetime issued; longer grants are capped. Default 24 h.
@@ -33,10 +43,20 @@ impl Default for PolicyConfig {
             deadline: Duration::from_millis(25),
             max_concurrent: NonZeroU32::MIN.saturating_add(63),
             queue_timeout: Duration::from_millis(250),
+            per_policy_slots: NonZeroU32::MIN.saturating_add(31),
+            breaker_failures: NonZeroU32::MIN.saturating_add(4),
+            breaker_cooldown: Duration::from_secs(30),
             min_ttl: Duration::from_secs(60),
             max_ttl: Duration::from_secs(24 * 3600),
             max_dns_sans: 16,
             max_log_lines: 32,
         }
+    }
+}
+
+impl PolicyConfig {
+    /// The default share of one policy: half the slots, at least one.
+    pub fn default_share(max_concurrent: NonZeroU32) -> NonZeroU32 {
+        NonZeroU32::new(max_concurrent.get() / 2).unwrap_or(NonZeroU32::MIN)
     }
 }

@@ -75,13 +75,26 @@ pub enum PolicyError {
     /// Creating the instance failed for a reason other than the above.
     #[error("policy instantiation failed")]
     Instantiate(#[source] wasmtime::Error),
+    /// The policy kept failing (timeouts, traps, memory-cap hits) and its circuit breaker is
+    /// open: the call was refused without running the guest.
+    #[error(
+        "policy is failing repeatedly; its evaluations are refused for another {retry_after:?}"
+    )]
+    CircuitOpen {
+        /// How long until the breaker lets a probe call through.
+        retry_after: Duration,
+    },
+    /// The thread running the evaluation stopped before answering (it panicked, or the
+    /// runtime is shutting down).
+    #[error("the policy evaluation thread stopped before answering")]
+    Lost(#[source] tokio::task::JoinError),
 }
 
 impl PolicyError {
     /// A stable label for metrics and audit entries.
     pub fn kind(&self) -> &'static str {
         match self {
-            Self::Engine(_) | Self::Ticker(_) => "host",
+            Self::Engine(_) | Self::Ticker(_) | Self::Lost(_) => "host",
             Self::Compile(_) => "compile",
             Self::UnsupportedVersion { .. } => "unsupported-version",
             Self::NotAPolicy => "not-a-policy",
@@ -96,6 +109,20 @@ impl PolicyError {
             Self::Reported(_) => "policy-error",
             Self::Overloaded(_) => "overloaded",
             Self::Instantiate(_) => "instantiate",
+            Self::CircuitOpen { .. } => "circuit-open",
         }
+    }
+
+    /// Whether this failure counts towards opening the policy's circuit breaker: the guest ran
+    /// and misbehaved in a way that costs the host (its whole deadline, or a trap). A deny, a
+    /// bad result or the policy's own error are answers, and a shed call never ran.
+    pub fn trips_breaker(&self) -> bool {
+        matches!(
+            self,
+            Self::Timeout { .. }
+                | Self::OutOfMemory { .. }
+                | Self::FuelExhausted { .. }
+                | Self::Trap { .. }
+        )
     }
 }

@@ -4,9 +4,12 @@
 //! Promises: a policy never sees a signing key, a clock, a file or the network; every way a
 //! policy can fail (trap, timeout, memory, bad result, wrong WIT version) is a [`PolicyError`]
 //! that callers treat as a refusal, distinct from a deny; an allow reaches the caller only as a
-//! [`Grant`] whose SPIFFE path, lifetime and DNS names the host checked.
+//! [`Grant`] whose SPIFFE path, lifetime and DNS names the host checked; guests run off the
+//! runtime's workers, each policy within its share of the slots and behind its own circuit
+//! breaker, so one runaway policy cannot slow the others.
 
 mod bindings;
+mod breaker;
 mod config;
 mod epoch;
 mod error;
@@ -17,6 +20,7 @@ pub mod vectors;
 mod verdict;
 
 pub use bindings::WORLD_VERSION;
+pub use breaker::{BreakerState, BreakerTransition, Clock, MonotonicClock};
 pub use config::PolicyConfig;
 pub use error::PolicyError;
 pub use host::{LoadedPolicy, Metered, Metering, ModuleDigest, PolicyHost};

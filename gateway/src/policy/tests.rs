@@ -385,3 +385,263 @@ async fn a_saturated_host_sheds_instead_of_queueing_forever() {
         "{kinds:?}"
     );
 }
+
+/// A clock the breaker tests move by hand.
+#[derive(Debug)]
+struct FakeClock(std::sync::Mutex<Instant>);
+
+impl FakeClock {
+    fn new() -> std::sync::Arc<Self> {
+        std::sync::Arc::new(Self(std::sync::Mutex::new(Instant::now())))
+    }
+
+    fn advance(&self, by: Duration) {
+        *self.0.lock().unwrap() += by;
+    }
+}
+
+impl Clock for FakeClock {
+    fn now(&self) -> Instant {
+        *self.0.lock().unwrap()
+    }
+}
+
+/// The guest runs off the runtime's workers: on a current-thread runtime, a task spawned
+/// beside a runaway evaluation runs while the evaluation is still going (inline, the runaway
+/// held the only thread until its deadline).
+#[tokio::test(flavor = "current_thread")]
+async fn a_runaway_evaluation_does_not_block_the_runtime() {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let config = PolicyConfig {
+        deadline: Duration::from_millis(500),
+        ..Default::default()
+    };
+    let host = Arc::new(PolicyHost::new(config, Metering::Off).unwrap());
+    let spin = host
+        .load("spin", module("fixture_infinite_loop"), "{}")
+        .await
+        .unwrap();
+    let finished = Arc::new(AtomicBool::new(false));
+    let (started, has_started) = tokio::sync::oneshot::channel();
+    let runaway = tokio::spawn({
+        let (host, finished) = (host.clone(), finished.clone());
+        async move {
+            started.send(()).unwrap();
+            let result = host.evaluate(&spin, &testing::request("a", "b", "c")).await;
+            finished.store(true, Ordering::SeqCst);
+            result
+        }
+    });
+    has_started.await.unwrap();
+    let beside = tokio::spawn({
+        let finished = finished.clone();
+        async move { finished.load(Ordering::SeqCst) }
+    });
+    assert!(
+        !beside.await.unwrap(),
+        "the task beside ran only once the runaway evaluation had finished"
+    );
+    let err = runaway.await.unwrap().unwrap_err();
+    assert!(matches!(err, PolicyError::Timeout { .. }), "{err}");
+}
+
+/// With eight runaway evaluations queued, a runaway policy holds only its share of the slots
+/// (the rest queue behind it and are shed), and a healthy policy still gets a slot at once.
+#[tokio::test(flavor = "current_thread")]
+async fn a_runaway_policy_holds_only_its_share_and_others_still_get_slots() {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let config = PolicyConfig {
+        max_concurrent: std::num::NonZeroU32::new(4).unwrap(),
+        per_policy_slots: std::num::NonZeroU32::new(2).unwrap(),
+        deadline: Duration::from_secs(1),
+        queue_timeout: Duration::from_millis(200),
+        ..Default::default()
+    };
+    let host = Arc::new(PolicyHost::new(config, Metering::Off).unwrap());
+    let spin = host
+        .load("spin", module("fixture_infinite_loop"), "{}")
+        .await
+        .unwrap();
+    let healthy = cluster_role(&host).await;
+    let timed_out = Arc::new(AtomicUsize::new(0));
+    let mut runaways = Vec::new();
+    let mut started = Vec::new();
+    for _ in 0..8 {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        started.push(rx);
+        let (host, spin, timed_out) = (host.clone(), spin.clone(), timed_out.clone());
+        runaways.push(tokio::spawn(async move {
+            tx.send(()).unwrap();
+            let err = host
+                .evaluate(&spin, &testing::request("a", "b", "c"))
+                .await
+                .unwrap_err();
+            if matches!(err, PolicyError::Timeout { .. }) {
+                timed_out.fetch_add(1, Ordering::SeqCst);
+            }
+            err.kind()
+        }));
+    }
+    // Each runaway task ran up to its first wait inside `evaluate` before this one resumed.
+    for rx in started {
+        rx.await.unwrap();
+    }
+    let verdict = host
+        .evaluate(&healthy, &testing::request("edge-eu", "relay", "n"))
+        .await;
+    assert_eq!(
+        timed_out.load(Ordering::SeqCst),
+        0,
+        "the healthy policy was served only after the runaway ones had timed out"
+    );
+    let g = grant(verdict.unwrap());
+    assert_eq!(g.path.as_str(), "/cluster/edge-eu/role/relay/node/n");
+
+    let mut kinds = Vec::new();
+    for r in runaways {
+        kinds.push(r.await.unwrap());
+    }
+    kinds.sort_unstable();
+    assert_eq!(
+        kinds,
+        [
+            "overloaded",
+            "overloaded",
+            "overloaded",
+            "overloaded",
+            "overloaded",
+            "overloaded",
+            "timeout",
+            "timeout"
+        ]
+    );
+}
+
+fn breaker_host(config: PolicyConfig, clock: &std::sync::Arc<FakeClock>) -> PolicyHost {
+    PolicyHost::with_clock(config, Metering::Off, clock.clone()).unwrap()
+}
+
+fn drain(rx: &mut tokio::sync::broadcast::Receiver<BreakerTransition>) -> Vec<BreakerState> {
+    std::iter::from_fn(|| rx.try_recv().ok())
+        .map(|t| t.state)
+        .collect()
+}
+
+/// K timeouts open the breaker: the next call fails fast with the cooldown left; after the
+/// cooldown one probe runs, and a probe that times out again opens it again.
+#[tokio::test]
+async fn consecutive_timeouts_open_the_breaker_and_a_failed_probe_reopens_it() {
+    let clock = FakeClock::new();
+    let config = PolicyConfig {
+        deadline: Duration::from_millis(10),
+        breaker_failures: std::num::NonZeroU32::new(3).unwrap(),
+        breaker_cooldown: Duration::from_secs(30),
+        ..Default::default()
+    };
+    let host = breaker_host(config, &clock);
+    let mut transitions = host.breaker_transitions();
+    let spin = host
+        .load("spin", module("fixture_infinite_loop"), "{}")
+        .await
+        .unwrap();
+    let request = testing::request("a", "b", "c");
+    for _ in 0..3 {
+        let err = host.evaluate(&spin, &request).await.unwrap_err();
+        assert!(matches!(err, PolicyError::Timeout { .. }), "{err}");
+    }
+    assert_eq!(spin.breaker_state(), BreakerState::Open);
+    let opened = transitions.try_recv().unwrap();
+    assert_eq!(
+        (opened.state, opened.failures, opened.cause, &*opened.policy),
+        (BreakerState::Open, 3, Some("timeout"), "spin")
+    );
+    assert_eq!(opened.digest, spin.digest());
+    assert_eq!(opened.cooldown, Duration::from_secs(30));
+
+    let err = host.evaluate(&spin, &request).await.unwrap_err();
+    assert!(
+        matches!(err, PolicyError::CircuitOpen { retry_after } if retry_after == Duration::from_secs(30)),
+        "{err}"
+    );
+    assert_eq!(err.kind(), "circuit-open");
+    clock.advance(Duration::from_secs(12));
+    let err = host.evaluate(&spin, &request).await.unwrap_err();
+    assert!(
+        matches!(err, PolicyError::CircuitOpen { retry_after } if retry_after == Duration::from_secs(18)),
+        "{err}"
+    );
+
+    clock.advance(Duration::from_secs(18));
+    let err = host.evaluate(&spin, &request).await.unwrap_err();
+    assert!(matches!(err, PolicyError::Timeout { .. }), "{err}");
+    assert_eq!(
+        drain(&mut transitions),
+        [BreakerState::HalfOpen, BreakerState::Open]
+    );
+    let err = host.evaluate(&spin, &request).await.unwrap_err();
+    assert!(matches!(err, PolicyError::CircuitOpen { .. }), "{err}");
+}
+
+/// A policy that ran out of memory twice is refused without running, even for a request it
+/// would have allowed; after the cooldown the probe answers and the breaker closes.
+#[tokio::test]
+async fn an_open_breaker_skips_the_guest_and_a_good_probe_closes_it() {
+    let clock = FakeClock::new();
+    let config = PolicyConfig {
+        memory_limit: 1 << 20,
+        breaker_failures: std::num::NonZeroU32::new(2).unwrap(),
+        breaker_cooldown: Duration::from_secs(30),
+        ..Default::default()
+    };
+    let host = breaker_host(config, &clock);
+    let mut transitions = host.breaker_transitions();
+    let policy = cluster_role(&host).await;
+    let good = testing::request("edge-eu", "relay", "n");
+    // Lowering a 2 MiB node name grows the guest's memory past its 1 MiB cap.
+    let bloated = testing::request("edge-eu", "relay", &"n".repeat(2 << 20));
+    grant(host.evaluate(&policy, &good).await.unwrap());
+    for _ in 0..2 {
+        let err = host.evaluate(&policy, &bloated).await.unwrap_err();
+        assert!(matches!(err, PolicyError::OutOfMemory { .. }), "{err}");
+    }
+    let err = host.evaluate(&policy, &good).await.unwrap_err();
+    assert!(matches!(err, PolicyError::CircuitOpen { .. }), "{err}");
+    assert_eq!(drain(&mut transitions), [BreakerState::Open]);
+
+    clock.advance(Duration::from_secs(30));
+    assert_eq!(policy.breaker_state(), BreakerState::HalfOpen);
+    grant(host.evaluate(&policy, &good).await.unwrap());
+    assert_eq!(
+        drain(&mut transitions),
+        [BreakerState::HalfOpen, BreakerState::Closed]
+    );
+    assert_eq!(policy.breaker_state(), BreakerState::Closed);
+    grant(host.evaluate(&policy, &good).await.unwrap());
+}
+
+/// Answers, even denials and invalid results, reset the count: only consecutive failures open
+/// the breaker.
+#[tokio::test]
+async fn answers_in_between_keep_the_breaker_closed() {
+    let clock = FakeClock::new();
+    let config = PolicyConfig {
+        memory_limit: 1 << 20,
+        breaker_failures: std::num::NonZeroU32::new(2).unwrap(),
+        ..Default::default()
+    };
+    let host = breaker_host(config, &clock);
+    let policy = cluster_role(&host).await;
+    let bloated = testing::request("edge-eu", "relay", &"n".repeat(2 << 20));
+    for _ in 0..3 {
+        let err = host.evaluate(&policy, &bloated).await.unwrap_err();
+        assert!(matches!(err, PolicyError::OutOfMemory { .. }), "{err}");
+        let denied = host
+            .evaluate(&policy, &testing::request("core", "relay", "n"))
+            .await
+            .unwrap();
+        refusal(denied);
+    }
+    assert_eq!(policy.breaker_state(), BreakerState::Closed);
+}

@@ -1,0 +1,375 @@
+//! The load generator's side of a join, shared by the binaries that drive the real gateway:
+//! the gateway as a child process, TLS clients, prepared nodes, and the join loop.
+
+use std::error::Error;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use gateway::api::wire::{Challenge, IssueTokenRequest, IssueTokenResponse, JoinRequest};
+use http_body_util::{BodyExt, Full};
+use hyper::client::conn::http1::SendRequest;
+use hyper_util::rt::TokioIo;
+use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::{CertificateDer, ServerName};
+use tokio::net::TcpStream;
+use tokio_rustls::TlsConnector;
+
+/// Errors of a benchmark run: printed, then the run stops.
+pub type BoxResult<T> = Result<T, Box<dyn Error + Send + Sync>>;
+
+/// One prepared node: everything but the challenge exists before the clock starts.
+#[derive(Debug)]
+pub struct Prepared {
+    /// The node name.
+    pub name: String,
+    /// Its one-use token.
+    pub token: String,
+    /// Its CSR, PEM.
+    pub csr: String,
+}
+
+/// What one scenario measured.
+#[derive(Debug)]
+pub struct Outcome {
+    /// Joins that succeeded.
+    pub ok: usize,
+    /// Joins that failed.
+    pub errors: usize,
+    /// Wall time of the whole scenario.
+    pub elapsed: Duration,
+    /// Latency of each successful join (challenge + join), sorted.
+    pub latencies: Vec<Duration>,
+}
+
+/// Joins every prepared node, `concurrency` at a time.
+pub async fn drive(
+    gateway: &GatewayProcess,
+    tls: &Arc<rustls::ClientConfig>,
+    nodes: Vec<Prepared>,
+    fresh: bool,
+    concurrency: usize,
+) -> BoxResult<Outcome> {
+    let nodes = Arc::new(nodes);
+    let next = Arc::new(AtomicUsize::new(0));
+    let started = Instant::now();
+    let mut workers = tokio::task::JoinSet::new();
+    for _ in 0..concurrency {
+        let (nodes, next, tls, addr) = (nodes.clone(), next.clone(), tls.clone(), gateway.node);
+        workers.spawn(async move {
+            let mut latencies = Vec::new();
+            let mut errors = 0usize;
+            let mut connection: Option<SendRequest<Full<Bytes>>> = None;
+            loop {
+                let i = next.fetch_add(1, Ordering::Relaxed);
+                let Some(node) = nodes.get(i) else { break };
+                let begin = Instant::now();
+                if fresh || !connection.as_ref().is_some_and(|c| c.is_ready()) {
+                    connection = connect(&tls, addr).await.ok();
+                }
+                let Some(sender) = connection.as_mut() else {
+                    errors += 1;
+                    continue;
+                };
+                match join_once(sender, node).await {
+                    Ok(()) => latencies.push(begin.elapsed()),
+                    Err(e) => {
+                        if errors == 0 {
+                            eprintln!("first error of a worker: {e}");
+                        }
+                        errors += 1;
+                        connection = None;
+                    }
+                }
+            }
+            (latencies, errors)
+        });
+    }
+    let mut latencies = Vec::new();
+    let mut errors = 0;
+    while let Some(done) = workers.join_next().await {
+        let (l, e) = done?;
+        latencies.extend(l);
+        errors += e;
+    }
+    let elapsed = started.elapsed();
+    latencies.sort();
+    Ok(Outcome {
+        ok: latencies.len(),
+        errors,
+        elapsed,
+        latencies,
+    })
+}
+
+/// One join as a node does it: a challenge, then the join; anything but 200 is an error.
+pub async fn join_once(sender: &mut SendRequest<Full<Bytes>>, node: &Prepared) -> BoxResult<()> {
+    let (status, body) = send(sender, "GET", "/v1/bootstrap/challenge", Bytes::new()).await?;
+    if status != 200 {
+        return Err(format!("challenge: HTTP {status}").into());
+    }
+    let challenge: Challenge = serde_json::from_slice(&body)?;
+    let request = JoinRequest {
+        token: node.token.clone(),
+        node_name: node.name.clone(),
+        csr: node.csr.clone(),
+        idempotency_key: None,
+        attestation: serde_json::json!({
+            "kind": "token-only",
+            "nonce": challenge.nonce,
+            "issued_at_ms": now_ms(),
+        }),
+    };
+    let (status, body) = send(
+        sender,
+        "POST",
+        "/v1/bootstrap/join",
+        Bytes::from(serde_json::to_vec(&request)?),
+    )
+    .await?;
+    if status != 200 {
+        return Err(format!("join: HTTP {status}: {}", String::from_utf8_lossy(&body)).into());
+    }
+    Ok(())
+}
+
+/// One request on a kept-alive connection: the status and the body.
+pub async fn send(
+    sender: &mut SendRequest<Full<Bytes>>,
+    method: &str,
+    path: &str,
+    body: Bytes,
+) -> BoxResult<(u16, Bytes)> {
+    sender.ready().await?;
+    let request = hyper::Request::builder()
+        .method(method)
+        .uri(path)
+        .header("host", "127.0.0.1")
+        .header("content-type", "application/json")
+        .body(Full::new(body))?;
+    let response = sender.send_request(request).await?;
+    let status = response.status().as_u16();
+    let body = response.into_body().collect().await?.to_bytes();
+    Ok((status, body))
+}
+
+/// A TLS connection to `addr`, ready for HTTP/1.1 requests.
+pub async fn connect(
+    tls: &Arc<rustls::ClientConfig>,
+    addr: SocketAddr,
+) -> BoxResult<SendRequest<Full<Bytes>>> {
+    let tcp = TcpStream::connect(addr).await?;
+    tcp.set_nodelay(true)?;
+    let stream = TlsConnector::from(tls.clone())
+        .connect(ServerName::try_from("127.0.0.1")?.to_owned(), tcp)
+        .await?;
+    let (sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
+    tokio::spawn(connection);
+    Ok(sender)
+}
+
+/// Trusts only the gateway's CA; no session resumption, so "fresh" means a full handshake as
+/// a node that never connected before would do.
+pub fn tls_config(bundle: &[u8]) -> BoxResult<Arc<rustls::ClientConfig>> {
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in CertificateDer::pem_slice_iter(bundle) {
+        roots.add(cert?)?;
+    }
+    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let mut config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    config.resumption = rustls::client::Resumption::disabled();
+    Ok(Arc::new(config))
+}
+
+/// Keys, CSRs and one-use tokens for `cluster` (role `dispatcher`, issued through the admin
+/// API), before the clock starts.
+pub async fn prepare(
+    gateway: &GatewayProcess,
+    tls: &Arc<rustls::ClientConfig>,
+    cluster: &str,
+    count: usize,
+    concurrency: usize,
+) -> BoxResult<Vec<Prepared>> {
+    let next = Arc::new(AtomicUsize::new(0));
+    let mut workers = tokio::task::JoinSet::new();
+    for _ in 0..concurrency.max(8) {
+        let (next, tls, addr, credential, cluster) = (
+            next.clone(),
+            tls.clone(),
+            gateway.admin,
+            gateway.credential.clone(),
+            cluster.to_string(),
+        );
+        workers.spawn(async move {
+            let mut sender = connect(&tls, addr).await?;
+            let mut out = Vec::new();
+            while next.fetch_add(1, Ordering::Relaxed) < count {
+                let issue = IssueTokenRequest {
+                    cluster: cluster.clone(),
+                    role: "dispatcher".into(),
+                    ttl_seconds: 3600,
+                    max_uses: 1,
+                    issued_by: Some("bench".into()),
+                    node: None,
+                    supersede: false,
+                };
+                sender.ready().await?;
+                let request = hyper::Request::post("/admin/v1/tokens")
+                    .header("host", "127.0.0.1")
+                    .header("authorization", format!("Bearer {credential}"))
+                    .body(Full::new(Bytes::from(serde_json::to_vec(&issue)?)))?;
+                let response = sender.send_request(request).await?;
+                let body = response.into_body().collect().await?.to_bytes();
+                let issued: IssueTokenResponse = serde_json::from_slice(&body)?;
+                let key = rcgen::KeyPair::generate()?;
+                let csr = rcgen::CertificateParams::default()
+                    .serialize_request(&key)?
+                    .pem()?;
+                out.push(Prepared {
+                    name: format!("node-{}", issued.id),
+                    token: issued.token,
+                    csr,
+                });
+            }
+            Ok::<_, Box<dyn Error + Send + Sync>>(out)
+        });
+    }
+    let mut nodes = Vec::with_capacity(count);
+    while let Some(done) = workers.join_next().await {
+        nodes.extend(done??);
+    }
+    Ok(nodes)
+}
+
+/// The gateway under load, as a separate process.
+#[derive(Debug)]
+pub struct GatewayProcess {
+    /// The `omnirelay serve` process.
+    pub child: Child,
+    /// The node listener.
+    pub node: SocketAddr,
+    /// The admin listener.
+    pub admin: SocketAddr,
+    /// The admin credential.
+    pub credential: String,
+}
+
+impl GatewayProcess {
+    /// `omnirelay init` into `dir`, then `omnirelay serve` on loopback ports, with the
+    /// abuse limits lifted. `policies` (TOML `[[policies]]` entries) go before the ones `init`
+    /// wrote, so they decide first for the clusters they name.
+    pub fn start(bin: &Path, dir: &Path, policies: &str) -> BoxResult<Self> {
+        let init = Command::new(bin)
+            .args([
+                "init",
+                "--force",
+                "--trust-domain",
+                "bench.omnirelay.example",
+                "--listen",
+                "127.0.0.1:0",
+                "--admin-listen",
+                "127.0.0.1:0",
+                "--dir",
+            ])
+            .arg(dir)
+            .output()?;
+        if !init.status.success() {
+            return Err(format!("init: {}", String::from_utf8_lossy(&init.stderr)).into());
+        }
+        let config = dir.join("gateway.toml");
+        let mut text = std::fs::read_to_string(&config)?;
+        if let Some(first) = text.find("[[policies]]") {
+            text.insert_str(first, policies);
+        }
+        // The load comes from one address with one role: lift the abuse limits, which are not
+        // what is measured here; keep everything else at its default.
+        text.push_str(
+            "\n[limits]\nglobal = { per_second = 1000000, burst = 1000000 }\n\
+             per_ip = { per_second = 1000000, burst = 1000000 }\n\
+             per_cluster = { per_second = 1000000, burst = 1000000 }\n\
+             per_token = { per_second = 1000000, burst = 1000000 }\n\
+             [log]\nformat = \"json\"\nfilter = \"warn,gateway::app=info\"\n",
+        );
+        std::fs::write(&config, text)?;
+        let mut child = Command::new(bin)
+            .args(["serve", "--config"])
+            .arg(&config)
+            .stderr(Stdio::piped())
+            .spawn()?;
+        let stderr = child.stderr.take().ok_or("no stderr")?;
+        let mut lines = std::io::BufRead::lines(std::io::BufReader::new(stderr));
+        let line = loop {
+            match lines.next() {
+                Some(Ok(line)) if line.contains("gateway serving") => break line,
+                Some(Ok(_)) => continue,
+                _ => return Err("the gateway exited before listening".into()),
+            }
+        };
+        std::thread::spawn(move || for _ in lines {});
+        let log: serde_json::Value = serde_json::from_str(&line)?;
+        let addr = |k: &str| -> BoxResult<SocketAddr> {
+            Ok(log["fields"][k].as_str().ok_or("no address")?.parse()?)
+        };
+        let credential = std::fs::read_to_string(dir.join("admin/credential"))?
+            .trim()
+            .to_string();
+        Ok(Self {
+            node: addr("node_addr")?,
+            admin: addr("admin_addr")?,
+            child,
+            credential,
+        })
+    }
+}
+
+impl Drop for GatewayProcess {
+    fn drop(&mut self) {
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status();
+        let _ = self.child.wait();
+    }
+}
+
+/// The value after `name` on the command line, parsed.
+pub fn arg<T: std::str::FromStr>(name: &str) -> Option<T> {
+    std::env::args()
+        .skip_while(|a| a != name)
+        .nth(1)
+        .and_then(|v| v.parse().ok())
+}
+
+/// `name` in the directory of this executable (where cargo puts the gateway binary).
+pub fn sibling(name: &str) -> PathBuf {
+    std::env::current_exe()
+        .ok()
+        .and_then(|p| p.parent().map(|d| d.join(name)))
+        .unwrap_or_else(|| PathBuf::from(name))
+}
+
+/// Cores this process may use.
+pub fn cores() -> usize {
+    std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1)
+}
+
+/// Wall-clock time as Unix milliseconds.
+pub fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+/// A duration in milliseconds.
+pub fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e3
+}

@@ -1,0 +1,143 @@
+//! One runaway policy must not slow every cluster (issue #7, finding 7): the real gateway with
+//! two clusters, the infinite-loop fixture deciding for one of them. While eight nodes hammer
+//! the runaway cluster, every join to the healthy cluster is answered 200; the runaway policy's
+//! circuit breaker opens, and the opening is in the audit log and in `/metrics`.
+
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    reason = "tests: a failure is a failed test"
+)]
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use omnirelay_e2e::{Gateway, NodeKey, join_as, join_request, policy_dir, post_join, problem};
+
+/// Two evaluation slots (one per policy), a 200 ms deadline, and a breaker that opens after
+/// three failures and stays open for the rest of the test. The runaway policy decides first
+/// for cluster `runaway`; `cluster-role` keeps deciding for `edge-eu`. The rate limits are
+/// lifted: every node here comes from one address, and the limits are not what is tested.
+fn two_clusters(toml: &mut String) {
+    let spin = policy_dir().join("fixture_infinite_loop.wasm");
+    let first = toml.find("[[policies]]").unwrap();
+    toml.insert_str(
+        first,
+        &format!(
+            "[limits]\nglobal = {{ per_second = 1000000, burst = 1000000 }}\n\
+             per_ip = {{ per_second = 1000000, burst = 1000000 }}\n\
+             per_token = {{ per_second = 1000000, burst = 1000000 }}\n\
+             per_cluster = {{ per_second = 1000000, burst = 1000000 }}\n\n\
+             [policy]\nmax_concurrent = 2\ndeadline = \"200ms\"\nbreaker_failures = 3\n\
+             breaker_cooldown = \"10m\"\n\n\
+             [[policies]]\nname = \"spin\"\nmodule = \"{}\"\nclusters = [\"runaway\"]\n\n",
+            spin.display()
+        ),
+    );
+}
+
+/// What a hammering node saw: status, reason, Retry-After.
+type Seen = (u16, String, Option<u64>);
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_runaway_policy_opens_its_breaker_while_another_cluster_keeps_joining() {
+    let gw = Arc::new(Gateway::start_with("isolation", two_clusters));
+    let runaway = gw.issue_token("runaway", "relay", 10_000).await;
+    let healthy = gw.issue_token("edge-eu", "relay", 1_000).await;
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut hammer = tokio::task::JoinSet::new();
+    for n in 0..8 {
+        let (gw, stop, token) = (gw.clone(), stop.clone(), runaway.token.clone());
+        hammer.spawn(async move {
+            let node = gw.node();
+            let key = NodeKey::new("spin");
+            let mut seen: Vec<Seen> = Vec::new();
+            let mut i = 0;
+            while !stop.load(Ordering::Relaxed) {
+                i += 1;
+                let name = format!("spin-{n}-{i}");
+                let reply = post_join(&node, &join_request(&node, &token, &name, &key).await).await;
+                let after = reply
+                    .headers
+                    .get("retry-after")
+                    .and_then(|v| v.to_str().ok()?.parse().ok());
+                let status = reply.status.as_u16();
+                seen.push((status, problem(&reply).reason, after));
+            }
+            seen
+        });
+    }
+
+    // Healthy joins, one after another, until ten have succeeded and the breaker has opened;
+    // every one of them must be issued.
+    let node = gw.node();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut joined = 0;
+    let opened = loop {
+        joined += 1;
+        let name = format!("healthy-{joined}");
+        join_as(&node, &healthy.token, &name, &NodeKey::new(&name)).await;
+        let opened = gw.audit_events().into_iter().find(|e| {
+            e["kind"] == "policy-circuit" && e["policy"] == "spin" && e["state"] == "open"
+        });
+        if let Some(opened) = opened
+            && joined >= 10
+        {
+            break opened;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the runaway policy's breaker never opened ({joined} healthy joins)"
+        );
+    };
+    stop.store(true, Ordering::Relaxed);
+    let mut seen = Vec::new();
+    while let Some(done) = hammer.join_next().await {
+        seen.extend(done.unwrap());
+    }
+
+    assert_eq!(opened["failures"], 3, "{opened}");
+    assert_eq!(opened["cause"], "timeout", "{opened}");
+    assert_eq!(opened["cooldown_ms"], 600_000, "{opened}");
+    assert!(
+        opened["module_digest"]
+            .as_str()
+            .unwrap()
+            .starts_with("sha256:")
+    );
+    // Every runaway join was refused as a policy failure; once open, the breaker answered at
+    // once with the rest of its cooldown as Retry-After.
+    for (status, reason, _) in &seen {
+        assert_eq!(*status, 503, "{reason}");
+        assert!(
+            ["policy-timeout", "policy-overloaded", "policy-circuit-open"]
+                .contains(&reason.as_str()),
+            "{reason}"
+        );
+    }
+    let fast: Vec<_> = seen
+        .iter()
+        .filter(|(_, reason, _)| reason == "policy-circuit-open")
+        .collect();
+    assert!(!fast.is_empty(), "no join met the open breaker: {seen:?}");
+    for (_, _, after) in fast {
+        let after = after.expect("Retry-After on a circuit-open refusal");
+        assert!((500..=600).contains(&after), "Retry-After {after}");
+    }
+    let timeouts = seen.iter().filter(|s| s.1 == "policy-timeout").count();
+    assert!(timeouts >= 3, "{timeouts} timeouts");
+
+    let metrics = gw.admin().get("/metrics").await.unwrap();
+    let metrics = String::from_utf8(metrics.body.to_vec()).unwrap();
+    assert!(
+        metrics.contains("bootstrap_policy_circuit_open_total{policy=\"spin\"} 1"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("bootstrap_policy_circuit_state{policy=\"spin\"} 1"),
+        "{metrics}"
+    );
+}
