@@ -11,7 +11,7 @@
 )]
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use omnirelay_e2e::{Gateway, NodeKey, join_as, join_request, policy_dir, post_join, problem};
@@ -48,9 +48,12 @@ async fn a_runaway_policy_opens_its_breaker_while_another_cluster_keeps_joining(
     let healthy = gw.issue_token("edge-eu", "relay", 1_000).await;
 
     let stop = Arc::new(AtomicBool::new(false));
+    // Hammering joins answered by the open breaker, so far.
+    let fast_refusals = Arc::new(AtomicUsize::new(0));
     let mut hammer = tokio::task::JoinSet::new();
     for n in 0..8 {
         let (gw, stop, token) = (gw.clone(), stop.clone(), runaway.token.clone());
+        let fast_refusals = fast_refusals.clone();
         hammer.spawn(async move {
             let node = gw.node();
             let key = NodeKey::new("spin");
@@ -65,14 +68,18 @@ async fn a_runaway_policy_opens_its_breaker_while_another_cluster_keeps_joining(
                     .get("retry-after")
                     .and_then(|v| v.to_str().ok()?.parse().ok());
                 let status = reply.status.as_u16();
-                seen.push((status, problem(&reply).reason, after));
+                let reason = problem(&reply).reason;
+                if reason == "policy-circuit-open" {
+                    fast_refusals.fetch_add(1, Ordering::Relaxed);
+                }
+                seen.push((status, reason, after));
             }
             seen
         });
     }
 
-    // Healthy joins, one after another, until ten have succeeded and the breaker has opened;
-    // every one of them must be issued.
+    // Healthy joins, one after another, until ten have succeeded, the breaker has opened and a
+    // hammering node has met it open; every one of them must be issued.
     let node = gw.node();
     let deadline = Instant::now() + Duration::from_secs(60);
     let mut joined = 0;
@@ -85,6 +92,7 @@ async fn a_runaway_policy_opens_its_breaker_while_another_cluster_keeps_joining(
         });
         if let Some(opened) = opened
             && joined >= 10
+            && fast_refusals.load(Ordering::Relaxed) > 0
         {
             break opened;
         }

@@ -98,7 +98,8 @@ impl Outcome {
             Err(
                 PolicyError::Overloaded(_)
                 | PolicyError::CircuitOpen { .. }
-                | PolicyError::Lost(_)
+                | PolicyError::ThreadLost
+                | PolicyError::Thread(_)
                 | PolicyError::Instantiate(_)
                 | PolicyError::Engine(_)
                 | PolicyError::Ticker(_),

@@ -84,17 +84,19 @@ pub enum PolicyError {
         /// How long until the breaker lets a probe call through.
         retry_after: Duration,
     },
-    /// The thread running the evaluation stopped before answering (it panicked, or the
-    /// runtime is shutting down).
+    /// The thread running the evaluation stopped before answering (a panic in the host).
     #[error("the policy evaluation thread stopped before answering")]
-    Lost(#[source] tokio::task::JoinError),
+    ThreadLost,
+    /// No evaluation thread could be started.
+    #[error("cannot start a policy evaluation thread")]
+    Thread(#[source] std::io::Error),
 }
 
 impl PolicyError {
     /// A stable label for metrics and audit entries.
     pub fn kind(&self) -> &'static str {
         match self {
-            Self::Engine(_) | Self::Ticker(_) | Self::Lost(_) => "host",
+            Self::Engine(_) | Self::Ticker(_) | Self::ThreadLost | Self::Thread(_) => "host",
             Self::Compile(_) => "compile",
             Self::UnsupportedVersion { .. } => "unsupported-version",
             Self::NotAPolicy => "not-a-policy",

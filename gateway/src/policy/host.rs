@@ -16,6 +16,7 @@ use wasmtime::{
 use super::bindings::{self, PolicyPre, WORLD_VERSION};
 use super::breaker::{Breaker, BreakerState, BreakerTransition, Clock, MonotonicClock};
 use super::epoch::EpochTicker;
+use super::pool::{EvalPool, Job};
 use super::{PolicyConfig, PolicyError, Verdict};
 
 /// Epoch tick: the granularity of policy deadlines.
@@ -112,6 +113,7 @@ pub struct PolicyHost {
     compiled: Mutex<HashMap<ModuleDigest, Component>>,
     clock: Arc<dyn Clock>,
     transitions: broadcast::Sender<BreakerTransition>,
+    threads: Arc<EvalPool>,
     _ticker: EpochTicker,
 }
 
@@ -203,6 +205,7 @@ impl PolicyHost {
             compiled: Mutex::new(HashMap::new()),
             clock,
             transitions: broadcast::channel(TRANSITION_BACKLOG).0,
+            threads: Arc::new(EvalPool::default()),
             _ticker: ticker,
         })
     }
@@ -328,17 +331,17 @@ impl PolicyHost {
     /// then runs `f` in a fresh store and instance on a blocking thread, and turns every way the
     /// sandbox can fail into a typed [`PolicyError`].
     ///
-    /// Where the guest runs: on tokio's blocking pool (`spawn_blocking`), never on a runtime
+    /// Where the guest runs: on the host's evaluation threads (`pool.rs`), never on a runtime
     /// worker. Inline, a runaway policy held a worker for its whole deadline, and eight of them
     /// raised another cluster's join p99 from 9 ms to 346 ms (issue #7). The guest still runs
     /// start to finish on one thread, so the deadline keeps counting that thread's CPU time:
-    /// a busy machine cannot make a healthy policy time out. The hand-off (wake a pool thread,
-    /// wake the caller's task) is the price: one evaluation awaited alone went from 10.4 µs to
-    /// 25.9 µs median (p99 15 → 87 µs), and a kept-alive 16-node join load spends 20–50 µs more
-    /// gateway CPU per join, 6–10 % fewer joins/s (`bench/README.md`). The blocking pool keeps
-    /// idle threads for 10 s, and the slots bound how many run at once. Slots move into the
-    /// blocking closure: a caller that gives up (request deadline) does not free a slot while
-    /// its guest still runs in it.
+    /// a busy machine cannot make a healthy policy time out. The hand-off (wake an evaluation
+    /// thread, wake the caller's task) is the price; see `bench/README.md`. The threads are at
+    /// most one per slot and reused warmest first: on tokio's blocking pool a call landing
+    /// between one thread finishing and going idle started another thread, and the process
+    /// grew by 9 MiB of warmed stacks over 10,000 evaluations. The slots go with the call to
+    /// its thread and are freed once the thread is idle again: a caller that gives up (request
+    /// deadline) does not free a slot while its guest still runs in it.
     async fn call<T, F>(&self, policy: &LoadedPolicy, budget: Option<u64>, f: F) -> Metered<T>
     where
         T: Send + 'static,
@@ -364,14 +367,20 @@ impl PolicyHost {
         };
         let sandbox = self.sandbox.clone();
         let (name, pre) = (policy.name.clone(), policy.pre.clone());
-        let task = tokio::task::spawn_blocking(move || {
-            let _slots = slots;
+        let (answer, result) = tokio::sync::oneshot::channel();
+        let run = Box::new(move || {
             let metered = sandbox.run(&name, &pre, budget, f);
             ticket.finish(&metered.result);
-            metered
+            let _ = answer.send(metered);
         });
-        task.await
-            .unwrap_or_else(|lost| refused(PolicyError::Lost(lost)))
+        if let Err(e) = self.threads.submit(Job { run, slots }) {
+            return refused(PolicyError::Thread(e));
+        }
+        // A thread that died mid-call (a panic in the host, never the guest's trap) drops
+        // the sender: the call is lost, and failed closed like any other failure.
+        result
+            .await
+            .unwrap_or_else(|_| refused(PolicyError::ThreadLost))
     }
 
     /// A slot of the policy's own share, then one of the host's. A policy at its share waits

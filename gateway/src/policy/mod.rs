@@ -15,6 +15,7 @@ mod epoch;
 mod error;
 pub mod examples;
 mod host;
+mod pool;
 mod set;
 pub mod vectors;
 mod verdict;
