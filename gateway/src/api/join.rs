@@ -41,6 +41,7 @@ pub(super) async fn join(
     let (req, evidence) = parse_request(cx, body)?;
     let now_ms = gw.now_ms();
     let (claims, token, nonce_used) = authenticate(gw, cx, &req, &evidence, now_ms).await?;
+    refuse_if_circuit_open(gw, cx, &claims)?;
     // A retry after a lost response comes before the use count: a one-use token's only use
     // went to the request being retried, and the retry must get that answer, not a 409.
     let csr = identity::verify_csr(&req.csr, MAX_CSR)?;
@@ -105,6 +106,27 @@ async fn authenticate(
         return Err(ApiError::TokenRevoked);
     }
     Ok((claims, record, nonce_used))
+}
+
+/// A join whose policy's circuit breaker is open is refused before the CSR check and the
+/// attestation: they would be wasted on a decision that fails fast anyway (measured: callers
+/// hammering a broken policy otherwise cost the other clusters a CSR verification each).
+fn refuse_if_circuit_open(
+    gw: &Gateway,
+    cx: &mut JoinContext,
+    claims: &Claims,
+) -> Result<(), ApiError> {
+    let Some(set) = gw.policies.current() else {
+        return Ok(());
+    };
+    let Some(bound) = set.select(&claims.cluster, &claims.role) else {
+        return Ok(());
+    };
+    bound.policy.check_circuit().map_err(|open| {
+        gw.metrics.policy(open.kind(), Duration::ZERO);
+        cx.policy = Some(bound.provenance.clone());
+        ApiError::PolicyFailed(open)
+    })
 }
 
 /// The policy that decides for the token's cluster and role, and its evidence schema.

@@ -60,6 +60,20 @@ pub(super) async fn audit_refusal(
         return;
     }
     let mut events = cx.pending;
+    // Refusals of a policy whose breaker is open are load shedding, like rate limits: the
+    // opening itself is audited (`policy-circuit`), and then one refusal per token and window,
+    // not one durable entry per fast-failed request.
+    if let ApiError::PolicyFailed(crate::policy::PolicyError::CircuitOpen { .. }) = error {
+        let key = cx.token_id.clone().unwrap_or_else(|| cx.client_ip.clone());
+        if !gw
+            .audited_limits
+            .entry(format!("circuit-open:{key}"))
+            .or_insert(())
+            .is_fresh()
+        {
+            return;
+        }
+    }
     if let ApiError::RateLimited(limited) = error {
         let key = cx.token_id.clone().unwrap_or_else(|| cx.client_ip.clone());
         let marker = format!("{}:{key}", limited.scope.label());

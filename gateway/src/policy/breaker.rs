@@ -166,6 +166,21 @@ impl Breaker {
         }
     }
 
+    /// Whether a call now would be refused, without taking the probe: the refusal `admit`
+    /// would give, for callers that want to skip their own work before asking.
+    pub(super) fn refusal(&self) -> Option<PolicyError> {
+        let now = self.clock.now();
+        match *self.lock() {
+            Phase::Open { until } if now < until => Some(PolicyError::CircuitOpen {
+                retry_after: until - now,
+            }),
+            Phase::HalfOpen { probing: true } => Some(PolicyError::CircuitOpen {
+                retry_after: Duration::ZERO,
+            }),
+            _ => None,
+        }
+    }
+
     /// Lets a call run, or refuses it at once while the breaker is open (or while the
     /// half-open probe is still running).
     pub(super) fn admit(self: &Arc<Self>) -> Result<Ticket, PolicyError> {

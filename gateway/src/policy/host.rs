@@ -69,6 +69,17 @@ pub struct LoadedPolicy {
     share: Arc<Semaphore>,
 }
 
+impl LoadedPolicy {
+    /// `Err(CircuitOpen)` while this policy's breaker refuses calls: a caller can refuse
+    /// before doing its own expensive work for a call that would be refused anyway.
+    pub fn check_circuit(&self) -> Result<(), PolicyError> {
+        match self.breaker.refusal() {
+            Some(open) => Err(open),
+            None => Ok(()),
+        }
+    }
+}
+
 impl std::fmt::Debug for LoadedPolicy {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("LoadedPolicy")
