@@ -148,4 +148,28 @@ async fn a_runaway_policy_opens_its_breaker_while_another_cluster_keeps_joining(
         metrics.contains("bootstrap_policy_circuit_state{policy=\"spin\"} 1"),
         "{metrics}"
     );
+    // While open, a join is refused before its CSR is even looked at: a CSR that does not
+    // parse gets the breaker's answer, not the CSR stage's.
+    let node = gw.node();
+    let mut broken = join_request(&node, &runaway.token, "spin-late", &NodeKey::new("x")).await;
+    broken.csr = "not a CSR".into();
+    let reply = post_join(&node, &broken).await;
+    assert_eq!(problem(&reply).reason, "policy-circuit-open");
+
+    // Fast refusals are load shedding: audited once per token and window, not per request.
+    let fast_total = fast_refusals.load(Ordering::Relaxed);
+    let audited = gw
+        .audit_events()
+        .into_iter()
+        .filter(|e| {
+            e["kind"] == "join-refused"
+                && e["reason"]
+                    .as_str()
+                    .is_some_and(|r| r.starts_with("policy-circuit-open"))
+        })
+        .count();
+    assert!(
+        audited >= 1 && audited < fast_total.max(2),
+        "{audited} audit entries for {fast_total} fast refusals"
+    );
 }
