@@ -188,6 +188,32 @@ pub fn tls_config(bundle: &[u8]) -> BoxResult<Arc<rustls::ClientConfig>> {
     Ok(Arc::new(config))
 }
 
+/// Issues a token for `cluster` (role `dispatcher`, an hour) through the admin API.
+pub async fn issue_token(
+    admin: &mut SendRequest<Full<Bytes>>,
+    credential: &str,
+    cluster: &str,
+    max_uses: u32,
+) -> BoxResult<IssueTokenResponse> {
+    let issue = IssueTokenRequest {
+        cluster: cluster.into(),
+        role: "dispatcher".into(),
+        ttl_seconds: 3600,
+        max_uses,
+        issued_by: Some("bench".into()),
+        node: None,
+        supersede: false,
+    };
+    admin.ready().await?;
+    let request = hyper::Request::post("/admin/v1/tokens")
+        .header("host", "127.0.0.1")
+        .header("authorization", format!("Bearer {credential}"))
+        .body(Full::new(Bytes::from(serde_json::to_vec(&issue)?)))?;
+    let response = admin.send_request(request).await?;
+    let body = response.into_body().collect().await?.to_bytes();
+    Ok(serde_json::from_slice(&body)?)
+}
+
 /// Keys, CSRs and one-use tokens for `cluster` (role `dispatcher`, issued through the admin
 /// API), before the clock starts.
 pub async fn prepare(
@@ -211,23 +237,7 @@ pub async fn prepare(
             let mut sender = connect(&tls, addr).await?;
             let mut out = Vec::new();
             while next.fetch_add(1, Ordering::Relaxed) < count {
-                let issue = IssueTokenRequest {
-                    cluster: cluster.clone(),
-                    role: "dispatcher".into(),
-                    ttl_seconds: 3600,
-                    max_uses: 1,
-                    issued_by: Some("bench".into()),
-                    node: None,
-                    supersede: false,
-                };
-                sender.ready().await?;
-                let request = hyper::Request::post("/admin/v1/tokens")
-                    .header("host", "127.0.0.1")
-                    .header("authorization", format!("Bearer {credential}"))
-                    .body(Full::new(Bytes::from(serde_json::to_vec(&issue)?)))?;
-                let response = sender.send_request(request).await?;
-                let body = response.into_body().collect().await?.to_bytes();
-                let issued: IssueTokenResponse = serde_json::from_slice(&body)?;
+                let issued = issue_token(&mut sender, &credential, &cluster, 1).await?;
                 let key = rcgen::KeyPair::generate()?;
                 let csr = rcgen::CertificateParams::default()
                     .serialize_request(&key)?

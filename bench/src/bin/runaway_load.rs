@@ -22,11 +22,11 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use bytes::Bytes;
-use gateway::api::wire::{Challenge, IssueTokenRequest, IssueTokenResponse, JoinRequest};
-use http_body_util::{BodyExt, Full};
+use gateway::api::wire::{Challenge, JoinRequest};
+use http_body_util::Full;
 use omnirelay_bench::load::{
-    BoxResult, GatewayProcess, Outcome, arg, connect, drive, ms, now_ms, prepare, send, sibling,
-    tls_config,
+    BoxResult, GatewayProcess, Outcome, arg, connect, drive, issue_token, ms, now_ms, prepare,
+    send, sibling, tls_config,
 };
 use omnirelay_bench::percentile;
 
@@ -61,9 +61,12 @@ async fn run(joins: usize, healthy: usize, hammer: usize, bin: &Path) -> BoxResu
 
     let quiet = drive(&gateway, &tls, quiet_nodes, false, healthy).await?;
     let stop = Arc::new(AtomicBool::new(false));
+    // Each hammering node says so once it has had its first answer.
+    let (started, mut answered) = tokio::sync::mpsc::channel::<()>(hammer.max(1));
     let mut hammering = tokio::task::JoinSet::new();
     for n in 0..hammer {
         let (tls, addr, token, stop) = (tls.clone(), gateway.node, token.clone(), stop.clone());
+        let started = started.clone();
         hammering.spawn(async move {
             let mut answers: BTreeMap<String, usize> = BTreeMap::new();
             let csr = rcgen::CertificateParams::default()
@@ -81,13 +84,23 @@ async fn run(joins: usize, healthy: usize, hammer: usize, bin: &Path) -> BoxResu
                         format!("error: {e}")
                     }
                 };
+                if answers.is_empty() {
+                    let _ = started.try_send(());
+                }
                 *answers.entry(answer).or_default() += 1;
             }
             Ok::<_, Box<dyn std::error::Error + Send + Sync>>(answers)
         });
     }
-    // Let the hammering reach the gateway before the clock of the noisy phase starts.
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    // The noisy phase starts once every hammering node has been answered at least once.
+    let first_answers = async {
+        for _ in 0..hammer {
+            answered.recv().await;
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(30), first_answers)
+        .await
+        .map_err(|_| "the hammering nodes got no answer within 30 s")?;
     let noisy = drive(&gateway, &tls, noisy_nodes, false, healthy).await?;
     stop.store(true, Ordering::Relaxed);
     let mut answers: BTreeMap<String, usize> = BTreeMap::new();
@@ -144,24 +157,8 @@ async fn runaway_token(
     gateway: &GatewayProcess,
     tls: &Arc<rustls::ClientConfig>,
 ) -> BoxResult<String> {
-    let mut sender = connect(tls, gateway.admin).await?;
-    let issue = IssueTokenRequest {
-        cluster: "runaway".into(),
-        role: "dispatcher".into(),
-        ttl_seconds: 3600,
-        max_uses: 1_000_000,
-        issued_by: Some("bench".into()),
-        node: None,
-        supersede: false,
-    };
-    sender.ready().await?;
-    let request = hyper::Request::post("/admin/v1/tokens")
-        .header("host", "127.0.0.1")
-        .header("authorization", format!("Bearer {}", gateway.credential))
-        .body(Full::new(Bytes::from(serde_json::to_vec(&issue)?)))?;
-    let response = sender.send_request(request).await?;
-    let body = response.into_body().collect().await?.to_bytes();
-    let issued: IssueTokenResponse = serde_json::from_slice(&body)?;
+    let mut admin = connect(tls, gateway.admin).await?;
+    let issued = issue_token(&mut admin, &gateway.credential, "runaway", 1_000_000).await?;
     Ok(issued.token)
 }
 

@@ -75,6 +75,14 @@ impl SigningKey {
         self.sign_parts(&header.to_string(), &claims.to_json().to_string())
     }
 
+    /// The plain Ed25519 signature over `message`, for the audit key, which is the same kind
+    /// of key put to another use (never called with a token key).
+    pub(crate) fn sign_raw(&self, message: &[u8]) -> [u8; 64] {
+        let mut signature = [0; 64];
+        signature.copy_from_slice(self.pair.sign(message).as_ref());
+        signature
+    }
+
     /// Signs arbitrary header and payload text. Only [`SigningKey::sign`] and the tests (which
     /// forge hostile headers and payloads with it) call this.
     pub(super) fn sign_parts(&self, header: &str, payload: &str) -> String {
@@ -142,7 +150,7 @@ impl VerifyingKey {
 
     /// Whether `signature` is this key's Ed25519 signature over `message` (constant time in
     /// the key and signature, inside aws-lc).
-    pub(super) fn verifies(&self, message: &[u8], signature: &[u8]) -> bool {
+    pub(crate) fn verifies(&self, message: &[u8], signature: &[u8]) -> bool {
         self.parsed.verify_sig(message, signature).is_ok()
     }
 }
