@@ -41,7 +41,9 @@ pub(super) async fn join(
     let (req, evidence) = parse_request(cx, body)?;
     let now_ms = gw.now_ms();
     let (claims, token, nonce_used) = authenticate(gw, cx, &req, &evidence, now_ms).await?;
-    refuse_if_circuit_open(gw, cx, &claims)?;
+    // The policy set this join is decided by (a reload after this point does not change it).
+    let set = gw.policies.current();
+    refuse_if_circuit_open(gw, cx, set.as_deref(), &claims)?;
     // A retry after a lost response comes before the use count: a one-use token's only use
     // went to the request being retried, and the retry must get that answer, not a 409.
     let csr = identity::verify_csr(&req.csr, MAX_CSR)?;
@@ -49,7 +51,7 @@ pub(super) async fn join(
         return Ok(earlier);
     }
     let uses_left = usable(token, now_ms / 1000)?;
-    let set = gw.policies.current().ok_or(ApiError::NoPolicy)?;
+    let set = set.ok_or(ApiError::NoPolicy)?;
     let bound = select_policy(cx, &set, &claims, &req)?;
     let checked = attest(gw, &req, &evidence, &csr, nonce_used, now_ms)?;
     let request = policy_request(&claims, uses_left, &checked, &csr, &req, client_ip, now_ms);
@@ -114,9 +116,10 @@ async fn authenticate(
 fn refuse_if_circuit_open(
     gw: &Gateway,
     cx: &mut JoinContext,
+    set: Option<&PolicySet>,
     claims: &Claims,
 ) -> Result<(), ApiError> {
-    let Some(set) = gw.policies.current() else {
+    let Some(set) = set else {
         return Ok(());
     };
     let Some(bound) = set.select(&claims.cluster, &claims.role) else {
