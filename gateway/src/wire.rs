@@ -52,6 +52,48 @@ pub struct JoinResponse {
     pub policy: PolicyVersion,
 }
 
+/// `POST /v1/bootstrap/renew`, over mTLS with the node's current SVID as client certificate
+/// (the certificate is the credential: no token, no attestation). The answer is a
+/// [`JoinResponse`] for the new identity.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RenewRequest {
+    /// The certificate signing request for the new SVID, PEM. A new key unless the policy
+    /// permits reusing the current one.
+    pub csr: String,
+    /// Lets a retry after a lost response get the same certificate.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub idempotency_key: Option<String>,
+}
+
+/// One entry of the revocation feed (`GET /v1/revocations?since=SEQ`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Revocation {
+    /// Position in the feed; ask for `since=<seq>` to get what follows it.
+    pub seq: u64,
+    /// The revoked certificate's serial, hex.
+    pub serial: String,
+    /// The SPIFFE ID it carried.
+    pub spiffe_id: String,
+    /// The token it descends from.
+    pub token_id: String,
+    /// When it was revoked, Unix seconds.
+    pub revoked_at: u64,
+    /// Why (`superseded`, `token-revoked`, or an operator's reason).
+    pub reason: String,
+    /// The certificate's expiry, Unix seconds: after it a relying party can forget the entry.
+    pub not_after: u64,
+}
+
+/// A page of the revocation feed.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RevocationPage {
+    /// Entries after `since`, oldest first.
+    pub revocations: Vec<Revocation>,
+    /// Ask for `since=<next>` next time.
+    pub next: u64,
+}
+
 /// Which policy version decided.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PolicyVersion {
