@@ -15,6 +15,7 @@ pub mod limits;
 pub mod metrics;
 pub mod policy;
 pub mod reload;
+pub mod revocation;
 pub mod secrets;
 pub mod server;
 pub mod state;

@@ -17,6 +17,7 @@ use crate::limits::{KeyedSlots, Limits};
 use crate::metrics::Metrics;
 use crate::policy::{ActivePolicies, Metering, PolicyHost, PolicySet};
 use crate::reload::Reloader;
+use crate::revocation::Publisher;
 use crate::secrets;
 use crate::server::ServerConfig;
 use crate::store::{Checkpoints, SqliteStore, Store};
@@ -66,6 +67,11 @@ pub struct Gateway {
     pub bundle_pem: Bytes,
     /// The trust bundle, SPIFFE JWKS.
     pub spiffe_bundle: Bytes,
+    /// The trust bundle's CA certificates, DER: what a renewal's client certificate must
+    /// chain to.
+    pub roots: Vec<rustls_pki_types::CertificateDer<'static>>,
+    /// The CRL in force, and the signing of the next.
+    pub revocations: Publisher,
     /// The gateway's own DNS names (from its serving certificate): no policy may grant them.
     pub reserved_dns: Vec<String>,
     /// Rate-limit refusals already audited recently (one entry per key per window).
@@ -145,6 +151,12 @@ impl Gateway {
         );
         let bundle = bundle_pem(&[&ca]);
         let jwks = spiffe_bundle(&[&ca], 1, config.identity.bundle_refresh_hint);
+        let roots = vec![rustls_pki_types::CertificateDer::from(
+            ca.cert_der().to_vec(),
+        )];
+        let revocations = Publisher::start(store.as_ref(), &ca, config.identity.crl_validity)
+            .await
+            .context("signing the first CRL")?;
         Ok(Self {
             trust_domain: config.trust_domain.clone(),
             server: config.server.clone(),
@@ -168,6 +180,8 @@ impl Gateway {
             reserved_dns: own_dns_names(&read(&config.server.tls_cert)?)?,
             bundle_pem: Bytes::from(bundle),
             spiffe_bundle: Bytes::from(jwks.to_string()),
+            roots,
+            revocations,
             audited_limits: moka::sync::Cache::builder()
                 .max_capacity(100_000)
                 .time_to_live(Duration::from_secs(10))

@@ -219,6 +219,8 @@ async fn record(
                 role: claims.role.clone(),
                 not_before: unix(svid.not_before),
                 not_after: unix(svid.not_after),
+                // Serialising strings, integers and enums cannot fail.
+                attestation: serde_json::to_string(&checked.attestation).unwrap_or_default(),
             },
             response: body.clone(),
             policy: bound.provenance.clone(),
@@ -249,6 +251,9 @@ async fn record(
         IssueOutcome::IdentityInUse => ApiError::IdentityInUse {
             spiffe_id: svid.spiffe_id.to_string(),
         },
+        IssueOutcome::Quarantined { until } => {
+            super::renew::quarantined(&svid.spiffe_id.to_string(), until, now_ms)
+        }
     };
     // Nothing was written: the certificate is discarded, and the refusal audited with the
     // policy's decision by the envelope.
@@ -310,7 +315,7 @@ async fn idempotent_replay(
 /// Runs the policy and records its decision (committed with the issuance or the refusal). A
 /// grant of a DNS name outside the binding's suffixes or of one of the gateway's own names is
 /// the policy's error, like any invalid result.
-async fn decide(
+pub(super) async fn decide(
     gw: &Gateway,
     cx: &mut JoinContext,
     bound: &BoundPolicy,
@@ -374,7 +379,7 @@ async fn decide(
     }
 }
 
-fn decision_event(
+pub(super) fn decision_event(
     cx: &JoinContext,
     outcome: &str,
     code: Option<String>,
@@ -453,7 +458,12 @@ fn policy_request(
     }
 }
 
-fn respond(gw: &Gateway, bound: &BoundPolicy, svid: &Svid, grant: &Grant) -> JoinResponse {
+pub(super) fn respond(
+    gw: &Gateway,
+    bound: &BoundPolicy,
+    svid: &Svid,
+    grant: &Grant,
+) -> JoinResponse {
     let not_before = unix(svid.not_before);
     let not_after = unix(svid.not_after);
     let lifetime = not_after.saturating_sub(not_before);
@@ -477,13 +487,13 @@ fn respond(gw: &Gateway, bound: &BoundPolicy, svid: &Svid, grant: &Grant) -> Joi
     }
 }
 
-fn unix(t: SystemTime) -> u64 {
+pub(super) fn unix(t: SystemTime) -> u64 {
     t.duration_since(UNIX_EPOCH)
         .unwrap_or(Duration::ZERO)
         .as_secs()
 }
 
-fn check_idempotency_key(key: Option<&str>) -> Result<(), ApiError> {
+pub(super) fn check_idempotency_key(key: Option<&str>) -> Result<(), ApiError> {
     match key {
         Some(k)
             if k.is_empty()

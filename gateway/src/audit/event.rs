@@ -130,6 +130,90 @@ pub enum AuditEvent {
         /// The superseding token.
         superseding_token_id: String,
     },
+    /// A node renewed its identity: a new certificate succeeds the one it presented, in the
+    /// same lineage (same token, same SPIFFE ID).
+    IdentityRenewed {
+        /// The request id.
+        request_id: String,
+        /// The token the lineage began with.
+        token_id: String,
+        /// The SPIFFE ID both certificates carry.
+        spiffe_id: String,
+        /// The new certificate's serial, hex.
+        serial: String,
+        /// The presented (renewed) certificate's serial, hex.
+        predecessor: String,
+        /// Renewals in the lineage, this one included.
+        renewals: u32,
+        /// The node name.
+        node: String,
+        /// Unix seconds at which the new certificate expires.
+        not_after: u64,
+        /// Notes the policy asked to have audited.
+        audit_notes: Vec<String>,
+        /// The rules of the policy that matched (the record of the allow decision).
+        matched_rules: Vec<String>,
+        /// The policy that allowed it.
+        policy: PolicyRef,
+    },
+    /// A renewal was refused after its client certificate verified.
+    RenewRefused {
+        /// The request id.
+        request_id: String,
+        /// The refusing stage.
+        stage: String,
+        /// The HTTP status returned.
+        status: u16,
+        /// `<reason code>: <explanation>`.
+        reason: String,
+        /// The presented certificate's serial, hex.
+        serial: String,
+        /// The SPIFFE ID it carries.
+        spiffe_id: String,
+        /// The token its lineage began with, when known.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        token_id: Option<String>,
+        /// The client's address.
+        client_ip: String,
+        /// The policy that refused, when the refusal came from a policy.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        policy: Option<PolicyRef>,
+    },
+    /// An operator's revocation took an identity back before its expiry.
+    IdentityRevoked {
+        /// The revocation request's id.
+        request_id: String,
+        /// The revoked certificate's serial, hex.
+        serial: String,
+        /// The SPIFFE ID it carried.
+        spiffe_id: String,
+        /// The token its lineage began with.
+        token_id: String,
+        /// What the operator revoked (`token:<id>`, `spiffe-id:<id>`, `serial:<hex>`).
+        target: String,
+        /// Why, in the operator's words.
+        reason: String,
+        /// Who revoked it.
+        revoked_by: String,
+    },
+    /// A SPIFFE ID may not join or renew until `until` (after a revocation).
+    SpiffeIdQuarantined {
+        /// The SPIFFE ID.
+        spiffe_id: String,
+        /// Unix seconds the quarantine ends.
+        until: u64,
+        /// The revocation's reason.
+        reason: String,
+        /// Who revoked.
+        by: String,
+    },
+    /// An operator ended a SPIFFE ID's quarantine early.
+    QuarantineLifted {
+        /// The SPIFFE ID.
+        spiffe_id: String,
+        /// Who lifted it.
+        lifted_by: String,
+    },
     /// A retried request was answered with an identity already issued (same idempotency key).
     IdentityReplayed {
         /// The request id of the retry.
@@ -297,6 +381,33 @@ impl AuditEvent {
                 serial,
                 ..
             } => vec![request_id, token_id, serial],
+            Self::IdentityRenewed {
+                request_id,
+                token_id,
+                spiffe_id,
+                serial,
+                predecessor,
+                ..
+            } => vec![request_id, token_id, spiffe_id, serial, predecessor],
+            Self::RenewRefused {
+                request_id,
+                serial,
+                spiffe_id,
+                token_id,
+                ..
+            } => [request_id.as_str(), serial, spiffe_id]
+                .into_iter()
+                .chain(token_id.as_deref())
+                .collect(),
+            Self::IdentityRevoked {
+                request_id,
+                serial,
+                spiffe_id,
+                token_id,
+                ..
+            } => vec![request_id, serial, spiffe_id, token_id],
+            Self::SpiffeIdQuarantined { spiffe_id, .. }
+            | Self::QuarantineLifted { spiffe_id, .. } => vec![spiffe_id],
             Self::IdentitySuperseded {
                 request_id,
                 spiffe_id,
@@ -333,6 +444,11 @@ impl AuditEvent {
             Self::IdentityIssued { .. } => "identity-issued",
             Self::IdentityReplayed { .. } => "identity-replayed",
             Self::IdentitySuperseded { .. } => "identity-superseded",
+            Self::IdentityRenewed { .. } => "identity-renewed",
+            Self::RenewRefused { .. } => "renew-refused",
+            Self::IdentityRevoked { .. } => "identity-revoked",
+            Self::SpiffeIdQuarantined { .. } => "spiffe-id-quarantined",
+            Self::QuarantineLifted { .. } => "quarantine-lifted",
             Self::RateLimited { .. } => "rate-limited",
             Self::RefusalsCoalesced { .. } => "refusals-coalesced",
             Self::PolicyActivated { .. } => "policy-activated",

@@ -15,6 +15,7 @@ pub mod init;
 mod mesh;
 mod policy;
 mod publish;
+mod revoke;
 mod serve;
 mod token;
 
@@ -79,6 +80,12 @@ enum Command {
     /// List issued identities (the inventory, through the admin API).
     #[command(subcommand)]
     Identities(identities::IdentitiesCommand),
+    /// Revoke a token's, a SPIFFE ID's or a certificate's identities, with their renewals
+    /// (through the admin API); their SPIFFE IDs are quarantined.
+    Revoke(revoke::RevokeArgs),
+    /// List or lift the quarantines of revoked SPIFFE IDs (through the admin API).
+    #[command(subcommand)]
+    Quarantine(revoke::QuarantineCommand),
     /// Node-side commands.
     #[command(subcommand)]
     Mesh(mesh::MeshCommand),
@@ -160,6 +167,8 @@ async fn run(command: Command) -> anyhow::Result<ExitCode> {
         Command::Demo { dir } => demo::demo(dir).await,
         Command::Token(cmd) => token::run(cmd).await,
         Command::Identities(cmd) => identities::run(cmd).await,
+        Command::Revoke(args) => revoke::revoke(args).await,
+        Command::Quarantine(cmd) => revoke::quarantine(cmd).await,
         Command::Mesh(cmd) => mesh::run(cmd).await,
         Command::Audit(cmd) => audit::run(cmd),
         Command::Policy(cmd) => policy::run(cmd).await,

@@ -66,6 +66,8 @@ pub struct RawIdentity {
     pub max_ttl: Option<String>,
     pub renew_remaining_percent: Option<u8>,
     pub bundle_refresh_hint: Option<String>,
+    pub quarantine: Option<String>,
+    pub crl_validity: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]

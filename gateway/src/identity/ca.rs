@@ -66,6 +66,18 @@ pub struct MintRequest<'a> {
     pub now: SystemTime,
 }
 
+/// A revoked certificate as a CRL lists it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CrlEntry {
+    /// Its serial.
+    pub serial: Serial,
+    /// When it was revoked.
+    pub revoked_at: SystemTime,
+    /// Replaced by a later certificate for the same SPIFFE ID (reason `superseded`), rather
+    /// than taken back (reason `unspecified`).
+    pub superseded: bool,
+}
+
 /// A minted X.509-SVID.
 #[derive(Debug, Clone)]
 pub struct Svid {
@@ -225,6 +237,44 @@ impl Ca {
             .signed_by(&key, &self.issuer)
             .map_err(IdentityError::Signing)?;
         Ok((cert.pem(), key.serialize_pem()))
+    }
+
+    /// A CRL signed by this CA listing `revoked`, numbered `number`, valid from `this_update`
+    /// until `next_update`. Returns the DER.
+    pub fn crl(
+        &self,
+        revoked: &[CrlEntry],
+        number: u64,
+        this_update: SystemTime,
+        next_update: SystemTime,
+    ) -> Result<Vec<u8>, IdentityError> {
+        let revoked_certs = revoked
+            .iter()
+            .map(|entry| {
+                Ok(rcgen::RevokedCertParams {
+                    serial_number: SerialNumber::from_slice(entry.serial.as_bytes()),
+                    revocation_time: datetime(unix_secs(entry.revoked_at)?)?,
+                    reason_code: Some(if entry.superseded {
+                        rcgen::RevocationReason::Superseded
+                    } else {
+                        rcgen::RevocationReason::Unspecified
+                    }),
+                    invalidity_date: None,
+                })
+            })
+            .collect::<Result<Vec<_>, IdentityError>>()?;
+        let params = rcgen::CertificateRevocationListParams {
+            this_update: datetime(unix_secs(this_update)?)?,
+            next_update: datetime(unix_secs(next_update)?)?,
+            crl_number: SerialNumber::from_slice(&number.to_be_bytes()),
+            issuing_distribution_point: None,
+            revoked_certs,
+            key_identifier_method: rcgen::KeyIdMethod::Sha256,
+        };
+        let crl = params
+            .signed_by(&self.issuer)
+            .map_err(IdentityError::Signing)?;
+        Ok(crl.der().to_vec())
     }
 
     /// The curve and the uncompressed public point (`04 || X || Y`) of the CA key.

@@ -17,6 +17,12 @@ pub struct IdentityConfig {
     pub renew_remaining_percent: u8,
     /// How often SPIFFE bundle consumers should refresh. Default 5 min.
     pub bundle_refresh_hint: Duration,
+    /// How long a revoked SPIFFE ID may not join or renew again (`omnirelay quarantine lift`
+    /// ends it early); zero for no quarantine. Default 1 h.
+    pub quarantine: Duration,
+    /// How long a CRL is valid (its nextUpdate); a new one is signed at every revocation and
+    /// when half of this has passed. Default 24 h.
+    pub crl_validity: Duration,
 }
 
 impl IdentityConfig {
@@ -28,6 +34,8 @@ impl IdentityConfig {
             max_ttl: Duration::from_secs(24 * 3600),
             renew_remaining_percent: 20,
             bundle_refresh_hint: Duration::from_secs(300),
+            quarantine: Duration::from_secs(3600),
+            crl_validity: Duration::from_secs(24 * 3600),
         }
     }
 }

@@ -5,6 +5,7 @@
 
 mod bundle;
 mod ca;
+mod client;
 mod config;
 mod csr;
 mod error;
@@ -13,10 +14,12 @@ mod serial;
 mod spiffe;
 
 pub use bundle::{bundle_pem, spiffe_bundle};
-pub use ca::{CA_CLOCK_SKEW, Ca, LEAF_CLOCK_SKEW, MintRequest, Svid};
+pub use ca::{CA_CLOCK_SKEW, Ca, CrlEntry, LEAF_CLOCK_SKEW, MintRequest, Svid};
+pub use client::{ClientSvid, ClientSvidError, verify_client_svid};
 pub use config::IdentityConfig;
 pub use csr::{CsrError, MAX_RSA_BITS, MIN_RSA_BITS, VerifiedCsr, verify_csr};
 pub use error::IdentityError;
+pub use leaf::pem_encode;
 pub use serial::{Serial, SerialError};
 pub use spiffe::{MAX_SPIFFE_ID_LEN, SpiffeError, SpiffeId, SpiffePath, TrustDomain};
 

@@ -102,6 +102,19 @@ pub struct Metrics {
     pub policy_circuit_opened: Family<PolicyLabel, Counter>,
     /// A policy's breaker state after its last transition: 0 closed, 1 open, 2 half-open.
     pub policy_circuit_state: Family<PolicyLabel, Gauge>,
+    /// Renewals by outcome.
+    pub renewals: Family<ResultLabel, Counter>,
+    /// Identities revoked (by an operator, or superseded by a join).
+    pub revocations: Counter,
+    /// Joins and renewals refused because their SPIFFE ID is quarantined.
+    pub quarantine_refusals: Counter,
+    /// Seconds since the CRL in force was signed (set at each scrape).
+    pub crl_age_seconds: Gauge,
+    /// Seconds until the soonest expiry among live identities (set at each scrape; absent
+    /// series value 0 when there is none).
+    pub soonest_expiry_seconds: Gauge,
+    /// Live identities past their renewal point and not renewed (set at each scrape).
+    pub identities_past_renewal: Gauge,
     last_active: std::sync::Mutex<Option<BundleLabel>>,
 }
 
@@ -202,7 +215,49 @@ impl Metrics {
             "Policy circuit breaker state after its last transition: 0 closed, 1 open, 2 half-open",
             policy_circuit_state.clone(),
         );
+        let renewals = Family::<ResultLabel, Counter>::default();
+        registry.register(
+            "bootstrap_renewals",
+            "Renewal requests by result (`issued`, or the stage that refused)",
+            renewals.clone(),
+        );
+        let revocations = Counter::default();
+        registry.register(
+            "bootstrap_revocations",
+            "Identities revoked (by an operator, or superseded by a join)",
+            revocations.clone(),
+        );
+        let quarantine_refusals = Counter::default();
+        registry.register(
+            "bootstrap_quarantine_refusals",
+            "Joins and renewals refused because their SPIFFE ID is quarantined",
+            quarantine_refusals.clone(),
+        );
+        let crl_age_seconds = Gauge::default();
+        registry.register(
+            "bootstrap_crl_age_seconds",
+            "Seconds since the CRL in force was signed",
+            crl_age_seconds.clone(),
+        );
+        let soonest_expiry_seconds = Gauge::default();
+        registry.register(
+            "bootstrap_soonest_expiry_seconds",
+            "Seconds until the soonest expiry among live identities (0 when none is live)",
+            soonest_expiry_seconds.clone(),
+        );
+        let identities_past_renewal = Gauge::default();
+        registry.register(
+            "bootstrap_identities_past_renewal_point",
+            "Live identities past their renewal point that were not renewed",
+            identities_past_renewal.clone(),
+        );
         Self {
+            renewals,
+            revocations,
+            quarantine_refusals,
+            crl_age_seconds,
+            soonest_expiry_seconds,
+            identities_past_renewal,
             policy_circuit_opened,
             policy_circuit_state,
             policy_reloads,
@@ -243,6 +298,15 @@ impl Metrics {
     /// Counts a join outcome.
     pub fn join(&self, result: &str) {
         self.joins
+            .get_or_create(&ResultLabel {
+                result: result.to_string(),
+            })
+            .inc();
+    }
+
+    /// Counts a renewal outcome.
+    pub fn renewal(&self, result: &str) {
+        self.renewals
             .get_or_create(&ResultLabel {
                 result: result.to_string(),
             })

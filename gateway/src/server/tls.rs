@@ -1,11 +1,19 @@
 //! rustls server configuration: TLS 1.2 and 1.3 with the aws-lc-rs provider, HTTP/1.1 ALPN,
-//! the key read through [`crate::secrets`] so a world-readable key is refused.
+//! the key read through [`crate::secrets`] so a world-readable key is refused. Client
+//! certificates are asked for but optional: the handshake only proves the client holds the
+//! key of the certificate it sent ([`ProofOfPossession`]); whether that certificate is a valid
+//! SVID of ours is the renewal route's question, answered against the current bundle with a
+//! problem+json reason instead of a bare TLS alert.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use rustls::client::danger::HandshakeSignatureValid;
+use rustls::crypto::{CryptoProvider, WebPkiSupportedAlgorithms};
+use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
+use rustls::{DigitallySignedStruct, DistinguishedName, SignatureScheme};
 use rustls_pki_types::pem::PemObject;
-use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+use rustls_pki_types::{CertificateDer, PrivateKeyDer, UnixTime};
 
 use crate::secrets::{self, SecretError};
 
@@ -56,14 +64,75 @@ pub fn server_tls(cert: &Path, key: &Path) -> Result<Arc<rustls::ServerConfig>, 
         path: key.to_path_buf(),
         what: "private key",
     })?;
-    let mut config = rustls::ServerConfig::builder_with_provider(Arc::new(
-        rustls::crypto::aws_lc_rs::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()
-    .map_err(TlsError::Rustls)?
-    .with_no_client_auth()
-    .with_single_cert(chain, key_der)
-    .map_err(TlsError::Rustls)?;
+    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let client_auth = Arc::new(ProofOfPossession::new(&provider));
+    let mut config = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(TlsError::Rustls)?
+        .with_client_cert_verifier(client_auth)
+        .with_single_cert(chain, key_der)
+        .map_err(TlsError::Rustls)?;
     config.alpn_protocols = vec![b"http/1.1".to_vec()];
     Ok(Arc::new(config))
+}
+
+/// Asks for a client certificate without requiring one, and accepts any the client proves it
+/// holds the key of (the handshake signature is checked with the provider's algorithms). The
+/// chain itself is verified by the route that relies on it, against the bundle of that moment.
+#[derive(Debug)]
+struct ProofOfPossession {
+    algorithms: WebPkiSupportedAlgorithms,
+}
+
+impl ProofOfPossession {
+    fn new(provider: &CryptoProvider) -> Self {
+        Self {
+            algorithms: provider.signature_verification_algorithms,
+        }
+    }
+}
+
+impl ClientCertVerifier for ProofOfPossession {
+    fn offer_client_auth(&self) -> bool {
+        true
+    }
+
+    fn client_auth_mandatory(&self) -> bool {
+        false
+    }
+
+    fn root_hint_subjects(&self) -> &[DistinguishedName] {
+        &[]
+    }
+
+    fn verify_client_cert(
+        &self,
+        _end_entity: &CertificateDer<'_>,
+        _intermediates: &[CertificateDer<'_>],
+        _now: UnixTime,
+    ) -> Result<ClientCertVerified, rustls::Error> {
+        Ok(ClientCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.algorithms)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.algorithms)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.algorithms.supported_schemes()
+    }
 }

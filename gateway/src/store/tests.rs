@@ -63,7 +63,7 @@ impl Drop for TempDir {
     }
 }
 
-fn policy() -> PolicyRef {
+pub(super) fn policy() -> PolicyRef {
     PolicyRef {
         name: "cluster-role".into(),
         bundle: "core".into(),
@@ -111,8 +111,24 @@ fn token_revoked(id: TokenId, by: &str) -> AuditEvent {
     }
 }
 
+/// Revokes a token as the admin API does (no quarantine); whether it is on record.
+async fn revoke_token(store: &SqliteStore, id: TokenId, by: &str, now: u64) -> bool {
+    store
+        .revoke(RevokeOrder {
+            request_id: "revoke".into(),
+            target: RevokeTarget::Token(id),
+            reason: "leaked".into(),
+            revoked_by: by.into(),
+            quarantine: Duration::ZERO,
+            now,
+        })
+        .await
+        .unwrap()
+        .found
+}
+
 /// A join's final step through `token`, with its own nonce and a fresh serial.
-fn issue_record(token: TokenId, request: &str, nonce: &str) -> IssueRecord {
+pub(super) fn issue_record(token: TokenId, request: &str, nonce: &str) -> IssueRecord {
     let node = format!("node-{request}");
     let spiffe_id = SpiffeId::parse(&format!(
         "spiffe://prod.omnirelay.example/cluster/edge-eu/role/relay/node/{node}"
@@ -132,6 +148,7 @@ fn issue_record(token: TokenId, request: &str, nonce: &str) -> IssueRecord {
             role: "relay".into(),
             not_before: NOW - 60,
             not_after: NOW + 3600,
+            attestation: r#"{"kind":"token-only"}"#.into(),
         },
         response: format!("{{\"svid\":\"for {request}\"}}"),
         policy: policy(),
@@ -152,7 +169,7 @@ fn issue_record(token: TokenId, request: &str, nonce: &str) -> IssueRecord {
 }
 
 /// The events of a log that verifies end to end, in order.
-fn read_audit(path: &Path) -> Vec<AuditEvent> {
+pub(super) fn read_audit(path: &Path) -> Vec<AuditEvent> {
     let file = std::fs::File::open(path).unwrap();
     let summary = audit::verify(BufReader::new(file)).unwrap();
     let text = std::fs::read_to_string(path).unwrap();
@@ -236,7 +253,7 @@ fn refusals(events: &[AuditEvent]) -> Vec<(u16, String)> {
         .collect()
 }
 
-async fn open_with_token(dir: &TempDir, max_uses: u32) -> (SqliteStore, TokenRecord) {
+pub(super) async fn open_with_token(dir: &TempDir, max_uses: u32) -> (SqliteStore, TokenRecord) {
     let store = SqliteStore::open(&dir.config(), checkpoints()).unwrap();
     let token = token_record(max_uses);
     store
@@ -327,12 +344,7 @@ async fn twenty_racing_joins_get_exactly_the_three_uses() {
 async fn revoked_and_expired_tokens_are_refused_without_consuming_a_use() {
     let dir = TempDir::new("refused");
     let (store, revoked) = open_with_token(&dir, 5).await;
-    assert!(
-        store
-            .revoke_token(revoked.id, token_revoked(revoked.id, "bob@ops"), NOW)
-            .await
-            .unwrap()
-    );
+    assert!(revoke_token(&store, revoked.id, "bob@ops", NOW).await);
     let outcome = store
         .issue(issue_record(revoked.id, "r1", "n1"))
         .await
@@ -578,24 +590,9 @@ async fn tokens_list_newest_first_and_revoke_once() {
     );
 
     let unknown = TokenId::random();
-    assert!(
-        !store
-            .revoke_token(unknown, token_revoked(unknown, "bob@ops"), NOW)
-            .await
-            .unwrap()
-    );
-    assert!(
-        store
-            .revoke_token(mid.id, token_revoked(mid.id, "bob@ops"), NOW + 5)
-            .await
-            .unwrap()
-    );
-    assert!(
-        store
-            .revoke_token(mid.id, token_revoked(mid.id, "carol@ops"), NOW + 9)
-            .await
-            .unwrap()
-    );
+    assert!(!revoke_token(&store, unknown, "bob@ops", NOW).await);
+    assert!(revoke_token(&store, mid.id, "bob@ops", NOW + 5).await);
+    assert!(revoke_token(&store, mid.id, "carol@ops", NOW + 9).await);
     let revoked = store.token(mid.id).await.unwrap().unwrap();
     assert_eq!(revoked.revoked_at, Some(NOW + 5));
     assert_eq!(revoked.status(NOW + 10), TokenStatus::Revoked);
@@ -656,12 +653,7 @@ pub(super) async fn with_history(config: &StoreConfig) -> (TokenRecord, TokenRec
         store.issue(record).await.unwrap(),
         IssueOutcome::Issued { uses_left: 2 }
     );
-    assert!(
-        store
-            .revoke_token(gone.id, token_revoked(gone.id, "bob@ops"), NOW)
-            .await
-            .unwrap()
-    );
+    assert!(revoke_token(&store, gone.id, "bob@ops", NOW).await);
     let refused = store
         .issue(issue_record(gone.id, "r2", "n2"))
         .await
