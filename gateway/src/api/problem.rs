@@ -133,9 +133,6 @@ pub enum ApiError {
     /// The identity (or its lineage) was revoked.
     #[error("this identity was revoked; join again with a new token")]
     IdentityRevoked,
-    /// The presented certificate was already renewed by another request.
-    #[error("this certificate was already renewed; use the newer one, or join again")]
-    AlreadyRenewed,
     /// The SPIFFE ID is quarantined after a revocation.
     #[error("{spiffe_id} is quarantined after a revocation until {until} (Unix seconds)")]
     Quarantined {
@@ -189,10 +186,9 @@ impl ApiError {
             Self::Mint(_) => "mint",
             Self::Store(_) | Self::IdempotencyConflict | Self::IdentityInUse { .. } => "record",
             Self::ClientCertificateRequired | Self::ClientSvid(_) => "client-certificate",
-            Self::IdentityUnknown(_)
-            | Self::IdentityRevoked
-            | Self::AlreadyRenewed
-            | Self::Quarantined { .. } => "identity",
+            Self::IdentityUnknown(_) | Self::IdentityRevoked | Self::Quarantined { .. } => {
+                "identity"
+            }
             Self::KeyReuse => "csr",
             Self::Unauthorized => "admin",
             Self::NoPolicySource | Self::Reload(_) => "policy-reload",
@@ -229,7 +225,6 @@ impl ApiError {
             Self::ClientSvid(e) => e.reason().into(),
             Self::IdentityUnknown(_) => "unknown-identity".into(),
             Self::IdentityRevoked => "identity-revoked".into(),
-            Self::AlreadyRenewed => "already-renewed".into(),
             Self::Quarantined { .. } => "quarantined".into(),
             Self::KeyReuse => "key-reuse".into(),
             Self::NotFound => "not-found".into(),
@@ -264,7 +259,6 @@ impl ApiError {
             | Self::IdentityRevoked
             | Self::Quarantined { .. }
             | Self::KeyReuse => StatusCode::FORBIDDEN,
-            Self::AlreadyRenewed => StatusCode::CONFLICT,
             Self::TokenRevoked
             | Self::NoPolicyBinding
             | Self::Denied(_)

@@ -1,7 +1,7 @@
 //! `POST /v1/bootstrap/renew`, top to bottom (after the envelope in `api` checked the per-IP
 //! and global limits and the in-flight caps and read the body): the client certificate (our
 //! SVID, verified against the current bundle) → parse → the lineage on record → idempotent
-//! retry → the lineage's standing (revoked, token revoked, already renewed, quarantined) →
+//! retry → the lineage's standing (revoked, token revoked, quarantined) →
 //! per-cluster limit → CSR (a new key unless the policy permits the same) → policy (kind
 //! `renew`, the join's token claims and attestation, the current identity in extensions) →
 //! mint under the same SPIFFE ID → one transaction that links the new identity to its
@@ -131,8 +131,10 @@ async fn lineage(
     Ok(lineage)
 }
 
-/// Revoked, the token revoked, already renewed, quarantined: each its own refusal. (The final
-/// transaction checks all of them again.)
+/// Revoked, the token revoked, quarantined: each its own refusal. (The final transaction checks
+/// all of them again.) A certificate already renewed may renew again, as in SPIRE and step-ca:
+/// an agent that crashed before writing its new files must not be locked out; each renewal is
+/// audited with its predecessor, and revoking any certificate takes every branch below it.
 fn standing(lineage: &Lineage, presented: &ClientSvid, now_ms: u64) -> Result<(), ApiError> {
     if lineage.identity.spiffe_id != presented.spiffe_id.to_string() {
         // Our CA signed a certificate whose record names another SPIFFE ID: the record wins.
@@ -143,9 +145,6 @@ fn standing(lineage: &Lineage, presented: &ClientSvid, now_ms: u64) -> Result<()
     }
     if lineage.token.revoked_at.is_some() {
         return Err(ApiError::TokenRevoked);
-    }
-    if lineage.renewed {
-        return Err(ApiError::AlreadyRenewed);
     }
     if let Some(until) = lineage.quarantined_until {
         return Err(quarantined(&presented.spiffe_id.to_string(), until, now_ms));
@@ -296,7 +295,6 @@ async fn record(
         }
         RenewOutcome::IdempotencyConflict => ApiError::IdempotencyConflict,
         RenewOutcome::Revoked => ApiError::IdentityRevoked,
-        RenewOutcome::AlreadyRenewed => ApiError::AlreadyRenewed,
         RenewOutcome::TokenRevoked => ApiError::TokenRevoked,
         RenewOutcome::Quarantined { until } => {
             quarantined(&presented.spiffe_id.to_string(), until, now_ms)

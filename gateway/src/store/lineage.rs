@@ -42,9 +42,9 @@ pub(super) fn publish(
     Ok(())
 }
 
-/// The final step of a renewal: the presented certificate must still be unrevoked and not yet
-/// renewed, its lineage's token unrevoked and its SPIFFE ID not quarantined; then the successor
-/// is recorded and audited. A refusal writes nothing.
+/// The final step of a renewal: the presented certificate must still be unrevoked, its
+/// lineage's token unrevoked and its SPIFFE ID not quarantined; then the successor is recorded
+/// and audited. A refusal writes nothing.
 pub(super) fn renew(
     tx: &Connection,
     r: &RenewRecord,
@@ -84,12 +84,6 @@ pub(super) fn renew(
     }
     if revoked_at.is_some() {
         return Ok(RenewOutcome::Revoked);
-    }
-    let renewed = tx
-        .prepare_cached("SELECT 1 FROM identities WHERE predecessor = ?1")?
-        .exists([&r.predecessor])?;
-    if renewed {
-        return Ok(RenewOutcome::AlreadyRenewed);
     }
     let spiffe_id = r.identity.spiffe_id.to_string();
     if let Some(until) = quarantined_until(tx, &spiffe_id, r.now)? {

@@ -41,7 +41,7 @@ fn order(target: RevokeTarget, quarantine: u64, now: u64) -> RevokeOrder {
 const NOW: u64 = 1_750_000_000;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_lineage_renews_once_per_certificate_and_a_token_revocation_takes_all_of_it() {
+async fn a_lineage_grows_by_renewals_and_a_token_revocation_takes_all_of_it() {
     let dir = TempDir::new("lineage");
     let (store, token) = open_with_token(&dir, 5).await;
     let joined = issue_record(token.id, "r1", "n1");
@@ -57,7 +57,7 @@ async fn a_lineage_renews_once_per_certificate_and_a_token_revocation_takes_all_
     assert_eq!(lineage.attestation, r#"{"kind":"token-only"}"#);
 
     // First renewal; its retry with the same key gets the same answer; a second renewal of
-    // the same certificate (a copy of it) is refused.
+    // the same certificate (an agent that lost the first answer's files) is a second branch.
     let renewal = renew_record(token.id, &first, &joined, NOW + 10);
     let second = renewal.identity.serial.to_string();
     assert_eq!(
@@ -69,9 +69,10 @@ async fn a_lineage_renews_once_per_certificate_and_a_token_revocation_takes_all_
         RenewOutcome::Replayed("{}".into())
     );
     let fork = renew_record(token.id, &first, &joined, NOW + 11);
+    let branch = fork.identity.serial.to_string();
     assert_eq!(
         store.renew(fork).await.unwrap(),
-        RenewOutcome::AlreadyRenewed
+        RenewOutcome::Renewed { renewals: 1 }
     );
     let renewed = store.lineage(&second, NOW + 12).await.unwrap().unwrap();
     assert_eq!(renewed.renewals, 1);
@@ -94,20 +95,23 @@ async fn a_lineage_renews_once_per_certificate_and_a_token_revocation_takes_all_
         .await
         .unwrap();
     assert!(summary.found && summary.token_revoked);
-    assert_eq!(summary.serials, [first.clone(), second.clone()]);
+    assert_eq!(
+        summary.serials,
+        [first.clone(), second.clone(), branch.clone()]
+    );
     let spiffe_id = joined.identity.spiffe_id.to_string();
     assert_eq!(summary.quarantined.len(), 1);
     assert_eq!(summary.quarantined[0].spiffe_id, spiffe_id);
     assert_eq!(summary.quarantined[0].until, NOW + 620);
     // The feed moved before the revocation was answered.
     assert!(feed.has_changed().unwrap());
-    assert_eq!(*feed.borrow_and_update(), before + 2);
+    assert_eq!(*feed.borrow_and_update(), before + 3);
     let published = store.revocations_since(before, 10).await.unwrap();
     let serials: Vec<_> = published.iter().map(|r| r.serial.clone()).collect();
-    assert_eq!(serials, [first.clone(), second.clone()]);
+    assert_eq!(serials, [first.clone(), second.clone(), branch]);
     assert!(published.iter().all(|r| r.reason == "laptop lost"));
     let (crl, head) = store.unexpired_revocations(NOW + 30).await.unwrap();
-    assert_eq!((crl.len(), head), (2, before + 2));
+    assert_eq!((crl.len(), head), (3, before + 3));
     // Expired ones leave the CRL.
     assert!(
         store
@@ -166,7 +170,9 @@ async fn a_lineage_renews_once_per_certificate_and_a_token_revocation_takes_all_
             "token-issued",
             "identity-issued",
             "identity-renewed",
+            "identity-renewed",
             "token-revoked",
+            "identity-revoked",
             "identity-revoked",
             "identity-revoked",
             "spiffe-id-quarantined",
@@ -181,7 +187,7 @@ async fn a_lineage_renews_once_per_certificate_and_a_token_revocation_takes_all_
         .iter()
         .filter(|e| e.ids().contains(&token.id.to_string().as_str()))
         .count();
-    assert_eq!(by_token, 6);
+    assert_eq!(by_token, 8);
 }
 
 /// Registers another token in `store`.

@@ -315,7 +315,7 @@ pub struct Lineage {
     pub renewals: u32,
     /// The attestation the lineage began with, JSON.
     pub attestation: String,
-    /// Whether this certificate was already renewed (by another request).
+    /// Whether this certificate was renewed already (it may renew again).
     pub renewed: bool,
     /// The token the lineage began with.
     pub token: TokenRecord,
@@ -363,9 +363,6 @@ pub enum RenewOutcome {
     IdempotencyConflict,
     /// The presented certificate was revoked meanwhile.
     Revoked,
-    /// The presented certificate was already renewed by another request: a lineage does not
-    /// fork (a copied certificate cannot quietly grow a second branch).
-    AlreadyRenewed,
     /// The token the lineage began with was revoked.
     TokenRevoked,
     /// The SPIFFE ID is quarantined until this time.
