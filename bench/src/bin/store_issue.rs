@@ -151,6 +151,7 @@ fn record(token: TokenId, i: usize, now: u64) -> BoxResult<IssueRecord> {
             role: "dispatcher".into(),
             not_before: now,
             not_after: now + 3600,
+            issuer: "0".repeat(64),
         },
         response: "x".repeat(1800),
         policy: policy.clone(),

@@ -219,6 +219,7 @@ async fn record(
                 role: claims.role.clone(),
                 not_before: unix(svid.not_before),
                 not_after: unix(svid.not_after),
+                issuer: svid.issuer.clone(),
             },
             response: body.clone(),
             policy: bound.provenance.clone(),

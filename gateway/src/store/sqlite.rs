@@ -71,6 +71,9 @@ const MIGRATIONS: &[&str] = &[
     // 2: identities can be revoked (superseded by a later join for the same SPIFFE ID).
     "ALTER TABLE identities ADD COLUMN revoked_at INTEGER;
      ALTER TABLE identities ADD COLUMN revoked_reason TEXT;",
+    // 3: which CA issued an identity (SHA-256 of its certificate, hex), so a CA is retired only
+    // once its last leaf has expired. NULL for rows from before: the configured CA issued them.
+    "ALTER TABLE identities ADD COLUMN issuer TEXT;",
 ];
 
 /// The schema version this binary writes.
@@ -490,6 +493,25 @@ impl Store for SqliteStore {
                 .await
                 .map_err(|_| StoreError::Closed)?;
             answer.await.map_err(|_| StoreError::Closed)?
+        })
+    }
+
+    fn latest_live_expiry(
+        &self,
+        issuer: &str,
+        with_unattributed: bool,
+        now: u64,
+    ) -> BoxFuture<'_, Result<Option<u64>, StoreError>> {
+        let issuer = issuer.to_string();
+        Box::pin(async move {
+            self.read(|c| {
+                c.prepare_cached(
+                    "SELECT MAX(not_after) FROM identities
+                     WHERE (issuer = ?1 OR (?2 AND issuer IS NULL))
+                       AND revoked_at IS NULL AND not_after > ?3",
+                )?
+                .query_row(params![issuer, with_unattributed, now], |r| r.get(0))
+            })
         })
     }
 

@@ -631,8 +631,8 @@ fn record_identity(tx: &Connection, r: &IssueRecord, token: &str) -> Result<(), 
     let id = &r.identity;
     tx.prepare_cached(
         "INSERT INTO identities (serial, spiffe_id, token_id, node, cluster, role, policy_name,
-             policy_version, module_digest, not_before, not_after, issued_at)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)",
+             policy_version, module_digest, not_before, not_after, issued_at, issuer)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)",
     )?
     .execute(params![
         id.serial.to_string(),
@@ -646,7 +646,8 @@ fn record_identity(tx: &Connection, r: &IssueRecord, token: &str) -> Result<(), 
         r.policy.module_digest,
         id.not_before,
         id.not_after,
-        r.now
+        r.now,
+        id.issuer
     ])?;
     if let Some((key, digest)) = &r.idempotency {
         tx.prepare_cached(
