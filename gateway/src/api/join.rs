@@ -171,7 +171,7 @@ fn attest(
 fn mint(gw: &Gateway, csr: &VerifiedCsr, grant: &Grant) -> Result<Svid, ApiError> {
     let spiffe_id = SpiffeId::new(gw.trust_domain.clone(), grant.path.clone())
         .map_err(|e| ApiError::PolicyFailed(crate::policy::InvalidResult::Path(e).into()))?;
-    Ok(gw.ca.mint(&MintRequest {
+    Ok(gw.trust().active().mint(&MintRequest {
         csr,
         spiffe_id: &spiffe_id,
         dns_sans: &grant.dns_sans,
@@ -470,7 +470,7 @@ fn respond(gw: &Gateway, bound: &BoundPolicy, svid: &Svid, grant: &Grant) -> Joi
         not_after,
         renew_after,
         certificate_chain: svid.cert_pem.clone(),
-        bundle: String::from_utf8_lossy(&gw.bundle_pem).into_owned(),
+        bundle: String::from_utf8_lossy(gw.trust().bundle_pem()).into_owned(),
         policy: PolicyVersion {
             name: bound.provenance.name.clone(),
             version: bound.provenance.version.clone(),

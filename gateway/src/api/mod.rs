@@ -82,11 +82,13 @@ impl Handler for NodeApi {
                 NodeRoute::BundlePem => body(
                     StatusCode::OK,
                     "application/x-pem-file",
-                    gw.bundle_pem.clone(),
+                    gw.trust().bundle_pem().clone(),
                 ),
-                NodeRoute::BundleSpiffe => {
-                    body(StatusCode::OK, "application/json", gw.spiffe_bundle.clone())
-                }
+                NodeRoute::BundleSpiffe => body(
+                    StatusCode::OK,
+                    "application/json",
+                    gw.trust().spiffe_bundle().clone(),
+                ),
                 NodeRoute::Healthz => {
                     body(StatusCode::OK, "text/plain", Bytes::from_static(b"ok\n"))
                 }

@@ -66,6 +66,15 @@ pub struct BundleLabel {
     pub commit: String,
 }
 
+/// Label: a CA of the trust bundle.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct CaLabel {
+    /// SHA-256 of the CA certificate, hex.
+    pub ca: String,
+    /// `active`, `prepared` or `previous`.
+    pub state: &'static str,
+}
+
 /// Every metric the gateway exports.
 #[derive(Debug)]
 pub struct Metrics {
@@ -102,6 +111,10 @@ pub struct Metrics {
     pub policy_circuit_opened: Family<PolicyLabel, Counter>,
     /// A policy's breaker state after its last transition: 0 closed, 1 open, 2 half-open.
     pub policy_circuit_state: Family<PolicyLabel, Gauge>,
+    /// The SPIFFE bundle sequence served (`spiffe_sequence`).
+    pub trust_bundle_sequence: Gauge,
+    /// notAfter (Unix seconds) of each CA in the trust bundle, by CA and state.
+    pub ca_not_after: Family<CaLabel, Gauge>,
     last_active: std::sync::Mutex<Option<BundleLabel>>,
 }
 
@@ -202,7 +215,21 @@ impl Metrics {
             "Policy circuit breaker state after its last transition: 0 closed, 1 open, 2 half-open",
             policy_circuit_state.clone(),
         );
+        let trust_bundle_sequence = Gauge::default();
+        registry.register(
+            "bootstrap_trust_bundle_sequence",
+            "The SPIFFE bundle sequence served; it increases with every CA rotation step",
+            trust_bundle_sequence.clone(),
+        );
+        let ca_not_after = Family::<CaLabel, Gauge>::default();
+        registry.register(
+            "bootstrap_ca_not_after_seconds",
+            "notAfter of each CA in the trust bundle, Unix seconds, by CA and rotation state",
+            ca_not_after.clone(),
+        );
         Self {
+            trust_bundle_sequence,
+            ca_not_after,
             policy_circuit_opened,
             policy_circuit_state,
             policy_reloads,
@@ -311,6 +338,26 @@ impl Metrics {
         self.policy_circuit_state.get_or_create(&label).set(state);
     }
 
+    /// Describes the CA set in force: its sequence, and one series per CA in the bundle (a
+    /// retired CA's series goes away).
+    pub fn trust(&self, set: &crate::identity::CaSet) {
+        self.trust_bundle_sequence
+            .set(i64::try_from(set.sequence()).unwrap_or(i64::MAX));
+        self.ca_not_after.clear();
+        for member in set.cas() {
+            let not_after = member
+                .ca
+                .not_after()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX));
+            let label = CaLabel {
+                ca: member.ca.fingerprint().to_string(),
+                state: member.state.label(),
+            };
+            self.ca_not_after.get_or_create(&label).set(not_after);
+        }
+    }
+
     /// The text exposition of every series.
     pub fn render(&self) -> String {
         let mut out = String::new();
@@ -342,7 +389,27 @@ mod tests {
         m.unauthenticated_refusal("request", "malformed");
         m.unauthenticated_refusal("request", "malformed");
         m.policy_circuit("spin", 1, true);
+        let td = crate::identity::TrustDomain::parse("example.org").unwrap();
+        let (cert, key) = crate::identity::Ca::generate(
+            &td,
+            Duration::from_secs(3600),
+            std::time::UNIX_EPOCH + Duration::from_secs(1_700_000_000),
+        )
+        .unwrap();
+        let ca = crate::identity::Ca::load(&cert, &key).unwrap();
+        let fingerprint = ca.fingerprint().to_string();
+        m.trust(&crate::identity::CaSet::single(
+            ca,
+            Duration::from_secs(300),
+        ));
         let text = m.render();
+        assert!(text.contains("bootstrap_trust_bundle_sequence 1"), "{text}");
+        assert!(
+            text.contains(&format!(
+                "bootstrap_ca_not_after_seconds{{ca=\"{fingerprint}\",state=\"active\"}} 1700003600"
+            )),
+            "{text}"
+        );
         assert!(
             text.contains("bootstrap_connections_refused_total{scope=\"per-ip\"} 1"),
             "{text}"
