@@ -1,5 +1,5 @@
-//! The operator API, on its own listener (loopback by default): issue, list and revoke tokens
-//! with a bearer credential; `/metrics`, `/healthz` and `/readyz` without one (read-only, for
+//! The operator API, on its own listener (loopback by default): issue, list and revoke tokens,
+//! list identities, follow policy versions and rotate the CA (`ca.rs`) with a bearer credential; `/metrics`, `/healthz` and `/readyz` without one (read-only, for
 //! scrapers and load balancers).
 
 use std::sync::Arc;
@@ -147,6 +147,9 @@ async fn route(
                 StatusCode::OK,
                 &reload_response(gw, changed.is_some()),
             ))
+        }
+        (method, path, _) if path == "/admin/v1/ca" || path.starts_with("/admin/v1/ca/") => {
+            super::ca::route(gw, method, path, request).await
         }
         (_, "/admin/v1/tokens", _) | (_, _, Some(_)) => Err(ApiError::MethodNotAllowed),
         _ => Err(ApiError::NotFound),
@@ -302,7 +305,7 @@ fn authorize(gw: &Gateway, request: &Request<Incoming>) -> Result<(), ApiError> 
     .map_err(|_| ApiError::Unauthorized)
 }
 
-async fn read(request: Request<Incoming>) -> Result<Bytes, ApiError> {
+pub(super) async fn read(request: Request<Incoming>) -> Result<Bytes, ApiError> {
     Limited::new(request.into_body(), MAX_ADMIN_BODY)
         .collect()
         .await

@@ -7,6 +7,7 @@
 //! audit entry of its own, written before the response.
 
 mod admin;
+mod ca;
 mod join;
 mod problem;
 mod refusals;
