@@ -13,47 +13,14 @@
 
 use std::time::{Duration, Instant, SystemTime};
 
-use gateway::api::wire::{JoinResponse, RenewRequest, RevocationPage};
-use omnirelay_e2e::raw::{RawResponse, exchange, mtls, raw_problem};
+use gateway::api::wire::RevocationPage;
+use omnirelay_e2e::raw::{raw_problem, renew, renewed};
 use omnirelay_e2e::{
     Gateway, NodeKey, TRUST_DOMAIN, join_as, join_request, omnirelay, post_join, problem,
     verify_with_webpki,
 };
 use rustls_pki_types::CertificateDer;
 use rustls_pki_types::pem::PemObject;
-
-/// Posts a renewal with `identity` as the client certificate.
-async fn renew(
-    gw: &Gateway,
-    identity: Option<(&str, &str)>,
-    csr: &str,
-    idempotency_key: Option<&str>,
-) -> RawResponse {
-    let body = serde_json::to_vec(&RenewRequest {
-        csr: csr.to_string(),
-        idempotency_key: idempotency_key.map(str::to_string),
-    })
-    .unwrap();
-    let mut stream = mtls(gw, identity).await;
-    exchange(
-        &mut stream,
-        "POST",
-        "/v1/bootstrap/renew",
-        &[("content-type", "application/json")],
-        &body,
-    )
-    .await
-}
-
-fn renewed(response: &RawResponse) -> JoinResponse {
-    assert_eq!(
-        response.status,
-        200,
-        "{}",
-        String::from_utf8_lossy(&response.body)
-    );
-    serde_json::from_slice(&response.body).unwrap()
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_node_renews_over_mtls_and_the_audit_links_both_serials_to_its_token() {

@@ -83,7 +83,8 @@ impl Signals {
 /// Builds the gateway and starts serving.
 pub async fn start(config: &Config) -> anyhow::Result<Running> {
     let gateway = Arc::new(Gateway::build(config).await?);
-    let tls = server_tls(&config.server.tls_cert, &config.server.tls_key)?;
+    let tls = server_tls(gateway.serving.clone())?;
+    gateway.metrics.trust(&gateway.trust());
     let node = TcpListener::bind(config.server.listen)
         .await
         .with_context(|| format!("binding {}", config.server.listen))?;
@@ -153,7 +154,7 @@ async fn housekeeping(gateway: Arc<Gateway>, mut stop: watch::Receiver<bool>) {
 async fn publish_revocations(gateway: Arc<Gateway>, stop: watch::Receiver<bool>) {
     gateway
         .revocations
-        .run(gateway.store.clone(), &gateway.ca, stop, |_| {})
+        .run(gateway.store.clone(), || gateway.trust(), stop)
         .await;
 }
 

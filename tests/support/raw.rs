@@ -186,3 +186,38 @@ pub async fn exchange(
     stream.flush().await.unwrap();
     read_response(stream).await
 }
+
+/// Posts a renewal (`POST /v1/bootstrap/renew`) with `identity` (a PEM chain and its PKCS#8
+/// PEM key) as the client certificate, or none.
+pub async fn renew(
+    gw: &Gateway,
+    identity: Option<(&str, &str)>,
+    csr: &str,
+    idempotency_key: Option<&str>,
+) -> RawResponse {
+    let body = serde_json::to_vec(&gateway::api::wire::RenewRequest {
+        csr: csr.to_string(),
+        idempotency_key: idempotency_key.map(str::to_string),
+    })
+    .unwrap();
+    let mut stream = mtls(gw, identity).await;
+    exchange(
+        &mut stream,
+        "POST",
+        "/v1/bootstrap/renew",
+        &[("content-type", "application/json")],
+        &body,
+    )
+    .await
+}
+
+/// The answer of a renewal that must have succeeded.
+pub fn renewed(response: &RawResponse) -> gateway::api::wire::JoinResponse {
+    assert_eq!(
+        response.status,
+        200,
+        "{}",
+        String::from_utf8_lossy(&response.body)
+    );
+    serde_json::from_slice(&response.body).unwrap()
+}

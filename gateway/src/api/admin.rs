@@ -1,5 +1,5 @@
-//! The operator API, on its own listener (loopback by default): issue, list and revoke tokens
-//! with a bearer credential; `/metrics`, `/healthz` and `/readyz` without one (read-only, for
+//! The operator API, on its own listener (loopback by default): issue, list and revoke tokens,
+//! list identities, follow policy versions and rotate the CA (`ca.rs`) with a bearer credential; `/metrics`, `/healthz` and `/readyz` without one (read-only, for
 //! scrapers and load balancers).
 
 use std::sync::Arc;
@@ -210,6 +210,9 @@ async fn route(
                 &reload_response(gw, changed.is_some()),
             ))
         }
+        (method, path, _) if path == "/admin/v1/ca" || path.starts_with("/admin/v1/ca/") => {
+            super::ca::route(gw, method, path, request).await
+        }
         (_, "/admin/v1/tokens", _) | (_, _, Some(_)) => Err(ApiError::MethodNotAllowed),
         _ => Err(ApiError::NotFound),
     }
@@ -237,7 +240,7 @@ async fn revoke(
         .await?;
     gw.metrics.revocations.inc_by(summary.serials.len() as u64);
     if !summary.serials.is_empty()
-        && let Err(e) = gw.revocations.refresh(gw.store.as_ref(), &gw.ca).await
+        && let Err(e) = gw.revocations.refresh(gw.store.as_ref(), &gw.trust()).await
     {
         // The background publisher tries again; the revocation itself is durable.
         tracing::error!(error = %e, "cannot sign the CRL after a revocation");
@@ -249,9 +252,13 @@ async fn revoke(
 async fn refresh_gauges(gw: &Gateway) {
     let now = now();
     let m = &gw.metrics;
-    let crl = gw.revocations.current();
+    let signed = gw
+        .revocations
+        .current()
+        .active()
+        .map_or(0, |crl| crl.this_update);
     m.crl_age_seconds
-        .set(i64::try_from(now.saturating_sub(crl.this_update)).unwrap_or(i64::MAX));
+        .set(i64::try_from(now.saturating_sub(signed)).unwrap_or(i64::MAX));
     match gw
         .store
         .expiry_summary(now, gw.identity.renew_remaining_percent)
@@ -417,7 +424,7 @@ fn authorize(gw: &Gateway, request: &Request<Incoming>) -> Result<(), ApiError> 
     .map_err(|_| ApiError::Unauthorized)
 }
 
-async fn read(request: Request<Incoming>) -> Result<Bytes, ApiError> {
+pub(super) async fn read(request: Request<Incoming>) -> Result<Bytes, ApiError> {
     Limited::new(request.into_body(), MAX_ADMIN_BODY)
         .collect()
         .await

@@ -1,5 +1,6 @@
-//! What relying parties read to stop trusting revoked certificates before they expire: the CRL
-//! (`GET /v1/crl`, DER, or PEM when the `Accept` header asks for it) and the revocation feed
+//! What relying parties read to stop trusting revoked certificates before they expire: the CRLs
+//! (`GET /v1/crl`: the active CA's, DER; `?ca=<fingerprint>` another CA's of the bundle; with
+//! `Accept: application/x-pem-file` every CA's, PEM, one after the other) and the revocation feed
 //! (`GET /v1/revocations?since=SEQ&wait=SECS`, long-polled: answered at once when entries
 //! after `since` exist, else when one arrives or `wait` seconds pass). Both are public, like
 //! the bundle, and under the per-client and global limits of their own door.
@@ -19,33 +20,63 @@ use crate::revocation::{MAX_FEED_PAGE, MAX_FEED_WAIT};
 use crate::state::Gateway;
 use crate::wire::{Revocation, RevocationPage};
 
-/// `GET /v1/crl`.
-pub(super) fn crl(
+/// `GET /v1/crl[?ca=FINGERPRINT]`. The CRLs are signed again first when they are out of date
+/// (a revocation on another path, a CA rotation, half their validity gone).
+pub(super) async fn crl(
     gw: &Gateway,
     request: &Request<Incoming>,
     client_ip: IpAddr,
     request_id: &str,
 ) -> Response<Full<Bytes>> {
-    if let Err(limited) = gw.limits.check_client(Door::Feed, client_ip) {
-        return rescue(&super::join::limited(gw, limited), request_id);
+    match crl_response(gw, request, client_ip).await {
+        Ok(response) => response,
+        Err(error) => rescue(&error, request_id),
     }
-    let crl = gw.revocations.current();
+}
+
+async fn crl_response(
+    gw: &Gateway,
+    request: &Request<Incoming>,
+    client_ip: IpAddr,
+) -> Result<Response<Full<Bytes>>, ApiError> {
+    gw.limits
+        .check_client(Door::Feed, client_ip)
+        .map_err(|l| super::join::limited(gw, l))?;
+    let crls = gw
+        .revocations
+        .refresh(gw.store.as_ref(), &gw.trust())
+        .await
+        .unwrap_or_else(|e| {
+            tracing::error!(error = %e, "cannot sign the CRLs; serving the last ones");
+            gw.revocations.current()
+        });
+    let wanted =
+        match request.uri().query().unwrap_or("") {
+            "" => None,
+            query => Some(query.strip_prefix("ca=").ok_or_else(|| {
+                ApiError::Malformed("the only parameter is ca=<fingerprint>".into())
+            })?),
+        };
     let wants_pem = request
         .headers()
         .get(header::ACCEPT)
         .and_then(|v| v.to_str().ok())
         .is_some_and(|accept| accept.contains("pem"));
-    let mut response = if wants_pem {
-        body(StatusCode::OK, "application/x-pem-file", crl.pem.clone())
-    } else {
-        body(StatusCode::OK, "application/pkix-crl", crl.der.clone())
+    let crl = match wanted {
+        Some(ca) => crls.of(ca).ok_or(ApiError::NotFound)?,
+        None => crls.active().ok_or(ApiError::NotFound)?,
     };
-    // Caches may keep it until the next one is due at the latest.
+    let mut response = match (wants_pem, wanted) {
+        (true, None) => body(StatusCode::OK, "application/x-pem-file", crls.pem()),
+        (true, Some(_)) => body(StatusCode::OK, "application/x-pem-file", crl.pem.clone()),
+        (false, _) => body(StatusCode::OK, "application/pkix-crl", crl.der.clone()),
+    };
+    // Caches may keep it a minute at most, and never past its next update.
     let max_age = crl.next_update.saturating_sub(gw.now_ms() / 1000);
     if let Ok(value) = header::HeaderValue::from_str(&format!("max-age={}", max_age.min(60))) {
         response.headers_mut().insert(header::CACHE_CONTROL, value);
     }
-    response
+    Ok(response)
 }
 
 /// `GET /v1/revocations?since=SEQ&wait=SECS`.

@@ -171,7 +171,7 @@ fn attest(
 fn mint(gw: &Gateway, csr: &VerifiedCsr, grant: &Grant) -> Result<Svid, ApiError> {
     let spiffe_id = SpiffeId::new(gw.trust_domain.clone(), grant.path.clone())
         .map_err(|e| ApiError::PolicyFailed(crate::policy::InvalidResult::Path(e).into()))?;
-    Ok(gw.ca.mint(&MintRequest {
+    Ok(gw.trust().active().mint(&MintRequest {
         csr,
         spiffe_id: &spiffe_id,
         dns_sans: &grant.dns_sans,
@@ -221,6 +221,7 @@ async fn record(
                 not_after: unix(svid.not_after),
                 // Serialising strings, integers and enums cannot fail.
                 attestation: serde_json::to_string(&checked.attestation).unwrap_or_default(),
+                issuer: svid.issuer.clone(),
             },
             response: body.clone(),
             policy: bound.provenance.clone(),
@@ -479,7 +480,7 @@ pub(super) fn respond(
         not_after,
         renew_after,
         certificate_chain: svid.cert_pem.clone(),
-        bundle: String::from_utf8_lossy(&gw.bundle_pem).into_owned(),
+        bundle: String::from_utf8_lossy(gw.trust().bundle_pem()).into_owned(),
         policy: PolicyVersion {
             name: bound.provenance.name.clone(),
             version: bound.provenance.version.clone(),

@@ -7,6 +7,7 @@
 //! audit entry of its own, written before the response.
 
 mod admin;
+mod ca;
 mod feed;
 mod join;
 mod problem;
@@ -87,7 +88,7 @@ impl Handler for NodeApi {
                 NodeRoute::Renew => {
                     issue_endpoint(gw, Issuance::Renew, request, &peer, &request_id).await
                 }
-                NodeRoute::Crl => feed::crl(gw, &request, peer.addr.ip(), &request_id),
+                NodeRoute::Crl => feed::crl(gw, &request, peer.addr.ip(), &request_id).await,
                 NodeRoute::Revocations => {
                     feed::revocations(gw, &request, peer.addr.ip(), &request_id).await
                 }
@@ -95,11 +96,13 @@ impl Handler for NodeApi {
                 NodeRoute::BundlePem => body(
                     StatusCode::OK,
                     "application/x-pem-file",
-                    gw.bundle_pem.clone(),
+                    gw.trust().bundle_pem().clone(),
                 ),
-                NodeRoute::BundleSpiffe => {
-                    body(StatusCode::OK, "application/json", gw.spiffe_bundle.clone())
-                }
+                NodeRoute::BundleSpiffe => body(
+                    StatusCode::OK,
+                    "application/json",
+                    gw.trust().spiffe_bundle().clone(),
+                ),
                 NodeRoute::Healthz => {
                     body(StatusCode::OK, "text/plain", Bytes::from_static(b"ok\n"))
                 }

@@ -11,9 +11,10 @@ use http_body_util::Full;
 use hyper::Response;
 
 use crate::attest::AttestError;
-use crate::identity::{ClientSvidError, CsrError, IdentityError};
+use crate::identity::{ClientSvidError, CsrError, IdentityError, RotationError};
 use crate::limits::Limited;
 use crate::policy::{PolicyError, Refusal};
+use crate::server::TlsError;
 use crate::store::StoreError;
 use crate::token::TokenError;
 use crate::wire::Problem;
@@ -161,6 +162,12 @@ pub enum ApiError {
     /// A policy reload, pin or unpin refused the candidate version.
     #[error("policy version refused: {0}")]
     Reload(#[from] crate::reload::ReloadError),
+    /// A CA rotation step was refused by the rotation's rules, or failed.
+    #[error("CA rotation: {0}")]
+    Rotation(#[from] RotationError),
+    /// The serving certificate re-issued under a new CA could not be loaded.
+    #[error("serving certificate: {0}")]
+    ServingCert(#[from] TlsError),
 }
 
 impl ApiError {
@@ -192,6 +199,7 @@ impl ApiError {
             Self::KeyReuse => "csr",
             Self::Unauthorized => "admin",
             Self::NoPolicySource | Self::Reload(_) => "policy-reload",
+            Self::Rotation(_) | Self::ServingCert(_) => "ca-rotation",
         }
     }
 
@@ -232,6 +240,8 @@ impl ApiError {
             Self::Unauthorized => "unauthorized".into(),
             Self::NoPolicySource => "no-policy-source".into(),
             Self::Reload(e) => e.label().into(),
+            Self::Rotation(e) => e.reason().into(),
+            Self::ServingCert(_) => "serving-certificate".into(),
         }
     }
 
@@ -273,6 +283,8 @@ impl ApiError {
             Self::NotFound | Self::NoPolicySource => StatusCode::NOT_FOUND,
             Self::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             Self::Reload(_) => StatusCode::UNPROCESSABLE_ENTITY,
+            Self::Rotation(e) if e.is_refusal() => StatusCode::CONFLICT,
+            Self::Rotation(_) | Self::ServingCert(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
 

@@ -82,7 +82,7 @@ pub(super) async fn renew(
     {
         return Err(ApiError::KeyReuse);
     }
-    let svid = gw.ca.mint(&MintRequest {
+    let svid = gw.trust().active().mint(&MintRequest {
         csr: &csr,
         spiffe_id: &presented.spiffe_id,
         dns_sans: &grant.dns_sans,
@@ -103,7 +103,7 @@ fn authenticate(
     let chain = chain.ok_or(ApiError::ClientCertificateRequired)?;
     Ok(identity::verify_client_svid(
         chain,
-        &gw.roots,
+        gw.trust().roots(),
         &gw.trust_domain,
         SystemTime::now(),
     )?)
@@ -275,6 +275,7 @@ async fn record(
                 not_before: unix(svid.not_before),
                 not_after: unix(svid.not_after),
                 attestation: lineage.attestation.clone(),
+                issuer: svid.issuer.clone(),
             },
             response: body.clone(),
             policy: bound.provenance.clone(),

@@ -327,6 +327,46 @@ pub enum AuditEvent {
         /// How long it stays open, milliseconds (0 for other transitions).
         cooldown_ms: u64,
     },
+    /// An operator published a new CA in the trust bundle (`ca prepare`); it does not sign yet.
+    CaPrepared {
+        /// SHA-256 of the new CA certificate, hex.
+        fingerprint: String,
+        /// The new CA's notAfter, Unix seconds.
+        not_after: u64,
+        /// The SPIFFE bundle sequence that publishes it.
+        sequence: u64,
+        /// Who (operator identity).
+        prepared_by: String,
+    },
+    /// An operator made the prepared CA the signer (`ca activate`); the one it replaces stays
+    /// in the bundle until retired.
+    CaActivated {
+        /// SHA-256 of the CA that signs from now on, hex.
+        fingerprint: String,
+        /// SHA-256 of the CA that signed until now, hex.
+        previous: String,
+        /// The SPIFFE bundle sequence after the change.
+        sequence: u64,
+        /// Whether the gateway's serving certificate was issued again under the new CA.
+        serving_reissued: bool,
+        /// Who (operator identity).
+        activated_by: String,
+    },
+    /// An operator dropped the previous CA from the trust bundle (`ca retire`).
+    CaRetired {
+        /// SHA-256 of the retired CA, hex.
+        fingerprint: String,
+        /// The SPIFFE bundle sequence after the change.
+        sequence: u64,
+        /// Retired with `--force` although certificates it issued were still live.
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        forced: bool,
+        /// When forced: the latest notAfter of its live certificates, Unix seconds.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        live_until: Option<u64>,
+        /// Who (operator identity).
+        retired_by: String,
+    },
 }
 
 /// Which policy decided: enough to replay the decision offline.
@@ -349,7 +389,7 @@ pub struct PolicyRef {
 
 impl AuditEvent {
     /// Every identifier the event mentions (token id, SPIFFE ID, serial, request id, policy
-    /// commit), for queries. Free text (reasons, notes), operator names, node names, addresses and rate-limit
+    /// commit, CA fingerprint), for queries. Free text (reasons, notes), operator names, node names, addresses and rate-limit
     /// keys are not identifiers and are not listed.
     pub fn ids(&self) -> Vec<&str> {
         match self {
@@ -431,6 +471,14 @@ impl AuditEvent {
             Self::PolicyActivated { commit, .. }
             | Self::PolicyRejected { commit, .. }
             | Self::PolicyPinned { commit, .. } => vec![commit],
+            Self::CaPrepared { fingerprint, .. } | Self::CaRetired { fingerprint, .. } => {
+                vec![fingerprint]
+            }
+            Self::CaActivated {
+                fingerprint,
+                previous,
+                ..
+            } => vec![fingerprint, previous],
         }
     }
 
@@ -457,6 +505,9 @@ impl AuditEvent {
             Self::PolicyUnpinned { .. } => "policy-unpinned",
             Self::Checkpoint { .. } => "checkpoint",
             Self::PolicyCircuit { .. } => "policy-circuit",
+            Self::CaPrepared { .. } => "ca-prepared",
+            Self::CaActivated { .. } => "ca-activated",
+            Self::CaRetired { .. } => "ca-retired",
         }
     }
 }

@@ -9,6 +9,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand, ValueEnum};
 
 mod audit;
+mod ca;
 mod demo;
 mod identities;
 pub mod init;
@@ -77,6 +78,9 @@ enum Command {
     /// Issue, list and revoke bootstrap tokens (through the admin API).
     #[command(subcommand)]
     Token(token::TokenCommand),
+    /// Rotate the CA in stages: prepare, activate, retire (through the admin API).
+    #[command(subcommand)]
+    Ca(ca::CaCommand),
     /// List issued identities (the inventory, through the admin API).
     #[command(subcommand)]
     Identities(identities::IdentitiesCommand),
@@ -166,6 +170,7 @@ async fn run(command: Command) -> anyhow::Result<ExitCode> {
         Command::CheckConfig { config } => serve::check_config(&config),
         Command::Demo { dir } => demo::demo(dir).await,
         Command::Token(cmd) => token::run(cmd).await,
+        Command::Ca(cmd) => ca::run(cmd).await,
         Command::Identities(cmd) => identities::run(cmd).await,
         Command::Revoke(args) => revoke::revoke(args).await,
         Command::Quarantine(cmd) => revoke::quarantine(cmd).await,

@@ -429,6 +429,7 @@ impl Validator<'_> {
         IdentityConfig {
             ca_cert: self.path(raw.ca_cert, &d.ca_cert),
             ca_key: self.path(raw.ca_key, &d.ca_key),
+            rotation_dir: self.path(raw.rotation_dir, &d.rotation_dir),
             max_ttl: self.duration("identity.max_ttl", raw.max_ttl, d.max_ttl),
             renew_remaining_percent: percent,
             bundle_refresh_hint: self.duration(

@@ -47,6 +47,8 @@ pub struct Ca {
     issuer: Issuer<'static, KeyPair>,
     cert_pem: String,
     cert_der: Vec<u8>,
+    fingerprint: String,
+    not_before: i64,
     not_after: i64,
     curve: Curve,
 }
@@ -93,6 +95,8 @@ pub struct Svid {
     pub cert_der: Vec<u8>,
     /// The certificate, PEM.
     pub cert_pem: String,
+    /// The issuing CA's [`Ca::fingerprint`].
+    pub issuer: String,
 }
 
 impl Ca {
@@ -101,6 +105,17 @@ impl Ca {
     /// `validity`. Returns (certificate PEM, PKCS#8 private key PEM).
     pub fn generate(
         trust_domain: &TrustDomain,
+        validity: Duration,
+        now: SystemTime,
+    ) -> Result<(String, String), IdentityError> {
+        Self::generate_named(trust_domain, "OmniRelay bootstrap CA", validity, now)
+    }
+
+    /// [`Ca::generate`] with another common name: CAs that share a bundle get distinct subjects
+    /// (a rotation's next CA), so a verifier never has to tell them apart by key alone.
+    pub fn generate_named(
+        trust_domain: &TrustDomain,
+        common_name: &str,
         validity: Duration,
         now: SystemTime,
     ) -> Result<(String, String), IdentityError> {
@@ -117,7 +132,7 @@ impl Ca {
             .push(DnType::OrganizationName, "OmniRelay");
         params
             .distinguished_name
-            .push(DnType::CommonName, "OmniRelay bootstrap CA");
+            .push(DnType::CommonName, common_name);
         params.subject_alt_names = vec![SanType::URI(ia5(format!("spiffe://{trust_domain}"))?)];
         params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
         params.key_usages = vec![
@@ -160,6 +175,7 @@ impl Ca {
         if !cert.subject().iter().all(|rdn| rdn.iter().count() == 1) {
             return Err(IdentityError::SubjectNotReproducible);
         }
+        let not_before = cert.validity().not_before.timestamp();
         let not_after = cert.validity().not_after.timestamp();
         let ca_subject = cert.subject().as_raw().to_vec();
         let issuer = Issuer::from_ca_cert_der(&der, key)
@@ -168,6 +184,8 @@ impl Ca {
             issuer,
             cert_pem: pem_encode("CERTIFICATE", &der),
             cert_der: der.to_vec(),
+            fingerprint: hex::encode(Sha256::digest(&der)),
+            not_before,
             not_after,
             curve,
         };
@@ -183,6 +201,17 @@ impl Ca {
     /// The CA certificate, DER.
     pub fn cert_der(&self) -> &[u8] {
         &self.cert_der
+    }
+
+    /// SHA-256 of the CA certificate's DER, lowercase hex: how the rotation state, the audit
+    /// log and the store's `issuer` column name this CA.
+    pub fn fingerprint(&self) -> &str {
+        &self.fingerprint
+    }
+
+    /// The CA's notBefore.
+    pub fn not_before(&self) -> SystemTime {
+        to_system_time(self.not_before)
     }
 
     /// The CA's notAfter.
@@ -213,6 +242,7 @@ impl Ca {
             not_after: to_system_time(not_after),
             cert_pem: cert.pem(),
             cert_der: cert.der().to_vec(),
+            issuer: self.fingerprint.clone(),
         })
     }
 
@@ -315,7 +345,7 @@ impl fmt::Debug for Ca {
     /// Identifies the CA by certificate digest; the key never appears.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Ca")
-            .field("cert_sha256", &hex::encode(Sha256::digest(&self.cert_der)))
+            .field("cert_sha256", &self.fingerprint)
             .field("curve", &self.curve)
             .field("not_after", &self.not_after)
             .finish_non_exhaustive()

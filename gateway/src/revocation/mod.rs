@@ -1,9 +1,9 @@
-//! Publishing revocations: the X.509 CRL signed by the CA (`GET /v1/crl`) and the feed relying
-//! parties follow (`GET /v1/revocations?since=SEQ`, long-polled). Promises: the CRL lists every
-//! revoked certificate the store holds that has not expired, as of its generation; it is signed
-//! again after every revocation (on this replica before the revoking request is answered) and
-//! when half of its validity has passed; CRL numbers only grow, across restarts too (they are
-//! derived from the signing time in milliseconds).
+//! Publishing revocations: X.509 CRLs signed by the CAs of the bundle (`GET /v1/crl`) and the
+//! feed relying parties follow (`GET /v1/revocations?since=SEQ`, long-polled). Promises: a CRL
+//! lists every revoked certificate the store holds that has not expired, as of its signing; the
+//! CRLs are signed again after every revocation (on this replica before the revoking request is
+//! answered), when the CA set changes, and when half of their validity has passed; CRL numbers
+//! only grow, across restarts too (they are derived from the signing time in milliseconds).
 
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -11,7 +11,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use bytes::Bytes;
 use tokio::sync::watch;
 
-use crate::identity::{Ca, CrlEntry, IdentityError, Serial, pem_encode};
+use crate::identity::{CaSet, CrlEntry, IdentityError, Serial, pem_encode};
 use crate::store::{Store, StoreError};
 
 /// Most entries one page of the feed carries.
@@ -36,6 +36,8 @@ pub enum RevocationError {
 /// One signed CRL.
 #[derive(Debug, Clone)]
 pub struct Crl {
+    /// The signing CA's fingerprint (SHA-256 of its certificate, hex).
+    pub ca: String,
     /// DER.
     pub der: Bytes,
     /// PEM (`X509 CRL`).
@@ -46,29 +48,63 @@ pub struct Crl {
     pub this_update: u64,
     /// nextUpdate, Unix seconds.
     pub next_update: u64,
-    /// The feed position it covers: every revocation up to this one is in it (unless expired).
-    pub head: u64,
     /// Entries listed.
     pub entries: usize,
 }
 
-/// Keeps the current CRL and signs the next.
+/// The CRLs in force: one per CA of the bundle (the active CA's first), all listing every
+/// revoked, unexpired certificate. (A serial is 128 random bits, so listing another CA's
+/// certificate in a CRL is harmless, and a relying party can take any CA's CRL without knowing
+/// which CA issued what during a rotation.)
+#[derive(Debug, Clone)]
+pub struct Crls {
+    /// The CRLs, the active CA's first.
+    pub by_ca: Vec<Crl>,
+    /// The feed position they cover: every revocation up to it is listed (unless expired).
+    pub head: u64,
+    /// The bundle sequence of the CA set that signed them.
+    pub sequence: u64,
+}
+
+impl Crls {
+    /// The active CA's CRL.
+    pub fn active(&self) -> Option<&Crl> {
+        self.by_ca.first()
+    }
+
+    /// The CRL of the CA with this fingerprint.
+    pub fn of(&self, ca: &str) -> Option<&Crl> {
+        self.by_ca.iter().find(|crl| crl.ca == ca)
+    }
+
+    /// Every CRL, PEM, one after the other (what `openssl crl` and most relying parties load).
+    pub fn pem(&self) -> Bytes {
+        Bytes::from(
+            self.by_ca
+                .iter()
+                .flat_map(|crl| crl.pem.iter().copied())
+                .collect::<Vec<u8>>(),
+        )
+    }
+}
+
+/// Keeps the CRLs in force and signs the next.
 #[derive(Debug)]
 pub struct Publisher {
-    current: RwLock<Arc<Crl>>,
+    current: RwLock<Arc<Crls>>,
     /// One signing at a time, so numbers and heads only move forward.
     signing: tokio::sync::Mutex<()>,
     validity: Duration,
 }
 
 impl Publisher {
-    /// Signs the first CRL from what the store holds.
+    /// Signs the first CRLs from what the store holds.
     pub async fn start(
         store: &dyn Store,
-        ca: &Ca,
+        trust: &CaSet,
         validity: Duration,
     ) -> Result<Self, RevocationError> {
-        let first = sign(store, ca, validity, 0).await?;
+        let first = sign(store, trust, validity, 0).await?;
         Ok(Self {
             current: RwLock::new(Arc::new(first)),
             signing: tokio::sync::Mutex::new(()),
@@ -76,30 +112,40 @@ impl Publisher {
         })
     }
 
-    /// The CRL in force.
-    pub fn current(&self) -> Arc<Crl> {
+    /// The CRLs in force.
+    pub fn current(&self) -> Arc<Crls> {
         match self.current.read() {
-            Ok(crl) => crl.clone(),
+            Ok(crls) => crls.clone(),
             Err(poisoned) => poisoned.into_inner().clone(),
         }
     }
 
-    /// Signs a new CRL when the store has revocations the current one lacks, or when half of
-    /// its validity has passed. Returns the CRL in force afterwards.
-    pub async fn refresh(&self, store: &dyn Store, ca: &Ca) -> Result<Arc<Crl>, RevocationError> {
+    /// Signs new CRLs when the store has revocations the current ones lack, the CA set
+    /// changed, or half of their validity has passed. Returns the CRLs in force afterwards.
+    pub async fn refresh(
+        &self,
+        store: &dyn Store,
+        trust: &CaSet,
+    ) -> Result<Arc<Crls>, RevocationError> {
+        if self.fresh(store, trust).is_some() {
+            return Ok(self.current());
+        }
         let _one_at_a_time = self.signing.lock().await;
-        let current = self.current();
-        let head = *store.revocation_head().borrow();
-        let now = unix(SystemTime::now());
-        let half_life = self.validity.as_secs() / 2;
-        if head == current.head && now < current.this_update.saturating_add(half_life) {
+        if let Some(current) = self.fresh(store, trust) {
             return Ok(current);
         }
-        let next = Arc::new(sign(store, ca, self.validity, current.number).await?);
+        let previous = self
+            .current()
+            .by_ca
+            .iter()
+            .map(|crl| crl.number)
+            .max()
+            .unwrap_or(0);
+        let next = Arc::new(sign(store, trust, self.validity, previous).await?);
         tracing::info!(
-            number = next.number,
-            entries = next.entries,
             head = next.head,
+            cas = next.by_ca.len(),
+            entries = next.by_ca.first().map_or(0, |crl| crl.entries),
             "CRL signed"
         );
         match self.current.write() {
@@ -109,21 +155,32 @@ impl Publisher {
         Ok(next)
     }
 
-    /// Keeps the CRL current until `stop`: after every revocation the store reports (from any
-    /// request on this replica, a superseding join included) and at half of its validity.
+    /// The current CRLs if nothing asks for new ones.
+    fn fresh(&self, store: &dyn Store, trust: &CaSet) -> Option<Arc<Crls>> {
+        let current = self.current();
+        let head = *store.revocation_head().borrow();
+        let now = unix(SystemTime::now());
+        let signed = current.by_ca.first().map_or(0, |crl| crl.this_update);
+        let half_life = self.validity.as_secs() / 2;
+        (head == current.head
+            && current.sequence == trust.sequence()
+            && now < signed.saturating_add(half_life))
+        .then_some(current)
+    }
+
+    /// Keeps the CRLs current until `stop`: after every revocation the store reports (from any
+    /// request on this replica, a superseding join included) and at half of their validity.
     pub async fn run(
         &self,
         store: Arc<dyn Store>,
-        ca: &Ca,
+        trust: impl Fn() -> Arc<CaSet>,
         mut stop: watch::Receiver<bool>,
-        on_signed: impl Fn(&Crl),
     ) {
         let mut heads = store.revocation_head();
         let recheck = (self.validity / 2).max(Duration::from_secs(30));
         loop {
-            match self.refresh(store.as_ref(), ca).await {
-                Ok(crl) => on_signed(&crl),
-                Err(e) => tracing::error!(error = %e, "cannot sign the CRL; serving the last one"),
+            if let Err(e) = self.refresh(store.as_ref(), &trust()).await {
+                tracing::error!(error = %e, "cannot sign the CRL; serving the last one");
             }
             tokio::select! {
                 changed = heads.changed() => if changed.is_err() { return },
@@ -134,13 +191,14 @@ impl Publisher {
     }
 }
 
-/// Signs a CRL of every unexpired revocation, numbered above `previous`.
+/// Signs, with every CA of `trust`, a CRL of every unexpired revocation, numbered above
+/// `previous`.
 async fn sign(
     store: &dyn Store,
-    ca: &Ca,
+    trust: &CaSet,
     validity: Duration,
     previous: u64,
-) -> Result<Crl, RevocationError> {
+) -> Result<Crls, RevocationError> {
     let now = SystemTime::now();
     let (revoked, head) = store.unexpired_revocations(unix(now)).await?;
     let entries = revoked
@@ -162,16 +220,31 @@ async fn sign(
     .unwrap_or(u64::MAX);
     let number = millis.max(previous.saturating_add(1));
     let next_update = now + validity;
-    let der = ca.crl(&entries, number, now, next_update)?;
-    let pem = pem_encode("X509 CRL", &der);
-    Ok(Crl {
-        der: Bytes::from(der),
-        pem: Bytes::from(pem),
-        number,
-        this_update: unix(now),
-        next_update: unix(next_update),
+    let active = trust.active();
+    let signers = std::iter::once(active).chain(
+        trust
+            .cas()
+            .iter()
+            .map(|trusted| &trusted.ca)
+            .filter(|ca| ca.fingerprint() != active.fingerprint()),
+    );
+    let mut by_ca = Vec::new();
+    for ca in signers {
+        let der = ca.crl(&entries, number, now, next_update)?;
+        by_ca.push(Crl {
+            ca: ca.fingerprint().to_string(),
+            pem: Bytes::from(pem_encode("X509 CRL", &der)),
+            der: Bytes::from(der),
+            number,
+            this_update: unix(now),
+            next_update: unix(next_update),
+            entries: entries.len(),
+        });
+    }
+    Ok(Crls {
+        by_ca,
         head,
-        entries: entries.len(),
+        sequence: trust.sequence(),
     })
 }
 

@@ -23,7 +23,7 @@ use tokio::sync::{Semaphore, watch};
 use tokio::task::JoinSet;
 use tokio_rustls::TlsAcceptor;
 
-pub use tls::{TlsError, server_tls};
+pub use tls::{ServingCert, TlsError, certified_key, server_tls};
 
 use crate::limits::{ClientKey, KeyedSlots};
 use crate::metrics::Metrics;

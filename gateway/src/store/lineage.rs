@@ -94,8 +94,8 @@ pub(super) fn renew(
     tx.prepare_cached(
         "INSERT INTO identities (serial, spiffe_id, token_id, node, cluster, role, policy_name,
              policy_version, module_digest, not_before, not_after, issued_at, predecessor,
-             renewals, attestation)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15)",
+             renewals, attestation, issuer)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16)",
     )?
     .execute(params![
         id.serial.to_string(),
@@ -113,6 +113,7 @@ pub(super) fn renew(
         r.predecessor,
         renewals,
         attestation,
+        id.issuer,
     ])?;
     if let Some((key, digest)) = &r.idempotency {
         tx.prepare_cached(

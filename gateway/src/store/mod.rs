@@ -240,6 +240,8 @@ pub struct IdentityRecord {
     /// The attestation the lineage began with (`policy_sdk::Attestation` as JSON), shown to the
     /// policy again at every renewal.
     pub attestation: String,
+    /// The issuing CA: SHA-256 of its certificate, hex ([`crate::identity::Ca::fingerprint`]).
+    pub issuer: String,
 }
 
 /// The final step of a join: consume a use, record the identity, remember the nonce and the
@@ -564,6 +566,17 @@ pub trait Store: Send + Sync + 'static {
     /// checkpoint, and returns once the audit file holds and has synced every committed entry.
     /// A clean shutdown calls it last.
     fn flush_audit(&self) -> BoxFuture<'_, Result<(), StoreError>>;
+
+    /// The latest notAfter among the unrevoked identities issued by the CA whose certificate
+    /// has SHA-256 `issuer` (hex) that are still valid at `now`; `None` when there is none.
+    /// With `with_unattributed`, identities recorded before issuers were (all issued by the
+    /// configured CA) count as issued by it.
+    fn latest_live_expiry(
+        &self,
+        issuer: &str,
+        with_unattributed: bool,
+        now: u64,
+    ) -> BoxFuture<'_, Result<Option<u64>, StoreError>>;
 
     /// Serial numbers of identities issued through a token.
     fn identities_of(&self, token: TokenId) -> BoxFuture<'_, Result<Vec<String>, StoreError>>;

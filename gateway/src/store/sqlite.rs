@@ -100,6 +100,9 @@ const MIGRATIONS: &[&str] = &[
          SELECT serial, spiffe_id, token_id, revoked_at, COALESCE(revoked_reason, 'unspecified'),
                 not_after
          FROM identities WHERE revoked_at IS NOT NULL ORDER BY revoked_at, serial;",
+    // 4: which CA issued an identity (SHA-256 of its certificate, hex), so a CA is retired only
+    // once its last leaf has expired. NULL for rows from before: the configured CA issued them.
+    "ALTER TABLE identities ADD COLUMN issuer TEXT;",
 ];
 
 /// The schema version this binary writes.
@@ -686,6 +689,25 @@ impl Store for SqliteStore {
                 .await
                 .map_err(|_| StoreError::Closed)?;
             answer.await.map_err(|_| StoreError::Closed)?
+        })
+    }
+
+    fn latest_live_expiry(
+        &self,
+        issuer: &str,
+        with_unattributed: bool,
+        now: u64,
+    ) -> BoxFuture<'_, Result<Option<u64>, StoreError>> {
+        let issuer = issuer.to_string();
+        Box::pin(async move {
+            self.read(|c| {
+                c.prepare_cached(
+                    "SELECT MAX(not_after) FROM identities
+                     WHERE (issuer = ?1 OR (?2 AND issuer IS NULL))
+                       AND revoked_at IS NULL AND not_after > ?3",
+                )?
+                .query_row(params![issuer, with_unattributed, now], |r| r.get(0))
+            })
         })
     }
 

@@ -17,6 +17,8 @@ use crate::token::TokenId;
 
 /// A fixed "now" (2025-06-15T14:13:20Z); tests never read the clock for store decisions.
 const NOW: u64 = 1_750_000_000;
+/// The issuing CA of every identity `issue_record` makes (a certificate SHA-256, hex).
+const ISSUER: &str = "a1a1a1a1a1a1a1a1a1a1a1a1a1a1a1a1a1a1a1a1a1a1a1a1a1a1a1a1a1a1a1a1";
 /// How long to wait for the writer thread to mirror a commit before failing the test.
 const MIRROR_DEADLINE: Duration = Duration::from_secs(10);
 
@@ -149,6 +151,7 @@ pub(super) fn issue_record(token: TokenId, request: &str, nonce: &str) -> IssueR
             not_before: NOW - 60,
             not_after: NOW + 3600,
             attestation: r#"{"kind":"token-only"}"#.into(),
+            issuer: ISSUER.into(),
         },
         response: format!("{{\"svid\":\"for {request}\"}}"),
         policy: policy(),
@@ -559,6 +562,97 @@ async fn a_live_spiffe_id_refuses_a_second_lineage_unless_the_token_supersedes()
     assert_eq!(
         store.issue(again).await.unwrap(),
         IssueOutcome::IdentityInUse
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_latest_live_expiry_of_a_ca_skips_revoked_expired_and_other_cas_leaves() {
+    let dir = TempDir::new("issuer");
+    let (store, fleet) = open_with_token(&dir, 10).await;
+    let other = "b2".repeat(32);
+    let issue = |request: &str, issuer: &str, not_after: u64| {
+        let mut r = issue_record(fleet.id, request, &format!("nonce-{request}"));
+        r.identity.issuer = issuer.to_string();
+        r.identity.not_after = not_after;
+        r
+    };
+    assert_eq!(
+        store.latest_live_expiry(ISSUER, true, NOW).await.unwrap(),
+        None
+    );
+    let live = issue("r1", ISSUER, NOW + 600);
+    let revoked = issue("r2", ISSUER, NOW + 1200);
+    for record in [
+        live.clone(),
+        revoked.clone(),
+        issue("r3", &other, NOW + 9000),
+    ] {
+        assert!(matches!(
+            store.issue(record).await.unwrap(),
+            IssueOutcome::Issued { .. }
+        ));
+    }
+    assert_eq!(
+        store.latest_live_expiry(ISSUER, false, NOW).await.unwrap(),
+        Some(NOW + 1200)
+    );
+    // Superseding r2 revokes it: r1 is the last live leaf of the CA.
+    let mut replace = same_identity(&revoked, fleet.id, "r4");
+    replace.supersede = true;
+    replace.identity.issuer = other.clone();
+    assert!(matches!(
+        store.issue(replace).await.unwrap(),
+        IssueOutcome::Issued { .. }
+    ));
+    assert_eq!(
+        store.latest_live_expiry(ISSUER, false, NOW).await.unwrap(),
+        Some(NOW + 600)
+    );
+    // At its notAfter it has expired: nothing of the CA is live any more.
+    assert_eq!(
+        store
+            .latest_live_expiry(ISSUER, false, NOW + 600)
+            .await
+            .unwrap(),
+        None
+    );
+    assert_eq!(
+        store
+            .latest_live_expiry(&other, false, NOW + 600)
+            .await
+            .unwrap(),
+        Some(NOW + 9000)
+    );
+    // Rows recorded before issuers were count for the configured CA only when asked.
+    let db = rusqlite::Connection::open(&dir.config().sqlite).unwrap();
+    db.execute(
+        "UPDATE identities SET issuer = NULL WHERE serial = ?1",
+        [live.identity.serial.to_string()],
+    )
+    .unwrap();
+    assert_eq!(
+        store.latest_live_expiry(ISSUER, false, NOW).await.unwrap(),
+        None
+    );
+    assert_eq!(
+        store.latest_live_expiry(ISSUER, true, NOW).await.unwrap(),
+        Some(NOW + 600)
+    );
+    let issuers: Vec<Option<String>> = db
+        .prepare("SELECT issuer FROM identities ORDER BY not_after")
+        .unwrap()
+        .query_map([], |r| r.get(0))
+        .unwrap()
+        .collect::<Result<_, _>>()
+        .unwrap();
+    assert_eq!(
+        issuers,
+        [
+            None,
+            Some(ISSUER.to_string()),
+            Some(other.clone()),
+            Some(other)
+        ]
     );
 }
 

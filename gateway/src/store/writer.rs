@@ -699,8 +699,9 @@ fn record_identity(tx: &Connection, r: &IssueRecord, token: &str) -> Result<(), 
     let id = &r.identity;
     tx.prepare_cached(
         "INSERT INTO identities (serial, spiffe_id, token_id, node, cluster, role, policy_name,
-             policy_version, module_digest, not_before, not_after, issued_at, attestation)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)",
+             policy_version, module_digest, not_before, not_after, issued_at, attestation,
+             issuer)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14)",
     )?
     .execute(params![
         id.serial.to_string(),
@@ -715,7 +716,8 @@ fn record_identity(tx: &Connection, r: &IssueRecord, token: &str) -> Result<(), 
         id.not_before,
         id.not_after,
         r.now,
-        id.attestation
+        id.attestation,
+        id.issuer
     ])?;
     if let Some((key, digest)) = &r.idempotency {
         tx.prepare_cached(
