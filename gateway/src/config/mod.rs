@@ -15,7 +15,8 @@ use crate::audit::AuditConfig;
 use crate::identity::{IdentityConfig, TrustDomain};
 use crate::limits::{LimitsConfig, Rate};
 use crate::policy::{ModuleSource, PolicyBinding, PolicyConfig};
-use crate::reload::{SourceConfig, Track};
+use crate::reload::remote::{CredentialKind, Scheme};
+use crate::reload::{RemoteUrl, SourceConfig, Track, TransportConfig};
 use crate::server::{AdminConfig, ServerConfig};
 use crate::store::StoreConfig;
 use crate::token::TokenConfig;
@@ -167,6 +168,7 @@ impl Config {
             }
         }
         problems.extend(self.check_trust_anchors());
+        problems.extend(self.check_source_secrets());
         problems.extend(self.check_state_files());
         problems
     }
@@ -277,8 +279,9 @@ impl Validator<'_> {
         let limits = self.limits(raw.limits);
         let store = self.store(raw.store);
         let audit = self.audit(raw.audit);
-        let policy_source = raw.policy.source.take().map(|s| self.source(s));
-        if policy_source.is_some() && !raw.policies.is_empty() {
+        let has_source = raw.policy.source.is_some();
+        let policy_source = raw.policy.source.take().and_then(|s| self.source(s));
+        if has_source && !raw.policies.is_empty() {
             self.problem(
                 "policies",
                 "give either [[policies]] or [policy.source], not both",
@@ -310,8 +313,8 @@ impl Validator<'_> {
         })
     }
 
-    fn source(&mut self, raw: raw::RawSource) -> SourceConfig {
-        let track = match (raw.branch, raw.tags) {
+    fn source(&mut self, mut raw: raw::RawSource) -> Option<SourceConfig> {
+        let track = match (raw.branch.take(), raw.tags.take()) {
             (Some(_), Some(_)) => {
                 self.problem("policy.source", "give either branch or tags, not both");
                 Track::Branch("main".into())
@@ -328,16 +331,10 @@ impl Validator<'_> {
             },
             (branch, None) => Track::Branch(branch.unwrap_or_else(|| "main".into())),
         };
-        // A plain path is relative to this file; URLs are taken as they are.
-        let url = if raw.git.contains("://") {
-            raw.git
-        } else {
-            self.path(Some(raw.git), Path::new(""))
-                .display()
-                .to_string()
-        };
+        let url = self.remote_url(&raw.git);
         let allowed_signers = raw
             .allowed_signers
+            .take()
             .map(|p| self.path(Some(p), Path::new("")));
         if raw.require_signed_commits && allowed_signers.is_none() {
             self.problem(
@@ -345,8 +342,12 @@ impl Validator<'_> {
                 "required when require_signed_commits is true",
             );
         }
-        SourceConfig {
-            url,
+        let transport = self.transport(&mut raw);
+        if let Some(url) = &url {
+            self.check_remote(url, &transport, &raw);
+        }
+        Some(SourceConfig {
+            url: url?,
             track,
             poll_interval: self.duration(
                 "policy.source.poll_interval",
@@ -356,6 +357,67 @@ impl Validator<'_> {
             cache_dir: self.path(raw.cache_dir, Path::new("state/policy")),
             require_signed_commits: raw.require_signed_commits,
             allowed_signers,
+            allow_unsigned_remote: raw.allow_unsigned_remote,
+            transport,
+        })
+    }
+
+    /// How to reach a network remote (`ca_file`, `credential_*`, `ssh_key`, `known_hosts`,
+    /// `allow_insecure_transport`).
+    fn transport(&mut self, raw: &mut raw::RawSource) -> TransportConfig {
+        let credential_kind = match raw.credential_kind.as_deref() {
+            None => CredentialKind::default(),
+            Some(text) => CredentialKind::parse(text).unwrap_or_else(|| {
+                self.problem(
+                    "policy.source.credential_kind",
+                    format!("{text:?} is neither \"bearer\" nor \"basic\""),
+                );
+                CredentialKind::default()
+            }),
+        };
+        let file = |p: &mut Option<String>| p.take().map(|p| self.path(Some(p), Path::new("")));
+        TransportConfig {
+            ca_file: file(&mut raw.ca_file),
+            credential_file: file(&mut raw.credential_file),
+            credential_kind,
+            ssh_key: file(&mut raw.ssh_key),
+            known_hosts: file(&mut raw.known_hosts),
+            allow_insecure_transport: raw.allow_insecure_transport,
+        }
+    }
+
+    /// The transport settings must fit the URL, and a network remote needs signed commits
+    /// unless the operator explicitly accepts unsigned ones.
+    fn check_remote(&mut self, url: &RemoteUrl, transport: &TransportConfig, raw: &raw::RawSource) {
+        for p in transport.check(url) {
+            self.problem(&format!("policy.source.{}", p.key), p.message);
+        }
+        if url.scheme().is_network() && !raw.require_signed_commits && !raw.allow_unsigned_remote {
+            self.problem(
+                "policy.source.require_signed_commits",
+                format!(
+                    "a network remote ({}) is followed only with require_signed_commits = true \
+                     (and allowed_signers), or with allow_unsigned_remote = true",
+                    url.scheme().prefix()
+                ),
+            );
+        }
+    }
+
+    /// `git`: a plain path is relative to this file; URLs are taken as they are.
+    fn remote_url(&mut self, git: &str) -> Option<RemoteUrl> {
+        let parsed = RemoteUrl::parse(git).map_err(|e| self.problem("policy.source.git", e));
+        match parsed {
+            Ok(url) if url.scheme() == Scheme::Path => {
+                let resolved = self
+                    .path(Some(git.to_string()), Path::new(""))
+                    .display()
+                    .to_string();
+                RemoteUrl::parse(&resolved)
+                    .map_err(|e| self.problem("policy.source.git", e))
+                    .ok()
+            }
+            other => other.ok(),
         }
     }
 
