@@ -37,7 +37,8 @@ pub(super) enum PolicyCommand {
         /// The bundle source directory.
         #[arg(long, default_value = ".")]
         source: PathBuf,
-        /// The policy repository (a local path or file:// URL of a bare repository).
+        /// The policy repository: a path or `file://` URL of a bare repository, or a network
+        /// URL (`https://host/repo.git`, `ssh://[user@]host[:port]/repo.git`, `user@host:repo`).
         #[arg(long)]
         repo: String,
         /// The new version, `X.Y.Z`.
@@ -52,6 +53,8 @@ pub(super) enum PolicyCommand {
         /// Commit message.
         #[arg(long)]
         message: Option<String>,
+        #[command(flatten)]
+        transport: publish::TransportArgs,
     },
     /// Create an Ed25519 key for signing policy commits; prints its allowed_signers line.
     Keygen {
@@ -117,22 +120,30 @@ pub(super) async fn run(cmd: PolicyCommand) -> anyhow::Result<ExitCode> {
             branch,
             sign_key,
             message,
+            transport,
         } => {
+            // Before the build: a refused URL or flag should not cost a compile.
+            let remote = transport.remote(&repo)?;
             let mut built = publish::build(&source)?;
             built.manifest.version = version.clone();
             if !test_bundle(&built.manifest, &built.files).await? {
                 anyhow::bail!("not publishing {version}: its own tests fail");
             }
-            let commit = publish::commit_and_push(
-                &publish::Publish {
-                    repo: &repo,
-                    version: &version,
-                    branch: &branch,
-                    sign_key: sign_key.as_deref(),
-                    message: message.as_deref(),
-                },
-                &mut built,
-            )?;
+            let publish = publish::Publish {
+                remote: &remote,
+                version: &version,
+                branch: &branch,
+                sign_key: sign_key.as_deref(),
+                message: message.as_deref(),
+            };
+            // git blocks (and a network transport runs its own I/O): on a thread of its own,
+            // outside the CLI's runtime.
+            let commit = std::thread::scope(|scope| {
+                scope
+                    .spawn(|| publish::commit_and_push(&publish, &mut built))
+                    .join()
+                    .map_err(|_| anyhow::anyhow!("the publishing thread panicked"))?
+            })?;
             println!(
                 "published {} {version} as commit {commit} (tag v{version}){}",
                 built.manifest.bundle,

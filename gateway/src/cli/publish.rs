@@ -1,7 +1,8 @@
 //! Authoring and CI: `policy build` compiles a bundle's policy crates for `wasm32-wasip2`,
 //! `policy publish` builds, tests (budgets included), writes the manifest with digests, and
 //! commits, tags and pushes a new version to the policy repository (optionally SSH-signed).
-//! The CLI may run `cargo`; git is driven in-process (git2).
+//! The CLI may run `cargo`; git is driven in-process (git2), and reaches a network
+//! repository (`https://`, `ssh://`) through `reload::remote`, as the gateway does.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -16,6 +17,7 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use crate::reload::manifest::{self, Manifest, ManifestPolicy, version_key};
+use crate::reload::remote::{CredentialKind, Remote, RemoteUrl, TransportConfig};
 use crate::reload::sshsig;
 
 /// The author's description of a bundle (`bundle.source.json`): like the published
@@ -198,9 +200,69 @@ fn cargo_build(manifest_path: &Path) -> anyhow::Result<PathBuf> {
         .with_context(|| format!("cargo built no .wasm for {package} (is it a cdylib?)"))
 }
 
+/// How `policy publish` reaches a network repository: the settings of `[policy.source]`.
+#[derive(Debug, Clone, clap::Args)]
+pub(super) struct TransportArgs {
+    /// HTTPS: PEM file of the CAs the server's certificate must chain to (default: the
+    /// system's roots).
+    #[arg(long)]
+    ca_file: Option<PathBuf>,
+    /// HTTPS: file holding the credential (mode 0600).
+    #[arg(long)]
+    credential_file: Option<PathBuf>,
+    /// How the credential is sent: `bearer` (the file is a token) or `basic` (the file is
+    /// `user:password`).
+    #[arg(long, default_value = "bearer", value_parser = ["bearer", "basic"])]
+    credential_kind: String,
+    /// SSH: the private key (mode 0600).
+    #[arg(long)]
+    ssh_key: Option<PathBuf>,
+    /// SSH: OpenSSH `known_hosts` with the server's host key (checked strictly: an unknown
+    /// or changed key is refused).
+    #[arg(long)]
+    known_hosts: Option<PathBuf>,
+    /// Accept plaintext `http://` and `git://` repositories.
+    #[arg(long)]
+    allow_insecure_transport: bool,
+}
+
+impl TransportArgs {
+    /// The repository and how to reach it; every problem of the flags at once.
+    pub(super) fn remote(&self, repo: &str) -> anyhow::Result<Remote> {
+        let url = RemoteUrl::parse(repo).map_err(|e| anyhow::anyhow!("--repo: {e}"))?;
+        let transport = TransportConfig {
+            ca_file: self.ca_file.clone(),
+            credential_file: self.credential_file.clone(),
+            credential_kind: CredentialKind::parse(&self.credential_kind).unwrap_or_default(),
+            ssh_key: self.ssh_key.clone(),
+            known_hosts: self.known_hosts.clone(),
+            allow_insecure_transport: self.allow_insecure_transport,
+        };
+        let problems: Vec<String> = transport
+            .check(&url)
+            .into_iter()
+            .map(|p| {
+                let flag = match p.key {
+                    "git" => "--repo".to_string(),
+                    key => format!("--{}", key.replace('_', "-")),
+                };
+                let message = p.message.replace(
+                    "allow_insecure_transport = true",
+                    "--allow-insecure-transport",
+                );
+                format!("{flag}: {message}")
+            })
+            .collect();
+        if !problems.is_empty() {
+            bail!("{}", problems.join("\n  "));
+        }
+        Ok(Remote { url, transport })
+    }
+}
+
 /// What `policy publish` needs.
 pub(super) struct Publish<'a> {
-    pub repo: &'a str,
+    pub remote: &'a Remote,
     pub version: &'a str,
     pub branch: &'a str,
     pub sign_key: Option<&'a Path>,
@@ -216,8 +278,10 @@ pub(super) fn commit_and_push(p: &Publish<'_>, built: &mut Built) -> anyhow::Res
     // The published manifest must pass the same schema the gateway enforces.
     Manifest::parse(manifest_json.as_bytes()).context("the manifest to publish is invalid")?;
     let work = tempdir("publish")?;
-    let repo =
-        git2::Repository::clone(p.repo, &work).with_context(|| format!("cloning {}", p.repo))?;
+    let repo = p
+        .remote
+        .run(|url| git2::Repository::clone(url, &work))
+        .map_err(|e| anyhow::anyhow!("cloning {e}"))?;
     let branch_ref = format!("refs/heads/{}", p.branch);
     let parent = match repo.find_reference(&format!("refs/remotes/origin/{}", p.branch)) {
         Ok(r) => Some(r.peel_to_commit()?),
@@ -239,7 +303,7 @@ pub(super) fn commit_and_push(p: &Publish<'_>, built: &mut Built) -> anyhow::Res
     }
     let tag = format!("v{}", p.version);
     if repo.find_reference(&format!("refs/tags/{tag}")).is_ok() {
-        bail!("tag {tag} already exists in {}", p.repo);
+        bail!("tag {tag} already exists in {}", p.remote.url);
     }
     // The bundle's files replace the tree whole: what is not in this version is not in it.
     let mut index = repo.index()?;
@@ -281,18 +345,42 @@ pub(super) fn commit_and_push(p: &Publish<'_>, built: &mut Built) -> anyhow::Res
     };
     repo.reference(&branch_ref, oid, true, "policy publish")?;
     repo.reference(&format!("refs/tags/{tag}"), oid, false, "policy publish")?;
-    let mut remote = repo.find_remote("origin")?;
-    remote
-        .push(
-            &[
-                format!("{branch_ref}:{branch_ref}"),
-                format!("refs/tags/{tag}:refs/tags/{tag}"),
-            ],
-            None,
-        )
-        .with_context(|| format!("pushing to {}", p.repo))?;
+    push(
+        p.remote,
+        &repo,
+        &[
+            format!("{branch_ref}:{branch_ref}"),
+            format!("refs/tags/{tag}:refs/tags/{tag}"),
+        ],
+    )?;
     let _ = std::fs::remove_dir_all(&work);
     Ok(oid)
+}
+
+/// Pushes `refspecs` to the clone's origin; a reference the server refused (a push that lost
+/// a race, a hook that declined) is an error, not a silent success.
+fn push(remote: &Remote, repo: &git2::Repository, refspecs: &[String]) -> anyhow::Result<()> {
+    let refused = std::cell::RefCell::new(Vec::new());
+    remote
+        .run(|_| {
+            let mut callbacks = git2::RemoteCallbacks::new();
+            callbacks.push_update_reference(|name, status| {
+                if let Some(status) = status {
+                    refused.borrow_mut().push(format!("{name}: {status}"));
+                }
+                Ok(())
+            });
+            let mut options = git2::PushOptions::new();
+            options.remote_callbacks(callbacks);
+            repo.find_remote("origin")?
+                .push(refspecs, Some(&mut options))
+        })
+        .map_err(|e| anyhow::anyhow!("pushing to {e}"))?;
+    let refused = refused.into_inner();
+    if !refused.is_empty() {
+        bail!("{} refused the push: {}", remote.url, refused.join("; "));
+    }
+    Ok(())
 }
 
 /// An Ed25519 PKCS#8 PEM key, as `policy keygen` writes it.

@@ -270,10 +270,11 @@ impl Read for Stream {
             let Some(body) = self.body.as_mut() else {
                 return Ok(0);
             };
+            // The timer must be made inside the runtime, hence the async block.
             let frame = self
                 .shared
                 .runtime
-                .block_on(tokio::time::timeout(ANSWER_TIMEOUT, body.frame()));
+                .block_on(async { tokio::time::timeout(ANSWER_TIMEOUT, body.frame()).await });
             match frame {
                 Err(_) => {
                     return Err(fail_io(TransportError::Timeout {
