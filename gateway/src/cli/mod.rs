@@ -13,10 +13,12 @@ mod ca;
 mod demo;
 mod identities;
 pub mod init;
+mod layout;
 mod mesh;
 mod policy;
 mod publish;
 mod revoke;
+mod scaffold;
 mod serve;
 mod token;
 

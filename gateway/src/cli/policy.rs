@@ -8,13 +8,31 @@ use anyhow::Context;
 use clap::Subcommand;
 use http::StatusCode;
 
-use super::publish;
+use super::{publish, scaffold};
 use crate::policy::{Metering, PolicyConfig, PolicyHost, vectors};
 use crate::reload::Manifest;
 use crate::wire::{PinRequest, ReloadResponse, UnpinRequest};
 
 #[derive(Debug, Subcommand)]
 pub(super) enum PolicyCommand {
+    /// Scaffold a standalone policy repository: its own Cargo workspace, a policy crate with
+    /// one rule and native unit tests, `bundle.source.json`, vectors, an evidence schema, a
+    /// README of the author's loop and CI (a GitHub workflow and `ci/publish.sh`).
+    New {
+        /// The directory to create (it must not exist, or be empty).
+        dir: PathBuf,
+        /// The policy's name, also its crate's and its bundle's: lowercase letters, digits,
+        /// '-'.
+        #[arg(long)]
+        name: String,
+        /// Take `policy-sdk` from this directory (a checkout's `policy-sdk/`). A relative path
+        /// is written relative to the new repository.
+        #[arg(long, conflicts_with = "sdk_git")]
+        sdk_path: Option<PathBuf>,
+        /// Take `policy-sdk` from this git repository (default: the gateway's own).
+        #[arg(long)]
+        sdk_git: Option<String>,
+    },
     /// Run test vectors (request → expected decision) through the real host with fuel
     /// metering: `policy test <policy.wasm> <vectors.json>`, or `policy test <dir>` for every
     /// policy of a bundle (`bundle.json`, or `bundle.source.json`, which is built first).
@@ -91,6 +109,28 @@ pub(super) enum PolicyCommand {
 
 pub(super) async fn run(cmd: PolicyCommand) -> anyhow::Result<ExitCode> {
     match cmd {
+        PolicyCommand::New {
+            dir,
+            name,
+            sdk_path,
+            sdk_git,
+        } => {
+            let sdk = match (sdk_path, sdk_git) {
+                (Some(path), _) => scaffold::Sdk::Path(path),
+                (None, Some(url)) => scaffold::Sdk::Git(url),
+                (None, None) => scaffold::Sdk::Git(scaffold::DEFAULT_SDK_GIT.to_string()),
+            };
+            let written = scaffold::new(&dir, &name, &sdk)?;
+            println!("created policy repository {name} in {}:", dir.display());
+            for file in written {
+                println!("  {}", file.display());
+            }
+            println!(
+                "next: cd {} && cargo test && omnirelay policy test .",
+                dir.display()
+            );
+            Ok(ExitCode::SUCCESS)
+        }
         PolicyCommand::Test {
             target,
             vectors: Some(vectors),

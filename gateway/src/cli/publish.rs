@@ -78,6 +78,9 @@ pub(super) fn build(source: &Path) -> anyhow::Result<Built> {
         let manifest_path = source.join(&p.crate_dir).join("Cargo.toml");
         let wasm = cargo_build(&manifest_path)?;
         let bytes = std::fs::read(&wasm).with_context(|| format!("reading {}", wasm.display()))?;
+        let layout = super::layout::read(&bytes)
+            .with_context(|| format!("reading the layout of {}", wasm.display()))?;
+        super::layout::check(&p.name, layout)?;
         let module = format!("modules/{}.wasm", p.name);
         let sha256 = hex::encode(Sha256::digest(&bytes));
         files.insert(module.clone(), bytes);
