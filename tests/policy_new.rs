@@ -114,6 +114,9 @@ async fn a_scaffolded_repository_builds_tests_and_publishes_outside_the_tree() {
 
     let tested = cargo_test(&dir);
     assert!(tested.contains("test result: ok. 3 passed"), "{tested}");
+    // What authors start from is formatted as rustfmt would.
+    let (code, text) = run_in(&dir, &cargo(), &["fmt", "--check"], &[]);
+    assert_eq!(code, 0, "{text}");
     let vectors = policy_test(&dir);
     assert_eq!(vectors.matches("PASS").count(), 3, "{vectors}");
 

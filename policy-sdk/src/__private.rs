@@ -232,9 +232,10 @@ impl From<sdk::Decision> for wit::Decision {
 /// The guest heap.
 ///
 /// Allocation bumps a pointer, starting at the linker's `__heap_base`, inside the memory the
-/// module starts with (`--initial-heap` in `.cargo/config.toml`) and growing it a page at a
-/// time only when that is used up. Freeing or growing the most recent block is done in place
-/// (the pattern of a growing `Vec` or `String`); other frees are left for the end of the call.
+/// module starts with (`--initial-heap`, which this crate's build script passes to the
+/// linker), growing it a page at a time only when that is used up. Freeing or growing the most
+/// recent block is done in place (the pattern of a growing `Vec` or `String`); other frees are
+/// left for the end of the call.
 /// Growing memory costs the host page-protection changes, so staying inside the initial heap
 /// is what keeps a fresh instance cheap.
 mod heap {

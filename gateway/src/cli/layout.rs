@@ -33,11 +33,10 @@ pub(super) fn read(component: &[u8]) -> anyhow::Result<Layout> {
     let mut found = None;
     for payload in Parser::new(0).parse_all(component) {
         match payload.context("not a WebAssembly component")? {
-            Payload::Version { encoding, .. } => {
-                if encoding == Encoding::Module {
-                    frames.push(Frame::default());
-                }
-            }
+            Payload::Version {
+                encoding: Encoding::Module,
+                ..
+            } => frames.push(Frame::default()),
             Payload::MemorySection(reader) => {
                 if let (Some(frame), Some(memory)) = (frames.last_mut(), reader.into_iter().next())
                 {

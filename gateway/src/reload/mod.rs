@@ -56,9 +56,10 @@ pub struct SourceConfig {
 /// Why a candidate version was refused. Each is a label of `bootstrap_policy_reload_total`.
 #[derive(Debug, thiserror::Error)]
 pub enum ReloadError {
-    /// The remote could not be fetched (the mirror keeps what it had).
+    /// The remote could not be fetched (the mirror keeps what it had). Boxed: the URL and the
+    /// transport's reason would make every `Result` carrying this error large.
     #[error("fetch failed: {0}")]
-    Fetch(#[source] RemoteError),
+    Fetch(#[source] Box<RemoteError>),
     /// The local mirror could not be read.
     #[error("policy mirror: {0}")]
     Mirror(#[source] GitError),

@@ -25,7 +25,9 @@ impl Inner {
         let _one = self.busy.lock().await;
         let fetched = self
             .with_mirror(|this, mirror| {
-                mirror.fetch().map_err(ReloadError::Fetch)?;
+                mirror
+                    .fetch()
+                    .map_err(|e| ReloadError::Fetch(Box::new(e)))?;
                 mirror
                     .candidate(&this.config.track)
                     .map_err(ReloadError::Mirror)

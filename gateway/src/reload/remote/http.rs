@@ -61,12 +61,7 @@ impl Subtransport {
         let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
-            .map_err(|e| {
-                fail(TransportError::Connect {
-                    authority: authority.clone(),
-                    source: e,
-                })
-            })?;
+            .map_err(|e| fail(TransportError::Runtime(e)))?;
         Ok(Self {
             shared: Arc::new(Shared {
                 runtime,

@@ -153,6 +153,9 @@ pub enum TransportError {
     /// The CA file holds no certificate, or the system has no roots.
     #[error("no CA certificate to verify the server with: {0}")]
     NoRoots(String),
+    /// The transport's own I/O driver could not start.
+    #[error("cannot start the HTTP transport's runtime: {0}")]
+    Runtime(#[source] std::io::Error),
     /// A TCP connection could not be made.
     #[error("cannot connect to {authority}: {source}")]
     Connect {

@@ -1,7 +1,7 @@
 //! What one remote operation needs, loaded from the files the settings name: the TLS roots,
 //! the `Authorization` header, the SSH key and `known_hosts`.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use base64::Engine;
@@ -82,9 +82,9 @@ impl Session {
 }
 
 /// The header for a credential file (mode 0600): `Bearer <token>` or `Basic <user:password>`.
-fn authorization(path: &PathBuf, kind: CredentialKind) -> Result<HeaderValue, TransportError> {
+fn authorization(path: &Path, kind: CredentialKind) -> Result<HeaderValue, TransportError> {
     let bad = |reason| TransportError::Credential {
-        path: path.clone(),
+        path: path.to_path_buf(),
         reason,
     };
     let text = secrets::read(path)?;
@@ -111,7 +111,7 @@ fn authorization(path: &PathBuf, kind: CredentialKind) -> Result<HeaderValue, Tr
 }
 
 /// The CAs of a PEM file, a trust anchor (refused when others can write it).
-fn ca_file(path: &PathBuf) -> Result<rustls::RootCertStore, TransportError> {
+fn ca_file(path: &Path) -> Result<rustls::RootCertStore, TransportError> {
     let pem = secrets::read_trust_anchor(path)?;
     let mut roots = rustls::RootCertStore::empty();
     for cert in CertificateDer::pem_slice_iter(pem.as_bytes()) {

@@ -83,7 +83,8 @@ pub struct Parts {
 pub struct RemoteUrl {
     text: String,
     scheme: Scheme,
-    parts: Option<Parts>,
+    /// Boxed: a URL travels inside errors, which should stay small.
+    parts: Option<Box<Parts>>,
 }
 
 impl RemoteUrl {
@@ -109,8 +110,8 @@ impl RemoteUrl {
         };
         let parts = match (scheme, rest) {
             (Scheme::Path | Scheme::File, _) => None,
-            (Scheme::Ssh, None) => Some(scp_parts(text)?),
-            (_, Some(rest)) => Some(url_parts(rest)?),
+            (Scheme::Ssh, None) => Some(Box::new(scp_parts(text)?)),
+            (_, Some(rest)) => Some(Box::new(url_parts(rest)?)),
             (_, None) => return Err(UrlError::Host),
         };
         Ok(Self {
@@ -135,7 +136,7 @@ impl RemoteUrl {
 
     /// Host, port, user and path of a network URL.
     pub fn parts(&self) -> Option<&Parts> {
-        self.parts.as_ref()
+        self.parts.as_deref()
     }
 
     /// The URL as given to git (it carries no password: [`parse`](Self::parse) refuses one).
