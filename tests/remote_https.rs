@@ -311,3 +311,43 @@ fn check_config_refuses_plaintext_and_unsigned_network_remotes() {
     );
     assert_eq!(allowed.code, 0, "{}", allowed.text());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn plaintext_http_works_only_when_explicitly_allowed() {
+    let server = GitHttpServer::start_plaintext("http-plain");
+    let url = server.url();
+    assert!(url.starts_with("http://"), "{url}");
+    let files = TempDir::new("http-plain-files");
+    let (sign_key, allowed_signers) = signing_key(&files);
+    let key = sign_key.display().to_string();
+    let v1 = bundle_source("http-plain", "v1", 3600);
+    let publish = |flags: &[&str]| {
+        let mut args = vec![
+            "policy",
+            "publish",
+            "--source",
+            v1.0.to_str().unwrap(),
+            "--repo",
+            &url,
+            "--version",
+            "1.0.0",
+            "--sign-key",
+            &key,
+        ];
+        args.extend(flags);
+        Run::new(&args)
+    };
+    publish(&[]).refused("--repo: http:// is plaintext");
+    assert!(server.requests().is_empty(), "{:?}", server.requests());
+    publish(&["--allow-insecure-transport"]).ok();
+
+    let settings = format!(
+        "allow_insecure_transport = true\nrequire_signed_commits = true\nallowed_signers = \"{}\"\n",
+        allowed_signers.display()
+    );
+    let gw = Gateway::start_with("http-plain", |t| follow_repo(t, &url, &settings));
+    policy_status_until(&gw, "v1 active over http", |s| {
+        s["active"]["version"] == "1.0.0"
+    })
+    .await;
+}

@@ -31,6 +31,7 @@ pub struct GitHttpServer {
     pub root: TempDir,
     /// PEM of the CA that issued the server's certificate (give it as `ca_file`).
     pub ca_pem: String,
+    tls: bool,
     log: Arc<Mutex<Vec<Logged>>>,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
     thread: Option<std::thread::JoinHandle<()>>,
@@ -40,6 +41,16 @@ impl GitHttpServer {
     /// Starts the server; only requests carrying `authorization` (the whole header value,
     /// e.g. `Bearer …`) reach git, the others get 401.
     pub fn start(name: &str, authorization: &str) -> Self {
+        Self::launch(name, Some(authorization.to_string()), true)
+    }
+
+    /// Starts a plaintext `http://` server that wants no credential (what a gateway must refuse
+    /// unless plaintext is explicitly allowed).
+    pub fn start_plaintext(name: &str) -> Self {
+        Self::launch(name, None, false)
+    }
+
+    fn launch(name: &str, authorization: Option<String>, tls: bool) -> Self {
         let root = TempDir::new(&format!("{name}-git-root"));
         git2::Repository::init_bare(root.0.join("policy.git")).unwrap();
         let ca_key = rcgen::KeyPair::generate().unwrap();
@@ -73,9 +84,10 @@ impl GitHttpServer {
         let (stop, stopped) = tokio::sync::oneshot::channel();
         let state = Arc::new(State {
             root: root.0.clone(),
-            authorization: authorization.to_string(),
+            authorization,
             log: log.clone(),
         });
+        let config = tls.then_some(config);
         let thread = std::thread::spawn(move || {
             let runtime = tokio::runtime::Builder::new_multi_thread()
                 .worker_threads(2)
@@ -88,15 +100,17 @@ impl GitHttpServer {
             addr,
             root,
             ca_pem: ca.pem(),
+            tls,
             log,
             stop: Some(stop),
             thread: Some(thread),
         }
     }
 
-    /// `https://127.0.0.1:PORT/policy.git`.
+    /// `https://127.0.0.1:PORT/policy.git` (`http://` for a plaintext server).
     pub fn url(&self) -> String {
-        format!("https://{}/policy.git", self.addr)
+        let scheme = if self.tls { "https" } else { "http" };
+        format!("{scheme}://{}/policy.git", self.addr)
     }
 
     /// The bare repository on the server's disk.
@@ -123,18 +137,19 @@ impl Drop for GitHttpServer {
 
 struct State {
     root: PathBuf,
-    authorization: String,
+    /// The `Authorization` a request must carry; `None`: any request.
+    authorization: Option<String>,
     log: Arc<Mutex<Vec<Logged>>>,
 }
 
 async fn serve(
     listener: std::net::TcpListener,
-    config: rustls::ServerConfig,
+    config: Option<rustls::ServerConfig>,
     state: Arc<State>,
     mut stopped: tokio::sync::oneshot::Receiver<()>,
 ) {
     let listener = tokio::net::TcpListener::from_std(listener).unwrap();
-    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+    let acceptor = config.map(|c| tokio_rustls::TlsAcceptor::from(Arc::new(c)));
     loop {
         let (tcp, _) = tokio::select! {
             accepted = listener.accept() => accepted.unwrap(),
@@ -142,17 +157,23 @@ async fn serve(
         };
         let (acceptor, state) = (acceptor.clone(), state.clone());
         tokio::spawn(async move {
-            // A client that does not trust our certificate ends here, as it should.
-            let Ok(tls) = acceptor.accept(tcp).await else {
-                return;
-            };
             let service = hyper::service::service_fn(move |request| {
                 let state = state.clone();
                 async move { Ok::<_, std::convert::Infallible>(handle(&state, request).await) }
             });
-            let _ = hyper::server::conn::http1::Builder::new()
-                .serve_connection(TokioIo::new(tls), service)
-                .await;
+            let http = hyper::server::conn::http1::Builder::new();
+            match acceptor {
+                Some(acceptor) => {
+                    // A client that does not trust our certificate ends here, as it should.
+                    let Ok(tls) = acceptor.accept(tcp).await else {
+                        return;
+                    };
+                    let _ = http.serve_connection(TokioIo::new(tls), service).await;
+                }
+                None => {
+                    let _ = http.serve_connection(TokioIo::new(tcp), service).await;
+                }
+            }
         });
     }
 }
@@ -164,10 +185,13 @@ async fn handle(state: &State, request: Request<Incoming>) -> Response<Full<Byte
         .path_and_query()
         .map(ToString::to_string)
         .unwrap_or_default();
-    let authorized = request
-        .headers()
-        .get(http::header::AUTHORIZATION)
-        .is_some_and(|v| v.as_bytes() == state.authorization.as_bytes());
+    let authorized = match &state.authorization {
+        None => true,
+        Some(wanted) => request
+            .headers()
+            .get(http::header::AUTHORIZATION)
+            .is_some_and(|v| v.as_bytes() == wanted.as_bytes()),
+    };
     let response = if authorized {
         cgi(&state.root, request).await
     } else {

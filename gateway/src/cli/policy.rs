@@ -164,6 +164,13 @@ pub(super) async fn run(cmd: PolicyCommand) -> anyhow::Result<ExitCode> {
         } => {
             // Before the build: a refused URL or flag should not cost a compile.
             let remote = transport.remote(&repo)?;
+            if remote.url.scheme().is_network() && sign_key.is_none() {
+                eprintln!(
+                    "warning: publishing an unsigned commit to a network remote; gateways \
+                     follow one only with require_signed_commits (give --sign-key) or an \
+                     explicit allow_unsigned_remote"
+                );
+            }
             let mut built = publish::build(&source)?;
             built.manifest.version = version.clone();
             if !test_bundle(&built.manifest, &built.files).await? {
