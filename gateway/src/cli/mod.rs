@@ -17,6 +17,7 @@ mod layout;
 mod mesh;
 mod policy;
 mod publish;
+mod remote;
 mod revoke;
 mod scaffold;
 mod serve;

@@ -72,7 +72,7 @@ pub(super) enum PolicyCommand {
         #[arg(long)]
         message: Option<String>,
         #[command(flatten)]
-        transport: publish::TransportArgs,
+        transport: super::remote::TransportArgs,
     },
     /// Create an Ed25519 key for signing policy commits; prints its allowed_signers line.
     Keygen {

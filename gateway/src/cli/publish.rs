@@ -17,7 +17,7 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use crate::reload::manifest::{self, Manifest, ManifestPolicy, version_key};
-use crate::reload::remote::{CredentialKind, Remote, RemoteUrl, TransportConfig};
+use crate::reload::remote::Remote;
 use crate::reload::sshsig;
 
 /// The author's description of a bundle (`bundle.source.json`): like the published
@@ -201,66 +201,6 @@ fn cargo_build(manifest_path: &Path) -> anyhow::Result<PathBuf> {
         })
         .find(|f| f.extension().is_some_and(|e| e == "wasm"))
         .with_context(|| format!("cargo built no .wasm for {package} (is it a cdylib?)"))
-}
-
-/// How `policy publish` reaches a network repository: the settings of `[policy.source]`.
-#[derive(Debug, Clone, clap::Args)]
-pub(super) struct TransportArgs {
-    /// HTTPS: PEM file of the CAs the server's certificate must chain to (default: the
-    /// system's roots).
-    #[arg(long)]
-    ca_file: Option<PathBuf>,
-    /// HTTPS: file holding the credential (mode 0600).
-    #[arg(long)]
-    credential_file: Option<PathBuf>,
-    /// How the credential is sent: `bearer` (the file is a token) or `basic` (the file is
-    /// `user:password`).
-    #[arg(long, default_value = "bearer", value_parser = ["bearer", "basic"])]
-    credential_kind: String,
-    /// SSH: the private key (mode 0600).
-    #[arg(long)]
-    ssh_key: Option<PathBuf>,
-    /// SSH: OpenSSH `known_hosts` with the server's host key (checked strictly: an unknown
-    /// or changed key is refused).
-    #[arg(long)]
-    known_hosts: Option<PathBuf>,
-    /// Accept plaintext `http://` and `git://` repositories.
-    #[arg(long)]
-    allow_insecure_transport: bool,
-}
-
-impl TransportArgs {
-    /// The repository and how to reach it; every problem of the flags at once.
-    pub(super) fn remote(&self, repo: &str) -> anyhow::Result<Remote> {
-        let url = RemoteUrl::parse(repo).map_err(|e| anyhow::anyhow!("--repo: {e}"))?;
-        let transport = TransportConfig {
-            ca_file: self.ca_file.clone(),
-            credential_file: self.credential_file.clone(),
-            credential_kind: CredentialKind::parse(&self.credential_kind).unwrap_or_default(),
-            ssh_key: self.ssh_key.clone(),
-            known_hosts: self.known_hosts.clone(),
-            allow_insecure_transport: self.allow_insecure_transport,
-        };
-        let problems: Vec<String> = transport
-            .check(&url)
-            .into_iter()
-            .map(|p| {
-                let flag = match p.key {
-                    "git" => "--repo".to_string(),
-                    key => format!("--{}", key.replace('_', "-")),
-                };
-                let message = p.message.replace(
-                    "allow_insecure_transport = true",
-                    "--allow-insecure-transport",
-                );
-                format!("{flag}: {message}")
-            })
-            .collect();
-        if !problems.is_empty() {
-            bail!("{}", problems.join("\n  "));
-        }
-        Ok(Remote { url, transport })
-    }
 }
 
 /// What `policy publish` needs.
