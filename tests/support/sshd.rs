@@ -2,7 +2,7 @@
 //! with a host key and a user key generated for the test, serving git over SSH as any git
 //! host does (`git-upload-pack` / `git-receive-pack` run by the login shell).
 
-use std::io::Read;
+use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -116,6 +116,8 @@ impl Sshd {
                 tcp.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
                 let mut banner = [0u8; 4];
                 if tcp.read_exact(&mut banner).is_ok() && &banner == b"SSH-" {
+                    // Answer with a version line of our own, so sshd logs no error for the probe.
+                    let _ = tcp.write_all(b"SSH-2.0-e2e-probe\r\n");
                     return;
                 }
             }
