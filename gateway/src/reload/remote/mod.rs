@@ -288,10 +288,10 @@ impl Remote {
             }));
         }
         let session = Session::open(self).map_err(transport)?;
-        let previous = CURRENT.with(|c| c.replace(Some(Arc::new(session))));
-        FAILURE.with(|f| f.take());
-        let result = op(self.url.as_str());
-        CURRENT.with(|c| c.replace(previous));
+        let result = {
+            let _scope = Scope::enter(session);
+            op(self.url.as_str())
+        };
         let failure = FAILURE.with(|f| f.take());
         result.map_err(|source| match failure {
             Some(reason) => transport(reason),
@@ -300,6 +300,28 @@ impl Remote {
                 source,
             },
         })
+    }
+}
+
+/// The settings of one operation in force on this thread; the previous ones come back when it
+/// is dropped, even if the operation panicked.
+struct Scope {
+    previous: Option<Arc<Session>>,
+}
+
+impl Scope {
+    fn enter(session: Session) -> Self {
+        FAILURE.with(|f| f.take());
+        Self {
+            previous: CURRENT.with(|c| c.replace(Some(Arc::new(session)))),
+        }
+    }
+}
+
+impl Drop for Scope {
+    fn drop(&mut self) {
+        let previous = self.previous.take();
+        CURRENT.with(|c| c.replace(previous));
     }
 }
 
