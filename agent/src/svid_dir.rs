@@ -7,7 +7,7 @@
 //! a time (an advisory lock on `DIR/.lock`); the previous version is removed after the swap.
 
 use std::fs::{self, DirBuilder, File, OpenOptions};
-use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, symlink};
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt, symlink};
 use std::path::{Path, PathBuf};
 
 use sha2::{Digest, Sha256};
@@ -183,9 +183,12 @@ impl SvidDir {
     /// Writes a fresh version directory, every file and the directory flushed to disk.
     fn write_version(&self, dir: &Path, files: &SvidFiles) -> Result<(), SvidDirError> {
         DirBuilder::new()
-            .mode(0o755)
+            .mode(0o700)
             .create(dir)
             .map_err(|e| self.io(dir, e))?;
+        // Exactly 0755, whatever the umask: the certificate and bundle are for every local
+        // reader (the key keeps its own 0600).
+        fs::set_permissions(dir, fs::Permissions::from_mode(0o755)).map_err(|e| self.io(dir, e))?;
         for (file, contents, mode) in [
             (KEY, &files.key_pem, 0o600),
             (CERT, &files.chain_pem, 0o644),

@@ -135,3 +135,94 @@ fn print_svid(r: &crate::wire::JoinResponse, dir: &crate::svid_dir::SvidDir) {
     println!("  certificate: {}", dir.link(CERT).display());
     println!("  bundle:      {}", dir.link(BUNDLE).display());
 }
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory;
+
+    use super::*;
+
+    fn parse(args: &[&str]) -> Result<AgentCli, clap::Error> {
+        AgentCli::try_parse_from(
+            ["omnirelay-agent", "mesh", "bootstrap"]
+                .iter()
+                .chain(args)
+                .copied(),
+        )
+    }
+
+    #[test]
+    fn the_command_line_is_well_formed() {
+        AgentCli::command().debug_assert();
+    }
+
+    #[test]
+    fn renew_takes_the_daemon_flags_only_with_daemon() {
+        let cli = parse(&[
+            "renew",
+            "--dir",
+            "/var/lib/omnirelay-agent",
+            "--daemon",
+            "--on-renew",
+            "systemctl reload envoy",
+            "--renew-remaining-percent",
+            "30",
+            "--bundle-refresh",
+            "90s",
+            "--follow-revocations",
+            "/run/omnirelay/revoked.json",
+        ])
+        .unwrap();
+        let AgentCommand::Mesh(MeshCommand::Bootstrap(BootstrapCommand::Renew(args))) = cli.command
+        else {
+            panic!("not renew");
+        };
+        assert!(args.daemon);
+        assert_eq!(args.renew_remaining_percent, 30);
+        assert_eq!(args.bundle_refresh, std::time::Duration::from_secs(90));
+        assert_eq!(args.on_renew.as_deref(), Some("systemctl reload envoy"));
+        for refused in [
+            &["renew", "--dir", "d", "--follow-revocations", "f"][..],
+            &["renew", "--dir", "d", "--renew-remaining-percent", "30"],
+            &["renew", "--dir", "d", "--daemon", "--attempts", "3"],
+            &[
+                "renew",
+                "--dir",
+                "d",
+                "--daemon",
+                "--renew-remaining-percent",
+                "0",
+            ],
+            &[
+                "renew",
+                "--dir",
+                "d",
+                "--daemon",
+                "--renew-remaining-percent",
+                "100",
+            ],
+        ] {
+            assert!(parse(refused).is_err(), "{refused:?}");
+        }
+        assert!(parse(&["renew", "--dir", "d", "--on-renew", "true"]).is_ok());
+    }
+
+    #[test]
+    fn join_keeps_its_flags() {
+        let cli = parse(&[
+            "join",
+            "--gateway",
+            "https://gw.example:8443",
+            "--token-file",
+            "t",
+            "--ca-bundle",
+            "ca.pem",
+            "--out",
+            "id",
+            "--claim",
+            "secure-boot=true",
+        ]);
+        assert!(cli.is_ok(), "{cli:?}");
+        assert!(parse(&["join", "--gateway", "g", "--ca-bundle", "c"]).is_err());
+    }
+}

@@ -20,33 +20,33 @@ use crate::svid_dir::SvidDir;
 pub struct RenewArgs {
     /// The directory a join wrote (its --out).
     #[arg(long)]
-    dir: PathBuf,
+    pub(super) dir: PathBuf,
     /// Keep renewing before every expiry instead of renewing once.
     #[arg(long)]
-    daemon: bool,
+    pub(super) daemon: bool,
     /// A shell command (`sh -c`) run after each renewal (and, with --daemon, each change of the
     /// trust bundle), with OMNIRELAY_SVID_DIR, OMNIRELAY_SPIFFE_ID, OMNIRELAY_SERIAL and
     /// OMNIRELAY_EVENT (`renewed`, `bundle`) set. A failing hook is logged, not fatal.
     #[arg(long)]
-    on_renew: Option<String>,
+    pub(super) on_renew: Option<String>,
     /// Renew when this share of the lifetime remains (unless the gateway's renew_after hint
     /// says otherwise), jittered over the tenth of the lifetime before it.
     #[arg(long, default_value_t = 20, value_parser = clap::value_parser!(u8).range(1..=99), requires = "daemon")]
-    renew_remaining_percent: u8,
+    pub(super) renew_remaining_percent: u8,
     /// How often to fetch the trust bundle (`GET /v1/bundle`), e.g. `5m`.
     #[arg(long, default_value = "5m", value_parser = humantime::parse_duration, requires = "daemon")]
-    bundle_refresh: Duration,
+    pub(super) bundle_refresh: Duration,
     /// Mirror the revocation feed into this file (JSON, 0644).
     #[arg(long, requires = "daemon")]
-    follow_revocations: Option<PathBuf>,
+    pub(super) follow_revocations: Option<PathBuf>,
     /// PEM bundle that signed the gateway's TLS certificate (default: the trust bundle in
     /// --dir, kept current from the gateway).
     #[arg(long)]
-    ca_bundle: Option<PathBuf>,
+    pub(super) ca_bundle: Option<PathBuf>,
     /// Without --daemon: attempts before giving up on retryable failures (with --daemon the
     /// agent retries until the certificate expires).
     #[arg(long, default_value_t = 5, conflicts_with = "daemon")]
-    attempts: u32,
+    pub(super) attempts: u32,
 }
 
 pub(super) async fn run(args: RenewArgs) -> anyhow::Result<ExitCode> {

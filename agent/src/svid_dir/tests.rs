@@ -49,6 +49,7 @@ fn install_writes_a_version_the_data_link_and_stable_links() {
     assert_eq!(mode(&dir.link(KEY)), 0o600);
     assert_eq!(mode(&dir.link(CERT)), 0o644);
     assert_eq!(mode(&dir.link(BUNDLE)), 0o644);
+    assert_eq!(mode(&version), 0o755, "exact, whatever the umask");
     assert_eq!(dir.current().unwrap(), files(1));
     assert_eq!(
         names(dir.root()),
