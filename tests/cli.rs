@@ -90,21 +90,8 @@ async fn operator_issues_a_token_node_joins_with_it_and_is_refused_once_it_is_re
     let ca = gw.path("ca/ca.pem");
     let out = gw.path("node-n1");
     let join = |out: &Path, name: &str| {
-        run(&[
-            "mesh",
-            "bootstrap",
-            "join",
-            "--gateway",
-            &gateway_url,
-            "--token-file",
-            token_file.to_str().unwrap(),
-            "--ca-bundle",
-            ca.to_str().unwrap(),
-            "--out",
-            out.to_str().unwrap(),
-            "--node-name",
-            name,
-        ])
+        let args = join_args(&gateway_url, &token_file, &ca, out, name);
+        run(&args.iter().map(String::as_str).collect::<Vec<_>>())
     };
     let (code, stdout, stderr) = join(&out, "n1");
     assert_eq!(code, 0, "{stdout}{stderr}");
@@ -160,6 +147,29 @@ async fn operator_issues_a_token_node_joins_with_it_and_is_refused_once_it_is_re
     assert!(!refused_out.join("key.pem").exists());
 }
 
+/// `mesh bootstrap join` as a node runs it, given only the gateway's address, the token file
+/// and the CA bundle.
+fn join_args(gateway: &str, token_file: &Path, ca: &Path, out: &Path, name: &str) -> Vec<String> {
+    let path = |p: &Path| p.to_str().unwrap().to_string();
+    [
+        "mesh",
+        "bootstrap",
+        "join",
+        "--gateway",
+        gateway,
+        "--token-file",
+        &path(token_file),
+        "--ca-bundle",
+        &path(ca),
+        "--out",
+        &path(out),
+        "--node-name",
+        name,
+    ]
+    .map(String::from)
+    .to_vec()
+}
+
 /// What a join leaves for renewal: the SVID in a version directory that `..data` names, the
 /// stable names as links into it, and `agent.json` naming the gateway and this SVID.
 fn assert_renewable(out: &Path, gateway_url: &str, spiffe_id: &str) {
@@ -203,22 +213,9 @@ async fn the_standalone_agent_binary_joins_and_leaves_what_renewal_needs() {
     std::fs::write(&token_file, &token.token).unwrap();
     let out = gw.path("agent-binary-node");
     let gateway_url = format!("https://{}", gw.node_addr);
+    let ca = gw.path("ca/ca.pem");
     let agent = std::process::Command::new(env!("CARGO_BIN_EXE_omnirelay-agent-under-test"))
-        .args([
-            "mesh",
-            "bootstrap",
-            "join",
-            "--gateway",
-            &gateway_url,
-            "--token-file",
-            token_file.to_str().unwrap(),
-            "--ca-bundle",
-            gw.path("ca/ca.pem").to_str().unwrap(),
-            "--out",
-            out.to_str().unwrap(),
-            "--node-name",
-            "agent-n1",
-        ])
+        .args(join_args(&gateway_url, &token_file, &ca, &out, "agent-n1"))
         .env("RUST_LOG", "warn")
         .output()
         .unwrap();

@@ -21,7 +21,7 @@ use sha2::{Digest, Sha256};
 use crate::evidence::{Evidence, X509Pop, pop_payload};
 use crate::leaf::Leaf;
 use crate::record::AgentRecord;
-use crate::retry::{Attempt, Backoff, classify, transient, unit_sample};
+use crate::retry::{Attempt, Backoff, classify, post_for_svid, transient, unit_sample};
 use crate::svid_dir::{BUNDLE, CERT, KEY, SvidDir, SvidFiles};
 use crate::wire::{Challenge, JoinRequest, JoinResponse};
 use crate::{AgentError, GatewayClient};
@@ -126,15 +126,7 @@ async fn attempt_join(
     };
     let body = serde_json::to_vec(&request)
         .map_err(|e| Attempt::Fatal(AgentError::Usage(e.to_string())))?;
-    let reply = client
-        .post("/v1/bootstrap/join", body)
-        .await
-        .map_err(transient)?;
-    if reply.status != StatusCode::OK {
-        return Err(classify(&reply));
-    }
-    serde_json::from_slice(&reply.body)
-        .map_err(|e| transient(AgentError::Transport(format!("join response: {e}"))))
+    post_for_svid(client, "/v1/bootstrap/join", body).await
 }
 
 pub(crate) fn csr(key: &rcgen::KeyPair, node: &str) -> Result<String, AgentError> {
@@ -209,9 +201,8 @@ fn install(
     response: JoinResponse,
 ) -> Result<Joined, AgentError> {
     let key_pem = key.serialize_pem();
-    let leaf = Leaf::parse(response.certificate_chain.as_bytes())
-        .and_then(|leaf| leaf.check_key(&key_pem).map(|()| leaf))
-        .map_err(AgentError::BadCertificate)?;
+    let leaf =
+        Leaf::for_key(&response.certificate_chain, &key_pem).map_err(AgentError::BadCertificate)?;
     let dir = SvidDir::new(&options.out);
     dir.install(
         &leaf.serial,

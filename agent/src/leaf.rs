@@ -82,6 +82,13 @@ impl Leaf {
         })
     }
 
+    /// Reads the first certificate of `chain_pem` and checks that it is for `key_pem`.
+    pub fn for_key(chain_pem: &str, key_pem: &str) -> Result<Self, LeafError> {
+        let leaf = Self::parse(chain_pem.as_bytes())?;
+        leaf.check_key(key_pem)?;
+        Ok(leaf)
+    }
+
     /// Checks that `key_pem` (PKCS#8) is the private half of this certificate's key.
     pub fn check_key(&self, key_pem: &str) -> Result<(), LeafError> {
         let key = rcgen::KeyPair::from_pem(key_pem).map_err(LeafError::Key)?;
@@ -133,13 +140,26 @@ pub(crate) mod tests {
     /// seconds), and its key, PEM.
     pub(crate) fn certificate(id: &str, not_before: i64, not_after: i64) -> (String, String) {
         let key = rcgen::KeyPair::generate().unwrap();
+        let cert = signed(&key, Some(id), &[0x00, 0x8a, 0x01], not_before, not_after);
+        (cert, key.serialize_pem())
+    }
+
+    /// A self-signed certificate for `key` (PEM) with this serial and validity.
+    pub(crate) fn signed(
+        key: &rcgen::KeyPair,
+        id: Option<&str>,
+        serial: &[u8],
+        not_before: i64,
+        not_after: i64,
+    ) -> String {
         let mut params = rcgen::CertificateParams::default();
-        params.subject_alt_names = vec![rcgen::SanType::URI(id.try_into().unwrap())];
+        if let Some(id) = id {
+            params.subject_alt_names = vec![rcgen::SanType::URI(id.try_into().unwrap())];
+        }
         params.not_before = time_at(not_before);
         params.not_after = time_at(not_after);
-        params.serial_number = Some(rcgen::SerialNumber::from_slice(&[0x00, 0x8a, 0x01]));
-        let cert = params.self_signed(&key).unwrap();
-        (cert.pem(), key.serialize_pem())
+        params.serial_number = Some(rcgen::SerialNumber::from_slice(serial));
+        params.self_signed(key).unwrap().pem()
     }
 
     fn time_at(unix: i64) -> time::OffsetDateTime {

@@ -40,6 +40,7 @@ mod client;
 pub mod daemon;
 pub mod evidence;
 mod join;
+pub mod json_file;
 pub mod leaf;
 pub mod record;
 pub mod renew;

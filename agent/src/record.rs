@@ -8,8 +8,8 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
 
+use crate::json_file::{self, JsonFileError};
 use crate::leaf::{Leaf, normal_serial_hex};
-use crate::secrets::{self, SecretError};
 use crate::wire::JoinResponse;
 
 /// The file's name in the identity directory.
@@ -30,27 +30,9 @@ pub enum RecordError {
         /// Its directory.
         dir: PathBuf,
     },
-    /// Reading failed.
-    #[error("{}: {source}", .path.display())]
-    Read {
-        /// The file.
-        path: PathBuf,
-        /// Why.
-        #[source]
-        source: std::io::Error,
-    },
-    /// It is not the JSON this agent writes.
-    #[error("{}: {source}", .path.display())]
-    Parse {
-        /// The file.
-        path: PathBuf,
-        /// Why.
-        #[source]
-        source: serde_json::Error,
-    },
-    /// Writing failed.
+    /// It cannot be read, parsed or written.
     #[error(transparent)]
-    Write(#[from] SecretError),
+    File(#[from] JsonFileError),
 }
 
 /// The contents of `agent.json`.
@@ -89,28 +71,15 @@ impl AgentRecord {
     /// Reads `DIR/agent.json`.
     pub fn load(dir: &Path) -> Result<Self, RecordError> {
         let path = dir.join(FILE);
-        let bytes = match std::fs::read(&path) {
-            Ok(bytes) => bytes,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                return Err(RecordError::Missing {
-                    path,
-                    dir: dir.to_path_buf(),
-                });
-            }
-            Err(source) => return Err(RecordError::Read { path, source }),
-        };
-        serde_json::from_slice(&bytes).map_err(|source| RecordError::Parse { path, source })
+        json_file::read(&path)?.ok_or_else(|| RecordError::Missing {
+            path,
+            dir: dir.to_path_buf(),
+        })
     }
 
     /// Writes `DIR/agent.json` atomically, 0644.
     pub fn store(&self, dir: &Path) -> Result<(), RecordError> {
-        let mut json = serde_json::to_vec_pretty(self).map_err(|source| RecordError::Parse {
-            path: dir.join(FILE),
-            source,
-        })?;
-        json.push(b'\n');
-        secrets::write_file(&dir.join(FILE), &json, 0o644)?;
-        Ok(())
+        Ok(json_file::write(&dir.join(FILE), self)?)
     }
 
     /// The gateway's `renew_after` hint, if this record describes `leaf` (a record left behind
@@ -163,7 +132,7 @@ mod tests {
         std::fs::write(tmp.path().join(FILE), b"{").unwrap();
         assert!(matches!(
             AgentRecord::load(tmp.path()),
-            Err(RecordError::Parse { .. })
+            Err(RecordError::File(JsonFileError::Parse { .. }))
         ));
     }
 

@@ -8,13 +8,12 @@
 use std::path::PathBuf;
 use std::time::SystemTime;
 
-use http::StatusCode;
 use rustls_pki_types::CertificateDer;
 use rustls_pki_types::pem::PemObject;
 
 use crate::leaf::{Leaf, LeafError};
 use crate::record::{AgentRecord, RecordError};
-use crate::retry::{Attempt, Backoff, classify, transient, unit_sample};
+use crate::retry::{Attempt, Backoff, post_for_svid, unit_sample};
 use crate::schedule::{self, Clock, Plan};
 use crate::svid_dir::{SvidDir, SvidDirError, SvidFiles};
 use crate::wire::{JoinResponse, Problem, RenewRequest};
@@ -110,12 +109,12 @@ impl Current {
     pub fn load(dir: &SvidDir) -> Result<Self, RenewError> {
         let record = AgentRecord::load(dir.root())?;
         let files = dir.current()?;
-        let leaf = Leaf::parse(files.chain_pem.as_bytes())
-            .and_then(|leaf| leaf.check_key(&files.key_pem).map(|()| leaf))
-            .map_err(|source| RenewError::Current {
+        let leaf = Leaf::for_key(&files.chain_pem, &files.key_pem).map_err(|source| {
+            RenewError::Current {
                 dir: dir.root().to_path_buf(),
                 source,
-            })?;
+            }
+        })?;
         Ok(Self {
             files,
             leaf,
@@ -222,15 +221,7 @@ async fn attempt_renew(
             )
         })
         .map_err(Attempt::Fatal)?;
-    let reply = client
-        .post("/v1/bootstrap/renew", body)
-        .await
-        .map_err(transient)?;
-    if reply.status != StatusCode::OK {
-        return Err(classify(&reply));
-    }
-    serde_json::from_slice(&reply.body)
-        .map_err(|e| transient(AgentError::Transport(format!("renew response: {e}"))))
+    post_for_svid(&client, "/v1/bootstrap/renew", body).await
 }
 
 /// Installs the new SVID (after checking it is for `key`) and its record.
@@ -241,9 +232,8 @@ fn install(
     response: JoinResponse,
 ) -> Result<JoinResponse, RenewError> {
     let key_pem = key.serialize_pem();
-    let leaf = Leaf::parse(response.certificate_chain.as_bytes())
-        .and_then(|leaf| leaf.check_key(&key_pem).map(|()| leaf))
-        .map_err(RenewError::BadCertificate)?;
+    let leaf =
+        Leaf::for_key(&response.certificate_chain, &key_pem).map_err(RenewError::BadCertificate)?;
     // An answer without a bundle keeps the one we have rather than leave us trusting nothing.
     let bundle_pem = if holds_certificates(&response.bundle) {
         response.bundle.clone()

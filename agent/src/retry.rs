@@ -7,9 +7,9 @@ use std::time::Duration;
 use aws_lc_rs::rand::{SecureRandom, SystemRandom};
 use http::StatusCode;
 
-use crate::AgentError;
 use crate::client::Reply;
-use crate::wire::Problem;
+use crate::wire::{JoinResponse, Problem};
+use crate::{AgentError, GatewayClient};
 
 /// Capped exponential backoff with full jitter.
 #[derive(Debug, Clone, Copy)]
@@ -91,6 +91,21 @@ pub(crate) fn classify(reply: &Reply) -> Attempt {
     } else {
         Attempt::Fatal(AgentError::Refused(Box::new(problem)))
     }
+}
+
+/// One `POST` whose answer is an SVID (join, renew): transport failures and an unreadable
+/// answer are worth another try, refusals are [`classify`]'d.
+pub(crate) async fn post_for_svid(
+    client: &GatewayClient,
+    path: &str,
+    body: Vec<u8>,
+) -> Result<JoinResponse, Attempt> {
+    let reply = client.post(path, body).await.map_err(transient)?;
+    if reply.status != StatusCode::OK {
+        return Err(classify(&reply));
+    }
+    serde_json::from_slice(&reply.body)
+        .map_err(|e| transient(AgentError::Transport(format!("answer to {path}: {e}"))))
 }
 
 /// A uniform sample in `[0, 1)` from the system's random source (0.5 if it fails, which

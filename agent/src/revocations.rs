@@ -15,9 +15,9 @@ use http::StatusCode;
 use serde::{Deserialize, Serialize};
 use tokio::time::Instant;
 
+use crate::json_file::{self, JsonFileError};
 use crate::retry::{Attempt, Backoff, classify, unit_sample};
 use crate::schedule::Clock;
-use crate::secrets::{self, SecretError};
 use crate::svid_dir::SvidDir;
 use crate::wire::{Revocation, RevocationPage};
 use crate::{AgentError, GatewayClient};
@@ -28,32 +28,6 @@ pub const LONG_POLL_SECS: u64 = 25;
 /// The least time between two polls, so that a gateway answering at once with nothing does not
 /// make the follower spin.
 const MIN_POLL_INTERVAL: Duration = Duration::from_secs(1);
-
-/// The revocation file could not be read or written.
-#[derive(Debug, thiserror::Error)]
-pub enum FeedError {
-    /// Reading failed.
-    #[error("{}: {source}", .path.display())]
-    Read {
-        /// The file.
-        path: PathBuf,
-        /// Why.
-        #[source]
-        source: std::io::Error,
-    },
-    /// It is not a revocation file.
-    #[error("{}: {source}", .path.display())]
-    Parse {
-        /// The file.
-        path: PathBuf,
-        /// Why.
-        #[source]
-        source: serde_json::Error,
-    },
-    /// Writing failed.
-    #[error(transparent)]
-    Write(#[from] SecretError),
-}
 
 /// The contents of the revocation file.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -66,29 +40,13 @@ pub struct RevocationFile {
 
 impl RevocationFile {
     /// Reads the file; an absent one is empty (start of the feed).
-    pub fn load(path: &Path) -> Result<Self, FeedError> {
-        match std::fs::read(path) {
-            Ok(bytes) => serde_json::from_slice(&bytes).map_err(|source| FeedError::Parse {
-                path: path.to_path_buf(),
-                source,
-            }),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Self::default()),
-            Err(source) => Err(FeedError::Read {
-                path: path.to_path_buf(),
-                source,
-            }),
-        }
+    pub fn load(path: &Path) -> Result<Self, JsonFileError> {
+        Ok(json_file::read(path)?.unwrap_or_default())
     }
 
     /// Writes the file atomically, 0644.
-    pub fn store(&self, path: &Path) -> Result<(), FeedError> {
-        let mut json = serde_json::to_vec_pretty(self).map_err(|source| FeedError::Parse {
-            path: path.to_path_buf(),
-            source,
-        })?;
-        json.push(b'\n');
-        secrets::write_file(path, &json, 0o644)?;
-        Ok(())
+    pub fn store(&self, path: &Path) -> Result<(), JsonFileError> {
+        json_file::write(path, self)
     }
 
     /// This file with `page` taken in at `now` (Unix seconds): entries not held yet (by feed

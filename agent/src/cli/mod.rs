@@ -10,6 +10,7 @@
 
 use std::process::ExitCode;
 
+use anyhow::Context;
 use clap::{Parser, Subcommand, ValueEnum};
 
 mod join;
@@ -79,26 +80,18 @@ pub async fn run(cmd: MeshCommand) -> anyhow::Result<ExitCode> {
 /// The `omnirelay-agent` binary: parses arguments, sets up logging, runs the command.
 pub fn main() -> ExitCode {
     let cli = AgentCli::parse();
-    // One thread is plenty for one node's identity.
-    let runtime = match tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-    {
-        Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("error: cannot start the async runtime: {e}");
-            return ExitCode::from(2);
-        }
-    };
     init_tracing(cli.log_format == LogFormat::Json, None);
     let AgentCommand::Mesh(cmd) = cli.command;
-    match runtime.block_on(run(cmd)) {
-        Ok(code) => code,
-        Err(e) => {
-            eprintln!("error: {e:#}");
-            ExitCode::from(2)
-        }
-    }
+    // One thread is plenty for one node's identity.
+    let outcome = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")
+        .and_then(|runtime| runtime.block_on(run(cmd)));
+    outcome.unwrap_or_else(|e| {
+        eprintln!("error: {e:#}");
+        ExitCode::from(2)
+    })
 }
 
 /// Logs go to stderr; `RUST_LOG` overrides the filter. Human logs are coloured only when

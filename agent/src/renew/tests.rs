@@ -2,7 +2,7 @@ use std::net::TcpListener;
 use std::time::{Duration, UNIX_EPOCH};
 
 use super::*;
-use crate::leaf::tests::certificate;
+use crate::leaf::tests::{certificate, signed};
 use crate::testutil::TempDir;
 use crate::wire::PolicyVersion;
 
@@ -166,11 +166,7 @@ fn a_renewed_svid_is_installed_with_its_record() {
     let current = Current::load(&dir).unwrap();
     let key = rcgen::KeyPair::generate().unwrap();
     let now = unix_now();
-    let mut params = rcgen::CertificateParams::default();
-    params.serial_number = Some(rcgen::SerialNumber::from_slice(&[0x7f, 0x02]));
-    params.not_before = time::OffsetDateTime::from_unix_timestamp(now - 30).unwrap();
-    params.not_after = time::OffsetDateTime::from_unix_timestamp(now + 7200).unwrap();
-    let cert = params.self_signed(&key).unwrap().pem();
+    let cert = signed(&key, None, &[0x7f, 0x02], now - 30, now + 7200);
     let (bundle, _) = certificate("spiffe://td.example/ca", now, now + 1);
     let renewed = install(
         &options(dir.clone()),
@@ -224,9 +220,7 @@ fn an_answer_without_a_bundle_keeps_the_one_we_have() {
     let (dir, _listener) = joined_dir(&tmp, -60, 3600);
     let current = Current::load(&dir).unwrap();
     let key = rcgen::KeyPair::generate().unwrap();
-    let mut params = rcgen::CertificateParams::default();
-    params.serial_number = Some(rcgen::SerialNumber::from_slice(&[0x03]));
-    let cert = params.self_signed(&key).unwrap().pem();
+    let cert = signed(&key, None, &[0x03], unix_now() - 30, unix_now() + 60);
     install(
         &options(dir.clone()),
         &current,

@@ -84,7 +84,7 @@ fn the_file_is_public_json_written_whole_and_resumes_the_feed() {
     std::fs::write(&path, b"[]").unwrap();
     assert!(matches!(
         RevocationFile::load(&path),
-        Err(FeedError::Parse { .. })
+        Err(JsonFileError::Parse { .. })
     ));
 }
 
