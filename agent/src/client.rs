@@ -286,3 +286,6 @@ async fn connect_from(local: IpAddr, authority: &str) -> std::io::Result<TcpStre
         )
     }))
 }
+
+#[cfg(test)]
+mod tests;
