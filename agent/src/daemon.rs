@@ -1,7 +1,7 @@
 //! `mesh bootstrap renew --daemon`: keeps the node's SVID alive. It sleeps until the
 //! [`schedule`] says so, renews ([`renew::renew`]), runs the `--on-renew` hook, refreshes the
 //! trust bundle from `GET /v1/bundle` every `bundle_refresh` (and takes the one every renewal
-//! answers with), and optionally mirrors the revocation feed ([`revocations::follow`], a task
+//! answers with), and optionally mirrors the revocation feed ([`revocations::Follower`], a task
 //! this loop owns and stops). It returns only when the identity is gone or the directory is
 //! unusable; stopping it on a signal is the caller's (dropping the future stops everything).
 
