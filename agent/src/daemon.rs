@@ -54,53 +54,69 @@ pub async fn run(options: DaemonOptions, clock: Arc<dyn Clock>) -> Result<Infall
     let mut next_bundle = Instant::now() + options.bundle_refresh;
     loop {
         let current = Current::load(&dir)?;
+        let at = scheduled(&mut planned, &current, options.policy);
+        let now = clock.now();
         let validity = current.leaf.validity();
-        let at = match &planned {
-            Some((serial, at)) if *serial == current.leaf.serial => *at,
-            _ => {
-                let at =
-                    schedule::renewal_time(validity, current.hint(), options.policy, unit_sample());
-                tracing::info!(
-                    spiffe_id = current.leaf.spiffe_id.as_deref().unwrap_or_default(),
-                    serial = %current.leaf.serial,
-                    renew_at = %humantime::format_rfc3339_seconds(at),
-                    "renewal scheduled"
-                );
-                planned = Some((current.leaf.serial.clone(), at));
-                at
-            }
+        let wait = match schedule::wait_until(at, validity, now, options.policy.min_interval) {
+            Plan::Wait(wait) => wait,
+            Plan::Expired => return Err(renew::expired(&dir, &current.leaf)),
         };
-        let wait =
-            match schedule::wait_until(at, validity, clock.now(), options.policy.min_interval) {
-                Plan::Wait(wait) => wait,
-                Plan::Expired => return Err(renew::expired(&dir, &current.leaf)),
-            };
         tokio::select! {
             // The schedule, not a wait for a condition.
-            () = tokio::time::sleep(wait) => {
-                let renewed = renew::renew(&options.renew, clock.as_ref()).await?;
-                tracing::info!(
-                    spiffe_id = %renewed.spiffe_id,
-                    serial = %renewed.serial,
-                    expires = %crate::cli::rfc3339(renewed.not_after),
-                    "renewed"
-                );
-                hook(&options, &renewed.spiffe_id, &renewed.serial, "renewed").await;
-                next_bundle = Instant::now() + options.bundle_refresh;
-            }
-            () = tokio::time::sleep_until(next_bundle) => {
-                match refresh_bundle(&options.renew, &current).await {
-                    Ok(true) => {
-                        tracing::info!("the trust bundle changed");
-                        let id = current.leaf.spiffe_id.as_deref().unwrap_or_default();
-                        hook(&options, id, &current.leaf.serial, "bundle").await;
-                    }
-                    Ok(false) => tracing::debug!("the trust bundle is unchanged"),
-                    Err(e) => tracing::warn!(error = %e, "cannot refresh the trust bundle"),
-                }
-                next_bundle = Instant::now() + options.bundle_refresh;
-            }
+            () = tokio::time::sleep(wait) => renew_now(&options, clock.as_ref()).await?,
+            () = tokio::time::sleep_until(next_bundle) => refresh(&options, &current).await,
         }
+        next_bundle = Instant::now() + options.bundle_refresh;
+    }
+}
+
+/// When to renew `current`: drawn once per certificate (a new draw at every wake-up would
+/// drift towards the earliest), kept in `planned` with the serial it was drawn for.
+fn scheduled(
+    planned: &mut Option<(String, SystemTime)>,
+    current: &Current,
+    policy: RenewPolicy,
+) -> SystemTime {
+    if let Some((serial, at)) = planned
+        && *serial == current.leaf.serial
+    {
+        return *at;
+    }
+    let validity = current.leaf.validity();
+    let at = schedule::renewal_time(validity, current.hint(), policy, unit_sample());
+    tracing::info!(
+        spiffe_id = current.leaf.spiffe_id.as_deref().unwrap_or_default(),
+        serial = %current.leaf.serial,
+        renew_at = %humantime::format_rfc3339_seconds(at),
+        "renewal scheduled"
+    );
+    *planned = Some((current.leaf.serial.clone(), at));
+    at
+}
+
+/// Renews (retrying until expiry) and runs the hook.
+async fn renew_now(options: &DaemonOptions, clock: &dyn Clock) -> Result<(), RenewError> {
+    let renewed = renew::renew(&options.renew, clock).await?;
+    tracing::info!(
+        spiffe_id = %renewed.spiffe_id,
+        serial = %renewed.serial,
+        expires = %crate::cli::rfc3339(renewed.not_after),
+        "renewed"
+    );
+    hook(options, &renewed.spiffe_id, &renewed.serial, "renewed").await;
+    Ok(())
+}
+
+/// Refreshes the bundle; a failure is logged and tried again at the next refresh.
+async fn refresh(options: &DaemonOptions, current: &Current) {
+    match refresh_bundle(&options.renew, current).await {
+        Ok(true) => {
+            tracing::info!("the trust bundle changed");
+            let id = current.leaf.spiffe_id.as_deref().unwrap_or_default();
+            hook(options, id, &current.leaf.serial, "bundle").await;
+        }
+        Ok(false) => tracing::debug!("the trust bundle is unchanged"),
+        Err(e) => tracing::warn!(error = %e, "cannot refresh the trust bundle"),
     }
 }
 

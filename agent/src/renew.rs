@@ -150,14 +150,7 @@ pub async fn renew(options: &RenewOptions, clock: &dyn Clock) -> Result<JoinResp
     let dir = &options.dir;
     let first = Current::load(dir)?;
     first.expired(dir, clock.now())?;
-    let key = rcgen::KeyPair::generate()
-        .map_err(|e| RenewError::Setup(AgentError::Usage(format!("generating a key: {e}"))))?;
-    let request = RenewRequest {
-        csr: crate::join::csr(&key, &first.record.node_name).map_err(RenewError::Setup)?,
-        idempotency_key: Some(uuid::Uuid::new_v4().simple().to_string()),
-    };
-    let body = serde_json::to_vec(&request)
-        .map_err(|e| RenewError::Setup(AgentError::Usage(e.to_string())))?;
+    let (key, body) = request(&first.record.node_name).map_err(RenewError::Setup)?;
     let mut current = first;
     let mut last = String::new();
     let limit = options.max_attempts.unwrap_or(u32::MAX).max(1);
@@ -176,16 +169,9 @@ pub async fn renew(options: &RenewOptions, clock: &dyn Clock) -> Result<JoinResp
         if attempt == limit {
             break;
         }
-        let validity = current.leaf.validity();
-        let unit = unit_sample();
-        match schedule::retry(
-            options.backoff,
-            attempt,
-            retry_after,
-            unit,
-            validity,
-            clock.now(),
-        ) {
+        let (validity, unit) = (current.leaf.validity(), unit_sample());
+        let now = clock.now();
+        match schedule::retry(options.backoff, attempt, retry_after, unit, validity, now) {
             Plan::Expired => return Err(expired(dir, &current.leaf)),
             Plan::Wait(delay) => {
                 tracing::warn!(attempt, ?delay, reason = %last, "renewal failed; retrying");
@@ -201,6 +187,19 @@ pub async fn renew(options: &RenewOptions, clock: &dyn Clock) -> Result<JoinResp
         attempts: limit,
         last,
     })
+}
+
+/// A fresh P-256 key (it never leaves the node) and the renewal request for it, with the
+/// idempotency key every attempt of this round sends.
+fn request(node_name: &str) -> Result<(rcgen::KeyPair, Vec<u8>), AgentError> {
+    let key = rcgen::KeyPair::generate()
+        .map_err(|e| AgentError::Usage(format!("generating a key: {e}")))?;
+    let request = RenewRequest {
+        csr: crate::join::csr(&key, node_name)?,
+        idempotency_key: Some(uuid::Uuid::new_v4().simple().to_string()),
+    };
+    let body = serde_json::to_vec(&request).map_err(|e| AgentError::Usage(e.to_string()))?;
+    Ok((key, body))
 }
 
 /// One attempt over a fresh connection presenting the current SVID.
