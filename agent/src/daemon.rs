@@ -1,9 +1,9 @@
 //! `mesh bootstrap renew --daemon`: keeps the node's SVID alive. It sleeps until the
 //! [`schedule`] says so, renews ([`renew::renew`]), runs the `--on-renew` hook, refreshes the
-//! trust bundle from `GET /v1/bundle` every `bundle_refresh` (and takes the one every renewal
-//! answers with), and optionally mirrors the revocation feed ([`revocations::Follower`], a task
-//! this loop owns and stops). It returns only when the identity is gone or the directory is
-//! unusable; stopping it on a signal is the caller's (dropping the future stops everything).
+//! trust bundle from `GET /v1/bundle` every `bundle_refresh` and after every renewal, and
+//! optionally mirrors the revocation feed ([`revocations::Follower`], a task this loop owns and
+//! stops). It returns only when the identity is gone or the directory is unusable; stopping it
+//! on a signal is the caller's (dropping the future stops everything).
 
 use std::convert::Infallible;
 use std::path::{Path, PathBuf};
@@ -63,7 +63,11 @@ pub async fn run(options: DaemonOptions, clock: Arc<dyn Clock>) -> Result<Infall
         };
         tokio::select! {
             // The schedule, not a wait for a condition.
-            () = tokio::time::sleep(wait) => renew_now(&options, clock.as_ref()).await?,
+            () = tokio::time::sleep(wait) => {
+                renew_now(&options, clock.as_ref()).await?;
+                // The renewal's answer carried a bundle; the gateway's current one may be newer.
+                refresh(&options, &Current::load(&dir)?).await;
+            }
             () = tokio::time::sleep_until(next_bundle) => refresh(&options, &current).await,
         }
         next_bundle = Instant::now() + options.bundle_refresh;
