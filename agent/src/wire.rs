@@ -217,3 +217,41 @@ pub struct Version {
     /// When it became active, Unix seconds.
     pub since: u64,
 }
+
+/// `POST /admin/v1/revoke`: exactly one of `token`, `spiffe_id`, `serial`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RevokeIdentityRequest {
+    /// A token's audit GUID: the token and every identity of its lineages.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub token: Option<String>,
+    /// A SPIFFE ID: every identity carrying it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub spiffe_id: Option<String>,
+    /// A certificate serial (hex): it and every renewal descending from it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub serial: Option<String>,
+    /// Why (audited, published in the revocation feed).
+    pub reason: String,
+    /// Who asked.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub revoked_by: Option<String>,
+}
+
+/// `POST /admin/v1/quarantine/lift`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LiftQuarantineRequest {
+    /// The SPIFFE ID.
+    pub spiffe_id: String,
+    /// Who asked (audited).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub by: Option<String>,
+}
+
+/// The answer to a lift.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct LiftQuarantineResponse {
+    /// False when the SPIFFE ID was not quarantined.
+    pub lifted: bool,
+}

@@ -10,7 +10,9 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
-use gateway::api::wire::{Challenge, IssueTokenRequest, IssueTokenResponse, JoinRequest};
+use gateway::api::wire::{
+    Challenge, IssueTokenRequest, IssueTokenResponse, JoinRequest, JoinResponse, RenewRequest,
+};
 use http_body_util::{BodyExt, Full};
 use hyper::client::conn::http1::SendRequest;
 use hyper_util::rt::TokioIo;
@@ -108,6 +110,19 @@ pub async fn drive(
 
 /// One join as a node does it: a challenge, then the join; anything but 200 is an error.
 pub async fn join_once(sender: &mut SendRequest<Full<Bytes>>, node: &Prepared) -> BoxResult<()> {
+    join_for(sender, node).await.map(drop)
+}
+
+/// [`join_once`], returning the gateway's answer (the body is parsed only here, outside the
+/// timed join loop).
+pub async fn join_answer(
+    sender: &mut SendRequest<Full<Bytes>>,
+    node: &Prepared,
+) -> BoxResult<JoinResponse> {
+    Ok(serde_json::from_slice(&join_for(sender, node).await?)?)
+}
+
+async fn join_for(sender: &mut SendRequest<Full<Bytes>>, node: &Prepared) -> BoxResult<Bytes> {
     let (status, body) = send(sender, "GET", "/v1/bootstrap/challenge", Bytes::new()).await?;
     if status != 200 {
         return Err(format!("challenge: HTTP {status}").into());
@@ -134,7 +149,141 @@ pub async fn join_once(sender: &mut SendRequest<Full<Bytes>>, node: &Prepared) -
     if status != 200 {
         return Err(format!("join: HTTP {status}: {}", String::from_utf8_lossy(&body)).into());
     }
-    Ok(())
+    Ok(body)
+}
+
+/// A node that joined before the clock started: its SVID, its key, and the CSRs (new keys)
+/// of the renewals it will make.
+#[derive(Debug)]
+pub struct Renewing {
+    /// The SVID chain, PEM.
+    pub chain_pem: String,
+    /// Its key, PKCS#8 PEM.
+    pub key_pem: String,
+    /// One CSR per renewal, PEM.
+    pub csrs: Vec<String>,
+}
+
+/// Joins `nodes` nodes and prepares `renewals` CSRs for each, before the clock starts.
+pub async fn prepare_renewals(
+    gateway: &GatewayProcess,
+    tls: &Arc<rustls::ClientConfig>,
+    nodes: usize,
+    renewals: usize,
+) -> BoxResult<Vec<Renewing>> {
+    let joining = prepare(gateway, tls, "edge-eu", nodes, nodes).await?;
+    let mut sender = connect(tls, gateway.node).await?;
+    let mut out = Vec::with_capacity(nodes);
+    for node in joining {
+        // The node's own key this time (`prepare` keeps only the CSR).
+        let key = rcgen::KeyPair::generate()?;
+        let csr = rcgen::CertificateParams::default()
+            .serialize_request(&key)?
+            .pem()?;
+        let joined = join_answer(&mut sender, &Prepared { csr, ..node }).await?;
+        let csrs = (0..renewals)
+            .map(|_| {
+                let key = rcgen::KeyPair::generate()?;
+                Ok(rcgen::CertificateParams::default()
+                    .serialize_request(&key)?
+                    .pem()?)
+            })
+            .collect::<BoxResult<Vec<_>>>()?;
+        out.push(Renewing {
+            chain_pem: joined.certificate_chain,
+            key_pem: key.serialize_pem(),
+            csrs,
+        });
+    }
+    Ok(out)
+}
+
+/// Every node renews its CSRs back to back on one kept-alive mTLS connection presenting its
+/// SVID, all nodes at once. Each answer is durable before it is sent.
+pub async fn drive_renewals(
+    gateway: &GatewayProcess,
+    bundle: &[u8],
+    nodes: Vec<Renewing>,
+) -> BoxResult<Outcome> {
+    let mut configs = Vec::with_capacity(nodes.len());
+    for node in &nodes {
+        configs.push(mtls_config(bundle, &node.chain_pem, &node.key_pem)?);
+    }
+    let started = Instant::now();
+    let mut workers = tokio::task::JoinSet::new();
+    for (node, tls) in nodes.into_iter().zip(configs) {
+        let addr = gateway.node;
+        workers.spawn(async move {
+            let mut latencies = Vec::with_capacity(node.csrs.len());
+            let mut errors = 0usize;
+            let mut connection: Option<SendRequest<Full<Bytes>>> = None;
+            for csr in node.csrs {
+                let begin = Instant::now();
+                if !connection.as_ref().is_some_and(|c| c.is_ready()) {
+                    connection = connect(&tls, addr).await.ok();
+                }
+                let Some(sender) = connection.as_mut() else {
+                    errors += 1;
+                    continue;
+                };
+                let body = serde_json::to_vec(&RenewRequest {
+                    csr,
+                    idempotency_key: None,
+                })
+                .map(Bytes::from);
+                let outcome = match body {
+                    Ok(body) => send(sender, "POST", "/v1/bootstrap/renew", body).await,
+                    Err(e) => Err(e.into()),
+                };
+                match outcome {
+                    Ok((200, _)) => latencies.push(begin.elapsed()),
+                    other => {
+                        if errors == 0 {
+                            eprintln!("first renewal error of a node: {other:?}");
+                        }
+                        errors += 1;
+                        connection = None;
+                    }
+                }
+            }
+            (latencies, errors)
+        });
+    }
+    let mut latencies = Vec::new();
+    let mut errors = 0;
+    while let Some(done) = workers.join_next().await {
+        let (l, e) = done?;
+        latencies.extend(l);
+        errors += e;
+    }
+    let elapsed = started.elapsed();
+    latencies.sort();
+    Ok(Outcome {
+        ok: latencies.len(),
+        errors,
+        elapsed,
+        latencies,
+    })
+}
+
+/// [`tls_config`] presenting `chain_pem` and its key as the client certificate.
+pub fn mtls_config(
+    bundle: &[u8],
+    chain_pem: &str,
+    key_pem: &str,
+) -> BoxResult<Arc<rustls::ClientConfig>> {
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in CertificateDer::pem_slice_iter(bundle) {
+        roots.add(cert?)?;
+    }
+    let chain = CertificateDer::pem_slice_iter(chain_pem.as_bytes()).collect::<Result<_, _>>()?;
+    let key = rustls_pki_types::PrivateKeyDer::from_pem_slice(key_pem.as_bytes())?;
+    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()?
+        .with_root_certificates(roots)
+        .with_client_auth_cert(chain, key)?;
+    Ok(Arc::new(config))
 }
 
 /// One request on a kept-alive connection: the status and the body.

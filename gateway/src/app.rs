@@ -83,7 +83,8 @@ impl Signals {
 /// Builds the gateway and starts serving.
 pub async fn start(config: &Config) -> anyhow::Result<Running> {
     let gateway = Arc::new(Gateway::build(config).await?);
-    let tls = server_tls(&config.server.tls_cert, &config.server.tls_key)?;
+    let tls = server_tls(gateway.serving.clone())?;
+    gateway.metrics.trust(&gateway.trust());
     let node = TcpListener::bind(config.server.listen)
         .await
         .with_context(|| format!("binding {}", config.server.listen))?;
@@ -125,6 +126,7 @@ pub async fn start(config: &Config) -> anyhow::Result<Running> {
         stop.clone(),
     ));
     tasks.spawn(audit_refusals(gateway.clone(), stop.clone()));
+    tasks.spawn(publish_revocations(gateway.clone(), stop.clone()));
     tasks.spawn(housekeeping(gateway.clone(), stop));
     tracing::info!(%node_addr, %admin_addr, trust_domain = %config.trust_domain, "gateway serving");
     Ok(Running {
@@ -145,6 +147,15 @@ async fn housekeeping(gateway: Arc<Gateway>, mut stop: watch::Receiver<bool>) {
             _ = stop.changed() => return,
         }
     }
+}
+
+/// Keeps the CRL current: signed again after each revocation this replica's store reports and
+/// at half of its validity.
+async fn publish_revocations(gateway: Arc<Gateway>, stop: watch::Receiver<bool>) {
+    gateway
+        .revocations
+        .run(gateway.store.clone(), || gateway.trust(), stop)
+        .await;
 }
 
 /// Writes the coalesced refusals of unauthenticated clients every interval; the last ones are

@@ -14,6 +14,7 @@ pub mod limits;
 pub mod metrics;
 pub mod policy;
 pub mod reload;
+pub mod revocation;
 pub mod server;
 pub mod state;
 pub mod store;

@@ -1,4 +1,4 @@
-//! The gateway's shared state: every part a request needs (keys, CA, store, limits, policy host,
+//! The gateway's shared state: every part a request needs (keys, CA set, store, limits, policy host,
 //! metrics), built once from a [`Config`] and shared by both listeners and the background tasks.
 //! It sits below `api` and `app`: both import it, it imports neither.
 
@@ -6,19 +6,19 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use anyhow::Context;
-use bytes::Bytes;
 use tokio::sync::Semaphore;
 
 use crate::attest::{Attestor, DeviceRoots};
 use crate::audit::{AuditKey, RefusalCoalescer};
 use crate::config::Config;
-use crate::identity::{Ca, IdentityConfig, TrustDomain, bundle_pem, spiffe_bundle};
+use crate::identity::{CaSet, IdentityConfig, Rotation, TrustDomain};
 use crate::limits::{KeyedSlots, Limits};
 use crate::metrics::Metrics;
 use crate::policy::{ActivePolicies, Metering, PolicyHost, PolicySet};
 use crate::reload::Reloader;
+use crate::revocation::Publisher;
 use crate::secrets;
-use crate::server::ServerConfig;
+use crate::server::{ServerConfig, ServingCert};
 use crate::store::{Checkpoints, SqliteStore, Store};
 use crate::token::{SigningKey, TokenConfig, Verifier, VerifyingKey};
 
@@ -46,8 +46,11 @@ pub struct Gateway {
     pub policies: Arc<ActivePolicies>,
     /// Follows the policy repository, when one is configured.
     pub reloader: Option<Reloader>,
-    /// The issuing CA.
-    pub ca: Ca,
+    /// The CA set in force (the signer and the trust bundle) and the CA rotation behind it;
+    /// [`Gateway::trust`] is the set.
+    pub rotation: Rotation,
+    /// The certificate both listeners serve; a CA activation re-issues and swaps it.
+    pub serving: Arc<ServingCert>,
     /// Durable state.
     pub store: Arc<dyn Store>,
     /// Metrics.
@@ -62,10 +65,8 @@ pub struct Gateway {
     pub refusal_audit_interval: Duration,
     /// The admin bearer credential.
     pub admin_credential: String,
-    /// The trust bundle, PEM.
-    pub bundle_pem: Bytes,
-    /// The trust bundle, SPIFFE JWKS.
-    pub spiffe_bundle: Bytes,
+    /// The CRL in force, and the signing of the next.
+    pub revocations: Publisher,
     /// The gateway's own DNS names (from its serving certificate): no policy may grant them.
     pub reserved_dns: Vec<String>,
     /// Rate-limit refusals already audited recently (one entry per key per window).
@@ -83,11 +84,10 @@ impl std::fmt::Debug for Gateway {
 impl Gateway {
     /// Builds every part. Fails on the first unusable file, naming it.
     pub async fn build(config: &Config) -> anyhow::Result<Self> {
-        let ca = Ca::load(
-            &read(&config.identity.ca_cert)?,
-            &secrets::read(&config.identity.ca_key)?,
-        )
-        .with_context(|| format!("loading the CA from {}", config.identity.ca_cert.display()))?;
+        let rotation = Rotation::load(&config.identity).with_context(|| {
+            format!("loading the CA from {}", config.identity.ca_cert.display())
+        })?;
+        let serving = ServingCert::load(&config.server.tls_cert, &config.server.tls_key)?;
         let signer = SigningKey::from_pkcs8_pem(&secrets::read(&config.token.signing_key)?)
             .with_context(|| format!("loading {}", config.token.signing_key.display()))?;
         let mut keys = vec![signer.verifying_key()];
@@ -143,8 +143,13 @@ impl Gateway {
             "{}: the admin credential must be at least 32 characters",
             config.admin.credential.display()
         );
-        let bundle = bundle_pem(&[&ca]);
-        let jwks = spiffe_bundle(&[&ca], 1, config.identity.bundle_refresh_hint);
+        let revocations = Publisher::start(
+            store.as_ref(),
+            &rotation.current(),
+            config.identity.crl_validity,
+        )
+        .await
+        .context("signing the first CRL")?;
         Ok(Self {
             trust_domain: config.trust_domain.clone(),
             server: config.server.clone(),
@@ -157,7 +162,8 @@ impl Gateway {
             host,
             policies,
             reloader,
-            ca,
+            rotation,
+            serving: Arc::new(serving),
             store,
             metrics,
             in_flight: Semaphore::new(config.server.max_in_flight.get() as usize),
@@ -166,13 +172,18 @@ impl Gateway {
             refusal_audit_interval: config.limits.refusal_audit_interval,
             admin_credential,
             reserved_dns: own_dns_names(&read(&config.server.tls_cert)?)?,
-            bundle_pem: Bytes::from(bundle),
-            spiffe_bundle: Bytes::from(jwks.to_string()),
+            revocations,
             audited_limits: moka::sync::Cache::builder()
                 .max_capacity(100_000)
                 .time_to_live(Duration::from_secs(10))
                 .build(),
         })
+    }
+
+    /// The CA set in force: the signer, the trust bundle (PEM, SPIFFE JWKS with its sequence)
+    /// and its roots. Take it once per request; a rotation swaps it whole.
+    pub fn trust(&self) -> Arc<CaSet> {
+        self.rotation.current()
     }
 
     /// Wall-clock time as Unix milliseconds.

@@ -216,6 +216,37 @@ pub const EXT_NODE_BINDING: &str = "omnirelay.node-binding";
 pub const EXT_TOKEN_NODE: &str = "omnirelay.token-node";
 /// Extension key: `true` when the token may supersede a live identity of the same SPIFFE ID.
 pub const EXT_SUPERSEDE: &str = "omnirelay.supersede";
+/// Extension key (renewals): the SPIFFE ID of the certificate being renewed.
+pub const EXT_RENEW_SPIFFE_ID: &str = "omnirelay.renew.spiffe-id";
+/// Extension key (renewals): its serial, hex.
+pub const EXT_RENEW_SERIAL: &str = "omnirelay.renew.serial";
+/// Extension key (renewals): its notAfter, Unix seconds.
+pub const EXT_RENEW_NOT_AFTER: &str = "omnirelay.renew.not-after";
+/// Extension key (renewals): how many renewals its lineage had before this one (0 when the
+/// certificate being renewed came from the join).
+pub const EXT_RENEW_COUNT: &str = "omnirelay.renew.renewals";
+/// Extension key (renewals): `true` when the CSR carries the key of the certificate being
+/// renewed. The gateway refuses that unless the allow carries [`KEY_REUSE_PERMITTED`].
+pub const EXT_RENEW_SAME_KEY: &str = "omnirelay.renew.same-key";
+/// The audit note by which an allow permits a renewal to keep its key
+/// ([`Allow::permit_key_reuse`]); it is recorded with the renewal like any note.
+pub const KEY_REUSE_PERMITTED: &str = "omnirelay.renew.key-reuse-permitted";
+
+/// The identity a renewal renews (what the node's client certificate carries), from the
+/// `omnirelay.renew.*` extensions.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CurrentIdentity<'a> {
+    /// The SPIFFE ID.
+    pub spiffe_id: &'a str,
+    /// The serial, hex.
+    pub serial: &'a str,
+    /// notAfter, Unix seconds.
+    pub not_after: u64,
+    /// Renewals in the lineage before this one.
+    pub renewals: u32,
+    /// Whether the CSR reuses the current key.
+    pub same_key: bool,
+}
 
 impl Request {
     /// The value of an extension, if the gateway sent it.
@@ -240,6 +271,21 @@ impl Request {
     /// [`Request::verified_node_name`] when there is one, else the self-chosen `node-name`.
     pub fn node_identity(&self) -> &str {
         self.verified_node_name().unwrap_or(&self.node_name)
+    }
+
+    /// For a renewal, the identity being renewed; `None` for a join. The token claims and the
+    /// attestation of a renewal are those the lineage's join was decided on.
+    pub fn current_identity(&self) -> Option<CurrentIdentity<'_>> {
+        if self.kind != RequestKind::Renew {
+            return None;
+        }
+        Some(CurrentIdentity {
+            spiffe_id: self.extension(EXT_RENEW_SPIFFE_ID)?,
+            serial: self.extension(EXT_RENEW_SERIAL)?,
+            not_after: self.extension(EXT_RENEW_NOT_AFTER)?.parse().ok()?,
+            renewals: self.extension(EXT_RENEW_COUNT)?.parse().ok()?,
+            same_key: self.extension(EXT_RENEW_SAME_KEY) == Some("true"),
+        })
     }
 }
 
@@ -300,6 +346,12 @@ impl Allow {
     pub fn matched(mut self, rule: impl Into<String>) -> Self {
         self.matched_rules.push(rule.into());
         self
+    }
+
+    /// Lets a renewal keep the key of the certificate it renews (refused by default: a new
+    /// key per certificate limits what a leaked key is worth).
+    pub fn permit_key_reuse(self) -> Self {
+        self.obligation(Obligation::AuditNote(KEY_REUSE_PERMITTED.into()))
     }
 }
 

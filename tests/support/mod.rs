@@ -265,9 +265,14 @@ impl Gateway {
         self.dir.0.join(relative)
     }
 
-    /// The CA bundle nodes are given.
+    /// The CA bundle nodes are given: the configured CA, or after a CA rotation every CA the
+    /// rotation keeps in the bundle (read as the CLI reads it).
     pub fn bundle(&self) -> Vec<u8> {
-        std::fs::read(self.path("ca/ca.pem")).unwrap()
+        if !self.path("ca/rotation.json").exists() {
+            return std::fs::read(self.path("ca/ca.pem")).unwrap();
+        }
+        let config = gateway::config::Config::load(&self.path("gateway.toml")).unwrap();
+        gateway::identity::trust_bundle(&config.identity).unwrap()
     }
 
     /// A client for the node API.

@@ -131,3 +131,93 @@ pub fn raw_problem(response: &RawResponse) -> gateway::api::wire::Problem {
     );
     serde_json::from_slice(&response.body).unwrap()
 }
+
+/// A TLS connection to the node listener presenting `identity` (a PEM chain and its PKCS#8 PEM
+/// key) as the client certificate, or none.
+pub async fn mtls(gw: &Gateway, identity: Option<(&str, &str)>) -> TlsStream<TcpStream> {
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in CertificateDer::pem_slice_iter(&gw.bundle()) {
+        roots.add(cert.unwrap()).unwrap();
+    }
+    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let builder = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots);
+    let config = match identity {
+        None => builder.with_no_client_auth(),
+        Some((chain, key)) => {
+            let chain: Vec<CertificateDer<'static>> =
+                CertificateDer::pem_slice_iter(chain.as_bytes())
+                    .map(Result::unwrap)
+                    .collect();
+            let key = rustls_pki_types::PrivateKeyDer::from_pem_slice(key.as_bytes()).unwrap();
+            builder.with_client_auth_cert(chain, key).unwrap()
+        }
+    };
+    let tcp = TcpStream::connect(gw.node_addr).await.unwrap();
+    let handshake = TlsConnector::from(Arc::new(config))
+        .connect(ServerName::IpAddress(gw.node_addr.ip().into()), tcp);
+    tokio::time::timeout(DEADLINE, handshake)
+        .await
+        .unwrap_or_else(|_| panic!("no TLS handshake within {DEADLINE:?}"))
+        .unwrap()
+}
+
+/// Sends one request on `stream` and reads the answer.
+pub async fn exchange(
+    stream: &mut TlsStream<TcpStream>,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &[u8],
+) -> RawResponse {
+    use tokio::io::AsyncWriteExt;
+    let mut head = format!(
+        "{method} {path} HTTP/1.1\r\nhost: gateway\r\ncontent-length: {}\r\n",
+        body.len()
+    );
+    for (name, value) in headers {
+        head.push_str(&format!("{name}: {value}\r\n"));
+    }
+    head.push_str("\r\n");
+    stream.write_all(head.as_bytes()).await.unwrap();
+    stream.write_all(body).await.unwrap();
+    stream.flush().await.unwrap();
+    read_response(stream).await
+}
+
+/// Posts a renewal (`POST /v1/bootstrap/renew`) with `identity` (a PEM chain and its PKCS#8
+/// PEM key) as the client certificate, or none.
+pub async fn renew(
+    gw: &Gateway,
+    identity: Option<(&str, &str)>,
+    csr: &str,
+    idempotency_key: Option<&str>,
+) -> RawResponse {
+    let body = serde_json::to_vec(&gateway::api::wire::RenewRequest {
+        csr: csr.to_string(),
+        idempotency_key: idempotency_key.map(str::to_string),
+    })
+    .unwrap();
+    let mut stream = mtls(gw, identity).await;
+    exchange(
+        &mut stream,
+        "POST",
+        "/v1/bootstrap/renew",
+        &[("content-type", "application/json")],
+        &body,
+    )
+    .await
+}
+
+/// The answer of a renewal that must have succeeded.
+pub fn renewed(response: &RawResponse) -> gateway::api::wire::JoinResponse {
+    assert_eq!(
+        response.status,
+        200,
+        "{}",
+        String::from_utf8_lossy(&response.body)
+    );
+    serde_json::from_slice(&response.body).unwrap()
+}

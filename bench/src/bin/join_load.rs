@@ -4,8 +4,10 @@
 //! before the clock starts (P-256 key, CSR, its own one-use token issued through the admin
 //! API), then runs each scenario — fresh TLS connection per join or a kept-alive connection per
 //! node, with 1 and 16 nodes joining at once — and reports joins/s and latency percentiles of a
-//! whole join (challenge + join). Also measures the crypto-only ceiling in-process: token
-//! verify + CSR verify + CA sign, on every core.
+//! whole join (challenge + join). Then renewals: nodes that joined before the clock renew back
+//! to back over a kept-alive mTLS connection each (their SVID as client certificate, a new key
+//! per renewal), 1 and 16 nodes at once. Also measures the crypto-only ceiling in-process:
+//! token verify + CSR verify + CA sign, on every core.
 //!
 //! `cargo build --release -p gateway -p omnirelay-bench && target/release/join_load [--joins N]`
 
@@ -16,7 +18,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use omnirelay_bench::load::{
-    BoxResult, GatewayProcess, arg, cores, drive, ms, prepare, sibling, tls_config,
+    BoxResult, GatewayProcess, arg, cores, drive, drive_renewals, ms, prepare, prepare_renewals,
+    sibling, tls_config,
 };
 use omnirelay_bench::{cpu_seconds, percentile};
 
@@ -30,7 +33,8 @@ fn main() -> BoxResult<()> {
 }
 
 async fn run(joins: usize, bin: &Path) -> BoxResult<()> {
-    // `--only keep16` (fresh1, fresh16, keep1, keep16) runs one scenario, e.g. for profiling.
+    // `--only keep16` (fresh1, fresh16, keep1, keep16, renew1, renew16) runs one scenario, e.g.
+    // for profiling.
     let only: Option<String> = arg("--only");
     let dir = std::env::temp_dir().join(format!("omnirelay-bench-{}", std::process::id()));
     let gateway = GatewayProcess::start(bin, &dir, "")?;
@@ -84,7 +88,48 @@ async fn run(joins: usize, bin: &Path) -> BoxResult<()> {
             ms(percentile(&result.latencies, 99.0)),
         );
     }
+    // Renewals: nodes that joined before the clock renew back to back, each on one kept-alive
+    // mTLS connection presenting its SVID, with a new key per renewal.
+    let mut renewals_16 = 0.0;
+    for (concurrency, count) in [(1, joins / 4), (16, joins)] {
+        let label = format!("renew{concurrency}");
+        if only.as_ref().is_some_and(|o| *o != label) {
+            continue;
+        }
+        let nodes = prepare_renewals(&gateway, &tls, concurrency, count / concurrency).await?;
+        let (server_before, loader_before) = (
+            cpu_seconds(gateway.child.id()),
+            cpu_seconds(std::process::id()),
+        );
+        let result = drive_renewals(&gateway, &bundle, nodes).await?;
+        let server_cpu = cpu_seconds(gateway.child.id()) - server_before;
+        let loader_cpu = cpu_seconds(std::process::id()) - loader_before;
+        cpu_notes.push(format!(
+            "{label}: CPU per renewal: gateway {:.0} µs, load generator {:.0} µs; machine busy {:.0}% of {} cores",
+            server_cpu * 1e6 / result.ok.max(1) as f64,
+            loader_cpu * 1e6 / result.ok.max(1) as f64,
+            100.0 * (server_cpu + loader_cpu) / (result.elapsed.as_secs_f64() * cores() as f64),
+            cores()
+        ));
+        let rate = result.ok as f64 / result.elapsed.as_secs_f64();
+        if concurrency == 16 {
+            renewals_16 = rate;
+        }
+        println!(
+            "| renewal, kept-alive mTLS connection per node | {concurrency} | {} | {} | {rate:.0} | {:.2} ms | {:.2} ms |",
+            result.ok,
+            result.errors,
+            ms(percentile(&result.latencies, 50.0)),
+            ms(percentile(&result.latencies, 99.0)),
+        );
+    }
     println!();
+    if keepalive_16 > 0.0 && renewals_16 > 0.0 {
+        println!(
+            "renewals/s at 16 nodes / joins/s at 16 nodes (kept-alive): {:.2}",
+            renewals_16 / keepalive_16
+        );
+    }
     for note in cpu_notes {
         println!("{note}");
     }

@@ -151,6 +151,9 @@ fn record(token: TokenId, i: usize, now: u64) -> BoxResult<IssueRecord> {
             role: "dispatcher".into(),
             not_before: now,
             not_after: now + 3600,
+            attestation:
+                r#"{"kind":"token-only","verified":[],"self_reported":[],"issued_at_ms":0}"#.into(),
+            issuer: "0".repeat(64),
         },
         response: "x".repeat(1800),
         policy: policy.clone(),

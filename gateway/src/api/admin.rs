@@ -1,5 +1,5 @@
-//! The operator API, on its own listener (loopback by default): issue, list and revoke tokens
-//! with a bearer credential; `/metrics`, `/healthz` and `/readyz` without one (read-only, for
+//! The operator API, on its own listener (loopback by default): issue, list and revoke tokens,
+//! list identities, follow policy versions and rotate the CA (`ca.rs`) with a bearer credential; `/metrics`, `/healthz` and `/readyz` without one (read-only, for
 //! scrapers and load balancers).
 
 use std::sync::Arc;
@@ -16,11 +16,14 @@ use super::{ApiError, body, json, parse_json, readyz, rescue};
 use crate::audit::AuditEvent;
 use crate::server::{Handler, Peer};
 use crate::state::Gateway;
-use crate::store::{IdentityFilter, IdentityState, MAX_LISTED, TokenRecord};
+use crate::store::{
+    IdentityFilter, IdentityState, MAX_LISTED, RevokeOrder, RevokeSummary, RevokeTarget,
+    TokenRecord,
+};
 use crate::token::{Claims, TokenId};
 use crate::wire::{
-    IssueTokenRequest, IssueTokenResponse, PinRequest, ReloadResponse, RevokeRequest,
-    RevokeResponse, UnpinRequest,
+    IssueTokenRequest, IssueTokenResponse, LiftQuarantineRequest, LiftQuarantineResponse,
+    PinRequest, ReloadResponse, RevokeIdentityRequest, RevokeRequest, RevokeResponse, UnpinRequest,
 };
 
 /// Largest admin request body.
@@ -48,11 +51,14 @@ impl Handler for AdminApi {
         let span = tracing::info_span!("admin", id = %request_id, method = %request.method(), %path, peer = %peer.addr);
         let result = async {
             match (request.method().clone(), path.as_str()) {
-                (Method::GET, "/metrics") => Ok(body(
-                    StatusCode::OK,
-                    "text/plain; version=0.0.4",
-                    Bytes::from(gw.metrics.render()),
-                )),
+                (Method::GET, "/metrics") => {
+                    refresh_gauges(gw).await;
+                    Ok(body(
+                        StatusCode::OK,
+                        "text/plain; version=0.0.4",
+                        Bytes::from(gw.metrics.render()),
+                    ))
+                }
                 (Method::GET, "/healthz") => Ok(body(
                     StatusCode::OK,
                     "text/plain",
@@ -61,7 +67,7 @@ impl Handler for AdminApi {
                 (Method::GET, "/readyz") => Ok(readyz(gw)),
                 (method, path) => {
                     authorize(gw, &request)?;
-                    route(gw, method, path, request).await
+                    route(gw, method, path, request, &request_id).await
                 }
             }
         }
@@ -77,11 +83,12 @@ async fn route(
     method: Method,
     path: &str,
     request: Request<Incoming>,
+    request_id: &str,
 ) -> Result<Response<Full<Bytes>>, ApiError> {
-    let revoke = path
+    let token_revoke = path
         .strip_prefix("/admin/v1/tokens/")
         .and_then(|rest| rest.strip_suffix("/revoke"));
-    match (method, path, revoke) {
+    match (method, path, token_revoke) {
         (Method::POST, "/admin/v1/tokens", _) => {
             let req: IssueTokenRequest = parse_json(&read(request).await?)?;
             Ok(json(StatusCode::CREATED, &issue(gw, req).await?))
@@ -105,18 +112,73 @@ async fn route(
             } else {
                 parse_json(&bytes)?
             };
-            let event = AuditEvent::TokenRevoked {
-                token_id: id.to_string(),
-                reason: req.reason.unwrap_or_else(|| "unspecified".into()),
-                revoked_by: req.revoked_by.unwrap_or_else(|| "admin-api".into()),
-            };
-            let revoked = gw.store.revoke_token(id, event, now()).await?;
-            let status = if revoked {
+            let summary = revoke(
+                gw,
+                request_id,
+                RevokeTarget::Token(id),
+                req.reason.unwrap_or_else(|| "unspecified".into()),
+                req.revoked_by,
+            )
+            .await?;
+            let status = if summary.found {
                 StatusCode::OK
             } else {
                 StatusCode::NOT_FOUND
             };
-            Ok(json(status, &RevokeResponse { revoked }))
+            Ok(json(
+                status,
+                &RevokeResponse {
+                    revoked: summary.found,
+                },
+            ))
+        }
+        (Method::POST, "/admin/v1/revoke", _) => {
+            let req: RevokeIdentityRequest = parse_json(&read(request).await?)?;
+            let target = match (req.token, req.spiffe_id, req.serial) {
+                (Some(token), None, None) => RevokeTarget::Token(
+                    TokenId::parse(&token)
+                        .map_err(|_| ApiError::Malformed(format!("{token:?} is not a token id")))?,
+                ),
+                (None, Some(spiffe_id), None) => RevokeTarget::SpiffeId(
+                    crate::identity::SpiffeId::parse(&spiffe_id)
+                        .map_err(|e| ApiError::Malformed(format!("spiffe_id: {e}")))?
+                        .to_string(),
+                ),
+                (None, None, Some(serial)) => RevokeTarget::Serial(
+                    crate::identity::Serial::parse_hex(&serial)
+                        .map_err(|e| ApiError::Malformed(format!("serial: {e}")))?
+                        .to_string(),
+                ),
+                _ => {
+                    return Err(ApiError::Malformed(
+                        "name exactly one of token, spiffe_id, serial".into(),
+                    ));
+                }
+            };
+            if req.reason.trim().is_empty() {
+                return Err(ApiError::Malformed("a reason is required".into()));
+            }
+            let summary = revoke(gw, request_id, target, req.reason, req.revoked_by).await?;
+            let status = if summary.found {
+                StatusCode::OK
+            } else {
+                StatusCode::NOT_FOUND
+            };
+            Ok(json(status, &summary))
+        }
+        (Method::GET, "/admin/v1/quarantine", _) => {
+            Ok(json(StatusCode::OK, &gw.store.quarantined(now()).await?))
+        }
+        (Method::POST, "/admin/v1/quarantine/lift", _) => {
+            let req: LiftQuarantineRequest = parse_json(&read(request).await?)?;
+            let by = req.by.unwrap_or_else(|| "admin-api".into());
+            let lifted = gw.store.lift_quarantine(req.spiffe_id, by, now()).await?;
+            let status = if lifted {
+                StatusCode::OK
+            } else {
+                StatusCode::NOT_FOUND
+            };
+            Ok(json(status, &LiftQuarantineResponse { lifted }))
         }
         (Method::GET, "/admin/v1/policy/status", _) => {
             Ok(json(StatusCode::OK, &reloader(gw)?.status()))
@@ -148,8 +210,68 @@ async fn route(
                 &reload_response(gw, changed.is_some()),
             ))
         }
+        (method, path, _) if path == "/admin/v1/ca" || path.starts_with("/admin/v1/ca/") => {
+            super::ca::route(gw, method, path, request).await
+        }
         (_, "/admin/v1/tokens", _) | (_, _, Some(_)) => Err(ApiError::MethodNotAllowed),
         _ => Err(ApiError::NotFound),
+    }
+}
+
+/// Revokes, audited in the same transaction, then signs the CRL before answering: when the
+/// operator's command returns, `/v1/crl` and the feed already carry what it revoked.
+async fn revoke(
+    gw: &Gateway,
+    request_id: &str,
+    target: RevokeTarget,
+    reason: String,
+    revoked_by: Option<String>,
+) -> Result<RevokeSummary, ApiError> {
+    let summary = gw
+        .store
+        .revoke(RevokeOrder {
+            request_id: request_id.to_string(),
+            target,
+            reason: crate::api::bounded(&reason),
+            revoked_by: revoked_by.unwrap_or_else(|| "admin-api".into()),
+            quarantine: gw.identity.quarantine,
+            now: now(),
+        })
+        .await?;
+    gw.metrics.revocations.inc_by(summary.serials.len() as u64);
+    if !summary.serials.is_empty()
+        && let Err(e) = gw.revocations.refresh(gw.store.as_ref(), &gw.trust()).await
+    {
+        // The background publisher tries again; the revocation itself is durable.
+        tracing::error!(error = %e, "cannot sign the CRL after a revocation");
+    }
+    Ok(summary)
+}
+
+/// The gauges that describe the present: the CRL's age and where live identities stand.
+async fn refresh_gauges(gw: &Gateway) {
+    let now = now();
+    let m = &gw.metrics;
+    let signed = gw
+        .revocations
+        .current()
+        .active()
+        .map_or(0, |crl| crl.this_update);
+    m.crl_age_seconds
+        .set(i64::try_from(now.saturating_sub(signed)).unwrap_or(i64::MAX));
+    match gw
+        .store
+        .expiry_summary(now, gw.identity.renew_remaining_percent)
+        .await
+    {
+        Ok(summary) => {
+            let soonest = summary.soonest.map_or(0, |t| t.saturating_sub(now));
+            m.soonest_expiry_seconds
+                .set(i64::try_from(soonest).unwrap_or(i64::MAX));
+            m.identities_past_renewal
+                .set(i64::try_from(summary.past_renewal).unwrap_or(i64::MAX));
+        }
+        Err(e) => tracing::warn!(error = %e, "cannot read the identities for the metrics"),
     }
 }
 
@@ -302,7 +424,7 @@ fn authorize(gw: &Gateway, request: &Request<Incoming>) -> Result<(), ApiError> 
     .map_err(|_| ApiError::Unauthorized)
 }
 
-async fn read(request: Request<Incoming>) -> Result<Bytes, ApiError> {
+pub(super) async fn read(request: Request<Incoming>) -> Result<Bytes, ApiError> {
     Limited::new(request.into_body(), MAX_ADMIN_BODY)
         .collect()
         .await

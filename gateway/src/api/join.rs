@@ -171,7 +171,7 @@ fn attest(
 fn mint(gw: &Gateway, csr: &VerifiedCsr, grant: &Grant) -> Result<Svid, ApiError> {
     let spiffe_id = SpiffeId::new(gw.trust_domain.clone(), grant.path.clone())
         .map_err(|e| ApiError::PolicyFailed(crate::policy::InvalidResult::Path(e).into()))?;
-    Ok(gw.ca.mint(&MintRequest {
+    Ok(gw.trust().active().mint(&MintRequest {
         csr,
         spiffe_id: &spiffe_id,
         dns_sans: &grant.dns_sans,
@@ -219,6 +219,9 @@ async fn record(
                 role: claims.role.clone(),
                 not_before: unix(svid.not_before),
                 not_after: unix(svid.not_after),
+                // Serialising strings, integers and enums cannot fail.
+                attestation: serde_json::to_string(&checked.attestation).unwrap_or_default(),
+                issuer: svid.issuer.clone(),
             },
             response: body.clone(),
             policy: bound.provenance.clone(),
@@ -249,6 +252,9 @@ async fn record(
         IssueOutcome::IdentityInUse => ApiError::IdentityInUse {
             spiffe_id: svid.spiffe_id.to_string(),
         },
+        IssueOutcome::Quarantined { until } => {
+            super::renew::quarantined(&svid.spiffe_id.to_string(), until, now_ms)
+        }
     };
     // Nothing was written: the certificate is discarded, and the refusal audited with the
     // policy's decision by the envelope.
@@ -310,7 +316,7 @@ async fn idempotent_replay(
 /// Runs the policy and records its decision (committed with the issuance or the refusal). A
 /// grant of a DNS name outside the binding's suffixes or of one of the gateway's own names is
 /// the policy's error, like any invalid result.
-async fn decide(
+pub(super) async fn decide(
     gw: &Gateway,
     cx: &mut JoinContext,
     bound: &BoundPolicy,
@@ -374,7 +380,7 @@ async fn decide(
     }
 }
 
-fn decision_event(
+pub(super) fn decision_event(
     cx: &JoinContext,
     outcome: &str,
     code: Option<String>,
@@ -453,7 +459,12 @@ fn policy_request(
     }
 }
 
-fn respond(gw: &Gateway, bound: &BoundPolicy, svid: &Svid, grant: &Grant) -> JoinResponse {
+pub(super) fn respond(
+    gw: &Gateway,
+    bound: &BoundPolicy,
+    svid: &Svid,
+    grant: &Grant,
+) -> JoinResponse {
     let not_before = unix(svid.not_before);
     let not_after = unix(svid.not_after);
     let lifetime = not_after.saturating_sub(not_before);
@@ -469,7 +480,7 @@ fn respond(gw: &Gateway, bound: &BoundPolicy, svid: &Svid, grant: &Grant) -> Joi
         not_after,
         renew_after,
         certificate_chain: svid.cert_pem.clone(),
-        bundle: String::from_utf8_lossy(&gw.bundle_pem).into_owned(),
+        bundle: String::from_utf8_lossy(gw.trust().bundle_pem()).into_owned(),
         policy: PolicyVersion {
             name: bound.provenance.name.clone(),
             version: bound.provenance.version.clone(),
@@ -477,13 +488,13 @@ fn respond(gw: &Gateway, bound: &BoundPolicy, svid: &Svid, grant: &Grant) -> Joi
     }
 }
 
-fn unix(t: SystemTime) -> u64 {
+pub(super) fn unix(t: SystemTime) -> u64 {
     t.duration_since(UNIX_EPOCH)
         .unwrap_or(Duration::ZERO)
         .as_secs()
 }
 
-fn check_idempotency_key(key: Option<&str>) -> Result<(), ApiError> {
+pub(super) fn check_idempotency_key(key: Option<&str>) -> Result<(), ApiError> {
     match key {
         Some(k)
             if k.is_empty()

@@ -7,9 +7,12 @@
 //! audit entry of its own, written before the response.
 
 mod admin;
+mod ca;
+mod feed;
 mod join;
 mod problem;
 mod refusals;
+mod renew;
 
 /// The JSON bodies, re-exported where clients have always found them.
 pub use crate::wire;
@@ -53,6 +56,8 @@ pub(crate) struct JoinContext {
     pub pending: Vec<AuditEvent>,
     /// The store already audited this outcome (refused inside the final transaction).
     pub audited: bool,
+    /// For a renewal: the presented certificate's serial and SPIFFE ID, once it verified.
+    pub renewal: Option<(String, String)>,
 }
 
 /// The node-facing API.
@@ -77,16 +82,27 @@ impl Handler for NodeApi {
         let gw = &self.gateway;
         let response = async {
             match route {
-                NodeRoute::Join => join_endpoint(gw, request, peer.addr.ip(), &request_id).await,
+                NodeRoute::Join => {
+                    issue_endpoint(gw, Issuance::Join, request, &peer, &request_id).await
+                }
+                NodeRoute::Renew => {
+                    issue_endpoint(gw, Issuance::Renew, request, &peer, &request_id).await
+                }
+                NodeRoute::Crl => feed::crl(gw, &request, peer.addr.ip(), &request_id).await,
+                NodeRoute::Revocations => {
+                    feed::revocations(gw, &request, peer.addr.ip(), &request_id).await
+                }
                 NodeRoute::Challenge => challenge_endpoint(gw, peer.addr.ip(), &request_id),
                 NodeRoute::BundlePem => body(
                     StatusCode::OK,
                     "application/x-pem-file",
-                    gw.bundle_pem.clone(),
+                    gw.trust().bundle_pem().clone(),
                 ),
-                NodeRoute::BundleSpiffe => {
-                    body(StatusCode::OK, "application/json", gw.spiffe_bundle.clone())
-                }
+                NodeRoute::BundleSpiffe => body(
+                    StatusCode::OK,
+                    "application/json",
+                    gw.trust().spiffe_bundle().clone(),
+                ),
                 NodeRoute::Healthz => {
                     body(StatusCode::OK, "text/plain", Bytes::from_static(b"ok\n"))
                 }
@@ -105,6 +121,9 @@ impl Handler for NodeApi {
 #[derive(Debug, Clone, Copy)]
 enum NodeRoute {
     Join,
+    Renew,
+    Crl,
+    Revocations,
     Challenge,
     BundlePem,
     BundleSpiffe,
@@ -118,6 +137,9 @@ impl NodeRoute {
     fn name(self) -> &'static str {
         match self {
             Self::Join => "/v1/bootstrap/join",
+            Self::Renew => "/v1/bootstrap/renew",
+            Self::Crl => "/v1/crl",
+            Self::Revocations => "/v1/revocations",
             Self::Challenge => "/v1/bootstrap/challenge",
             Self::BundlePem => "/v1/bundle",
             Self::BundleSpiffe => "/v1/bundle/spiffe",
@@ -131,6 +153,9 @@ impl NodeRoute {
 fn node_route(method: &Method, path: &str) -> NodeRoute {
     let (want, route) = match path {
         "/v1/bootstrap/join" => (Method::POST, NodeRoute::Join),
+        "/v1/bootstrap/renew" => (Method::POST, NodeRoute::Renew),
+        "/v1/crl" => (Method::GET, NodeRoute::Crl),
+        "/v1/revocations" => (Method::GET, NodeRoute::Revocations),
         "/v1/bootstrap/challenge" => (Method::GET, NodeRoute::Challenge),
         "/v1/bundle" => (Method::GET, NodeRoute::BundlePem),
         "/v1/bundle/spiffe" => (Method::GET, NodeRoute::BundleSpiffe),
@@ -178,31 +203,48 @@ fn challenge_endpoint(gw: &Gateway, client_ip: IpAddr, request_id: &str) -> Resp
     }
 }
 
-/// The envelope of a join: run it under the request deadline, and audit and count whatever
-/// the outcome.
-async fn join_endpoint(
+/// Which issuing route a request came by: a join (token + attestation) or a renewal (the
+/// current SVID as client certificate). Both share the envelope.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Issuance {
+    Join,
+    Renew,
+}
+
+/// The envelope of a join or a renewal: run it under the request deadline, and audit and count
+/// whatever the outcome.
+async fn issue_endpoint(
     gw: &Gateway,
+    issuance: Issuance,
     request: Request<Incoming>,
-    client_ip: IpAddr,
+    peer: &Peer,
     request_id: &str,
 ) -> Response<Full<Bytes>> {
+    let client_ip = peer.addr.ip();
     let mut cx = JoinContext {
         request_id: request_id.to_string(),
         client_ip: client_ip.to_string(),
         ..Default::default()
     };
     let deadline = gw.server.request_timeout;
-    let outcome = tokio::time::timeout(deadline, admit_and_join(gw, &mut cx, request, client_ip))
-        .await
-        .unwrap_or(Err(ApiError::SlowRequest(deadline)));
+    let outcome = tokio::time::timeout(
+        deadline,
+        admit_and_run(gw, &mut cx, issuance, request, peer),
+    )
+    .await
+    .unwrap_or(Err(ApiError::SlowRequest(deadline)));
+    let count = |label: &str| match issuance {
+        Issuance::Join => gw.metrics.join(label),
+        Issuance::Renew => gw.metrics.renewal(label),
+    };
     match outcome {
         Ok(response) => {
-            gw.metrics.join("issued");
+            count("issued");
             body(StatusCode::OK, "application/json", response)
         }
         Err(error) => {
-            gw.metrics.join(error.stage());
-            tracing::info!(stage = error.stage(), reason = %bounded(&error.reason()), status = error.status().as_u16(), "join refused");
+            count(error.stage());
+            tracing::info!(?issuance, stage = error.stage(), reason = %bounded(&error.reason()), status = error.status().as_u16(), "refused");
             audit_refusal(gw, cx, client_ip, &error).await;
             rescue(&error, request_id)
         }
@@ -210,15 +252,17 @@ async fn join_endpoint(
 }
 
 /// Admission, cheapest refusal first and the client's own share before the shared one: the
-/// client's rate, then the global rate, the client's joins in flight, the gateway's; then the
+/// client's rate, then the global rate, the client's requests in flight, the gateway's; then the
 /// body under its own deadline (so a slow body holds its slots that long only), then the
 /// pipeline.
-async fn admit_and_join(
+async fn admit_and_run(
     gw: &Gateway,
     cx: &mut JoinContext,
+    issuance: Issuance,
     request: Request<Incoming>,
-    client_ip: IpAddr,
+    peer: &Peer,
 ) -> Result<Bytes, ApiError> {
+    let client_ip = peer.addr.ip();
     gw.limits
         .check_client(Door::Join, client_ip)
         .map_err(|l| join::limited(gw, l))?;
@@ -237,7 +281,12 @@ async fn admit_and_join(
     let body = tokio::time::timeout(body_deadline, read_body(request, gw.server.max_body_bytes))
         .await
         .map_err(|_| ApiError::SlowBody(body_deadline))??;
-    join::join(gw, cx, &body, client_ip).await
+    match issuance {
+        Issuance::Join => join::join(gw, cx, &body, client_ip).await,
+        Issuance::Renew => {
+            renew::renew(gw, cx, &body, peer.client_chain.as_deref(), client_ip).await
+        }
+    }
 }
 
 /// Reads a body of at most `max` bytes (refusing early on a larger Content-Length).

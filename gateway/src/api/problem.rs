@@ -11,9 +11,10 @@ use http_body_util::Full;
 use hyper::Response;
 
 use crate::attest::AttestError;
-use crate::identity::{CsrError, IdentityError};
+use crate::identity::{ClientSvidError, CsrError, IdentityError, RotationError};
 use crate::limits::Limited;
 use crate::policy::{PolicyError, Refusal};
+use crate::server::TlsError;
 use crate::store::StoreError;
 use crate::token::TokenError;
 use crate::wire::Problem;
@@ -121,6 +122,31 @@ pub enum ApiError {
     /// The idempotency key was used before with a different CSR.
     #[error("idempotency key already used with a different CSR")]
     IdempotencyConflict,
+    /// A renewal came without a client certificate.
+    #[error("a renewal needs the current SVID as the TLS client certificate")]
+    ClientCertificateRequired,
+    /// The client certificate is not a valid SVID of ours.
+    #[error(transparent)]
+    ClientSvid(#[from] ClientSvidError),
+    /// The client certificate verified but no identity with its serial is on record here.
+    #[error("no identity with serial {0} is on record; join again")]
+    IdentityUnknown(String),
+    /// The identity (or its lineage) was revoked.
+    #[error("this identity was revoked; join again with a new token")]
+    IdentityRevoked,
+    /// The SPIFFE ID is quarantined after a revocation.
+    #[error("{spiffe_id} is quarantined after a revocation until {until} (Unix seconds)")]
+    Quarantined {
+        /// The SPIFFE ID.
+        spiffe_id: String,
+        /// When the quarantine ends, Unix seconds.
+        until: u64,
+        /// How long from now.
+        retry_after: Duration,
+    },
+    /// The renewal's CSR reuses the current key and the policy did not permit it.
+    #[error("the CSR reuses the key of the certificate being renewed; renew with a new key")]
+    KeyReuse,
     /// No such route.
     #[error("not found")]
     NotFound,
@@ -136,6 +162,12 @@ pub enum ApiError {
     /// A policy reload, pin or unpin refused the candidate version.
     #[error("policy version refused: {0}")]
     Reload(#[from] crate::reload::ReloadError),
+    /// A CA rotation step was refused by the rotation's rules, or failed.
+    #[error("CA rotation: {0}")]
+    Rotation(#[from] RotationError),
+    /// The serving certificate re-issued under a new CA could not be loaded.
+    #[error("serving certificate: {0}")]
+    ServingCert(#[from] TlsError),
 }
 
 impl ApiError {
@@ -160,8 +192,14 @@ impl ApiError {
             }
             Self::Mint(_) => "mint",
             Self::Store(_) | Self::IdempotencyConflict | Self::IdentityInUse { .. } => "record",
+            Self::ClientCertificateRequired | Self::ClientSvid(_) => "client-certificate",
+            Self::IdentityUnknown(_) | Self::IdentityRevoked | Self::Quarantined { .. } => {
+                "identity"
+            }
+            Self::KeyReuse => "csr",
             Self::Unauthorized => "admin",
             Self::NoPolicySource | Self::Reload(_) => "policy-reload",
+            Self::Rotation(_) | Self::ServingCert(_) => "ca-rotation",
         }
     }
 
@@ -191,11 +229,19 @@ impl ApiError {
             Self::IdempotencyConflict => "idempotency-conflict".into(),
             Self::NodeMismatch { .. } => "node-mismatch".into(),
             Self::IdentityInUse { .. } => "identity-in-use".into(),
+            Self::ClientCertificateRequired => "client-certificate-required".into(),
+            Self::ClientSvid(e) => e.reason().into(),
+            Self::IdentityUnknown(_) => "unknown-identity".into(),
+            Self::IdentityRevoked => "identity-revoked".into(),
+            Self::Quarantined { .. } => "quarantined".into(),
+            Self::KeyReuse => "key-reuse".into(),
             Self::NotFound => "not-found".into(),
             Self::MethodNotAllowed => "method-not-allowed".into(),
             Self::Unauthorized => "unauthorized".into(),
             Self::NoPolicySource => "no-policy-source".into(),
             Self::Reload(e) => e.label().into(),
+            Self::Rotation(e) => e.reason().into(),
+            Self::ServingCert(_) => "serving-certificate".into(),
         }
     }
 
@@ -213,7 +259,16 @@ impl ApiError {
             Self::SlowRequest(_) | Self::SlowBody(_) => StatusCode::REQUEST_TIMEOUT,
             // The client's own share is used up (429); 503 (`Shed`) means the gateway is.
             Self::RateLimited(_) | Self::ClientInFlight(_) => StatusCode::TOO_MANY_REQUESTS,
-            Self::Token(_) | Self::TokenUnknown | Self::Unauthorized => StatusCode::UNAUTHORIZED,
+            Self::Token(_)
+            | Self::TokenUnknown
+            | Self::Unauthorized
+            | Self::ClientCertificateRequired => StatusCode::UNAUTHORIZED,
+            Self::ClientSvid(ClientSvidError::ForeignTrustDomain(_)) => StatusCode::FORBIDDEN,
+            Self::ClientSvid(_) => StatusCode::UNAUTHORIZED,
+            Self::IdentityUnknown(_)
+            | Self::IdentityRevoked
+            | Self::Quarantined { .. }
+            | Self::KeyReuse => StatusCode::FORBIDDEN,
             Self::TokenRevoked
             | Self::NoPolicyBinding
             | Self::Denied(_)
@@ -228,6 +283,8 @@ impl ApiError {
             Self::NotFound | Self::NoPolicySource => StatusCode::NOT_FOUND,
             Self::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             Self::Reload(_) => StatusCode::UNPROCESSABLE_ENTITY,
+            Self::Rotation(e) if e.is_refusal() => StatusCode::CONFLICT,
+            Self::Rotation(_) | Self::ServingCert(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
 
@@ -267,6 +324,9 @@ impl ApiError {
                 ))
             }
             Self::Denied(r) => r.retry_after,
+            Self::Quarantined { retry_after, .. } => Some(Duration::from_secs(
+                retry_after.as_secs() + u64::from(retry_after.subsec_nanos() > 0),
+            )),
             _ => None,
         }
     }

@@ -85,17 +85,24 @@ pub(super) async fn audit_refusal(
             key,
             client_ip: cx.client_ip,
         });
+    } else if let Some((serial, spiffe_id)) = cx.renewal {
+        events.push(AuditEvent::RenewRefused {
+            request_id: cx.request_id,
+            stage: error.stage().into(),
+            status: error.status().as_u16(),
+            reason: refusal_reason(error),
+            serial,
+            spiffe_id,
+            token_id: cx.token_id,
+            client_ip: cx.client_ip,
+            policy: cx.policy,
+        });
     } else {
         events.push(AuditEvent::JoinRefused {
             request_id: cx.request_id,
             stage: error.stage().into(),
             status: error.status().as_u16(),
-            // Always "<reason code>: <explanation>", the code being the problem's `reason`.
-            // The operator's reason goes to the audit log, never to the node.
-            reason: bounded(&match error {
-                ApiError::Denied(r) => format!("{}: {}", r.code, r.reason),
-                other => format!("{}: {other}", other.reason()),
-            }),
+            reason: refusal_reason(error),
             token_id: cx.token_id,
             cluster: cx.cluster,
             role: cx.role,
@@ -107,4 +114,13 @@ pub(super) async fn audit_refusal(
     if let Err(e) = gw.store.audit(events).await {
         tracing::error!(error = %e, "cannot audit a refusal");
     }
+}
+
+/// Always "<reason code>: <explanation>", the code being the problem's `reason`. The operator's
+/// reason goes to the audit log, never to the node.
+fn refusal_reason(error: &ApiError) -> String {
+    bounded(&match error {
+        ApiError::Denied(r) => format!("{}: {}", r.code, r.reason),
+        other => format!("{}: {other}", other.reason()),
+    })
 }

@@ -130,6 +130,90 @@ pub enum AuditEvent {
         /// The superseding token.
         superseding_token_id: String,
     },
+    /// A node renewed its identity: a new certificate succeeds the one it presented, in the
+    /// same lineage (same token, same SPIFFE ID).
+    IdentityRenewed {
+        /// The request id.
+        request_id: String,
+        /// The token the lineage began with.
+        token_id: String,
+        /// The SPIFFE ID both certificates carry.
+        spiffe_id: String,
+        /// The new certificate's serial, hex.
+        serial: String,
+        /// The presented (renewed) certificate's serial, hex.
+        predecessor: String,
+        /// Renewals in the lineage, this one included.
+        renewals: u32,
+        /// The node name.
+        node: String,
+        /// Unix seconds at which the new certificate expires.
+        not_after: u64,
+        /// Notes the policy asked to have audited.
+        audit_notes: Vec<String>,
+        /// The rules of the policy that matched (the record of the allow decision).
+        matched_rules: Vec<String>,
+        /// The policy that allowed it.
+        policy: PolicyRef,
+    },
+    /// A renewal was refused after its client certificate verified.
+    RenewRefused {
+        /// The request id.
+        request_id: String,
+        /// The refusing stage.
+        stage: String,
+        /// The HTTP status returned.
+        status: u16,
+        /// `<reason code>: <explanation>`.
+        reason: String,
+        /// The presented certificate's serial, hex.
+        serial: String,
+        /// The SPIFFE ID it carries.
+        spiffe_id: String,
+        /// The token its lineage began with, when known.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        token_id: Option<String>,
+        /// The client's address.
+        client_ip: String,
+        /// The policy that refused, when the refusal came from a policy.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        policy: Option<PolicyRef>,
+    },
+    /// An operator's revocation took an identity back before its expiry.
+    IdentityRevoked {
+        /// The revocation request's id.
+        request_id: String,
+        /// The revoked certificate's serial, hex.
+        serial: String,
+        /// The SPIFFE ID it carried.
+        spiffe_id: String,
+        /// The token its lineage began with.
+        token_id: String,
+        /// What the operator revoked (`token:<id>`, `spiffe-id:<id>`, `serial:<hex>`).
+        target: String,
+        /// Why, in the operator's words.
+        reason: String,
+        /// Who revoked it.
+        revoked_by: String,
+    },
+    /// A SPIFFE ID may not join or renew until `until` (after a revocation).
+    SpiffeIdQuarantined {
+        /// The SPIFFE ID.
+        spiffe_id: String,
+        /// Unix seconds the quarantine ends.
+        until: u64,
+        /// The revocation's reason.
+        reason: String,
+        /// Who revoked.
+        by: String,
+    },
+    /// An operator ended a SPIFFE ID's quarantine early.
+    QuarantineLifted {
+        /// The SPIFFE ID.
+        spiffe_id: String,
+        /// Who lifted it.
+        lifted_by: String,
+    },
     /// A retried request was answered with an identity already issued (same idempotency key).
     IdentityReplayed {
         /// The request id of the retry.
@@ -243,6 +327,46 @@ pub enum AuditEvent {
         /// How long it stays open, milliseconds (0 for other transitions).
         cooldown_ms: u64,
     },
+    /// An operator published a new CA in the trust bundle (`ca prepare`); it does not sign yet.
+    CaPrepared {
+        /// SHA-256 of the new CA certificate, hex.
+        fingerprint: String,
+        /// The new CA's notAfter, Unix seconds.
+        not_after: u64,
+        /// The SPIFFE bundle sequence that publishes it.
+        sequence: u64,
+        /// Who (operator identity).
+        prepared_by: String,
+    },
+    /// An operator made the prepared CA the signer (`ca activate`); the one it replaces stays
+    /// in the bundle until retired.
+    CaActivated {
+        /// SHA-256 of the CA that signs from now on, hex.
+        fingerprint: String,
+        /// SHA-256 of the CA that signed until now, hex.
+        previous: String,
+        /// The SPIFFE bundle sequence after the change.
+        sequence: u64,
+        /// Whether the gateway's serving certificate was issued again under the new CA.
+        serving_reissued: bool,
+        /// Who (operator identity).
+        activated_by: String,
+    },
+    /// An operator dropped the previous CA from the trust bundle (`ca retire`).
+    CaRetired {
+        /// SHA-256 of the retired CA, hex.
+        fingerprint: String,
+        /// The SPIFFE bundle sequence after the change.
+        sequence: u64,
+        /// Retired with `--force` although certificates it issued were still live.
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        forced: bool,
+        /// When forced: the latest notAfter of its live certificates, Unix seconds.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        live_until: Option<u64>,
+        /// Who (operator identity).
+        retired_by: String,
+    },
 }
 
 /// Which policy decided: enough to replay the decision offline.
@@ -265,7 +389,7 @@ pub struct PolicyRef {
 
 impl AuditEvent {
     /// Every identifier the event mentions (token id, SPIFFE ID, serial, request id, policy
-    /// commit), for queries. Free text (reasons, notes), operator names, node names, addresses and rate-limit
+    /// commit, CA fingerprint), for queries. Free text (reasons, notes), operator names, node names, addresses and rate-limit
     /// keys are not identifiers and are not listed.
     pub fn ids(&self) -> Vec<&str> {
         match self {
@@ -297,6 +421,33 @@ impl AuditEvent {
                 serial,
                 ..
             } => vec![request_id, token_id, serial],
+            Self::IdentityRenewed {
+                request_id,
+                token_id,
+                spiffe_id,
+                serial,
+                predecessor,
+                ..
+            } => vec![request_id, token_id, spiffe_id, serial, predecessor],
+            Self::RenewRefused {
+                request_id,
+                serial,
+                spiffe_id,
+                token_id,
+                ..
+            } => [request_id.as_str(), serial, spiffe_id]
+                .into_iter()
+                .chain(token_id.as_deref())
+                .collect(),
+            Self::IdentityRevoked {
+                request_id,
+                serial,
+                spiffe_id,
+                token_id,
+                ..
+            } => vec![request_id, serial, spiffe_id, token_id],
+            Self::SpiffeIdQuarantined { spiffe_id, .. }
+            | Self::QuarantineLifted { spiffe_id, .. } => vec![spiffe_id],
             Self::IdentitySuperseded {
                 request_id,
                 spiffe_id,
@@ -320,6 +471,14 @@ impl AuditEvent {
             Self::PolicyActivated { commit, .. }
             | Self::PolicyRejected { commit, .. }
             | Self::PolicyPinned { commit, .. } => vec![commit],
+            Self::CaPrepared { fingerprint, .. } | Self::CaRetired { fingerprint, .. } => {
+                vec![fingerprint]
+            }
+            Self::CaActivated {
+                fingerprint,
+                previous,
+                ..
+            } => vec![fingerprint, previous],
         }
     }
 
@@ -333,6 +492,11 @@ impl AuditEvent {
             Self::IdentityIssued { .. } => "identity-issued",
             Self::IdentityReplayed { .. } => "identity-replayed",
             Self::IdentitySuperseded { .. } => "identity-superseded",
+            Self::IdentityRenewed { .. } => "identity-renewed",
+            Self::RenewRefused { .. } => "renew-refused",
+            Self::IdentityRevoked { .. } => "identity-revoked",
+            Self::SpiffeIdQuarantined { .. } => "spiffe-id-quarantined",
+            Self::QuarantineLifted { .. } => "quarantine-lifted",
             Self::RateLimited { .. } => "rate-limited",
             Self::RefusalsCoalesced { .. } => "refusals-coalesced",
             Self::PolicyActivated { .. } => "policy-activated",
@@ -341,6 +505,9 @@ impl AuditEvent {
             Self::PolicyUnpinned { .. } => "policy-unpinned",
             Self::Checkpoint { .. } => "checkpoint",
             Self::PolicyCircuit { .. } => "policy-circuit",
+            Self::CaPrepared { .. } => "ca-prepared",
+            Self::CaActivated { .. } => "ca-activated",
+            Self::CaRetired { .. } => "ca-retired",
         }
     }
 }

@@ -65,6 +65,13 @@ pub fn init(options: &InitOptions) -> anyhow::Result<PathBuf> {
             .with_context(|| format!("creating {}", path.display()))?;
         std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o700))?;
     }
+    // A rotation of the state being replaced names CAs this one does not have.
+    match std::fs::remove_file(dir.join("ca/rotation.json")) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+            return Err(e).context("removing the old CA rotation state");
+        }
+        _ => {}
+    }
     let now = SystemTime::now();
     let (ca_pem, ca_key) = Ca::generate(&options.trust_domain, CA_VALIDITY, now)?;
     write_public(&dir.join("ca/ca.pem"), &ca_pem)?;

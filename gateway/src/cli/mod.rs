@@ -11,11 +11,13 @@ pub(crate) use omnirelay_agent::cli::init_tracing;
 use omnirelay_agent::cli::{LogFormat, MeshCommand};
 
 mod audit;
+mod ca;
 mod demo;
 mod identities;
 pub mod init;
 mod policy;
 mod publish;
+mod revoke;
 mod serve;
 mod token;
 
@@ -71,9 +73,18 @@ enum Command {
     /// Issue, list and revoke bootstrap tokens (through the admin API).
     #[command(subcommand)]
     Token(token::TokenCommand),
+    /// Rotate the CA in stages: prepare, activate, retire (through the admin API).
+    #[command(subcommand)]
+    Ca(ca::CaCommand),
     /// List issued identities (the inventory, through the admin API).
     #[command(subcommand)]
     Identities(identities::IdentitiesCommand),
+    /// Revoke a token's, a SPIFFE ID's or a certificate's identities, with their renewals
+    /// (through the admin API); their SPIFFE IDs are quarantined.
+    Revoke(revoke::RevokeArgs),
+    /// List or lift the quarantines of revoked SPIFFE IDs (through the admin API).
+    #[command(subcommand)]
+    Quarantine(revoke::QuarantineCommand),
     /// Node-side commands (the same as `omnirelay-agent`'s).
     #[command(subcommand)]
     Mesh(MeshCommand),
@@ -154,7 +165,10 @@ async fn run(command: Command) -> anyhow::Result<ExitCode> {
         Command::CheckConfig { config } => serve::check_config(&config),
         Command::Demo { dir } => demo::demo(dir).await,
         Command::Token(cmd) => token::run(cmd).await,
+        Command::Ca(cmd) => ca::run(cmd).await,
         Command::Identities(cmd) => identities::run(cmd).await,
+        Command::Revoke(args) => revoke::revoke(args).await,
+        Command::Quarantine(cmd) => revoke::quarantine(cmd).await,
         Command::Mesh(cmd) => omnirelay_agent::cli::run(cmd).await,
         Command::Audit(cmd) => audit::run(cmd),
         Command::Policy(cmd) => policy::run(cmd).await,

@@ -31,22 +31,25 @@ pub(super) struct AdminArgs {
 
 impl AdminArgs {
     pub(super) fn client(&self) -> anyhow::Result<GatewayClient> {
-        let (url, credential, ca) = match (&self.admin, &self.credential, &self.ca_bundle) {
-            (Some(url), Some(cred), Some(ca)) => (url.clone(), cred.clone(), ca.clone()),
+        let (url, credential, bundle) = match (&self.admin, &self.credential, &self.ca_bundle) {
+            (Some(url), Some(cred), Some(ca)) => {
+                let bundle =
+                    std::fs::read(ca).with_context(|| format!("reading {}", ca.display()))?;
+                (url.clone(), cred.clone(), bundle)
+            }
             _ => {
                 let config = Config::load(&self.config)?;
                 let mut addr = config.admin.listen;
                 if addr.ip().is_unspecified() {
                     addr.set_ip(std::net::Ipv4Addr::LOCALHOST.into());
                 }
-                (
-                    format!("https://{addr}"),
-                    config.admin.credential,
-                    config.identity.ca_cert,
-                )
+                // Every CA of the bundle: after a CA rotation the gateway serves a certificate
+                // from a CA other than the configured one.
+                let bundle = crate::identity::trust_bundle(&config.identity)
+                    .context("reading the gateway's trust bundle")?;
+                (format!("https://{addr}"), config.admin.credential, bundle)
             }
         };
-        let bundle = std::fs::read(&ca).with_context(|| format!("reading {}", ca.display()))?;
         let credential = crate::secrets::read(&credential)?.trim().to_string();
         Ok(GatewayClient::new(&url, &bundle)?.with_bearer(credential))
     }

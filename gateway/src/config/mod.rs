@@ -429,6 +429,7 @@ impl Validator<'_> {
         IdentityConfig {
             ca_cert: self.path(raw.ca_cert, &d.ca_cert),
             ca_key: self.path(raw.ca_key, &d.ca_key),
+            rotation_dir: self.path(raw.rotation_dir, &d.rotation_dir),
             max_ttl: self.duration("identity.max_ttl", raw.max_ttl, d.max_ttl),
             renew_remaining_percent: percent,
             bundle_refresh_hint: self.duration(
@@ -436,6 +437,21 @@ impl Validator<'_> {
                 raw.bundle_refresh_hint,
                 d.bundle_refresh_hint,
             ),
+            // Zero is allowed here: no quarantine at all.
+            quarantine: match raw.quarantine {
+                Some(t) if humantime::parse_duration(&t).is_ok_and(|d| d.is_zero()) => {
+                    std::time::Duration::ZERO
+                }
+                other => self.duration("identity.quarantine", other, d.quarantine),
+            },
+            crl_validity: {
+                let validity =
+                    self.duration("identity.crl_validity", raw.crl_validity, d.crl_validity);
+                if validity < std::time::Duration::from_secs(60) {
+                    self.problem("identity.crl_validity", "must be at least 1m");
+                }
+                validity
+            },
         }
     }
 

@@ -63,9 +63,12 @@ pub struct RawAdmin {
 pub struct RawIdentity {
     pub ca_cert: Option<String>,
     pub ca_key: Option<String>,
+    pub rotation_dir: Option<String>,
     pub max_ttl: Option<String>,
     pub renew_remaining_percent: Option<u8>,
     pub bundle_refresh_hint: Option<String>,
+    pub quarantine: Option<String>,
+    pub crl_validity: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]

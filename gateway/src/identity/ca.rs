@@ -47,6 +47,8 @@ pub struct Ca {
     issuer: Issuer<'static, KeyPair>,
     cert_pem: String,
     cert_der: Vec<u8>,
+    fingerprint: String,
+    not_before: i64,
     not_after: i64,
     curve: Curve,
 }
@@ -66,6 +68,18 @@ pub struct MintRequest<'a> {
     pub now: SystemTime,
 }
 
+/// A revoked certificate as a CRL lists it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CrlEntry {
+    /// Its serial.
+    pub serial: Serial,
+    /// When it was revoked.
+    pub revoked_at: SystemTime,
+    /// Replaced by a later certificate for the same SPIFFE ID (reason `superseded`), rather
+    /// than taken back (reason `unspecified`).
+    pub superseded: bool,
+}
+
 /// A minted X.509-SVID.
 #[derive(Debug, Clone)]
 pub struct Svid {
@@ -81,6 +95,8 @@ pub struct Svid {
     pub cert_der: Vec<u8>,
     /// The certificate, PEM.
     pub cert_pem: String,
+    /// The issuing CA's [`Ca::fingerprint`].
+    pub issuer: String,
 }
 
 impl Ca {
@@ -89,6 +105,17 @@ impl Ca {
     /// `validity`. Returns (certificate PEM, PKCS#8 private key PEM).
     pub fn generate(
         trust_domain: &TrustDomain,
+        validity: Duration,
+        now: SystemTime,
+    ) -> Result<(String, String), IdentityError> {
+        Self::generate_named(trust_domain, "OmniRelay bootstrap CA", validity, now)
+    }
+
+    /// [`Ca::generate`] with another common name: CAs that share a bundle get distinct subjects
+    /// (a rotation's next CA), so a verifier never has to tell them apart by key alone.
+    pub fn generate_named(
+        trust_domain: &TrustDomain,
+        common_name: &str,
         validity: Duration,
         now: SystemTime,
     ) -> Result<(String, String), IdentityError> {
@@ -105,7 +132,7 @@ impl Ca {
             .push(DnType::OrganizationName, "OmniRelay");
         params
             .distinguished_name
-            .push(DnType::CommonName, "OmniRelay bootstrap CA");
+            .push(DnType::CommonName, common_name);
         params.subject_alt_names = vec![SanType::URI(ia5(format!("spiffe://{trust_domain}"))?)];
         params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
         params.key_usages = vec![
@@ -148,6 +175,7 @@ impl Ca {
         if !cert.subject().iter().all(|rdn| rdn.iter().count() == 1) {
             return Err(IdentityError::SubjectNotReproducible);
         }
+        let not_before = cert.validity().not_before.timestamp();
         let not_after = cert.validity().not_after.timestamp();
         let ca_subject = cert.subject().as_raw().to_vec();
         let issuer = Issuer::from_ca_cert_der(&der, key)
@@ -156,6 +184,8 @@ impl Ca {
             issuer,
             cert_pem: pem_encode("CERTIFICATE", &der),
             cert_der: der.to_vec(),
+            fingerprint: hex::encode(Sha256::digest(&der)),
+            not_before,
             not_after,
             curve,
         };
@@ -171,6 +201,17 @@ impl Ca {
     /// The CA certificate, DER.
     pub fn cert_der(&self) -> &[u8] {
         &self.cert_der
+    }
+
+    /// SHA-256 of the CA certificate's DER, lowercase hex: how the rotation state, the audit
+    /// log and the store's `issuer` column name this CA.
+    pub fn fingerprint(&self) -> &str {
+        &self.fingerprint
+    }
+
+    /// The CA's notBefore.
+    pub fn not_before(&self) -> SystemTime {
+        to_system_time(self.not_before)
     }
 
     /// The CA's notAfter.
@@ -201,6 +242,7 @@ impl Ca {
             not_after: to_system_time(not_after),
             cert_pem: cert.pem(),
             cert_der: cert.der().to_vec(),
+            issuer: self.fingerprint.clone(),
         })
     }
 
@@ -225,6 +267,44 @@ impl Ca {
             .signed_by(&key, &self.issuer)
             .map_err(IdentityError::Signing)?;
         Ok((cert.pem(), key.serialize_pem()))
+    }
+
+    /// A CRL signed by this CA listing `revoked`, numbered `number`, valid from `this_update`
+    /// until `next_update`. Returns the DER.
+    pub fn crl(
+        &self,
+        revoked: &[CrlEntry],
+        number: u64,
+        this_update: SystemTime,
+        next_update: SystemTime,
+    ) -> Result<Vec<u8>, IdentityError> {
+        let revoked_certs = revoked
+            .iter()
+            .map(|entry| {
+                Ok(rcgen::RevokedCertParams {
+                    serial_number: SerialNumber::from_slice(entry.serial.as_bytes()),
+                    revocation_time: datetime(unix_secs(entry.revoked_at)?)?,
+                    reason_code: Some(if entry.superseded {
+                        rcgen::RevocationReason::Superseded
+                    } else {
+                        rcgen::RevocationReason::Unspecified
+                    }),
+                    invalidity_date: None,
+                })
+            })
+            .collect::<Result<Vec<_>, IdentityError>>()?;
+        let params = rcgen::CertificateRevocationListParams {
+            this_update: datetime(unix_secs(this_update)?)?,
+            next_update: datetime(unix_secs(next_update)?)?,
+            crl_number: SerialNumber::from_slice(&number.to_be_bytes()),
+            issuing_distribution_point: None,
+            revoked_certs,
+            key_identifier_method: rcgen::KeyIdMethod::Sha256,
+        };
+        let crl = params
+            .signed_by(&self.issuer)
+            .map_err(IdentityError::Signing)?;
+        Ok(crl.der().to_vec())
     }
 
     /// The curve and the uncompressed public point (`04 || X || Y`) of the CA key.
@@ -265,7 +345,7 @@ impl fmt::Debug for Ca {
     /// Identifies the CA by certificate digest; the key never appears.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Ca")
-            .field("cert_sha256", &hex::encode(Sha256::digest(&self.cert_der)))
+            .field("cert_sha256", &self.fingerprint)
             .field("curve", &self.curve)
             .field("not_after", &self.not_after)
             .finish_non_exhaustive()

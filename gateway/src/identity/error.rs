@@ -60,6 +60,10 @@ pub enum IdentityError {
     /// rcgen refused to encode or sign the certificate.
     #[error("certificate signing failed")]
     Signing(#[source] rcgen::Error),
+    /// The gateway's serving certificate cannot be issued again under another CA (it does not
+    /// parse, or lacks the one SPIFFE ID it must carry).
+    #[error("the serving certificate cannot be re-issued: {0}")]
+    ServingCertificate(&'static str),
     /// The signed certificate does not carry the CSR's public key byte for byte (a re-encoding
     /// bug; refusing keeps the attestation-to-key binding intact).
     #[error("issued certificate does not carry the requested public key unchanged")]
@@ -85,6 +89,7 @@ impl IdentityError {
             Self::KeyGeneration(_) => "key-generation",
             Self::Signing(_) => "signing",
             Self::KeyNotPreserved => "key-not-preserved",
+            Self::ServingCertificate(_) => "serving-certificate",
         }
     }
 }

@@ -98,7 +98,7 @@ pub(super) fn to_system_time(unix: i64) -> SystemTime {
 }
 
 /// PEM with 64-column base64 lines and LF endings, as rcgen writes it.
-pub(super) fn pem_encode(label: &str, der: &[u8]) -> String {
+pub fn pem_encode(label: &str, der: &[u8]) -> String {
     use base64::Engine as _;
     let b64 = base64::engine::general_purpose::STANDARD.encode(der);
     let mut out = format!("-----BEGIN {label}-----\n");

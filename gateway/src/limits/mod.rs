@@ -89,6 +89,8 @@ pub enum Door {
     Join,
     /// `GET /v1/bootstrap/challenge`.
     Challenge,
+    /// `GET /v1/crl` and `GET /v1/revocations`.
+    Feed,
 }
 
 /// Which limit refused.
@@ -152,6 +154,7 @@ pub struct Limits<C: Clock = DefaultClock> {
     clock: C,
     join: ClientBuckets<C>,
     challenge: ClientBuckets<C>,
+    feed: ClientBuckets<C>,
     per_token: Keyed<String, C>,
     per_cluster: Keyed<String, C>,
 }
@@ -169,6 +172,7 @@ impl<C: Clock + Clone> Limits<C> {
         Self {
             join: ClientBuckets::new(config, &clock),
             challenge: ClientBuckets::new(config, &clock),
+            feed: ClientBuckets::new(config, &clock),
             per_token: RateLimiter::new(
                 config.per_token.quota(),
                 Default::default(),
@@ -189,6 +193,7 @@ impl<C: Clock + Clone> Limits<C> {
         let buckets = match door {
             Door::Join => &self.join,
             Door::Challenge => &self.challenge,
+            Door::Feed => &self.feed,
         };
         buckets
             .per_client
@@ -210,11 +215,20 @@ impl<C: Clock + Clone> Limits<C> {
             .map_err(|n| self.limited(Scope::Cluster, &n))
     }
 
+    /// A renewal (no token: the certificate is the credential): its cluster's budget, shared
+    /// with the cluster's joins.
+    pub fn check_cluster(&self, cluster: &str) -> Result<(), Limited> {
+        self.per_cluster
+            .check_key(&cluster.to_string())
+            .map_err(|n| self.limited(Scope::Cluster, &n))
+    }
+
     /// Forgets keys whose buckets are full again, so the maps do not grow without bound.
     /// The server calls this periodically.
     pub fn forget_idle(&self) {
         forget(&self.join.per_client);
         forget(&self.challenge.per_client);
+        forget(&self.feed.per_client);
         forget(&self.per_token);
         forget(&self.per_cluster);
     }

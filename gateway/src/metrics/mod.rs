@@ -66,6 +66,15 @@ pub struct BundleLabel {
     pub commit: String,
 }
 
+/// Label: a CA of the trust bundle.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct CaLabel {
+    /// SHA-256 of the CA certificate, hex.
+    pub ca: String,
+    /// `active`, `prepared` or `previous`.
+    pub state: &'static str,
+}
+
 /// Every metric the gateway exports.
 #[derive(Debug)]
 pub struct Metrics {
@@ -102,6 +111,23 @@ pub struct Metrics {
     pub policy_circuit_opened: Family<PolicyLabel, Counter>,
     /// A policy's breaker state after its last transition: 0 closed, 1 open, 2 half-open.
     pub policy_circuit_state: Family<PolicyLabel, Gauge>,
+    /// Renewals by outcome.
+    pub renewals: Family<ResultLabel, Counter>,
+    /// Identities revoked (by an operator, or superseded by a join).
+    pub revocations: Counter,
+    /// Joins and renewals refused because their SPIFFE ID is quarantined.
+    pub quarantine_refusals: Counter,
+    /// Seconds since the CRL in force was signed (set at each scrape).
+    pub crl_age_seconds: Gauge,
+    /// Seconds until the soonest expiry among live identities (set at each scrape; absent
+    /// series value 0 when there is none).
+    pub soonest_expiry_seconds: Gauge,
+    /// Live identities past their renewal point and not renewed (set at each scrape).
+    pub identities_past_renewal: Gauge,
+    /// The SPIFFE bundle sequence served (`spiffe_sequence`).
+    pub trust_bundle_sequence: Gauge,
+    /// notAfter (Unix seconds) of each CA in the trust bundle, by CA and state.
+    pub ca_not_after: Family<CaLabel, Gauge>,
     last_active: std::sync::Mutex<Option<BundleLabel>>,
 }
 
@@ -202,7 +228,63 @@ impl Metrics {
             "Policy circuit breaker state after its last transition: 0 closed, 1 open, 2 half-open",
             policy_circuit_state.clone(),
         );
+        let renewals = Family::<ResultLabel, Counter>::default();
+        registry.register(
+            "bootstrap_renewals",
+            "Renewal requests by result (`issued`, or the stage that refused)",
+            renewals.clone(),
+        );
+        let revocations = Counter::default();
+        registry.register(
+            "bootstrap_revocations",
+            "Identities revoked (by an operator, or superseded by a join)",
+            revocations.clone(),
+        );
+        let quarantine_refusals = Counter::default();
+        registry.register(
+            "bootstrap_quarantine_refusals",
+            "Joins and renewals refused because their SPIFFE ID is quarantined",
+            quarantine_refusals.clone(),
+        );
+        let crl_age_seconds = Gauge::default();
+        registry.register(
+            "bootstrap_crl_age_seconds",
+            "Seconds since the CRL in force was signed",
+            crl_age_seconds.clone(),
+        );
+        let soonest_expiry_seconds = Gauge::default();
+        registry.register(
+            "bootstrap_soonest_expiry_seconds",
+            "Seconds until the soonest expiry among live identities (0 when none is live)",
+            soonest_expiry_seconds.clone(),
+        );
+        let identities_past_renewal = Gauge::default();
+        registry.register(
+            "bootstrap_identities_past_renewal_point",
+            "Live identities past their renewal point that were not renewed",
+            identities_past_renewal.clone(),
+        );
+        let trust_bundle_sequence = Gauge::default();
+        registry.register(
+            "bootstrap_trust_bundle_sequence",
+            "The SPIFFE bundle sequence served; it increases with every CA rotation step",
+            trust_bundle_sequence.clone(),
+        );
+        let ca_not_after = Family::<CaLabel, Gauge>::default();
+        registry.register(
+            "bootstrap_ca_not_after_seconds",
+            "notAfter of each CA in the trust bundle, Unix seconds, by CA and rotation state",
+            ca_not_after.clone(),
+        );
         Self {
+            renewals,
+            revocations,
+            quarantine_refusals,
+            crl_age_seconds,
+            soonest_expiry_seconds,
+            identities_past_renewal,
+            trust_bundle_sequence,
+            ca_not_after,
             policy_circuit_opened,
             policy_circuit_state,
             policy_reloads,
@@ -243,6 +325,15 @@ impl Metrics {
     /// Counts a join outcome.
     pub fn join(&self, result: &str) {
         self.joins
+            .get_or_create(&ResultLabel {
+                result: result.to_string(),
+            })
+            .inc();
+    }
+
+    /// Counts a renewal outcome.
+    pub fn renewal(&self, result: &str) {
+        self.renewals
             .get_or_create(&ResultLabel {
                 result: result.to_string(),
             })
@@ -311,6 +402,26 @@ impl Metrics {
         self.policy_circuit_state.get_or_create(&label).set(state);
     }
 
+    /// Describes the CA set in force: its sequence, and one series per CA in the bundle (a
+    /// retired CA's series goes away).
+    pub fn trust(&self, set: &crate::identity::CaSet) {
+        self.trust_bundle_sequence
+            .set(i64::try_from(set.sequence()).unwrap_or(i64::MAX));
+        self.ca_not_after.clear();
+        for member in set.cas() {
+            let not_after = member
+                .ca
+                .not_after()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX));
+            let label = CaLabel {
+                ca: member.ca.fingerprint().to_string(),
+                state: member.state.label(),
+            };
+            self.ca_not_after.get_or_create(&label).set(not_after);
+        }
+    }
+
     /// The text exposition of every series.
     pub fn render(&self) -> String {
         let mut out = String::new();
@@ -342,7 +453,27 @@ mod tests {
         m.unauthenticated_refusal("request", "malformed");
         m.unauthenticated_refusal("request", "malformed");
         m.policy_circuit("spin", 1, true);
+        let td = crate::identity::TrustDomain::parse("example.org").unwrap();
+        let (cert, key) = crate::identity::Ca::generate(
+            &td,
+            Duration::from_secs(3600),
+            std::time::UNIX_EPOCH + Duration::from_secs(1_700_000_000),
+        )
+        .unwrap();
+        let ca = crate::identity::Ca::load(&cert, &key).unwrap();
+        let fingerprint = ca.fingerprint().to_string();
+        m.trust(&crate::identity::CaSet::single(
+            ca,
+            Duration::from_secs(300),
+        ));
         let text = m.render();
+        assert!(text.contains("bootstrap_trust_bundle_sequence 1"), "{text}");
+        assert!(
+            text.contains(&format!(
+                "bootstrap_ca_not_after_seconds{{ca=\"{fingerprint}\",state=\"active\"}} 1700003600"
+            )),
+            "{text}"
+        );
         assert!(
             text.contains("bootstrap_connections_refused_total{scope=\"per-ip\"} 1"),
             "{text}"

@@ -94,6 +94,15 @@ pub enum InvalidResult {
     /// A DNS name is outside the policy binding's allowed suffixes.
     #[error("DNS SAN {0:?} is not under one of the policy's dns_suffixes")]
     DnsNotAllowed(String),
+    /// A renewal's grant names another SPIFFE ID than the certificate it renews (a renewal
+    /// keeps its identity; a different one takes a join).
+    #[error("a renewal of {current} granted {granted}")]
+    IdentityChanged {
+        /// The SPIFFE ID being renewed.
+        current: String,
+        /// The one granted.
+        granted: String,
+    },
     /// A text field is longer than the host accepts.
     #[error("{field} is {len} bytes, at most {max} allowed")]
     TooLong {

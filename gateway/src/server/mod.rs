@@ -23,7 +23,7 @@ use tokio::sync::{Semaphore, watch};
 use tokio::task::JoinSet;
 use tokio_rustls::TlsAcceptor;
 
-pub use tls::{TlsError, server_tls};
+pub use tls::{ServingCert, TlsError, certified_key, server_tls};
 
 use crate::limits::{ClientKey, KeyedSlots};
 use crate::metrics::Metrics;
@@ -96,6 +96,9 @@ pub struct AdminConfig {
 pub struct Peer {
     /// The client's address.
     pub addr: SocketAddr,
+    /// The certificate chain the client sent (leaf first) and proved it holds the key of;
+    /// not verified against any trust anchor yet.
+    pub client_chain: Option<Arc<[rustls_pki_types::CertificateDer<'static>]>>,
 }
 
 /// Answers one request. Implemented by the API.
@@ -192,7 +195,13 @@ pub async fn serve<H: Handler>(
             metrics.connections.inc();
             // Garbage or a stalled handshake costs this task only, never the accept loop.
             if let Ok(Ok(tls)) = tokio::time::timeout(handshake_timeout, acceptor.accept(stream)).await {
-                let peer = Peer { addr };
+                let client_chain = tls
+                    .get_ref()
+                    .1
+                    .peer_certificates()
+                    .filter(|chain| !chain.is_empty())
+                    .map(|chain| chain.iter().map(|c| c.clone().into_owned()).collect());
+                let peer = Peer { addr, client_chain };
                 let service = service_fn(move |request| {
                     let (handler, peer) = (handler.clone(), peer.clone());
                     async move { Ok::<_, std::convert::Infallible>(handler.handle(request, peer).await) }

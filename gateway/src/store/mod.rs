@@ -6,6 +6,7 @@
 
 mod chain;
 mod checkpoints;
+mod lineage;
 mod sqlite;
 mod writer;
 
@@ -22,6 +23,8 @@ pub use sqlite::SqliteStore;
 
 #[cfg(test)]
 mod checkpoint_tests;
+#[cfg(test)]
+mod lineage_tests;
 #[cfg(test)]
 mod tests;
 
@@ -234,6 +237,11 @@ pub struct IdentityRecord {
     pub not_before: u64,
     /// Expiry, Unix seconds.
     pub not_after: u64,
+    /// The attestation the lineage began with (`policy_sdk::Attestation` as JSON), shown to the
+    /// policy again at every renewal.
+    pub attestation: String,
+    /// The issuing CA: SHA-256 of its certificate, hex ([`crate::identity::Ca::fingerprint`]).
+    pub issuer: String,
 }
 
 /// The final step of a join: consume a use, record the identity, remember the nonce and the
@@ -292,6 +300,163 @@ pub enum IssueOutcome {
     /// The SPIFFE ID already has a live (unrevoked, unexpired) identity and the token may not
     /// supersede it.
     IdentityInUse,
+    /// The SPIFFE ID is quarantined after a revocation until this time (Unix seconds).
+    Quarantined {
+        /// When the quarantine ends.
+        until: u64,
+    },
+}
+
+/// An identity as a renewal sees it: the certificate presented, where it stands, the token its
+/// lineage began with, and whether its SPIFFE ID is quarantined.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Lineage {
+    /// The presented certificate's record.
+    pub identity: IssuedIdentity,
+    /// Renewals between the join and this certificate (0 for the join's own).
+    pub renewals: u32,
+    /// The attestation the lineage began with, JSON.
+    pub attestation: String,
+    /// Whether this certificate was renewed already (it may renew again).
+    pub renewed: bool,
+    /// The token the lineage began with.
+    pub token: TokenRecord,
+    /// When the SPIFFE ID's quarantine ends, if it is quarantined now.
+    pub quarantined_until: Option<u64>,
+}
+
+/// The final step of a renewal: record the new identity as the successor of the presented one,
+/// in the same lineage (same token), and audit it — all or nothing.
+#[derive(Debug, Clone)]
+pub struct RenewRecord {
+    /// The request, for the audit trail.
+    pub request_id: String,
+    /// Serial (hex) of the certificate presented.
+    pub predecessor: String,
+    /// The token the lineage began with.
+    pub token: TokenId,
+    /// The client's idempotency key and the digest of the CSR it came with.
+    pub idempotency: Option<(String, [u8; 32])>,
+    /// What was minted.
+    pub identity: IdentityRecord,
+    /// The response body, replayed verbatim to an idempotent retry.
+    pub response: String,
+    /// The policy that allowed it.
+    pub policy: PolicyRef,
+    /// Notes the policy asked to record.
+    pub audit_notes: Vec<String>,
+    /// The rules the policy reports as matched.
+    pub matched_rules: Vec<String>,
+    /// Renewal time, Unix seconds.
+    pub now: u64,
+}
+
+/// How the final step of a renewal ended. Refusals write nothing.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RenewOutcome {
+    /// Recorded; this is the lineage's n-th renewal.
+    Renewed {
+        /// Renewals in the lineage, this one included.
+        renewals: u32,
+    },
+    /// The idempotency key was already used with the same CSR: the earlier response.
+    Replayed(String),
+    /// The idempotency key was already used with a different CSR.
+    IdempotencyConflict,
+    /// The presented certificate was revoked meanwhile.
+    Revoked,
+    /// The token the lineage began with was revoked.
+    TokenRevoked,
+    /// The SPIFFE ID is quarantined until this time.
+    Quarantined {
+        /// When the quarantine ends, Unix seconds.
+        until: u64,
+    },
+    /// No identity with the presented serial is on record.
+    Unknown,
+}
+
+/// What to revoke.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RevokeTarget {
+    /// The token (no further joins) and every identity its lineages hold, joins and renewals.
+    Token(TokenId),
+    /// Every identity carrying this SPIFFE ID, whatever token it came through.
+    SpiffeId(String),
+    /// One certificate (hex serial) and every renewal descending from it.
+    Serial(String),
+}
+
+/// An operator's revocation.
+#[derive(Debug, Clone)]
+pub struct RevokeOrder {
+    /// The request, for the audit trail.
+    pub request_id: String,
+    /// What to revoke.
+    pub target: RevokeTarget,
+    /// Why (audited, published in the feed).
+    pub reason: String,
+    /// Who asked.
+    pub revoked_by: String,
+    /// How long the revoked SPIFFE IDs stay quarantined (no join or renewal for them); zero for
+    /// none.
+    pub quarantine: std::time::Duration,
+    /// Unix seconds.
+    pub now: u64,
+}
+
+/// What a revocation did.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct RevokeSummary {
+    /// Whether the target exists at all (a token, serial or SPIFFE ID on record).
+    pub found: bool,
+    /// Whether a token was revoked by this order (false when it already was).
+    pub token_revoked: bool,
+    /// Serials revoked by this order (ones revoked before are not repeated).
+    pub serials: Vec<String>,
+    /// SPIFFE IDs quarantined, with the time their quarantine ends.
+    pub quarantined: Vec<Quarantine>,
+}
+
+/// Where the live identities stand, for the metrics.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ExpirySummary {
+    /// The soonest notAfter among live, unrenewed identities, Unix seconds.
+    pub soonest: Option<u64>,
+    /// How many of them are past their renewal point.
+    pub past_renewal: u64,
+}
+
+/// A SPIFFE ID that may not join or renew until a time.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Quarantine {
+    /// The SPIFFE ID.
+    pub spiffe_id: String,
+    /// Since when, Unix seconds.
+    pub since: u64,
+    /// Until when, Unix seconds.
+    pub until: u64,
+    /// The revocation's reason.
+    pub reason: String,
+}
+
+/// One revoked certificate, as the CRL and the revocation feed publish it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Revoked {
+    /// Feed position.
+    pub seq: u64,
+    /// Certificate serial, hex.
+    pub serial: String,
+    /// The SPIFFE ID it carried.
+    pub spiffe_id: String,
+    /// The token its lineage began with.
+    pub token_id: String,
+    /// When it was revoked, Unix seconds.
+    pub revoked_at: u64,
+    /// Why: `superseded`, or the operator's reason.
+    pub reason: String,
+    /// Its expiry, Unix seconds.
+    pub not_after: u64,
 }
 
 type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
@@ -315,14 +480,56 @@ pub trait Store: Send + Sync + 'static {
     /// One token.
     fn token(&self, id: TokenId) -> BoxFuture<'_, Result<Option<TokenRecord>, StoreError>>;
 
-    /// Revokes a token (idempotent: only the first revocation takes effect and is audited);
-    /// false when no such token exists.
-    fn revoke_token(
+    /// Revokes a token, a SPIFFE ID or a certificate with every identity descending from it,
+    /// quarantines the SPIFFE IDs involved, publishes the revocations (CRL and feed source) and
+    /// audits each step, in one transaction. Idempotent: what was revoked before is neither
+    /// revoked nor audited again.
+    fn revoke(&self, order: RevokeOrder) -> BoxFuture<'_, Result<RevokeSummary, StoreError>>;
+
+    /// The identity behind a presented certificate, with its lineage's token and quarantine.
+    fn lineage(&self, serial: &str, now: u64)
+    -> BoxFuture<'_, Result<Option<Lineage>, StoreError>>;
+
+    /// The final, atomic step of a renewal.
+    fn renew(&self, record: RenewRecord) -> BoxFuture<'_, Result<RenewOutcome, StoreError>>;
+
+    /// SPIFFE IDs quarantined at `now`.
+    fn quarantined(&self, now: u64) -> BoxFuture<'_, Result<Vec<Quarantine>, StoreError>>;
+
+    /// Ends a SPIFFE ID's quarantine now and audits who did it; false when it was not
+    /// quarantined.
+    fn lift_quarantine(
         &self,
-        id: TokenId,
-        event: AuditEvent,
+        spiffe_id: String,
+        lifted_by: String,
         now: u64,
     ) -> BoxFuture<'_, Result<bool, StoreError>>;
+
+    /// Revocations after feed position `since`, oldest first, at most `limit`.
+    fn revocations_since(
+        &self,
+        since: u64,
+        limit: u32,
+    ) -> BoxFuture<'_, Result<Vec<Revoked>, StoreError>>;
+
+    /// Every revoked certificate not expired at `now` (what a CRL lists), with the feed's
+    /// position at the time of reading.
+    fn unexpired_revocations(
+        &self,
+        now: u64,
+    ) -> BoxFuture<'_, Result<(Vec<Revoked>, u64), StoreError>>;
+
+    /// The feed position of the newest revocation, updated after every commit that revoked
+    /// something (on this replica).
+    fn revocation_head(&self) -> tokio::sync::watch::Receiver<u64>;
+
+    /// Among identities live at `now` and not renewed yet: the soonest expiry, and how many are
+    /// past their renewal point (when `renew_remaining_percent` of their lifetime remains).
+    fn expiry_summary(
+        &self,
+        now: u64,
+        renew_remaining_percent: u8,
+    ) -> BoxFuture<'_, Result<ExpirySummary, StoreError>>;
 
     /// The earlier response for an idempotency key, with the CSR digest it was made for.
     fn idempotent(
@@ -359,6 +566,17 @@ pub trait Store: Send + Sync + 'static {
     /// checkpoint, and returns once the audit file holds and has synced every committed entry.
     /// A clean shutdown calls it last.
     fn flush_audit(&self) -> BoxFuture<'_, Result<(), StoreError>>;
+
+    /// The latest notAfter among the unrevoked identities issued by the CA whose certificate
+    /// has SHA-256 `issuer` (hex) that are still valid at `now`; `None` when there is none.
+    /// With `with_unattributed`, identities recorded before issuers were (all issued by the
+    /// configured CA) count as issued by it.
+    fn latest_live_expiry(
+        &self,
+        issuer: &str,
+        with_unattributed: bool,
+        now: u64,
+    ) -> BoxFuture<'_, Result<Option<u64>, StoreError>>;
 
     /// Serial numbers of identities issued through a token.
     fn identities_of(&self, token: TokenId) -> BoxFuture<'_, Result<Vec<String>, StoreError>>;

@@ -13,8 +13,9 @@ use super::chain::{audit_head, digest_from_hex};
 use super::checkpoints::{Checkpoints, Ticker, unsigned_in};
 use super::writer::{Command, Message, Writer};
 use super::{
-    BoxFuture, IdempotentResult, IdentityFilter, IdentityState, IssueOutcome, IssueRecord,
-    IssuedIdentity, MAX_LISTED, Store, StoreConfig, StoreError, TokenRecord,
+    BoxFuture, ExpirySummary, IdempotentResult, IdentityFilter, IdentityState, IssueOutcome,
+    IssueRecord, IssuedIdentity, Lineage, MAX_LISTED, Quarantine, RenewOutcome, RenewRecord,
+    RevokeOrder, RevokeSummary, Revoked, Store, StoreConfig, StoreError, TokenRecord,
 };
 use crate::audit::{AuditEvent, AuditFile, ChainHead};
 use crate::token::TokenId;
@@ -71,6 +72,37 @@ const MIGRATIONS: &[&str] = &[
     // 2: identities can be revoked (superseded by a later join for the same SPIFFE ID).
     "ALTER TABLE identities ADD COLUMN revoked_at INTEGER;
      ALTER TABLE identities ADD COLUMN revoked_reason TEXT;",
+    // 3: lineages (renewals link to their predecessor and carry the join's attestation),
+    // published revocations (the feed and the CRL), and quarantined SPIFFE IDs. Identities
+    // superseded before this version are published too.
+    "ALTER TABLE identities ADD COLUMN predecessor TEXT;
+     ALTER TABLE identities ADD COLUMN renewals INTEGER NOT NULL DEFAULT 0;
+     ALTER TABLE identities ADD COLUMN attestation TEXT;
+     CREATE INDEX identities_by_predecessor ON identities(predecessor);
+     CREATE TABLE revocations (
+         seq INTEGER PRIMARY KEY AUTOINCREMENT,
+         serial TEXT NOT NULL,
+         spiffe_id TEXT NOT NULL,
+         token_id TEXT NOT NULL,
+         revoked_at INTEGER NOT NULL,
+         reason TEXT NOT NULL,
+         not_after INTEGER NOT NULL
+     );
+     CREATE INDEX revocations_by_expiry ON revocations(not_after);
+     CREATE INDEX identities_by_expiry ON identities(not_after);
+     CREATE TABLE quarantine (
+         spiffe_id TEXT PRIMARY KEY,
+         since INTEGER NOT NULL,
+         until INTEGER NOT NULL,
+         reason TEXT NOT NULL
+     );
+     INSERT INTO revocations (serial, spiffe_id, token_id, revoked_at, reason, not_after)
+         SELECT serial, spiffe_id, token_id, revoked_at, COALESCE(revoked_reason, 'unspecified'),
+                not_after
+         FROM identities WHERE revoked_at IS NOT NULL ORDER BY revoked_at, serial;",
+    // 4: which CA issued an identity (SHA-256 of its certificate, hex), so a CA is retired only
+    // once its last leaf has expired. NULL for rows from before: the configured CA issued them.
+    "ALTER TABLE identities ADD COLUMN issuer TEXT;",
 ];
 
 /// The schema version this binary writes.
@@ -104,6 +136,7 @@ pub struct SqliteStore {
     commands: mpsc::Sender<Message>,
     readers: Vec<Mutex<Connection>>,
     next_reader: AtomicUsize,
+    revocation_head: tokio::sync::watch::Receiver<u64>,
     /// Resolves (its sender dropped) once the writer thread has exited, and with it released
     /// the write connection and the audit file's lock.
     writer_exited: oneshot::Receiver<()>,
@@ -150,6 +183,8 @@ impl SqliteStore {
         }
         let head = super::chain::catch_up(&write, &mut mirror, &config.audit_file)?;
         let unsigned = unsigned_in(&write)?;
+        let (head_of_revocations, revocation_head) =
+            tokio::sync::watch::channel(super::writer::revocation_head(&write)?);
         let mut readers = Vec::with_capacity(READERS);
         for _ in 0..READERS {
             let reader = open(
@@ -183,6 +218,7 @@ impl SqliteStore {
             checkpoints,
             unsigned,
             ticker,
+            head_of_revocations,
         );
         let (exited, writer_exited) = oneshot::channel();
         // The writer owns the write connection and the audit file, and exits once every sender
@@ -201,6 +237,7 @@ impl SqliteStore {
             commands,
             readers,
             next_reader: AtomicUsize::new(0),
+            revocation_head,
             writer_exited,
         })
     }
@@ -289,6 +326,20 @@ fn token_from_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<TokenRecord> {
     })
 }
 
+const REVOKED_COLUMNS: &str = "seq, serial, spiffe_id, token_id, revoked_at, reason, not_after";
+
+fn revoked_from_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<Revoked> {
+    Ok(Revoked {
+        seq: row.get(0)?,
+        serial: row.get(1)?,
+        spiffe_id: row.get(2)?,
+        token_id: row.get(3)?,
+        revoked_at: row.get(4)?,
+        reason: row.get(5)?,
+        not_after: row.get(6)?,
+    })
+}
+
 const TOKEN_COLUMNS: &str =
     "id, cluster, role, max_uses, uses, not_before, expires_at, issued_at, revoked_at";
 
@@ -372,7 +423,7 @@ impl Store for SqliteStore {
         token: TokenRecord,
         event: AuditEvent,
     ) -> BoxFuture<'_, Result<(), StoreError>> {
-        Box::pin(self.send(move |reply| Command::RegisterToken(token, event, reply)))
+        Box::pin(self.send(move |reply| Command::RegisterToken(Box::new((token, event)), reply)))
     }
 
     fn identities(
@@ -414,13 +465,161 @@ impl Store for SqliteStore {
         })
     }
 
-    fn revoke_token(
+    fn revoke(&self, order: RevokeOrder) -> BoxFuture<'_, Result<RevokeSummary, StoreError>> {
+        Box::pin(self.send(move |reply| Command::Revoke(Box::new(order), reply)))
+    }
+
+    fn lineage(
         &self,
-        id: TokenId,
-        event: AuditEvent,
+        serial: &str,
+        now: u64,
+    ) -> BoxFuture<'_, Result<Option<Lineage>, StoreError>> {
+        let serial = serial.to_string();
+        Box::pin(async move {
+            self.read(|c| {
+                let found = c
+                    .prepare_cached(
+                        "SELECT i.serial, i.spiffe_id, i.token_id, i.node, i.cluster, i.role,
+                                i.policy_name, i.policy_version, i.not_before, i.not_after,
+                                i.issued_at, i.revoked_at, i.revoked_reason, i.renewals,
+                                COALESCE(i.attestation, '{}'),
+                                EXISTS (SELECT 1 FROM identities s WHERE s.predecessor = i.serial),
+                                q.until
+                         FROM identities i
+                         LEFT JOIN quarantine q ON q.spiffe_id = i.spiffe_id AND q.until > ?2
+                         WHERE i.serial = ?1",
+                    )?
+                    .query_row(params![serial, now], |row| {
+                        Ok((
+                            identity_from_row(row, now)?,
+                            row.get::<_, u32>(13)?,
+                            row.get::<_, String>(14)?,
+                            row.get::<_, bool>(15)?,
+                            row.get::<_, Option<u64>>(16)?,
+                        ))
+                    })
+                    .optional()?;
+                let Some((identity, renewals, attestation, renewed, quarantined_until)) = found
+                else {
+                    return Ok(None);
+                };
+                let sql = format!("SELECT {TOKEN_COLUMNS} FROM tokens WHERE id = ?1");
+                let token = c
+                    .prepare_cached(&sql)?
+                    .query_row([&identity.token_id], token_from_row)?;
+                Ok(Some(Lineage {
+                    identity,
+                    renewals,
+                    attestation,
+                    renewed,
+                    token,
+                    quarantined_until,
+                }))
+            })
+        })
+    }
+
+    fn renew(&self, record: RenewRecord) -> BoxFuture<'_, Result<RenewOutcome, StoreError>> {
+        Box::pin(self.send(move |reply| Command::Renew(Box::new(record), reply)))
+    }
+
+    fn quarantined(&self, now: u64) -> BoxFuture<'_, Result<Vec<Quarantine>, StoreError>> {
+        Box::pin(async move {
+            self.read(|c| {
+                let mut stmt = c.prepare_cached(
+                    "SELECT spiffe_id, since, until, reason FROM quarantine WHERE until > ?1
+                     ORDER BY until, spiffe_id",
+                )?;
+                let rows = stmt.query_map([now], |row| {
+                    Ok(Quarantine {
+                        spiffe_id: row.get(0)?,
+                        since: row.get(1)?,
+                        until: row.get(2)?,
+                        reason: row.get(3)?,
+                    })
+                })?;
+                rows.collect()
+            })
+        })
+    }
+
+    fn lift_quarantine(
+        &self,
+        spiffe_id: String,
+        lifted_by: String,
         now: u64,
     ) -> BoxFuture<'_, Result<bool, StoreError>> {
-        Box::pin(self.send(move |reply| Command::RevokeToken(id, event, now, reply)))
+        Box::pin(self.send(move |reply| Command::LiftQuarantine(spiffe_id, lifted_by, now, reply)))
+    }
+
+    fn revocations_since(
+        &self,
+        since: u64,
+        limit: u32,
+    ) -> BoxFuture<'_, Result<Vec<Revoked>, StoreError>> {
+        Box::pin(async move {
+            self.read(|c| {
+                let sql = format!(
+                    "SELECT {REVOKED_COLUMNS} FROM revocations WHERE seq > ?1 ORDER BY seq LIMIT ?2"
+                );
+                let mut stmt = c.prepare_cached(&sql)?;
+                let rows = stmt.query_map(params![since, limit], revoked_from_row)?;
+                rows.collect()
+            })
+        })
+    }
+
+    fn unexpired_revocations(
+        &self,
+        now: u64,
+    ) -> BoxFuture<'_, Result<(Vec<Revoked>, u64), StoreError>> {
+        Box::pin(async move {
+            self.read(|c| {
+                // One read transaction: the list and the head agree.
+                let sql = format!(
+                    "SELECT {REVOKED_COLUMNS} FROM revocations WHERE not_after > ?1 ORDER BY seq"
+                );
+                let tx = c.unchecked_transaction()?;
+                let listed = {
+                    let mut stmt = tx.prepare_cached(&sql)?;
+                    let rows = stmt.query_map([now], revoked_from_row)?;
+                    rows.collect::<rusqlite::Result<Vec<_>>>()?
+                };
+                let head = tx
+                    .prepare_cached("SELECT COALESCE(MAX(seq), 0) FROM revocations")?
+                    .query_row([], |row| row.get(0))?;
+                tx.finish()?;
+                Ok((listed, head))
+            })
+        })
+    }
+
+    fn revocation_head(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.revocation_head.clone()
+    }
+
+    fn expiry_summary(
+        &self,
+        now: u64,
+        renew_remaining_percent: u8,
+    ) -> BoxFuture<'_, Result<ExpirySummary, StoreError>> {
+        Box::pin(async move {
+            self.read(|c| {
+                c.prepare_cached(
+                    "SELECT MIN(i.not_after),
+                            COALESCE(SUM(?1 >= i.not_after - (i.not_after - i.not_before) * ?2 / 100), 0)
+                     FROM identities i
+                     WHERE i.revoked_at IS NULL AND i.not_after > ?1
+                       AND NOT EXISTS (SELECT 1 FROM identities s WHERE s.predecessor = i.serial)",
+                )?
+                .query_row(params![now, renew_remaining_percent], |row| {
+                    Ok(ExpirySummary {
+                        soonest: row.get(0)?,
+                        past_renewal: row.get(1)?,
+                    })
+                })
+            })
+        })
     }
 
     fn idempotent(
@@ -490,6 +689,25 @@ impl Store for SqliteStore {
                 .await
                 .map_err(|_| StoreError::Closed)?;
             answer.await.map_err(|_| StoreError::Closed)?
+        })
+    }
+
+    fn latest_live_expiry(
+        &self,
+        issuer: &str,
+        with_unattributed: bool,
+        now: u64,
+    ) -> BoxFuture<'_, Result<Option<u64>, StoreError>> {
+        let issuer = issuer.to_string();
+        Box::pin(async move {
+            self.read(|c| {
+                c.prepare_cached(
+                    "SELECT MAX(not_after) FROM identities
+                     WHERE (issuer = ?1 OR (?2 AND issuer IS NULL))
+                       AND revoked_at IS NULL AND not_after > ?3",
+                )?
+                .query_row(params![issuer, with_unattributed, now], |r| r.get(0))
+            })
         })
     }
 

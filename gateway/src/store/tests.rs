@@ -17,6 +17,8 @@ use crate::token::TokenId;
 
 /// A fixed "now" (2025-06-15T14:13:20Z); tests never read the clock for store decisions.
 const NOW: u64 = 1_750_000_000;
+/// The issuing CA of every identity `issue_record` makes (a certificate SHA-256, hex).
+const ISSUER: &str = "a1a1a1a1a1a1a1a1a1a1a1a1a1a1a1a1a1a1a1a1a1a1a1a1a1a1a1a1a1a1a1a1";
 /// How long to wait for the writer thread to mirror a commit before failing the test.
 const MIRROR_DEADLINE: Duration = Duration::from_secs(10);
 
@@ -63,7 +65,7 @@ impl Drop for TempDir {
     }
 }
 
-fn policy() -> PolicyRef {
+pub(super) fn policy() -> PolicyRef {
     PolicyRef {
         name: "cluster-role".into(),
         bundle: "core".into(),
@@ -111,8 +113,24 @@ fn token_revoked(id: TokenId, by: &str) -> AuditEvent {
     }
 }
 
+/// Revokes a token as the admin API does (no quarantine); whether it is on record.
+async fn revoke_token(store: &SqliteStore, id: TokenId, by: &str, now: u64) -> bool {
+    store
+        .revoke(RevokeOrder {
+            request_id: "revoke".into(),
+            target: RevokeTarget::Token(id),
+            reason: "leaked".into(),
+            revoked_by: by.into(),
+            quarantine: Duration::ZERO,
+            now,
+        })
+        .await
+        .unwrap()
+        .found
+}
+
 /// A join's final step through `token`, with its own nonce and a fresh serial.
-fn issue_record(token: TokenId, request: &str, nonce: &str) -> IssueRecord {
+pub(super) fn issue_record(token: TokenId, request: &str, nonce: &str) -> IssueRecord {
     let node = format!("node-{request}");
     let spiffe_id = SpiffeId::parse(&format!(
         "spiffe://prod.omnirelay.example/cluster/edge-eu/role/relay/node/{node}"
@@ -132,6 +150,8 @@ fn issue_record(token: TokenId, request: &str, nonce: &str) -> IssueRecord {
             role: "relay".into(),
             not_before: NOW - 60,
             not_after: NOW + 3600,
+            attestation: r#"{"kind":"token-only"}"#.into(),
+            issuer: ISSUER.into(),
         },
         response: format!("{{\"svid\":\"for {request}\"}}"),
         policy: policy(),
@@ -152,7 +172,7 @@ fn issue_record(token: TokenId, request: &str, nonce: &str) -> IssueRecord {
 }
 
 /// The events of a log that verifies end to end, in order.
-fn read_audit(path: &Path) -> Vec<AuditEvent> {
+pub(super) fn read_audit(path: &Path) -> Vec<AuditEvent> {
     let file = std::fs::File::open(path).unwrap();
     let summary = audit::verify(BufReader::new(file)).unwrap();
     let text = std::fs::read_to_string(path).unwrap();
@@ -236,7 +256,7 @@ fn refusals(events: &[AuditEvent]) -> Vec<(u16, String)> {
         .collect()
 }
 
-async fn open_with_token(dir: &TempDir, max_uses: u32) -> (SqliteStore, TokenRecord) {
+pub(super) async fn open_with_token(dir: &TempDir, max_uses: u32) -> (SqliteStore, TokenRecord) {
     let store = SqliteStore::open(&dir.config(), checkpoints()).unwrap();
     let token = token_record(max_uses);
     store
@@ -327,12 +347,7 @@ async fn twenty_racing_joins_get_exactly_the_three_uses() {
 async fn revoked_and_expired_tokens_are_refused_without_consuming_a_use() {
     let dir = TempDir::new("refused");
     let (store, revoked) = open_with_token(&dir, 5).await;
-    assert!(
-        store
-            .revoke_token(revoked.id, token_revoked(revoked.id, "bob@ops"), NOW)
-            .await
-            .unwrap()
-    );
+    assert!(revoke_token(&store, revoked.id, "bob@ops", NOW).await);
     let outcome = store
         .issue(issue_record(revoked.id, "r1", "n1"))
         .await
@@ -551,6 +566,97 @@ async fn a_live_spiffe_id_refuses_a_second_lineage_unless_the_token_supersedes()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_latest_live_expiry_of_a_ca_skips_revoked_expired_and_other_cas_leaves() {
+    let dir = TempDir::new("issuer");
+    let (store, fleet) = open_with_token(&dir, 10).await;
+    let other = "b2".repeat(32);
+    let issue = |request: &str, issuer: &str, not_after: u64| {
+        let mut r = issue_record(fleet.id, request, &format!("nonce-{request}"));
+        r.identity.issuer = issuer.to_string();
+        r.identity.not_after = not_after;
+        r
+    };
+    assert_eq!(
+        store.latest_live_expiry(ISSUER, true, NOW).await.unwrap(),
+        None
+    );
+    let live = issue("r1", ISSUER, NOW + 600);
+    let revoked = issue("r2", ISSUER, NOW + 1200);
+    for record in [
+        live.clone(),
+        revoked.clone(),
+        issue("r3", &other, NOW + 9000),
+    ] {
+        assert!(matches!(
+            store.issue(record).await.unwrap(),
+            IssueOutcome::Issued { .. }
+        ));
+    }
+    assert_eq!(
+        store.latest_live_expiry(ISSUER, false, NOW).await.unwrap(),
+        Some(NOW + 1200)
+    );
+    // Superseding r2 revokes it: r1 is the last live leaf of the CA.
+    let mut replace = same_identity(&revoked, fleet.id, "r4");
+    replace.supersede = true;
+    replace.identity.issuer = other.clone();
+    assert!(matches!(
+        store.issue(replace).await.unwrap(),
+        IssueOutcome::Issued { .. }
+    ));
+    assert_eq!(
+        store.latest_live_expiry(ISSUER, false, NOW).await.unwrap(),
+        Some(NOW + 600)
+    );
+    // At its notAfter it has expired: nothing of the CA is live any more.
+    assert_eq!(
+        store
+            .latest_live_expiry(ISSUER, false, NOW + 600)
+            .await
+            .unwrap(),
+        None
+    );
+    assert_eq!(
+        store
+            .latest_live_expiry(&other, false, NOW + 600)
+            .await
+            .unwrap(),
+        Some(NOW + 9000)
+    );
+    // Rows recorded before issuers were count for the configured CA only when asked.
+    let db = rusqlite::Connection::open(&dir.config().sqlite).unwrap();
+    db.execute(
+        "UPDATE identities SET issuer = NULL WHERE serial = ?1",
+        [live.identity.serial.to_string()],
+    )
+    .unwrap();
+    assert_eq!(
+        store.latest_live_expiry(ISSUER, false, NOW).await.unwrap(),
+        None
+    );
+    assert_eq!(
+        store.latest_live_expiry(ISSUER, true, NOW).await.unwrap(),
+        Some(NOW + 600)
+    );
+    let issuers: Vec<Option<String>> = db
+        .prepare("SELECT issuer FROM identities ORDER BY not_after")
+        .unwrap()
+        .query_map([], |r| r.get(0))
+        .unwrap()
+        .collect::<Result<_, _>>()
+        .unwrap();
+    assert_eq!(
+        issuers,
+        [
+            None,
+            Some(ISSUER.to_string()),
+            Some(other.clone()),
+            Some(other)
+        ]
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tokens_list_newest_first_and_revoke_once() {
     let dir = TempDir::new("tokens");
     let store = SqliteStore::open(&dir.config(), checkpoints()).unwrap();
@@ -578,24 +684,9 @@ async fn tokens_list_newest_first_and_revoke_once() {
     );
 
     let unknown = TokenId::random();
-    assert!(
-        !store
-            .revoke_token(unknown, token_revoked(unknown, "bob@ops"), NOW)
-            .await
-            .unwrap()
-    );
-    assert!(
-        store
-            .revoke_token(mid.id, token_revoked(mid.id, "bob@ops"), NOW + 5)
-            .await
-            .unwrap()
-    );
-    assert!(
-        store
-            .revoke_token(mid.id, token_revoked(mid.id, "carol@ops"), NOW + 9)
-            .await
-            .unwrap()
-    );
+    assert!(!revoke_token(&store, unknown, "bob@ops", NOW).await);
+    assert!(revoke_token(&store, mid.id, "bob@ops", NOW + 5).await);
+    assert!(revoke_token(&store, mid.id, "carol@ops", NOW + 9).await);
     let revoked = store.token(mid.id).await.unwrap().unwrap();
     assert_eq!(revoked.revoked_at, Some(NOW + 5));
     assert_eq!(revoked.status(NOW + 10), TokenStatus::Revoked);
@@ -656,12 +747,7 @@ pub(super) async fn with_history(config: &StoreConfig) -> (TokenRecord, TokenRec
         store.issue(record).await.unwrap(),
         IssueOutcome::Issued { uses_left: 2 }
     );
-    assert!(
-        store
-            .revoke_token(gone.id, token_revoked(gone.id, "bob@ops"), NOW)
-            .await
-            .unwrap()
-    );
+    assert!(revoke_token(&store, gone.id, "bob@ops", NOW).await);
     let refused = store
         .issue(issue_record(gone.id, "r2", "n2"))
         .await

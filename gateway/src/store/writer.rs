@@ -7,9 +7,12 @@ use tokio::sync::{mpsc, oneshot};
 
 use super::chain::append_audit;
 use super::checkpoints::{Checkpoints, Ticker, Unsigned};
-use super::{IssueOutcome, IssueRecord, StoreError, TokenRecord};
+use super::lineage;
+use super::{
+    IssueOutcome, IssueRecord, RenewOutcome, RenewRecord, RevokeOrder, RevokeSummary, StoreError,
+    TokenRecord,
+};
 use crate::audit::{AuditError, AuditEvent, AuditFile, ChainHead, SealedEntry};
-use crate::token::TokenId;
 
 type Reply<T> = oneshot::Sender<Result<T, StoreError>>;
 
@@ -30,9 +33,11 @@ pub(super) enum Message {
 
 /// A change waiting for the writer.
 pub(super) enum Command {
-    RegisterToken(TokenRecord, AuditEvent, Reply<()>),
-    RevokeToken(TokenId, AuditEvent, u64, Reply<bool>),
+    RegisterToken(Box<(TokenRecord, AuditEvent)>, Reply<()>),
+    Revoke(Box<RevokeOrder>, Reply<RevokeSummary>),
     Issue(Box<IssueRecord>, Reply<IssueOutcome>),
+    Renew(Box<RenewRecord>, Reply<RenewOutcome>),
+    LiftQuarantine(String, String, u64, Reply<bool>),
     Audit(Vec<AuditEvent>, Reply<()>),
 }
 
@@ -41,6 +46,8 @@ enum Answer {
     Unit(Reply<()>, Result<(), StoreError>),
     Bool(Reply<bool>, Result<bool, StoreError>),
     Issue(Reply<IssueOutcome>, Result<IssueOutcome, StoreError>),
+    Renew(Reply<RenewOutcome>, Result<RenewOutcome, StoreError>),
+    Revoke(Reply<RevokeSummary>, Result<RevokeSummary, StoreError>),
 }
 
 impl Answer {
@@ -50,6 +57,8 @@ impl Answer {
             Answer::Unit(r, v) => drop(r.send(v)),
             Answer::Bool(r, v) => drop(r.send(v)),
             Answer::Issue(r, v) => drop(r.send(v)),
+            Answer::Renew(r, v) => drop(r.send(v)),
+            Answer::Revoke(r, v) => drop(r.send(v)),
         }
     }
 
@@ -60,13 +69,19 @@ impl Answer {
             Answer::Unit(r, _) => drop(r.send(failure(&why))),
             Answer::Bool(r, _) => drop(r.send(failure(&why))),
             Answer::Issue(r, _) => drop(r.send(failure(&why))),
+            Answer::Renew(r, _) => drop(r.send(failure(&why))),
+            Answer::Revoke(r, _) => drop(r.send(failure(&why))),
         }
     }
 
     fn is_err(&self) -> bool {
         matches!(
             self,
-            Answer::Unit(_, Err(_)) | Answer::Bool(_, Err(_)) | Answer::Issue(_, Err(_))
+            Answer::Unit(_, Err(_))
+                | Answer::Bool(_, Err(_))
+                | Answer::Issue(_, Err(_))
+                | Answer::Renew(_, Err(_))
+                | Answer::Revoke(_, Err(_))
         )
     }
 }
@@ -79,6 +94,8 @@ pub(super) struct Writer {
     checkpoints: Checkpoints,
     unsigned: Unsigned,
     ticker: Option<Ticker>,
+    /// The feed position of the newest revocation, sent after each commit that moved it.
+    revocation_head: tokio::sync::watch::Sender<u64>,
 }
 
 /// The audit file mirror, on its own thread so that it never holds up the next commit. The
@@ -259,6 +276,10 @@ impl MirrorLoop {
 
 impl Writer {
     /// `unsigned`: how many entries of the chain ending at `head` follow its last checkpoint.
+    #[allow(
+        clippy::too_many_arguments,
+        reason = "the writer's parts, each built by `SqliteStore::open` and used once"
+    )]
     pub(super) fn new(
         conn: Connection,
         head: ChainHead,
@@ -267,6 +288,7 @@ impl Writer {
         checkpoints: Checkpoints,
         unsigned: u64,
         ticker: Ticker,
+        revocation_head: tokio::sync::watch::Sender<u64>,
     ) -> Self {
         Self {
             conn,
@@ -279,6 +301,7 @@ impl Writer {
                 since: std::time::Instant::now(),
             },
             ticker: Some(ticker),
+            revocation_head,
         }
     }
 
@@ -350,6 +373,8 @@ impl Writer {
             Ok(()) => {
                 self.head = head;
                 self.unsigned = unsigned;
+                // Before the answers: whoever revoked finds the feed already moved.
+                self.publish_revocation_head();
                 answers.into_iter().for_each(Answer::send);
                 self.mirror.send(sealed);
                 self.mirror.flush(flushes);
@@ -362,6 +387,29 @@ impl Writer {
             }
         }
     }
+}
+
+impl Writer {
+    /// Tells feed watchers when the newest revocation changed (one indexed read per batch).
+    fn publish_revocation_head(&self) {
+        match revocation_head(&self.conn) {
+            Ok(seq) => {
+                self.revocation_head.send_if_modified(|head| {
+                    let moved = *head != seq;
+                    *head = seq;
+                    moved
+                });
+            }
+            Err(e) => tracing::error!(error = %e, "store: cannot read the revocation feed's head"),
+        }
+    }
+}
+
+/// The feed position of the newest revocation (0 when there is none).
+pub(super) fn revocation_head(conn: &Connection) -> Result<u64, StoreError> {
+    Ok(conn
+        .prepare_cached("SELECT COALESCE(MAX(seq), 0) FROM revocations")?
+        .query_row([], |row| row.get(0))?)
 }
 
 /// A flush whose commit failed.
@@ -383,8 +431,10 @@ fn answer_error(command: Command, why: &str) {
     let why = format!("cannot begin a transaction: {why}");
     match command {
         Command::RegisterToken(.., r) | Command::Audit(_, r) => drop(r.send(failure(&why))),
-        Command::RevokeToken(.., r) => drop(r.send(failure(&why))),
+        Command::LiftQuarantine(.., r) => drop(r.send(failure(&why))),
+        Command::Revoke(_, r) => drop(r.send(failure(&why))),
         Command::Issue(_, r) => drop(r.send(failure(&why))),
+        Command::Renew(_, r) => drop(r.send(failure(&why))),
     }
 }
 
@@ -417,7 +467,8 @@ fn apply(
         applied
     };
     let answer = match command {
-        Command::RegisterToken(token, event, reply) => {
+        Command::RegisterToken(registration, reply) => {
+            let (token, event) = *registration;
             let result = run(&mut |tx, events| {
                 insert_token(tx, &token)?;
                 events.push(event.clone());
@@ -425,27 +476,29 @@ fn apply(
             });
             Answer::Unit(reply, result)
         }
-        Command::RevokeToken(id, event, now, reply) => {
-            let mut found = false;
+        Command::Revoke(order, reply) => {
+            let mut summary = RevokeSummary::default();
             let result = run(&mut |tx, events| {
-                let id = id.to_string();
-                let revoked = tx.execute(
-                    "UPDATE tokens SET revoked_at = ?2 WHERE id = ?1 AND revoked_at IS NULL",
-                    params![id, now],
-                )? == 1;
-                found = revoked
-                    || tx
-                        .prepare_cached("SELECT 1 FROM tokens WHERE id = ?1")?
-                        .exists([&id])?;
-                // Only the revocation that took effect is audited. Repeating it changes nothing
-                // (`revoked_at` keeps the first time), and a second entry, with its own operator
-                // and reason, would contradict the record of who revoked the token and why.
-                if revoked {
-                    events.push(event.clone());
-                }
+                summary = lineage::revoke(tx, &order, events)?;
                 Ok(())
             });
-            Answer::Bool(reply, result.map(|()| found))
+            Answer::Revoke(reply, result.map(|()| summary.clone()))
+        }
+        Command::LiftQuarantine(spiffe_id, by, now, reply) => {
+            let mut lifted = false;
+            let result = run(&mut |tx, events| {
+                lifted = lineage::lift(tx, &spiffe_id, &by, now, events)?;
+                Ok(())
+            });
+            Answer::Bool(reply, result.map(|()| lifted))
+        }
+        Command::Renew(record, reply) => {
+            let mut outcome = RenewOutcome::Unknown;
+            let result = run(&mut |tx, events| {
+                outcome = lineage::renew(tx, &record, events)?;
+                Ok(())
+            });
+            Answer::Renew(reply, result.map(|()| outcome.clone()))
         }
         Command::Audit(events, reply) => {
             let result = run(&mut |_, out| {
@@ -500,7 +553,11 @@ fn issue(
     if let Some(earlier) = earlier_answer(tx, r, &token)? {
         return Ok(earlier);
     }
-    let live = live_identities(tx, &r.identity.spiffe_id.to_string(), r.now)?;
+    let spiffe_id = r.identity.spiffe_id.to_string();
+    if let Some(until) = lineage::quarantined_until(tx, &spiffe_id, r.now)? {
+        return Ok(IssueOutcome::Quarantined { until });
+    }
+    let live = live_identities(tx, &spiffe_id, r.now)?;
     if !live.is_empty() && !r.supersede {
         return Ok(IssueOutcome::IdentityInUse);
     }
@@ -564,18 +621,19 @@ fn earlier_answer(
     }))
 }
 
-/// Serials (and their tokens) of the unrevoked, unexpired identities carrying `spiffe_id`.
+/// Serials (with their tokens and expiry) of the unrevoked, unexpired identities carrying
+/// `spiffe_id`.
 fn live_identities(
     tx: &Connection,
     spiffe_id: &str,
     now: u64,
-) -> Result<Vec<(String, String)>, StoreError> {
+) -> Result<Vec<(String, String, u64)>, StoreError> {
     let mut stmt = tx.prepare_cached(
-        "SELECT serial, token_id FROM identities
+        "SELECT serial, token_id, not_after FROM identities
          WHERE spiffe_id = ?1 AND revoked_at IS NULL AND not_after > ?2",
     )?;
     let rows = stmt.query_map(params![spiffe_id, now], |row| {
-        Ok((row.get(0)?, row.get(1)?))
+        Ok((row.get(0)?, row.get(1)?, row.get(2)?))
     })?;
     Ok(rows.collect::<Result<_, _>>()?)
 }
@@ -605,15 +663,25 @@ fn consume_nonce(tx: &Connection, r: &IssueRecord) -> Result<bool, StoreError> {
 fn supersede(
     tx: &Connection,
     r: &IssueRecord,
-    live: &[(String, String)],
+    live: &[(String, String, u64)],
     events: &mut Vec<AuditEvent>,
 ) -> Result<(), StoreError> {
-    for (serial, token_id) in live {
+    let spiffe_id = r.identity.spiffe_id.to_string();
+    for (serial, token_id, not_after) in live {
         tx.prepare_cached(
             "UPDATE identities SET revoked_at = ?2, revoked_reason = 'superseded'
              WHERE serial = ?1 AND revoked_at IS NULL",
         )?
         .execute(params![serial, r.now])?;
+        lineage::publish(
+            tx,
+            serial,
+            &spiffe_id,
+            token_id,
+            "superseded",
+            *not_after,
+            r.now,
+        )?;
         events.push(AuditEvent::IdentitySuperseded {
             request_id: r.request_id.clone(),
             spiffe_id: r.identity.spiffe_id.to_string(),
@@ -631,8 +699,9 @@ fn record_identity(tx: &Connection, r: &IssueRecord, token: &str) -> Result<(), 
     let id = &r.identity;
     tx.prepare_cached(
         "INSERT INTO identities (serial, spiffe_id, token_id, node, cluster, role, policy_name,
-             policy_version, module_digest, not_before, not_after, issued_at)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)",
+             policy_version, module_digest, not_before, not_after, issued_at, attestation,
+             issuer)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14)",
     )?
     .execute(params![
         id.serial.to_string(),
@@ -646,7 +715,9 @@ fn record_identity(tx: &Connection, r: &IssueRecord, token: &str) -> Result<(), 
         r.policy.module_digest,
         id.not_before,
         id.not_after,
-        r.now
+        r.now,
+        id.attestation,
+        id.issuer
     ])?;
     if let Some((key, digest)) = &r.idempotency {
         tx.prepare_cached(

@@ -141,3 +141,68 @@ fn coalesced_refusals_have_a_fixed_shape_and_no_ids() {
     let back: AuditEvent = serde_json::from_str(&json(&event)).unwrap();
     assert_eq!(back, event);
 }
+
+#[test]
+fn ca_rotation_events_name_the_cas_and_the_operator() {
+    let (ca1, ca2) = ("1a".repeat(32), "2b".repeat(32));
+    let events = [
+        AuditEvent::CaPrepared {
+            fingerprint: ca2.clone(),
+            not_after: 1_800_000_000,
+            sequence: 2,
+            prepared_by: "cli:alice".into(),
+        },
+        AuditEvent::CaActivated {
+            fingerprint: ca2.clone(),
+            previous: ca1.clone(),
+            sequence: 3,
+            serving_reissued: true,
+            activated_by: "cli:alice".into(),
+        },
+        AuditEvent::CaRetired {
+            fingerprint: ca1.clone(),
+            sequence: 4,
+            forced: false,
+            live_until: None,
+            retired_by: "cli:bob".into(),
+        },
+        AuditEvent::CaRetired {
+            fingerprint: ca1.clone(),
+            sequence: 4,
+            forced: true,
+            live_until: Some(1_750_000_600),
+            retired_by: "cli:bob".into(),
+        },
+    ];
+    let expected = [
+        format!(
+            r#"{{"kind":"ca-prepared","fingerprint":"{ca2}","not_after":1800000000,"sequence":2,"prepared_by":"cli:alice"}}"#
+        ),
+        format!(
+            r#"{{"kind":"ca-activated","fingerprint":"{ca2}","previous":"{ca1}","sequence":3,"serving_reissued":true,"activated_by":"cli:alice"}}"#
+        ),
+        format!(
+            r#"{{"kind":"ca-retired","fingerprint":"{ca1}","sequence":4,"retired_by":"cli:bob"}}"#
+        ),
+        format!(
+            r#"{{"kind":"ca-retired","fingerprint":"{ca1}","sequence":4,"forced":true,"live_until":1750000600,"retired_by":"cli:bob"}}"#
+        ),
+    ];
+    for (event, expected) in events.iter().zip(&expected) {
+        assert_eq!(&json(event), expected);
+        let value: serde_json::Value = serde_json::from_str(expected).unwrap();
+        assert_eq!(value["kind"], event.kind());
+        let back: AuditEvent = serde_json::from_str(expected).unwrap();
+        assert_eq!(&back, event);
+    }
+    let ids: Vec<Vec<&str>> = events.iter().map(AuditEvent::ids).collect();
+    assert_eq!(
+        ids,
+        [
+            vec![ca2.as_str()],
+            vec![ca2.as_str(), ca1.as_str()],
+            vec![ca1.as_str()],
+            vec![ca1.as_str()]
+        ]
+    );
+}

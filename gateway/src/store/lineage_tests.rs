@@ -1,0 +1,268 @@
+//! Lineages against a real SQLite file: renewals extend a lineage once per certificate,
+//! revocations take back a token's, a SPIFFE ID's or a certificate's descendants, publish them
+//! to the feed and quarantine their SPIFFE IDs, and every refusal writes nothing.
+
+use std::time::Duration;
+
+use super::tests::{TempDir, issue_record, open_with_token, policy, read_audit};
+use super::*;
+use crate::identity::Serial;
+
+fn renew_record(token: TokenId, predecessor: &str, like: &IssueRecord, now: u64) -> RenewRecord {
+    let mut identity = like.identity.clone();
+    identity.serial = Serial::random().unwrap();
+    identity.not_before = now - 30;
+    identity.not_after = now + 3600;
+    RenewRecord {
+        request_id: format!("renew-{}", &identity.serial.to_string()[..8]),
+        predecessor: predecessor.to_string(),
+        token,
+        idempotency: Some((identity.serial.to_string(), [7; 32])),
+        identity,
+        response: "{}".into(),
+        policy: policy(),
+        audit_notes: Vec::new(),
+        matched_rules: vec!["renew".into()],
+        now,
+    }
+}
+
+fn order(target: RevokeTarget, quarantine: u64, now: u64) -> RevokeOrder {
+    RevokeOrder {
+        request_id: "revoke-1".into(),
+        target,
+        reason: "laptop lost".into(),
+        revoked_by: "bob@ops".into(),
+        quarantine: Duration::from_secs(quarantine),
+        now,
+    }
+}
+
+const NOW: u64 = 1_750_000_000;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lineage_grows_by_renewals_and_a_token_revocation_takes_all_of_it() {
+    let dir = TempDir::new("lineage");
+    let (store, token) = open_with_token(&dir, 5).await;
+    let joined = issue_record(token.id, "r1", "n1");
+    let first = joined.identity.serial.to_string();
+    assert!(matches!(
+        store.issue(joined.clone()).await.unwrap(),
+        IssueOutcome::Issued { .. }
+    ));
+    let lineage = store.lineage(&first, NOW).await.unwrap().unwrap();
+    assert_eq!(lineage.renewals, 0);
+    assert!(!lineage.renewed);
+    assert_eq!(lineage.token.id, token.id);
+    assert_eq!(lineage.attestation, r#"{"kind":"token-only"}"#);
+
+    // First renewal; its retry with the same key gets the same answer; a second renewal of
+    // the same certificate (an agent that lost the first answer's files) is a second branch.
+    let renewal = renew_record(token.id, &first, &joined, NOW + 10);
+    let second = renewal.identity.serial.to_string();
+    assert_eq!(
+        store.renew(renewal.clone()).await.unwrap(),
+        RenewOutcome::Renewed { renewals: 1 }
+    );
+    assert_eq!(
+        store.renew(renewal.clone()).await.unwrap(),
+        RenewOutcome::Replayed("{}".into())
+    );
+    let fork = renew_record(token.id, &first, &joined, NOW + 11);
+    let branch = fork.identity.serial.to_string();
+    assert_eq!(
+        store.renew(fork).await.unwrap(),
+        RenewOutcome::Renewed { renewals: 1 }
+    );
+    let renewed = store.lineage(&second, NOW + 12).await.unwrap().unwrap();
+    assert_eq!(renewed.renewals, 1);
+    assert_eq!(renewed.attestation, lineage.attestation);
+    assert!(
+        store
+            .lineage(&first, NOW + 12)
+            .await
+            .unwrap()
+            .unwrap()
+            .renewed
+    );
+    // The lineage shares the token: one join use only.
+    assert_eq!(store.token(token.id).await.unwrap().unwrap().uses, 1);
+
+    let mut feed = store.revocation_head();
+    let before = *feed.borrow_and_update();
+    let summary = store
+        .revoke(order(RevokeTarget::Token(token.id), 600, NOW + 20))
+        .await
+        .unwrap();
+    assert!(summary.found && summary.token_revoked);
+    assert_eq!(
+        summary.serials,
+        [first.clone(), second.clone(), branch.clone()]
+    );
+    let spiffe_id = joined.identity.spiffe_id.to_string();
+    assert_eq!(summary.quarantined.len(), 1);
+    assert_eq!(summary.quarantined[0].spiffe_id, spiffe_id);
+    assert_eq!(summary.quarantined[0].until, NOW + 620);
+    // The feed moved before the revocation was answered.
+    assert!(feed.has_changed().unwrap());
+    assert_eq!(*feed.borrow_and_update(), before + 3);
+    let published = store.revocations_since(before, 10).await.unwrap();
+    let serials: Vec<_> = published.iter().map(|r| r.serial.clone()).collect();
+    assert_eq!(serials, [first.clone(), second.clone(), branch]);
+    assert!(published.iter().all(|r| r.reason == "laptop lost"));
+    let (crl, head) = store.unexpired_revocations(NOW + 30).await.unwrap();
+    assert_eq!((crl.len(), head), (3, before + 3));
+    // Expired ones leave the CRL.
+    assert!(
+        store
+            .unexpired_revocations(NOW + 10_000)
+            .await
+            .unwrap()
+            .0
+            .is_empty()
+    );
+
+    // Revoked again: nothing more is revoked or audited.
+    let again = store
+        .revoke(order(RevokeTarget::Token(token.id), 600, NOW + 21))
+        .await
+        .unwrap();
+    assert!(again.found && !again.token_revoked && again.serials.is_empty());
+
+    // The renewal of the revoked certificate is refused, and so is a join for the quarantined
+    // SPIFFE ID with a fresh token, until the quarantine is lifted.
+    let late = renew_record(token.id, &second, &joined, NOW + 30);
+    assert_eq!(store.renew(late).await.unwrap(), RenewOutcome::TokenRevoked);
+    let fresh = token_record_for(&store).await;
+    let mut rejoin = issue_record(fresh.id, "r9", "n9");
+    rejoin.identity.spiffe_id = joined.identity.spiffe_id.clone();
+    rejoin.now = NOW + 40;
+    assert_eq!(
+        store.issue(rejoin.clone()).await.unwrap(),
+        IssueOutcome::Quarantined { until: NOW + 620 }
+    );
+    assert_eq!(store.token(fresh.id).await.unwrap().unwrap().uses, 0);
+    assert_eq!(store.quarantined(NOW + 40).await.unwrap().len(), 1);
+    assert!(
+        store
+            .lift_quarantine(spiffe_id.clone(), "carol@ops".into(), NOW + 41)
+            .await
+            .unwrap()
+    );
+    assert!(
+        !store
+            .lift_quarantine(spiffe_id.clone(), "carol@ops".into(), NOW + 42)
+            .await
+            .unwrap()
+    );
+    rejoin.now = NOW + 43;
+    assert!(matches!(
+        store.issue(rejoin).await.unwrap(),
+        IssueOutcome::Issued { .. }
+    ));
+
+    store.close().await;
+    let events = read_audit(&dir.config().audit_file);
+    let kinds: Vec<_> = events.iter().map(AuditEvent::kind).collect();
+    assert_eq!(
+        kinds,
+        [
+            "token-issued",
+            "identity-issued",
+            "identity-renewed",
+            "identity-renewed",
+            "token-revoked",
+            "identity-revoked",
+            "identity-revoked",
+            "identity-revoked",
+            "spiffe-id-quarantined",
+            "token-issued",
+            "quarantine-lifted",
+            "identity-issued",
+            "checkpoint",
+        ]
+    );
+    // The whole lineage is findable by its token.
+    let by_token = events
+        .iter()
+        .filter(|e| e.ids().contains(&token.id.to_string().as_str()))
+        .count();
+    assert_eq!(by_token, 8);
+}
+
+/// Registers another token in `store`.
+async fn token_record_for(store: &SqliteStore) -> TokenRecord {
+    let token = super::tests::token_record(5);
+    store
+        .register_token(token.clone(), super::tests::token_issued(&token))
+        .await
+        .unwrap();
+    token
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_serial_revocation_takes_its_descendants_and_not_its_ancestors() {
+    let dir = TempDir::new("descendants");
+    let (store, token) = open_with_token(&dir, 5).await;
+    let joined = issue_record(token.id, "r1", "n1");
+    let first = joined.identity.serial.to_string();
+    store.issue(joined.clone()).await.unwrap();
+    let r2 = renew_record(token.id, &first, &joined, NOW + 1);
+    let second = r2.identity.serial.to_string();
+    store.renew(r2).await.unwrap();
+    let r3 = renew_record(token.id, &second, &joined, NOW + 2);
+    let third = r3.identity.serial.to_string();
+    store.renew(r3).await.unwrap();
+
+    let summary = store
+        .revoke(order(RevokeTarget::Serial(second.clone()), 0, NOW + 3))
+        .await
+        .unwrap();
+    assert_eq!(summary.serials, [second, third]);
+    assert!(summary.quarantined.is_empty(), "zero quarantine: none");
+    assert!(!summary.token_revoked);
+    let first_now = store.lineage(&first, NOW + 4).await.unwrap().unwrap();
+    assert_eq!(first_now.identity.revoked_at, None);
+    // A renewal naming a serial never issued.
+    let never = renew_record(
+        token.id,
+        &Serial::random().unwrap().to_string(),
+        &joined,
+        NOW,
+    );
+    assert_eq!(store.renew(never).await.unwrap(), RenewOutcome::Unknown);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_expiry_summary_counts_live_unrenewed_identities_past_their_renewal_point() {
+    let dir = TempDir::new("expiry");
+    let (store, token) = open_with_token(&dir, 5).await;
+    // Lifetime NOW-60 .. NOW+3600; 20 % remaining is at NOW+2868.
+    let joined = issue_record(token.id, "r1", "n1");
+    store.issue(joined.clone()).await.unwrap();
+    let at = |t| store.expiry_summary(t, 20);
+    assert_eq!(
+        at(NOW).await.unwrap(),
+        ExpirySummary {
+            soonest: Some(NOW + 3600),
+            past_renewal: 0
+        }
+    );
+    assert_eq!(at(NOW + 2900).await.unwrap().past_renewal, 1);
+    // Renewed: the old certificate no longer counts; the new one is not due yet.
+    let renewal = renew_record(
+        token.id,
+        &joined.identity.serial.to_string(),
+        &joined,
+        NOW + 2900,
+    );
+    store.renew(renewal).await.unwrap();
+    assert_eq!(
+        at(NOW + 2901).await.unwrap(),
+        ExpirySummary {
+            soonest: Some(NOW + 2900 + 3600),
+            past_renewal: 0
+        }
+    );
+    assert_eq!(at(NOW + 100_000).await.unwrap(), ExpirySummary::default());
+}
