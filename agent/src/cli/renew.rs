@@ -113,7 +113,6 @@ pub(super) async fn run(args: RenewArgs) -> anyhow::Result<ExitCode> {
 /// are errors worth a restart.
 fn failed(e: RenewError) -> anyhow::Result<ExitCode> {
     if e.needs_rejoin() {
-        tracing::error!(error = %e, "stopping: only a new join can help");
         eprintln!("error: {e}");
         return Ok(ExitCode::from(super::EXIT_REJOIN));
     }
