@@ -16,7 +16,7 @@ use std::process::{Child, Command, ExitStatus, Output, Stdio};
 use std::sync::mpsc::{Receiver, RecvTimeoutError};
 use std::time::{Duration, Instant};
 
-use omnirelay_e2e::{Gateway, TRUST_DOMAIN, join_ok, verify_with_webpki};
+use omnirelay_e2e::{Gateway, TRUST_DOMAIN, join_args, join_ok, verify_with_webpki};
 use rcgen::PublicKeyData;
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivatePkcs8KeyDer};
@@ -42,21 +42,8 @@ async fn join(gw: &Gateway, role: &str, node: &str, out: &Path) -> String {
     std::fs::write(&token_file, &token.token).unwrap();
     let url = format!("https://{}", gw.node_addr);
     let ca = gw.path("ca/ca.pem");
-    let joined = agent(&[
-        "mesh",
-        "bootstrap",
-        "join",
-        "--gateway",
-        &url,
-        "--token-file",
-        token_file.to_str().unwrap(),
-        "--ca-bundle",
-        ca.to_str().unwrap(),
-        "--out",
-        out.to_str().unwrap(),
-        "--node-name",
-        node,
-    ]);
+    let args = join_args(&url, &token_file, &ca, out, node);
+    let joined = agent(&args.iter().map(String::as_str).collect::<Vec<_>>());
     assert_eq!(
         joined.status.code(),
         Some(0),

@@ -147,29 +147,6 @@ async fn operator_issues_a_token_node_joins_with_it_and_is_refused_once_it_is_re
     assert!(!refused_out.join("key.pem").exists());
 }
 
-/// `mesh bootstrap join` as a node runs it, given only the gateway's address, the token file
-/// and the CA bundle.
-fn join_args(gateway: &str, token_file: &Path, ca: &Path, out: &Path, name: &str) -> Vec<String> {
-    let path = |p: &Path| p.to_str().unwrap().to_string();
-    [
-        "mesh",
-        "bootstrap",
-        "join",
-        "--gateway",
-        gateway,
-        "--token-file",
-        &path(token_file),
-        "--ca-bundle",
-        &path(ca),
-        "--out",
-        &path(out),
-        "--node-name",
-        name,
-    ]
-    .map(String::from)
-    .to_vec()
-}
-
 /// What a join leaves for renewal: the SVID in a version directory that `..data` names, the
 /// stable names as links into it, and `agent.json` naming the gateway and this SVID.
 fn assert_renewable(out: &Path, gateway_url: &str, spiffe_id: &str) {
