@@ -107,6 +107,26 @@ async fn a_node_renews_over_mtls_and_the_audit_links_both_serials_to_its_token()
         1,
         "renewals consume no token use"
     );
+    // The inventory shows the lineage: the join's certificate and three renewals.
+    let listed = gw
+        .admin()
+        .get(&format!("/admin/v1/identities?token={}", token.id))
+        .await
+        .unwrap();
+    let listed: Vec<gateway::store::IssuedIdentity> = serde_json::from_slice(&listed.body).unwrap();
+    let mut lineage: Vec<(String, Option<String>, u32)> = listed
+        .into_iter()
+        .map(|i| (i.serial, i.predecessor, i.renewals))
+        .collect();
+    lineage.sort();
+    let mut want = vec![
+        (joined.serial.clone(), None, 0),
+        (first.serial.clone(), Some(joined.serial.clone()), 1),
+        (fork.serial.clone(), Some(joined.serial.clone()), 1),
+        (second.serial.clone(), Some(first.serial.clone()), 2),
+    ];
+    want.sort();
+    assert_eq!(lineage, want);
     // Four answered with a certificate: three renewals and the replay.
     assert_eq!(
         gw.metric("bootstrap_renewals_total{result=\"issued\"}")
