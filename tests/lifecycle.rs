@@ -107,6 +107,37 @@ async fn a_node_renews_over_mtls_and_the_audit_links_both_serials_to_its_token()
         1,
         "renewals consume no token use"
     );
+    // The inventory shows the lineage: the join's certificate and three renewals.
+    let listed = gw
+        .admin()
+        .get(&format!("/admin/v1/identities?token={}", token.id))
+        .await
+        .unwrap();
+    let listed: Vec<gateway::store::IssuedIdentity> = serde_json::from_slice(&listed.body).unwrap();
+    let mut lineage: Vec<(String, Option<String>, u32)> = listed
+        .into_iter()
+        .map(|i| (i.serial, i.predecessor, i.renewals))
+        .collect();
+    lineage.sort();
+    let mut want = vec![
+        (joined.serial.clone(), None, 0),
+        (first.serial.clone(), Some(joined.serial.clone()), 1),
+        (fork.serial.clone(), Some(joined.serial.clone()), 1),
+        (second.serial.clone(), Some(first.serial.clone()), 2),
+    ];
+    want.sort();
+    assert_eq!(lineage, want);
+    // Live identities: the soonest expires in about an hour, none is past its renewal point
+    // unrenewed (the join's certificate was renewed; so was `first`).
+    let soonest = gw.metric("bootstrap_soonest_expiry_seconds").await.unwrap();
+    assert!(
+        (3000.0..=3600.0).contains(&soonest),
+        "soonest expiry {soonest}"
+    );
+    assert_eq!(
+        gw.metric("bootstrap_identities_past_renewal_point").await,
+        Some(0.0)
+    );
     // Four answered with a certificate: three renewals and the replay.
     assert_eq!(
         gw.metric("bootstrap_renewals_total{result=\"issued\"}")
@@ -311,6 +342,23 @@ async fn the_revocation_drill() {
         .parse()
         .unwrap();
     assert!((3000..=3600).contains(&wait), "Retry-After {wait}");
+
+    // Counted: both revocations, the quarantine refusal.
+    // (The publisher counts them when it sees the store's head move: poll briefly.)
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while gw.metric("bootstrap_revocations_total").await != Some(2.0) {
+        assert!(
+            Instant::now() < deadline,
+            "bootstrap_revocations_total never reached 2"
+        );
+        tokio::task::yield_now().await;
+    }
+    assert_eq!(
+        gw.metric("bootstrap_quarantine_refusals_total").await,
+        Some(1.0)
+    );
+    let age = gw.metric("bootstrap_crl_age_seconds").await.unwrap();
+    assert!((0.0..60.0).contains(&age), "CRL age {age}");
 
     // Both serials in a CRL signed by the CA, as openssl sees it.
     let crl = node.get("/v1/crl").await.unwrap();

@@ -1,9 +1,8 @@
 //! `POST /v1/bootstrap/join`, top to bottom (after the envelope in `api` checked the global
-//! and per-IP rate limits and read the body): parse → token → rate limits → token and nonce
-//! pre-check → CSR proof of possession → idempotent retry → use count → policy selection and
-//! evidence schema →
-//! attestation → policy decision → mint → one transaction that consumes the use, records the
-//! identity and audits → response.
+//! and per-IP rate limits and read the body): parse → token → rate limits → the policy's
+//! breaker → token and nonce pre-check → CSR proof of possession → idempotent retry → use
+//! count → policy selection and evidence schema → attestation → policy decision → mint → one
+//! transaction that consumes the use, records the identity and audits → response.
 //!
 //! The CSR is parsed (and its signature checked) before attestation because `x509pop` binds
 //! the device's signature to the CSR's key, and the policy sees the CSR's facts.
@@ -40,10 +39,11 @@ pub(super) async fn join(
 ) -> Result<Bytes, ApiError> {
     let (req, evidence) = parse_request(cx, body)?;
     let now_ms = gw.now_ms();
-    let (claims, token, nonce_used) = authenticate(gw, cx, &req, &evidence, now_ms).await?;
+    let claims = authenticate(gw, cx, &req, now_ms)?;
     // The policy set this join is decided by (a reload after this point does not change it).
     let set = gw.policies.current();
     refuse_if_circuit_open(gw, cx, set.as_deref(), &claims)?;
+    let (token, nonce_used) = registered(gw, &claims, &evidence).await?;
     // A retry after a lost response comes before the use count: a one-use token's only use
     // went to the request being retried, and the retry must get that answer, not a 409.
     let csr = identity::verify_csr(&req.csr, MAX_CSR)?;
@@ -78,15 +78,13 @@ fn parse_request(cx: &mut JoinContext, body: &[u8]) -> Result<(JoinRequest, Evid
 }
 
 /// The token: signature, time window and audience (no database), the per-token and
-/// per-cluster limits, the node it is bound to, then its registered state and the nonce's in
-/// one read.
-async fn authenticate(
+/// per-cluster limits, the node it is bound to.
+fn authenticate(
     gw: &Gateway,
     cx: &mut JoinContext,
     req: &JoinRequest,
-    evidence: &Evidence,
     now_ms: u64,
-) -> Result<(Claims, TokenRecord, bool), ApiError> {
+) -> Result<Claims, ApiError> {
     let claims = gw.verifier.verify(&req.token, now_ms / 1000)?;
     tracing::Span::current().record("token", tracing::field::display(claims.id));
     cx.token_id = Some(claims.id.to_string());
@@ -102,17 +100,27 @@ async fn authenticate(
             bound: bound.clone(),
         });
     }
+    Ok(claims)
+}
+
+/// The token's registered state and whether the nonce was consumed, in one read.
+async fn registered(
+    gw: &Gateway,
+    claims: &Claims,
+    evidence: &Evidence,
+) -> Result<(TokenRecord, bool), ApiError> {
     let (record, nonce_used) = gw.store.precheck(claims.id, &evidence.nonce).await?;
     let record = record.ok_or(ApiError::TokenUnknown)?;
     if record.revoked_at.is_some() {
         return Err(ApiError::TokenRevoked);
     }
-    Ok((claims, record, nonce_used))
+    Ok((record, nonce_used))
 }
 
-/// A join whose policy's circuit breaker is open is refused before the CSR check and the
-/// attestation: they would be wasted on a decision that fails fast anyway (measured: callers
-/// hammering a broken policy otherwise cost the other clusters a CSR verification each).
+/// A join whose policy's circuit breaker is open is refused before the database read, the
+/// CSR check and the attestation: they would be wasted on a decision that fails fast anyway
+/// (measured: callers hammering a broken policy otherwise cost the other clusters a CSR
+/// verification each).
 fn refuse_if_circuit_open(
     gw: &Gateway,
     cx: &mut JoinContext,

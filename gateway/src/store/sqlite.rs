@@ -348,7 +348,8 @@ fn identities_query(filter: &IdentityFilter, now: u64) -> (String, Vec<rusqlite:
     use rusqlite::types::Value;
     let mut sql = String::from(
         "SELECT serial, spiffe_id, token_id, node, cluster, role, policy_name, policy_version,
-                not_before, not_after, issued_at, revoked_at, revoked_reason
+                not_before, not_after, issued_at, revoked_at, revoked_reason, predecessor,
+                renewals
          FROM identities WHERE 1 = 1",
     );
     let mut args: Vec<Value> = Vec::new();
@@ -413,6 +414,8 @@ fn identity_from_row(row: &rusqlite::Row<'_>, now: u64) -> rusqlite::Result<Issu
         issued_at: row.get(10)?,
         revoked_at,
         revoked_reason: row.get(12)?,
+        predecessor: row.get(13)?,
+        renewals: row.get(14)?,
         state,
     })
 }
@@ -481,8 +484,8 @@ impl Store for SqliteStore {
                     .prepare_cached(
                         "SELECT i.serial, i.spiffe_id, i.token_id, i.node, i.cluster, i.role,
                                 i.policy_name, i.policy_version, i.not_before, i.not_after,
-                                i.issued_at, i.revoked_at, i.revoked_reason, i.renewals,
-                                COALESCE(i.attestation, '{}'),
+                                i.issued_at, i.revoked_at, i.revoked_reason, i.predecessor,
+                                i.renewals, COALESCE(i.attestation, '{}'),
                                 EXISTS (SELECT 1 FROM identities s WHERE s.predecessor = i.serial),
                                 q.until
                          FROM identities i
@@ -492,10 +495,10 @@ impl Store for SqliteStore {
                     .query_row(params![serial, now], |row| {
                         Ok((
                             identity_from_row(row, now)?,
-                            row.get::<_, u32>(13)?,
-                            row.get::<_, String>(14)?,
-                            row.get::<_, bool>(15)?,
-                            row.get::<_, Option<u64>>(16)?,
+                            row.get::<_, u32>(14)?,
+                            row.get::<_, String>(15)?,
+                            row.get::<_, bool>(16)?,
+                            row.get::<_, Option<u64>>(17)?,
                         ))
                     })
                     .optional()?;
