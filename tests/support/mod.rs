@@ -677,3 +677,32 @@ pub fn verify_with_webpki(chain_pem: &str, bundle_pem: &[u8]) {
         .unwrap();
     }
 }
+
+/// `mesh bootstrap join` as a node runs it, given only the gateway's address, the token file
+/// and the CA bundle.
+pub fn join_args(
+    gateway: &str,
+    token_file: &Path,
+    ca: &Path,
+    out: &Path,
+    name: &str,
+) -> Vec<String> {
+    let path = |p: &Path| p.to_str().unwrap().to_string();
+    [
+        "mesh",
+        "bootstrap",
+        "join",
+        "--gateway",
+        gateway,
+        "--token-file",
+        &path(token_file),
+        "--ca-bundle",
+        &path(ca),
+        "--out",
+        &path(out),
+        "--node-name",
+        name,
+    ]
+    .map(String::from)
+    .to_vec()
+}
