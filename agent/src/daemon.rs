@@ -54,10 +54,10 @@ pub async fn run(options: DaemonOptions, clock: Arc<dyn Clock>) -> Result<Infall
     let mut next_bundle = Instant::now() + options.bundle_refresh;
     loop {
         let current = Current::load(&dir)?;
-        let at = scheduled(&mut planned, &current, options.policy);
         let now = clock.now();
+        let at = scheduled(&mut planned, &current, options.policy, now);
         let validity = current.leaf.validity();
-        let wait = match schedule::wait_until(at, validity, now, options.policy.min_interval) {
+        let wait = match schedule::wait_until(at, validity, now) {
             Plan::Wait(wait) => wait,
             Plan::Expired => return Err(renew::expired(&dir, &current.leaf)),
         };
@@ -75,11 +75,13 @@ pub async fn run(options: DaemonOptions, clock: Arc<dyn Clock>) -> Result<Infall
 }
 
 /// When to renew `current`: drawn once per certificate (a new draw at every wake-up would
-/// drift towards the earliest), kept in `planned` with the serial it was drawn for.
+/// drift towards the earliest), no sooner than `min_interval` after `now`, kept in `planned`
+/// with the serial it was drawn for.
 fn scheduled(
     planned: &mut Option<(String, SystemTime)>,
     current: &Current,
     policy: RenewPolicy,
+    now: SystemTime,
 ) -> SystemTime {
     if let Some((serial, at)) = planned
         && *serial == current.leaf.serial
@@ -88,6 +90,7 @@ fn scheduled(
     }
     let validity = current.leaf.validity();
     let at = schedule::renewal_time(validity, current.hint(), policy, unit_sample());
+    let at = schedule::not_sooner(at, validity, now, policy.min_interval);
     tracing::info!(
         spiffe_id = current.leaf.spiffe_id.as_deref().unwrap_or_default(),
         serial = %current.leaf.serial,

@@ -112,17 +112,34 @@ pub fn renewal_time(
     point - spread.mul_f64(unit.clamp(0.0, 1.0))
 }
 
+/// `at`, but no sooner than `floor` after `now` (see [`RenewPolicy::min_interval`]), unless
+/// that would be at or past expiry. Applied once, when a certificate's time is drawn: applied
+/// at every wake-up it would push a due renewal back again and again.
+pub fn not_sooner(
+    at: SystemTime,
+    validity: Validity,
+    now: SystemTime,
+    floor: Duration,
+) -> SystemTime {
+    let floored = at.max(now + floor);
+    if floored < validity.not_after {
+        floored
+    } else {
+        at
+    }
+}
+
 /// How long to wait from `now` until `at` for a certificate with `validity`. A node clock behind
 /// the gateway's reads a `not_before` in the future: the certificate cannot have been issued
 /// before it, so the wait counts from `not_before` instead of `now` (and never from later
-/// than `at`, which a clock ahead of the gateway's has already passed: renew at once).
-/// `floor` is the least wait (see [`RenewPolicy::min_interval`]); expiry still comes first.
-pub fn wait_until(at: SystemTime, validity: Validity, now: SystemTime, floor: Duration) -> Plan {
+/// than `at`, which a clock ahead of the gateway's has already passed: renew at once). Expiry
+/// comes first.
+pub fn wait_until(at: SystemTime, validity: Validity, now: SystemTime) -> Plan {
     if now >= validity.not_after {
         return Plan::Expired;
     }
     let from = now.max(validity.not_before);
-    let wait = at.duration_since(from).unwrap_or_default().max(floor);
+    let wait = at.duration_since(from).unwrap_or_default();
     let until_expiry = validity.not_after.duration_since(from).unwrap_or_default();
     Plan::Wait(wait.min(until_expiry))
 }
@@ -230,24 +247,31 @@ mod tests {
             assert!((3.5..=4.0).contains(&t), "{t}");
         }
         // Just issued: wait about 4 s, never 0 and never past expiry.
-        let plan = wait_until(at(4.0), five, at(0.2), policy.min_interval);
+        let plan = wait_until(at(4.0), five, at(0.2));
         assert_eq!(plan, Plan::Wait(Duration::from_secs_f64(3.8)));
-        // Due at once, but a renewal just happened: the floor holds, expiry still first.
+        // Drawn when already due (a gateway answering with a certificate due at once): the
+        // floor puts a second between renewals, unless that reaches expiry.
+        let floor = policy.min_interval;
+        assert_eq!(secs(not_sooner(at(1.0), five, at(2.0), floor)), 3.0);
+        assert_eq!(secs(not_sooner(at(4.0), five, at(4.5), floor)), 4.0);
+        assert_eq!(secs(not_sooner(at(3.5), five, at(0.0), floor)), 3.5);
+        // Woken again after the time was drawn (a bundle refresh in between): no new floor.
         assert_eq!(
-            wait_until(at(4.0), five, at(4.5), Duration::from_secs(1)),
-            Plan::Wait(Duration::from_millis(500))
+            wait_until(at(3.0), five, at(2.9)),
+            Plan::Wait(Duration::from_millis(100))
         );
         assert_eq!(
-            wait_until(at(4.0), five, at(5.0), Duration::ZERO),
-            Plan::Expired
+            wait_until(at(4.0), five, at(4.5)),
+            Plan::Wait(Duration::ZERO)
         );
+        assert_eq!(wait_until(at(4.0), five, at(5.0)), Plan::Expired);
     }
 
     #[test]
     fn a_node_clock_behind_the_gateway_counts_from_not_before() {
         let hour = valid_for(3600.0);
         // The node's clock reads 90 s before the certificate's start.
-        let plan = wait_until(at(2880.0), hour, at(-90.0), Duration::ZERO);
+        let plan = wait_until(at(2880.0), hour, at(-90.0));
         assert_eq!(plan, Plan::Wait(Duration::from_secs(2880)));
         // Not expired, and a retry still has the whole lifetime.
         assert_eq!(
@@ -260,22 +284,16 @@ mod tests {
     fn a_node_clock_ahead_past_the_point_renews_at_once() {
         let hour = valid_for(3600.0);
         assert_eq!(
-            wait_until(at(2880.0), hour, at(3000.0), Duration::ZERO),
+            wait_until(at(2880.0), hour, at(3000.0)),
             Plan::Wait(Duration::ZERO)
         );
-        assert_eq!(
-            wait_until(at(2880.0), hour, at(3600.0), Duration::ZERO),
-            Plan::Expired
-        );
+        assert_eq!(wait_until(at(2880.0), hour, at(3600.0)), Plan::Expired);
     }
 
     #[test]
     fn an_expired_certificate_plans_no_attempt() {
         let hour = valid_for(3600.0);
-        assert_eq!(
-            wait_until(at(2880.0), hour, at(7200.0), Duration::ZERO),
-            Plan::Expired
-        );
+        assert_eq!(wait_until(at(2880.0), hour, at(7200.0)), Plan::Expired);
         assert_eq!(
             retry(Backoff::default(), 1, None, 0.5, hour, at(3600.0)),
             Plan::Expired

@@ -475,10 +475,13 @@ pub(super) fn respond(
 ) -> JoinResponse {
     let not_before = unix(svid.not_before);
     let not_after = unix(svid.not_after);
-    let lifetime = not_after.saturating_sub(not_before);
+    // Counted from the issuance, not from the backdated notBefore: with short lifetimes the
+    // backdating would otherwise put the renewal point in the past.
+    let issued = not_before + crate::identity::LEAF_CLOCK_SKEW.as_secs();
+    let lifetime = not_after.saturating_sub(issued);
     let remaining = lifetime * u64::from(gw.identity.renew_remaining_percent) / 100;
     let renew_after = match grant.renew_after {
-        Some(after) => not_before + after.as_secs(),
+        Some(after) => (issued + after.as_secs()).min(not_after),
         None => not_after - remaining,
     };
     JoinResponse {

@@ -610,7 +610,7 @@ impl Store for SqliteStore {
             self.read(|c| {
                 c.prepare_cached(
                     "SELECT MIN(i.not_after),
-                            COALESCE(SUM(?1 >= i.not_after - (i.not_after - i.not_before) * ?2 / 100), 0)
+                            COALESCE(SUM(?1 >= i.not_after - (i.not_after - i.issued_at) * ?2 / 100), 0)
                      FROM identities i
                      WHERE i.revoked_at IS NULL AND i.not_after > ?1
                        AND NOT EXISTS (SELECT 1 FROM identities s WHERE s.predecessor = i.serial)",
