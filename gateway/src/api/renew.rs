@@ -16,6 +16,7 @@ use std::time::{Duration, SystemTime};
 use bytes::Bytes;
 use policy_sdk as sdk;
 use rustls_pki_types::CertificateDer;
+use sha2::{Digest, Sha256};
 
 use super::join::{check_idempotency_key, decide, decision_event, limited, respond, unix};
 use super::{ApiError, JoinContext, parse_json};
@@ -95,18 +96,37 @@ pub(super) async fn renew(
     .await
 }
 
-/// The client certificate: present, and one of our SVIDs by the bundle of this moment.
+/// The client certificate: present, and one of our SVIDs by the bundle of this moment. A chain
+/// that verified under the same bundle (sequence) is remembered by its digest, so a node
+/// renewing again on its kept-alive connection skips the signature check; its validity period
+/// is checked every time, and whether it was revoked is the lineage's question, asked at every
+/// renewal.
 fn authenticate(
     gw: &Gateway,
     chain: Option<&[CertificateDer<'static>]>,
 ) -> Result<ClientSvid, ApiError> {
     let chain = chain.ok_or(ApiError::ClientCertificateRequired)?;
-    Ok(identity::verify_client_svid(
-        chain,
-        gw.trust().roots(),
-        &gw.trust_domain,
-        SystemTime::now(),
-    )?)
+    let trust = gw.trust();
+    let mut digest = Sha256::new();
+    digest.update(trust.sequence().to_be_bytes());
+    for cert in chain {
+        digest.update((cert.len() as u64).to_be_bytes());
+        digest.update(cert.as_ref());
+    }
+    let key: [u8; 32] = digest.finalize().into();
+    let now = SystemTime::now();
+    if let Some(known) = gw.verified_clients.get(&key) {
+        let now_unix = unix(now);
+        if now_unix < known.not_before || now_unix >= known.not_after {
+            // Outside its window now: verify afresh for the precise reason.
+            gw.verified_clients.invalidate(&key);
+        } else {
+            return Ok(known);
+        }
+    }
+    let verified = identity::verify_client_svid(chain, trust.roots(), &gw.trust_domain, now)?;
+    gw.verified_clients.insert(key, verified.clone());
+    Ok(verified)
 }
 
 /// The identity on record for the presented serial. From here on the request is tied to a
