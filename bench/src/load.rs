@@ -48,9 +48,9 @@ pub struct Outcome {
     pub latencies: Vec<Duration>,
 }
 
-/// Joins every prepared node, `concurrency` at a time.
+/// Joins every prepared node, `concurrency` at a time, at the node listener `node`.
 pub async fn drive(
-    gateway: &GatewayProcess,
+    node: SocketAddr,
     tls: &Arc<rustls::ClientConfig>,
     nodes: Vec<Prepared>,
     fresh: bool,
@@ -61,7 +61,7 @@ pub async fn drive(
     let started = Instant::now();
     let mut workers = tokio::task::JoinSet::new();
     for _ in 0..concurrency {
-        let (nodes, next, tls, addr) = (nodes.clone(), next.clone(), tls.clone(), gateway.node);
+        let (nodes, next, tls, addr) = (nodes.clone(), next.clone(), tls.clone(), node);
         workers.spawn(async move {
             let mut latencies = Vec::new();
             let mut errors = 0usize;
