@@ -66,17 +66,26 @@ pub(super) fn renew(
             });
         }
     }
-    let current: Option<(Option<u64>, u32, String, Option<u64>)> = tx
+    // The predecessor, its token and its SPIFFE ID's quarantine in one statement.
+    let current: Option<(Option<u64>, u32, String, Option<u64>, Option<u64>)> = tx
         .prepare_cached(
-            "SELECT i.revoked_at, i.renewals, COALESCE(i.attestation, '{}'), t.revoked_at
+            "SELECT i.revoked_at, i.renewals, COALESCE(i.attestation, '{}'), t.revoked_at,
+                    q.until
              FROM identities i JOIN tokens t ON t.id = i.token_id
+             LEFT JOIN quarantine q ON q.spiffe_id = i.spiffe_id AND q.until > ?3
              WHERE i.serial = ?1 AND i.token_id = ?2",
         )?
-        .query_row(params![r.predecessor, token], |row| {
-            Ok((row.get(0)?, row.get(1)?, row.get(2)?, row.get(3)?))
+        .query_row(params![r.predecessor, token, r.now], |row| {
+            Ok((
+                row.get(0)?,
+                row.get(1)?,
+                row.get(2)?,
+                row.get(3)?,
+                row.get(4)?,
+            ))
         })
         .optional()?;
-    let Some((revoked_at, renewals, attestation, token_revoked_at)) = current else {
+    let Some((revoked_at, renewals, attestation, token_revoked_at, quarantined)) = current else {
         return Ok(RenewOutcome::Unknown);
     };
     if token_revoked_at.is_some() {
@@ -85,10 +94,10 @@ pub(super) fn renew(
     if revoked_at.is_some() {
         return Ok(RenewOutcome::Revoked);
     }
-    let spiffe_id = r.identity.spiffe_id.to_string();
-    if let Some(until) = quarantined_until(tx, &spiffe_id, r.now)? {
+    if let Some(until) = quarantined {
         return Ok(RenewOutcome::Quarantined { until });
     }
+    let spiffe_id = r.identity.spiffe_id.to_string();
     let renewals = renewals.saturating_add(1);
     let id = &r.identity;
     tx.prepare_cached(

@@ -309,20 +309,25 @@ fn make_private(path: &Path) -> Result<(), StoreError> {
 }
 
 fn token_from_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<TokenRecord> {
-    let id: String = row.get(0)?;
+    token_from_columns(row, 0)
+}
+
+/// A token from [`TOKEN_COLUMNS`] starting at column `at`.
+fn token_from_columns(row: &rusqlite::Row<'_>, at: usize) -> rusqlite::Result<TokenRecord> {
+    let id: String = row.get(at)?;
     let id = TokenId::parse(&id).map_err(|e| {
-        rusqlite::Error::FromSqlConversionFailure(0, rusqlite::types::Type::Text, Box::new(e))
+        rusqlite::Error::FromSqlConversionFailure(at, rusqlite::types::Type::Text, Box::new(e))
     })?;
     Ok(TokenRecord {
         id,
-        cluster: row.get(1)?,
-        role: row.get(2)?,
-        max_uses: row.get(3)?,
-        uses: row.get(4)?,
-        not_before: row.get(5)?,
-        expires_at: row.get(6)?,
-        issued_at: row.get(7)?,
-        revoked_at: row.get(8)?,
+        cluster: row.get(at + 1)?,
+        role: row.get(at + 2)?,
+        max_uses: row.get(at + 3)?,
+        uses: row.get(at + 4)?,
+        not_before: row.get(at + 5)?,
+        expires_at: row.get(at + 6)?,
+        issued_at: row.get(at + 7)?,
+        revoked_at: row.get(at + 8)?,
     })
 }
 
@@ -487,8 +492,11 @@ impl Store for SqliteStore {
                                 i.issued_at, i.revoked_at, i.revoked_reason, i.predecessor,
                                 i.renewals, COALESCE(i.attestation, '{}'),
                                 EXISTS (SELECT 1 FROM identities s WHERE s.predecessor = i.serial),
-                                q.until
+                                q.until,
+                                t.id, t.cluster, t.role, t.max_uses, t.uses, t.not_before,
+                                t.expires_at, t.issued_at, t.revoked_at
                          FROM identities i
+                         JOIN tokens t ON t.id = i.token_id
                          LEFT JOIN quarantine q ON q.spiffe_id = i.spiffe_id AND q.until > ?2
                          WHERE i.serial = ?1",
                     )?
@@ -499,17 +507,15 @@ impl Store for SqliteStore {
                             row.get::<_, String>(15)?,
                             row.get::<_, bool>(16)?,
                             row.get::<_, Option<u64>>(17)?,
+                            token_from_columns(row, 18)?,
                         ))
                     })
                     .optional()?;
-                let Some((identity, renewals, attestation, renewed, quarantined_until)) = found
+                let Some((identity, renewals, attestation, renewed, quarantined_until, token)) =
+                    found
                 else {
                     return Ok(None);
                 };
-                let sql = format!("SELECT {TOKEN_COLUMNS} FROM tokens WHERE id = ?1");
-                let token = c
-                    .prepare_cached(&sql)?
-                    .query_row([&identity.token_id], token_from_row)?;
                 Ok(Some(Lineage {
                     identity,
                     renewals,
