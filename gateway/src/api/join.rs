@@ -20,7 +20,7 @@ use crate::identity::{self, MintRequest, SpiffeId, Svid, VerifiedCsr};
 use crate::policy::{BoundPolicy, Grant, PolicyError, PolicySet, Verdict};
 use crate::state::Gateway;
 use crate::store::{IdentityRecord, IssueOutcome, IssueRecord, TokenRecord, TokenStatus};
-use crate::token::{Claims, NODE_NAME_RULE, is_node_name};
+use crate::token::{Claims, NODE_NAME_RULE, TokenId, is_node_name};
 use crate::wire::{JoinRequest, JoinResponse, PolicyVersion};
 use serde::Deserialize;
 
@@ -47,7 +47,8 @@ pub(super) async fn join(
     // A retry after a lost response comes before the use count: a one-use token's only use
     // went to the request being retried, and the retry must get that answer, not a 409.
     let csr = identity::verify_csr(&req.csr, MAX_CSR)?;
-    if let Some(earlier) = idempotent_replay(gw, cx, &claims, &req, &csr).await? {
+    let key = req.idempotency_key.as_deref();
+    if let Some(earlier) = idempotent_replay(gw, cx, claims.id, key, &csr).await? {
         return Ok(earlier);
     }
     let uses_left = usable(token, now_ms / 1000)?;
@@ -289,19 +290,20 @@ fn usable(record: TokenRecord, now: u64) -> Result<u32, ApiError> {
     }
 }
 
-/// A retry with a key we have seen: the same CSR gets the earlier answer (no second use), a
-/// different CSR is a conflict.
-async fn idempotent_replay(
+/// A retry with a key we have seen (under the token of the join or of the renewal's lineage):
+/// the same CSR gets the earlier answer (nothing consumed or issued again), a different CSR is
+/// a conflict.
+pub(super) async fn idempotent_replay(
     gw: &Gateway,
-    cx: &mut JoinContext,
-    claims: &Claims,
-    req: &JoinRequest,
+    cx: &JoinContext,
+    token: TokenId,
+    key: Option<&str>,
     csr: &VerifiedCsr,
 ) -> Result<Option<Bytes>, ApiError> {
-    let Some(key) = req.idempotency_key.as_deref() else {
+    let Some(key) = key else {
         return Ok(None);
     };
-    let Some((digest, earlier)) = gw.store.idempotent(claims.id, key).await? else {
+    let Some((digest, earlier)) = gw.store.idempotent(token, key).await? else {
         return Ok(None);
     };
     if digest != csr.digest() {
@@ -313,7 +315,7 @@ async fn idempotent_replay(
     gw.store
         .audit(vec![AuditEvent::IdentityReplayed {
             request_id: cx.request_id.clone(),
-            token_id: claims.id.to_string(),
+            token_id: token.to_string(),
             serial,
             idempotency_key: key.to_string(),
         }])

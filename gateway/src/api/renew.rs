@@ -18,14 +18,16 @@ use policy_sdk as sdk;
 use rustls_pki_types::CertificateDer;
 use sha2::{Digest, Sha256};
 
-use super::join::{check_idempotency_key, decide, decision_event, limited, respond, unix};
+use super::join::{
+    check_idempotency_key, decide, decision_event, idempotent_replay, limited, respond, unix,
+};
 use super::{ApiError, JoinContext, parse_json};
 use crate::audit::AuditEvent;
 use crate::identity::{self, ClientSvid, MintRequest, VerifiedCsr};
 use crate::policy::{BoundPolicy, Grant, InvalidResult};
 use crate::state::Gateway;
 use crate::store::{IdentityRecord, Lineage, RenewOutcome, RenewRecord};
-use crate::wire::{JoinResponse, RenewRequest};
+use crate::wire::RenewRequest;
 
 /// Largest CSR accepted, bytes of PEM.
 const MAX_CSR: usize = 16 << 10;
@@ -49,7 +51,8 @@ pub(super) async fn renew(
     let now_ms = gw.now_ms();
     let lineage = lineage(gw, cx, &presented, now_ms).await?;
     let csr = identity::verify_csr(&req.csr, MAX_CSR)?;
-    if let Some(earlier) = idempotent_replay(gw, cx, &lineage, &req, &csr).await? {
+    let key = req.idempotency_key.as_deref();
+    if let Some(earlier) = idempotent_replay(gw, cx, lineage.token.id, key, &csr).await? {
         return Ok(earlier);
     }
     standing(&lineage, &presented, now_ms)?;
@@ -178,37 +181,6 @@ pub(super) fn quarantined(spiffe_id: &str, until: u64, now_ms: u64) -> ApiError 
         until,
         retry_after: Duration::from_millis((until * 1000).saturating_sub(now_ms)),
     }
-}
-
-/// A retry with a key seen before in this lineage: the same CSR gets the earlier answer.
-async fn idempotent_replay(
-    gw: &Gateway,
-    cx: &JoinContext,
-    lineage: &Lineage,
-    req: &RenewRequest,
-    csr: &VerifiedCsr,
-) -> Result<Option<Bytes>, ApiError> {
-    let Some(key) = req.idempotency_key.as_deref() else {
-        return Ok(None);
-    };
-    let Some((digest, earlier)) = gw.store.idempotent(lineage.token.id, key).await? else {
-        return Ok(None);
-    };
-    if digest != csr.digest() {
-        return Err(ApiError::IdempotencyConflict);
-    }
-    let serial = serde_json::from_str::<JoinResponse>(&earlier)
-        .map(|r| r.serial)
-        .unwrap_or_default();
-    gw.store
-        .audit(vec![AuditEvent::IdentityReplayed {
-            request_id: cx.request_id.clone(),
-            token_id: lineage.token.id.to_string(),
-            serial,
-            idempotency_key: key.to_string(),
-        }])
-        .await?;
-    Ok(Some(Bytes::from(earlier)))
 }
 
 /// What the policy sees: the join's token claims and attestation, the CSR's facts, and the
