@@ -100,15 +100,6 @@ fn assert_consistent(dir: &Path, spiffe_id: &str) {
     assert_eq!(parsed.public_key().raw, pair.subject_public_key_info());
 }
 
-async fn revoke(gw: &Gateway, target: serde_json::Value) {
-    let reply = gw
-        .admin()
-        .post("/admin/v1/revoke", serde_json::to_vec(&target).unwrap())
-        .await
-        .unwrap();
-    assert_eq!(reply.status, 200, "{}", text(&reply.body));
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn renew_once_replaces_the_svid_whole_and_a_revoked_identity_needs_a_rejoin() {
     let gw = Gateway::start("agent-once");
@@ -160,11 +151,8 @@ async fn renew_once_replaces_the_svid_whole_and_a_revoked_identity_needs_a_rejoi
     assert_eq!(audit["predecessor"], joined_serial);
 
     // Revoked (with its lineage): the gateway refuses for good, the files stay as they were.
-    revoke(
-        &gw,
-        serde_json::json!({ "serial": joined_serial, "reason": "lost" }),
-    )
-    .await;
+    gw.revoke(serde_json::json!({ "serial": joined_serial, "reason": "lost" }))
+        .await;
     let refused = agent(&["mesh", "bootstrap", "renew", "--dir", dir_arg]);
     let stderr = text(&refused.stderr);
     assert_eq!(refused.status.code(), Some(3), "{stderr}");
@@ -414,11 +402,8 @@ async fn the_daemon_renews_through_a_gateway_restart_follows_revocations_and_sto
     // Another node's identity is revoked: the feed brings it into the file.
     let other = gw.issue_token("edge-eu", "relay", 1).await;
     let other = join_ok(&gw, &other.token, "daemon-2").await;
-    revoke(
-        &gw,
-        serde_json::json!({ "serial": other.serial, "reason": "decommissioned" }),
-    )
-    .await;
+    gw.revoke(serde_json::json!({ "serial": other.serial, "reason": "decommissioned" }))
+        .await;
     let held = |path: &Path| -> Vec<String> {
         let Ok(bytes) = std::fs::read(path) else {
             return Vec::new();
@@ -439,11 +424,8 @@ async fn the_daemon_renews_through_a_gateway_restart_follows_revocations_and_sto
 
     // Its own identity revoked: the next renewal is refused for good and the daemon stops
     // with "re-join needed", which systemd does not restart.
-    revoke(
-        &gw,
-        serde_json::json!({ "spiffe_id": spiffe_id, "reason": "stolen" }),
-    )
-    .await;
+    gw.revoke(serde_json::json!({ "spiffe_id": spiffe_id, "reason": "stolen" }))
+        .await;
     let (status, rest) = daemon.exit(Duration::from_secs(30));
     assert_eq!(status.code(), Some(3), "{rest:#?}");
     assert!(
