@@ -208,28 +208,6 @@ async fn join_with(
     joined
 }
 
-/// `openssl crl -verify` of a DER CRL against `ca_pem`: its text, lowercased.
-fn openssl_crl(gw: &Gateway, der: &[u8], ca_pem: &[u8]) -> String {
-    let (crl, ca) = (gw.path("check.crl"), gw.path("check-ca.pem"));
-    std::fs::write(&crl, der).unwrap();
-    std::fs::write(&ca, ca_pem).unwrap();
-    let out = Command::new("openssl")
-        .args([
-            "crl", "-inform", "DER", "-noout", "-text", "-verify", "-CAfile",
-        ])
-        .arg(&ca)
-        .arg("-in")
-        .arg(&crl)
-        .output()
-        .unwrap();
-    let verdict = String::from_utf8_lossy(&out.stderr).to_ascii_lowercase();
-    assert!(
-        out.status.success() && verdict.contains("verify ok"),
-        "{verdict}"
-    );
-    String::from_utf8_lossy(&out.stdout).to_ascii_lowercase()
-}
-
 /// The issuer the store recorded for `serial`.
 fn recorded_issuer(gw: &Gateway, serial: &str) -> Option<String> {
     let db = rusqlite::Connection::open_with_flags(
@@ -400,7 +378,7 @@ async fn the_rotation_drill_prepare_activate_join_again_and_retire_once_the_old_
     for (ca, ca_pem) in [(&ca1, &ca1_pem), (&ca2, &ca2_pem)] {
         let crl = node.get(&format!("/v1/crl?ca={ca}")).await.unwrap();
         assert_eq!(crl.status, 200, "{}", String::from_utf8_lossy(&crl.body));
-        let text = openssl_crl(&gw, &crl.body, ca_pem);
+        let text = gw.openssl_crl(&crl.body, ca_pem);
         for serial in [&renewer.serial, &renewed_leaf.serial] {
             assert!(
                 text.contains(serial.as_str()),

@@ -90,21 +90,8 @@ async fn operator_issues_a_token_node_joins_with_it_and_is_refused_once_it_is_re
     let ca = gw.path("ca/ca.pem");
     let out = gw.path("node-n1");
     let join = |out: &Path, name: &str| {
-        run(&[
-            "mesh",
-            "bootstrap",
-            "join",
-            "--gateway",
-            &gateway_url,
-            "--token-file",
-            token_file.to_str().unwrap(),
-            "--ca-bundle",
-            ca.to_str().unwrap(),
-            "--out",
-            out.to_str().unwrap(),
-            "--node-name",
-            name,
-        ])
+        let args = join_args(&gateway_url, &token_file, &ca, out, name);
+        run(&args.iter().map(String::as_str).collect::<Vec<_>>())
     };
     let (code, stdout, stderr) = join(&out, "n1");
     assert_eq!(code, 0, "{stdout}{stderr}");
@@ -130,6 +117,7 @@ async fn operator_issues_a_token_node_joins_with_it_and_is_refused_once_it_is_re
     assert_eq!(parsed.public_key().raw, key_pair.subject_public_key_info());
     let svid = spiffe::X509Svid::parse_from_der(&leaf, key_der.secret_pkcs8_der()).unwrap();
     assert_eq!(svid.spiffe_id().to_string(), want);
+    assert_renewable(&out, &gateway_url, &want);
     assert_eq!(
         token_list(&config)
             .iter()
@@ -157,6 +145,75 @@ async fn operator_issues_a_token_node_joins_with_it_and_is_refused_once_it_is_re
     );
     assert!(!refused_out.join("cert.pem").exists());
     assert!(!refused_out.join("key.pem").exists());
+}
+
+/// What a join leaves for renewal: the SVID in a version directory that `..data` names, the
+/// stable names as links into it, and `agent.json` naming the gateway and this SVID.
+fn assert_renewable(out: &Path, gateway_url: &str, spiffe_id: &str) {
+    let version = std::fs::read_link(out.join("..data")).unwrap();
+    assert!(
+        version.to_string_lossy().starts_with("..svid-"),
+        "{version:?}"
+    );
+    for file in ["key.pem", "cert.pem", "bundle.pem"] {
+        assert_eq!(
+            std::fs::read_link(out.join(file)).unwrap(),
+            Path::new("..data").join(file)
+        );
+        assert_eq!(
+            std::fs::read(out.join(file)).unwrap(),
+            std::fs::read(out.join(&version).join(file)).unwrap()
+        );
+    }
+    let record: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out.join("agent.json")).unwrap()).unwrap();
+    assert_eq!(record["gateway"], gateway_url);
+    assert_eq!(record["spiffe_id"], spiffe_id);
+    let serial = record["serial"].as_str().unwrap().trim_start_matches("00");
+    assert!(
+        version.to_string_lossy().ends_with(serial),
+        "{version:?} vs {serial}"
+    );
+    let mode = std::fs::metadata(out.join("agent.json"))
+        .unwrap()
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o777, 0o644);
+}
+
+/// The node agent's own binary joins exactly as `omnirelay mesh bootstrap join` does.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_standalone_agent_binary_joins_and_leaves_what_renewal_needs() {
+    let gw = Gateway::shared("cli-agent-binary");
+    let token = gw.issue_token("edge-eu", "dispatcher", 1).await;
+    let token_file = gw.path("agent-binary-token");
+    std::fs::write(&token_file, &token.token).unwrap();
+    let out = gw.path("agent-binary-node");
+    let gateway_url = format!("https://{}", gw.node_addr);
+    let ca = gw.path("ca/ca.pem");
+    let agent = std::process::Command::new(env!("CARGO_BIN_EXE_omnirelay-agent-under-test"))
+        .args(join_args(&gateway_url, &token_file, &ca, &out, "agent-n1"))
+        .env("RUST_LOG", "warn")
+        .output()
+        .unwrap();
+    let (stdout, stderr) = (
+        String::from_utf8(agent.stdout).unwrap(),
+        String::from_utf8(agent.stderr).unwrap(),
+    );
+    assert_eq!(agent.status.code(), Some(0), "{stdout}{stderr}");
+    let want = format!("spiffe://{TRUST_DOMAIN}/cluster/edge-eu/role/dispatcher/node/agent-n1");
+    assert!(
+        stdout.lines().any(|l| l == format!("joined as {want}")),
+        "{stdout}"
+    );
+    let cert = std::fs::read_to_string(out.join("cert.pem")).unwrap();
+    verify_with_webpki(&cert, &std::fs::read(out.join("bundle.pem")).unwrap());
+    let key_mode = std::fs::metadata(out.join("key.pem"))
+        .unwrap()
+        .permissions()
+        .mode();
+    assert_eq!(key_mode & 0o777, 0o600);
+    assert_renewable(&out, &gateway_url, &want);
 }
 
 /// Changes the first digit inside the event of `line` (1-based) of the file at `path`.

@@ -107,6 +107,37 @@ async fn a_node_renews_over_mtls_and_the_audit_links_both_serials_to_its_token()
         1,
         "renewals consume no token use"
     );
+    // The inventory shows the lineage: the join's certificate and three renewals.
+    let listed = gw
+        .admin()
+        .get(&format!("/admin/v1/identities?token={}", token.id))
+        .await
+        .unwrap();
+    let listed: Vec<gateway::store::IssuedIdentity> = serde_json::from_slice(&listed.body).unwrap();
+    let mut lineage: Vec<(String, Option<String>, u32)> = listed
+        .into_iter()
+        .map(|i| (i.serial, i.predecessor, i.renewals))
+        .collect();
+    lineage.sort();
+    let mut want = vec![
+        (joined.serial.clone(), None, 0),
+        (first.serial.clone(), Some(joined.serial.clone()), 1),
+        (fork.serial.clone(), Some(joined.serial.clone()), 1),
+        (second.serial.clone(), Some(first.serial.clone()), 2),
+    ];
+    want.sort();
+    assert_eq!(lineage, want);
+    // Live identities: the soonest expires in about an hour, none is past its renewal point
+    // unrenewed (the join's certificate was renewed; so was `first`).
+    let soonest = gw.metric("bootstrap_soonest_expiry_seconds").await.unwrap();
+    assert!(
+        (3000.0..=3600.0).contains(&soonest),
+        "soonest expiry {soonest}"
+    );
+    assert_eq!(
+        gw.metric("bootstrap_identities_past_renewal_point").await,
+        Some(0.0)
+    );
     // Four answered with a certificate: three renewals and the replay.
     assert_eq!(
         gw.metric("bootstrap_renewals_total{result=\"issued\"}")
@@ -181,24 +212,8 @@ async fn renewals_without_a_valid_unrevoked_svid_are_refused_each_with_its_own_r
     let token = gw.issue_token("edge-eu", "relay", 1).await;
     let key = NodeKey::new("relay-2");
     let joined = join_as(&gw.node(), &token.token, "relay-2", &key).await;
-    let reply = gw
-        .admin()
-        .post(
-            "/admin/v1/revoke",
-            serde_json::to_vec(&serde_json::json!({
-                "serial": joined.serial,
-                "reason": "key compromised",
-            }))
-            .unwrap(),
-        )
-        .await
-        .unwrap();
-    assert_eq!(
-        reply.status,
-        200,
-        "{}",
-        String::from_utf8_lossy(&reply.body)
-    );
+    gw.revoke(serde_json::json!({ "serial": joined.serial, "reason": "key compromised" }))
+        .await;
     let key_pem = key.key.serialize_pem();
     let response = renew(&gw, Some((&joined.certificate_chain, &key_pem)), &csr, None).await;
     assert_eq!(response.status, 403);
@@ -312,28 +327,29 @@ async fn the_revocation_drill() {
         .unwrap();
     assert!((3000..=3600).contains(&wait), "Retry-After {wait}");
 
+    // Counted: both revocations, the quarantine refusal.
+    // (The publisher counts them when it sees the store's head move: poll briefly.)
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while gw.metric("bootstrap_revocations_total").await != Some(2.0) {
+        assert!(
+            Instant::now() < deadline,
+            "bootstrap_revocations_total never reached 2"
+        );
+        tokio::task::yield_now().await;
+    }
+    assert_eq!(
+        gw.metric("bootstrap_quarantine_refusals_total").await,
+        Some(1.0)
+    );
+    let age = gw.metric("bootstrap_crl_age_seconds").await.unwrap();
+    assert!((0.0..60.0).contains(&age), "CRL age {age}");
+
     // Both serials in a CRL signed by the CA, as openssl sees it.
     let crl = node.get("/v1/crl").await.unwrap();
     assert_eq!(crl.status, 200);
     assert_eq!(crl.headers["content-type"], "application/pkix-crl");
-    let crl_path = gw.path("drill.crl");
-    std::fs::write(&crl_path, &crl.body).unwrap();
-    let check = std::process::Command::new("openssl")
-        .args([
-            "crl", "-inform", "DER", "-noout", "-text", "-verify", "-CAfile",
-        ])
-        .arg(gw.path("ca/ca.pem"))
-        .arg("-in")
-        .arg(&crl_path)
-        .output()
-        .unwrap();
-    let text = String::from_utf8_lossy(&check.stdout).to_ascii_lowercase();
-    let verdict = String::from_utf8_lossy(&check.stderr);
-    assert!(check.status.success(), "{verdict}");
-    assert!(
-        verdict.contains("verify ok") || verdict.contains("verify OK"),
-        "{verdict}"
-    );
+    let ca_pem = std::fs::read(gw.path("ca/ca.pem")).unwrap();
+    let text = gw.openssl_crl(&crl.body, &ca_pem);
     for serial in &want {
         assert!(text.contains(serial.as_str()), "{serial} not in\n{text}");
     }

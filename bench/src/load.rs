@@ -48,9 +48,9 @@ pub struct Outcome {
     pub latencies: Vec<Duration>,
 }
 
-/// Joins every prepared node, `concurrency` at a time.
+/// Joins every prepared node, `concurrency` at a time, at the node listener `node`.
 pub async fn drive(
-    gateway: &GatewayProcess,
+    node: SocketAddr,
     tls: &Arc<rustls::ClientConfig>,
     nodes: Vec<Prepared>,
     fresh: bool,
@@ -61,7 +61,7 @@ pub async fn drive(
     let started = Instant::now();
     let mut workers = tokio::task::JoinSet::new();
     for _ in 0..concurrency {
-        let (nodes, next, tls, addr) = (nodes.clone(), next.clone(), tls.clone(), gateway.node);
+        let (nodes, next, tls, addr) = (nodes.clone(), next.clone(), tls.clone(), node);
         workers.spawn(async move {
             let mut latencies = Vec::new();
             let mut errors = 0usize;
@@ -91,6 +91,14 @@ pub async fn drive(
             (latencies, errors)
         });
     }
+    gather(workers, started).await
+}
+
+/// Waits for every worker's latencies and error count; the scenario's outcome.
+async fn gather(
+    mut workers: tokio::task::JoinSet<(Vec<Duration>, usize)>,
+    started: Instant,
+) -> BoxResult<Outcome> {
     let mut latencies = Vec::new();
     let mut errors = 0;
     while let Some(done) = workers.join_next().await {
@@ -249,21 +257,7 @@ pub async fn drive_renewals(
             (latencies, errors)
         });
     }
-    let mut latencies = Vec::new();
-    let mut errors = 0;
-    while let Some(done) = workers.join_next().await {
-        let (l, e) = done?;
-        latencies.extend(l);
-        errors += e;
-    }
-    let elapsed = started.elapsed();
-    latencies.sort();
-    Ok(Outcome {
-        ok: latencies.len(),
-        errors,
-        elapsed,
-        latencies,
-    })
+    gather(workers, started).await
 }
 
 /// [`tls_config`] presenting `chain_pem` and its key as the client certificate.

@@ -154,7 +154,14 @@ async fn housekeeping(gateway: Arc<Gateway>, mut stop: watch::Receiver<bool>) {
 async fn publish_revocations(gateway: Arc<Gateway>, stop: watch::Receiver<bool>) {
     gateway
         .revocations
-        .run(gateway.store.clone(), || gateway.trust(), stop)
+        .run(
+            gateway.store.clone(),
+            || gateway.trust(),
+            |n| {
+                gateway.metrics.revocations.inc_by(n);
+            },
+            stop,
+        )
         .await;
 }
 

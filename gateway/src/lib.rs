@@ -3,7 +3,6 @@
 //!
 //! See `ARCHITECTURE.md` at the repository root for the map of modules and their invariants.
 
-pub mod agent;
 pub mod api;
 pub mod app;
 pub mod attest;
@@ -16,9 +15,13 @@ pub mod metrics;
 pub mod policy;
 pub mod reload;
 pub mod revocation;
-pub mod secrets;
 pub mod server;
 pub mod state;
 pub mod store;
 pub mod token;
-pub mod wire;
+
+// The node side is its own crate (`omnirelay-agent`), so that a node builds without wasmtime,
+// git2 or SQLite. These paths are where the gateway, its tests and the bench always found it.
+pub use omnirelay_agent as agent;
+pub use omnirelay_agent::secrets;
+pub use omnirelay_agent::wire;

@@ -71,6 +71,10 @@ pub struct Gateway {
     pub reserved_dns: Vec<String>,
     /// Rate-limit refusals already audited recently (one entry per key per window).
     pub audited_limits: moka::sync::Cache<String, ()>,
+    /// Client certificate chains that verified as our SVIDs, by digest (with the bundle
+    /// sequence they verified under): a node renewing again on its connection skips the
+    /// signature check.
+    pub verified_clients: moka::sync::Cache<[u8; 32], crate::identity::ClientSvid>,
 }
 
 impl std::fmt::Debug for Gateway {
@@ -173,6 +177,10 @@ impl Gateway {
             admin_credential,
             reserved_dns: own_dns_names(&read(&config.server.tls_cert)?)?,
             revocations,
+            verified_clients: moka::sync::Cache::builder()
+                .max_capacity(65_536)
+                .time_to_live(Duration::from_secs(300))
+                .build(),
             audited_limits: moka::sync::Cache::builder()
                 .max_capacity(100_000)
                 .time_to_live(Duration::from_secs(10))

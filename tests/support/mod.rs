@@ -505,6 +505,45 @@ impl Gateway {
             .unwrap()
     }
 
+    /// Revokes through the admin API (`POST /admin/v1/revoke`, `target` naming one of `token`,
+    /// `spiffe_id`, `serial` and a `reason`); the revocation must be accepted.
+    pub async fn revoke(&self, target: serde_json::Value) {
+        let reply = self
+            .admin()
+            .post("/admin/v1/revoke", serde_json::to_vec(&target).unwrap())
+            .await
+            .unwrap();
+        assert_eq!(
+            reply.status,
+            200,
+            "{}",
+            String::from_utf8_lossy(&reply.body)
+        );
+    }
+
+    /// `openssl crl -verify` of the DER CRL `der` against the CA certificate `ca_pem`: must
+    /// verify; returns openssl's text of it, lowercased.
+    pub fn openssl_crl(&self, der: &[u8], ca_pem: &[u8]) -> String {
+        let (crl, ca) = (self.path("check.crl"), self.path("check-ca.pem"));
+        std::fs::write(&crl, der).unwrap();
+        std::fs::write(&ca, ca_pem).unwrap();
+        let out = std::process::Command::new("openssl")
+            .args([
+                "crl", "-inform", "DER", "-noout", "-text", "-verify", "-CAfile",
+            ])
+            .arg(&ca)
+            .arg("-in")
+            .arg(&crl)
+            .output()
+            .unwrap();
+        let verdict = String::from_utf8_lossy(&out.stderr).to_ascii_lowercase();
+        assert!(
+            out.status.success() && verdict.contains("verify ok"),
+            "{verdict}"
+        );
+        String::from_utf8_lossy(&out.stdout).to_ascii_lowercase()
+    }
+
     /// The audit events of `kind` that name `token_id`.
     pub fn audit_for(&self, kind: &str, token_id: &str) -> Vec<serde_json::Value> {
         self.audit_events()
@@ -693,4 +732,33 @@ pub fn verify_with_webpki(chain_pem: &str, bundle_pem: &[u8]) {
         )
         .unwrap();
     }
+}
+
+/// `mesh bootstrap join` as a node runs it, given only the gateway's address, the token file
+/// and the CA bundle.
+pub fn join_args(
+    gateway: &str,
+    token_file: &Path,
+    ca: &Path,
+    out: &Path,
+    name: &str,
+) -> Vec<String> {
+    let path = |p: &Path| p.to_str().unwrap().to_string();
+    [
+        "mesh",
+        "bootstrap",
+        "join",
+        "--gateway",
+        gateway,
+        "--token-file",
+        &path(token_file),
+        "--ca-bundle",
+        &path(ca),
+        "--out",
+        &path(out),
+        "--node-name",
+        name,
+    ]
+    .map(String::from)
+    .to_vec()
 }

@@ -61,7 +61,7 @@ async fn run(joins: usize, bin: &Path) -> BoxResult<()> {
             cpu_seconds(gateway.child.id()),
             cpu_seconds(std::process::id()),
         );
-        let result = drive(&gateway, &tls, nodes, fresh, concurrency).await?;
+        let result = drive(gateway.node, &tls, nodes, fresh, concurrency).await?;
         let server_cpu = cpu_seconds(gateway.child.id()) - server_before;
         let loader_cpu = cpu_seconds(std::process::id()) - loader_before;
         cpu_notes.push(format!(

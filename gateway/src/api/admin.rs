@@ -238,7 +238,6 @@ async fn revoke(
             now: now(),
         })
         .await?;
-    gw.metrics.revocations.inc_by(summary.serials.len() as u64);
     if !summary.serials.is_empty()
         && let Err(e) = gw.revocations.refresh(gw.store.as_ref(), &gw.trust()).await
     {

@@ -1,9 +1,8 @@
 //! `POST /v1/bootstrap/join`, top to bottom (after the envelope in `api` checked the global
-//! and per-IP rate limits and read the body): parse → token → rate limits → token and nonce
-//! pre-check → CSR proof of possession → idempotent retry → use count → policy selection and
-//! evidence schema →
-//! attestation → policy decision → mint → one transaction that consumes the use, records the
-//! identity and audits → response.
+//! and per-IP rate limits and read the body): parse → token → rate limits → the policy's
+//! breaker → token and nonce pre-check → CSR proof of possession → idempotent retry → use
+//! count → policy selection and evidence schema → attestation → policy decision → mint → one
+//! transaction that consumes the use, records the identity and audits → response.
 //!
 //! The CSR is parsed (and its signature checked) before attestation because `x509pop` binds
 //! the device's signature to the CSR's key, and the policy sees the CSR's facts.
@@ -21,7 +20,7 @@ use crate::identity::{self, MintRequest, SpiffeId, Svid, VerifiedCsr};
 use crate::policy::{BoundPolicy, Grant, PolicyError, PolicySet, Verdict};
 use crate::state::Gateway;
 use crate::store::{IdentityRecord, IssueOutcome, IssueRecord, TokenRecord, TokenStatus};
-use crate::token::{Claims, NODE_NAME_RULE, is_node_name};
+use crate::token::{Claims, NODE_NAME_RULE, TokenId, is_node_name};
 use crate::wire::{JoinRequest, JoinResponse, PolicyVersion};
 use serde::Deserialize;
 
@@ -40,14 +39,16 @@ pub(super) async fn join(
 ) -> Result<Bytes, ApiError> {
     let (req, evidence) = parse_request(cx, body)?;
     let now_ms = gw.now_ms();
-    let (claims, token, nonce_used) = authenticate(gw, cx, &req, &evidence, now_ms).await?;
+    let claims = authenticate(gw, cx, &req, now_ms)?;
     // The policy set this join is decided by (a reload after this point does not change it).
     let set = gw.policies.current();
     refuse_if_circuit_open(gw, cx, set.as_deref(), &claims)?;
+    let (token, nonce_used) = registered(gw, &claims, &evidence).await?;
     // A retry after a lost response comes before the use count: a one-use token's only use
     // went to the request being retried, and the retry must get that answer, not a 409.
     let csr = identity::verify_csr(&req.csr, MAX_CSR)?;
-    if let Some(earlier) = idempotent_replay(gw, cx, &claims, &req, &csr).await? {
+    let key = req.idempotency_key.as_deref();
+    if let Some(earlier) = idempotent_replay(gw, cx, claims.id, key, &csr).await? {
         return Ok(earlier);
     }
     let uses_left = usable(token, now_ms / 1000)?;
@@ -78,15 +79,13 @@ fn parse_request(cx: &mut JoinContext, body: &[u8]) -> Result<(JoinRequest, Evid
 }
 
 /// The token: signature, time window and audience (no database), the per-token and
-/// per-cluster limits, the node it is bound to, then its registered state and the nonce's in
-/// one read.
-async fn authenticate(
+/// per-cluster limits, the node it is bound to.
+fn authenticate(
     gw: &Gateway,
     cx: &mut JoinContext,
     req: &JoinRequest,
-    evidence: &Evidence,
     now_ms: u64,
-) -> Result<(Claims, TokenRecord, bool), ApiError> {
+) -> Result<Claims, ApiError> {
     let claims = gw.verifier.verify(&req.token, now_ms / 1000)?;
     tracing::Span::current().record("token", tracing::field::display(claims.id));
     cx.token_id = Some(claims.id.to_string());
@@ -102,17 +101,27 @@ async fn authenticate(
             bound: bound.clone(),
         });
     }
+    Ok(claims)
+}
+
+/// The token's registered state and whether the nonce was consumed, in one read.
+async fn registered(
+    gw: &Gateway,
+    claims: &Claims,
+    evidence: &Evidence,
+) -> Result<(TokenRecord, bool), ApiError> {
     let (record, nonce_used) = gw.store.precheck(claims.id, &evidence.nonce).await?;
     let record = record.ok_or(ApiError::TokenUnknown)?;
     if record.revoked_at.is_some() {
         return Err(ApiError::TokenRevoked);
     }
-    Ok((claims, record, nonce_used))
+    Ok((record, nonce_used))
 }
 
-/// A join whose policy's circuit breaker is open is refused before the CSR check and the
-/// attestation: they would be wasted on a decision that fails fast anyway (measured: callers
-/// hammering a broken policy otherwise cost the other clusters a CSR verification each).
+/// A join whose policy's circuit breaker is open is refused before the database read, the
+/// CSR check and the attestation: they would be wasted on a decision that fails fast anyway
+/// (measured: callers hammering a broken policy otherwise cost the other clusters a CSR
+/// verification each).
 fn refuse_if_circuit_open(
     gw: &Gateway,
     cx: &mut JoinContext,
@@ -281,19 +290,20 @@ fn usable(record: TokenRecord, now: u64) -> Result<u32, ApiError> {
     }
 }
 
-/// A retry with a key we have seen: the same CSR gets the earlier answer (no second use), a
-/// different CSR is a conflict.
-async fn idempotent_replay(
+/// A retry with a key we have seen (under the token of the join or of the renewal's lineage):
+/// the same CSR gets the earlier answer (nothing consumed or issued again), a different CSR is
+/// a conflict.
+pub(super) async fn idempotent_replay(
     gw: &Gateway,
-    cx: &mut JoinContext,
-    claims: &Claims,
-    req: &JoinRequest,
+    cx: &JoinContext,
+    token: TokenId,
+    key: Option<&str>,
     csr: &VerifiedCsr,
 ) -> Result<Option<Bytes>, ApiError> {
-    let Some(key) = req.idempotency_key.as_deref() else {
+    let Some(key) = key else {
         return Ok(None);
     };
-    let Some((digest, earlier)) = gw.store.idempotent(claims.id, key).await? else {
+    let Some((digest, earlier)) = gw.store.idempotent(token, key).await? else {
         return Ok(None);
     };
     if digest != csr.digest() {
@@ -305,7 +315,7 @@ async fn idempotent_replay(
     gw.store
         .audit(vec![AuditEvent::IdentityReplayed {
             request_id: cx.request_id.clone(),
-            token_id: claims.id.to_string(),
+            token_id: token.to_string(),
             serial,
             idempotency_key: key.to_string(),
         }])
@@ -467,10 +477,13 @@ pub(super) fn respond(
 ) -> JoinResponse {
     let not_before = unix(svid.not_before);
     let not_after = unix(svid.not_after);
-    let lifetime = not_after.saturating_sub(not_before);
+    // Counted from the issuance, not from the backdated notBefore: with short lifetimes the
+    // backdating would otherwise put the renewal point in the past.
+    let issued = not_before + crate::identity::LEAF_CLOCK_SKEW.as_secs();
+    let lifetime = not_after.saturating_sub(issued);
     let remaining = lifetime * u64::from(gw.identity.renew_remaining_percent) / 100;
     let renew_after = match grant.renew_after {
-        Some(after) => not_before + after.as_secs(),
+        Some(after) => (issued + after.as_secs()).min(not_after),
         None => not_after - remaining,
     };
     JoinResponse {

@@ -244,6 +244,9 @@ async fn issue_endpoint(
         }
         Err(error) => {
             count(error.stage());
+            if let ApiError::Quarantined { .. } = error {
+                gw.metrics.quarantine_refusals.inc();
+            }
             tracing::info!(?issuance, stage = error.stage(), reason = %bounded(&error.reason()), status = error.status().as_u16(), "refused");
             audit_refusal(gw, cx, client_ip, &error).await;
             rescue(&error, request_id)

@@ -16,15 +16,18 @@ use std::time::{Duration, SystemTime};
 use bytes::Bytes;
 use policy_sdk as sdk;
 use rustls_pki_types::CertificateDer;
+use sha2::{Digest, Sha256};
 
-use super::join::{check_idempotency_key, decide, decision_event, limited, respond, unix};
+use super::join::{
+    check_idempotency_key, decide, decision_event, idempotent_replay, limited, respond, unix,
+};
 use super::{ApiError, JoinContext, parse_json};
 use crate::audit::AuditEvent;
 use crate::identity::{self, ClientSvid, MintRequest, VerifiedCsr};
 use crate::policy::{BoundPolicy, Grant, InvalidResult};
 use crate::state::Gateway;
 use crate::store::{IdentityRecord, Lineage, RenewOutcome, RenewRecord};
-use crate::wire::{JoinResponse, RenewRequest};
+use crate::wire::RenewRequest;
 
 /// Largest CSR accepted, bytes of PEM.
 const MAX_CSR: usize = 16 << 10;
@@ -48,7 +51,8 @@ pub(super) async fn renew(
     let now_ms = gw.now_ms();
     let lineage = lineage(gw, cx, &presented, now_ms).await?;
     let csr = identity::verify_csr(&req.csr, MAX_CSR)?;
-    if let Some(earlier) = idempotent_replay(gw, cx, &lineage, &req, &csr).await? {
+    let key = req.idempotency_key.as_deref();
+    if let Some(earlier) = idempotent_replay(gw, cx, lineage.token.id, key, &csr).await? {
         return Ok(earlier);
     }
     standing(&lineage, &presented, now_ms)?;
@@ -95,18 +99,37 @@ pub(super) async fn renew(
     .await
 }
 
-/// The client certificate: present, and one of our SVIDs by the bundle of this moment.
+/// The client certificate: present, and one of our SVIDs by the bundle of this moment. A chain
+/// that verified under the same bundle (sequence) is remembered by its digest, so a node
+/// renewing again on its kept-alive connection skips the signature check; its validity period
+/// is checked every time, and whether it was revoked is the lineage's question, asked at every
+/// renewal.
 fn authenticate(
     gw: &Gateway,
     chain: Option<&[CertificateDer<'static>]>,
 ) -> Result<ClientSvid, ApiError> {
     let chain = chain.ok_or(ApiError::ClientCertificateRequired)?;
-    Ok(identity::verify_client_svid(
-        chain,
-        gw.trust().roots(),
-        &gw.trust_domain,
-        SystemTime::now(),
-    )?)
+    let trust = gw.trust();
+    let mut digest = Sha256::new();
+    digest.update(trust.sequence().to_be_bytes());
+    for cert in chain {
+        digest.update((cert.len() as u64).to_be_bytes());
+        digest.update(cert.as_ref());
+    }
+    let key: [u8; 32] = digest.finalize().into();
+    let now = SystemTime::now();
+    if let Some(known) = gw.verified_clients.get(&key) {
+        let now_unix = unix(now);
+        if now_unix < known.not_before || now_unix >= known.not_after {
+            // Outside its window now: verify afresh for the precise reason.
+            gw.verified_clients.invalidate(&key);
+        } else {
+            return Ok(known);
+        }
+    }
+    let verified = identity::verify_client_svid(chain, trust.roots(), &gw.trust_domain, now)?;
+    gw.verified_clients.insert(key, verified.clone());
+    Ok(verified)
 }
 
 /// The identity on record for the presented serial. From here on the request is tied to a
@@ -158,37 +181,6 @@ pub(super) fn quarantined(spiffe_id: &str, until: u64, now_ms: u64) -> ApiError 
         until,
         retry_after: Duration::from_millis((until * 1000).saturating_sub(now_ms)),
     }
-}
-
-/// A retry with a key seen before in this lineage: the same CSR gets the earlier answer.
-async fn idempotent_replay(
-    gw: &Gateway,
-    cx: &JoinContext,
-    lineage: &Lineage,
-    req: &RenewRequest,
-    csr: &VerifiedCsr,
-) -> Result<Option<Bytes>, ApiError> {
-    let Some(key) = req.idempotency_key.as_deref() else {
-        return Ok(None);
-    };
-    let Some((digest, earlier)) = gw.store.idempotent(lineage.token.id, key).await? else {
-        return Ok(None);
-    };
-    if digest != csr.digest() {
-        return Err(ApiError::IdempotencyConflict);
-    }
-    let serial = serde_json::from_str::<JoinResponse>(&earlier)
-        .map(|r| r.serial)
-        .unwrap_or_default();
-    gw.store
-        .audit(vec![AuditEvent::IdentityReplayed {
-            request_id: cx.request_id.clone(),
-            token_id: lineage.token.id.to_string(),
-            serial,
-            idempotency_key: key.to_string(),
-        }])
-        .await?;
-    Ok(Some(Bytes::from(earlier)))
 }
 
 /// What the policy sees: the join's token claims and attestation, the CSR's facts, and the

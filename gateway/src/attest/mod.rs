@@ -11,11 +11,12 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use policy_sdk as sdk;
-use serde::{Deserialize, Serialize};
 
 pub use nonce::{Challenge, Challenges};
+/// The evidence's wire format is the node's: the agent builds it, this module checks it.
+pub use omnirelay_agent::evidence::{Evidence, X509Pop, pop_payload};
 use x509pop::DEVICE_CLAIMS;
-pub use x509pop::{DeviceRoots, pop_payload};
+pub use x509pop::DeviceRoots;
 
 #[cfg(test)]
 mod tests;
@@ -42,35 +43,6 @@ impl Default for AttestConfig {
             device_cas: Vec::new(),
         }
     }
-}
-
-/// The `attestation` object of a join request.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct Evidence {
-    /// `token-only` or `x509pop`.
-    pub kind: sdk::AttestationKind,
-    /// From `GET /v1/bootstrap/challenge`.
-    pub nonce: String,
-    /// When the node produced the evidence, Unix milliseconds.
-    pub issued_at_ms: u64,
-    /// Posture claims. Signed by the device key under `x509pop` (then verified), self-reported
-    /// otherwise.
-    #[serde(default)]
-    pub claims: BTreeMap<String, sdk::ClaimValue>,
-    /// The device certificate chain and signature, for `x509pop`.
-    #[serde(default)]
-    pub x509pop: Option<X509Pop>,
-}
-
-/// Proof of possession of a device key.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct X509Pop {
-    /// Base64 DER certificates, the device's first, then intermediates.
-    pub chain: Vec<String>,
-    /// Base64 signature by the device key over [`pop_payload`].
-    pub signature: String,
 }
 
 /// Evidence that passed every check, shaped for the policy.

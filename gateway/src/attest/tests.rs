@@ -611,6 +611,7 @@ fn a_signed_claim_cannot_pose_as_the_device_identity() {
 /// return a typed answer and never panic; nothing without a nonce this gateway issued passes.
 mod properties {
     use proptest::prelude::*;
+    use serde::Deserialize;
 
     use super::*;
 

@@ -11,7 +11,7 @@ use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, TrustAnchor, UnixTime};
 use sha2::{Digest, Sha256};
 
-use super::{AttestError, Evidence, X509Pop};
+use super::{AttestError, X509Pop};
 use policy_sdk as sdk;
 
 /// The verified claims taken from the device certificate, which no signed claim may name.
@@ -20,23 +20,6 @@ pub(super) const DEVICE_CLAIMS: [&str; 2] = ["device-id", "device-serial"];
 const MAX_CHAIN: usize = 4;
 /// Largest certificate accepted, bytes of DER.
 const MAX_CERT: usize = 8 << 10;
-
-/// The exact bytes a device signs: every line is `name=value`, claims as canonical (sorted)
-/// JSON. Changing any of them — a replayed nonce, another node, another CSR key — breaks the
-/// signature.
-pub fn pop_payload(evidence: &Evidence, node: &str, csr_key_sha256: &[u8; 32]) -> Vec<u8> {
-    // BTreeMap serialises in key order: the encoding is canonical. It cannot fail.
-    let claims = serde_json::to_string(&evidence.claims).unwrap_or_default();
-    format!(
-        "omnirelay-x509pop-v1\nnonce={}\nissued_at_ms={}\nnode={}\ncsr_key_sha256={}\nclaims={}\n",
-        evidence.nonce,
-        evidence.issued_at_ms,
-        node,
-        hex::encode(csr_key_sha256),
-        claims
-    )
-    .into_bytes()
-}
 
 /// The device CAs trusted for `x509pop`.
 #[derive(Debug, Default)]

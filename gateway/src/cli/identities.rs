@@ -121,17 +121,18 @@ pub(super) async fn run(cmd: IdentitiesCommand) -> anyhow::Result<ExitCode> {
         return Ok(ExitCode::SUCCESS);
     }
     println!(
-        "{:<32}  {:<8} {:<20}  {:<36}  spiffe id",
-        "serial", "state", "expires", "token"
+        "{:<32}  {:<8} {:<20}  {:<36}  {:<7}  spiffe id",
+        "serial", "state", "expires", "token", "renewal"
     );
     for i in listed {
         let state = serde_json::to_value(i.state)?;
         println!(
-            "{:<32}  {:<8} {:<20}  {:<36}  {}",
+            "{:<32}  {:<8} {:<20}  {:<36}  {:<7}  {}",
             i.serial,
             state.as_str().unwrap_or_default(),
             rfc3339(i.not_after),
             i.token_id,
+            i.renewals,
             i.spiffe_id
         );
     }

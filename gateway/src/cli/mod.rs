@@ -6,7 +6,9 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use clap::{Parser, Subcommand, ValueEnum};
+use clap::{Parser, Subcommand};
+pub(crate) use omnirelay_agent::cli::init_tracing;
+use omnirelay_agent::cli::{LogFormat, MeshCommand};
 
 mod audit;
 mod ca;
@@ -14,7 +16,6 @@ mod demo;
 mod identities;
 pub mod init;
 mod layout;
-mod mesh;
 mod policy;
 mod publish;
 mod remote;
@@ -32,12 +33,6 @@ pub struct Cli {
     log_format: LogFormat,
     #[command(subcommand)]
     command: Command,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-enum LogFormat {
-    Human,
-    Json,
 }
 
 #[derive(Debug, Subcommand)]
@@ -93,9 +88,9 @@ enum Command {
     /// List or lift the quarantines of revoked SPIFFE IDs (through the admin API).
     #[command(subcommand)]
     Quarantine(revoke::QuarantineCommand),
-    /// Node-side commands.
+    /// Node-side commands (the same as `omnirelay-agent`'s).
     #[command(subcommand)]
-    Mesh(mesh::MeshCommand),
+    Mesh(MeshCommand),
     /// Verify and query the audit log.
     #[command(subcommand)]
     Audit(audit::AuditCommand),
@@ -106,7 +101,7 @@ enum Command {
 
 /// Parses arguments, sets up logging and runs the command. Exit codes: 0 success, 1 the
 /// command's check failed (a vector mismatched, the audit log is broken, the config has
-/// problems), 2 usage, setup or runtime error.
+/// problems), 2 usage, setup or runtime error, 3 `mesh bootstrap renew`: re-join needed.
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
     let runtime = match tokio::runtime::Builder::new_multi_thread()
@@ -177,25 +172,8 @@ async fn run(command: Command) -> anyhow::Result<ExitCode> {
         Command::Identities(cmd) => identities::run(cmd).await,
         Command::Revoke(args) => revoke::revoke(args).await,
         Command::Quarantine(cmd) => revoke::quarantine(cmd).await,
-        Command::Mesh(cmd) => mesh::run(cmd).await,
+        Command::Mesh(cmd) => omnirelay_agent::cli::run(cmd).await,
         Command::Audit(cmd) => audit::run(cmd),
         Command::Policy(cmd) => policy::run(cmd).await,
     }
-}
-
-/// Logs go to stderr; `RUST_LOG` overrides the filter. Human logs are coloured only when
-/// stderr is a terminal, so `serve 2>file` (or a pipe to a log shipper) gets plain text.
-pub(crate) fn init_tracing(json: bool, filter: Option<&str>) {
-    use std::io::IsTerminal;
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(filter.unwrap_or("info")));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_ansi(std::io::stderr().is_terminal())
-        .with_writer(std::io::stderr);
-    let _ = if json {
-        builder.json().try_init()
-    } else {
-        builder.try_init()
-    };
 }

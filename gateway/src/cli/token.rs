@@ -230,7 +230,4 @@ pub(super) fn whoami() -> String {
     std::env::var("USER").unwrap_or_else(|_| "unknown".into())
 }
 
-pub(super) fn rfc3339(unix: u64) -> String {
-    humantime::format_rfc3339_seconds(std::time::UNIX_EPOCH + std::time::Duration::from_secs(unix))
-        .to_string()
-}
+pub(super) use omnirelay_agent::cli::rfc3339;

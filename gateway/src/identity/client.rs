@@ -19,6 +19,8 @@ pub struct ClientSvid {
     pub serial: Serial,
     /// The SPIFFE ID it carries.
     pub spiffe_id: SpiffeId,
+    /// Its notBefore, Unix seconds.
+    pub not_before: u64,
     /// Its notAfter, Unix seconds.
     pub not_after: u64,
     /// Its SubjectPublicKeyInfo, DER.
@@ -78,6 +80,7 @@ pub fn verify_client_svid(
         .ok_or_else(|| ClientSvidError::Invalid("no certificate".into()))?;
     let (_, parsed) = x509_parser::parse_x509_certificate(leaf)
         .map_err(|e| ClientSvidError::Invalid(format!("does not parse: {e}")))?;
+    let not_before = u64::try_from(parsed.validity().not_before.timestamp()).unwrap_or(0);
     let not_after = u64::try_from(parsed.validity().not_after.timestamp()).unwrap_or(0);
     let anchors: Vec<_> = roots
         .iter()
@@ -137,6 +140,7 @@ pub fn verify_client_svid(
     Ok(ClientSvid {
         serial,
         spiffe_id,
+        not_before,
         not_after,
         spki_der: parsed.public_key().raw.to_vec(),
     })

@@ -170,15 +170,21 @@ impl Publisher {
 
     /// Keeps the CRLs current until `stop`: after every revocation the store reports (from any
     /// request on this replica, a superseding join included) and at half of their validity.
+    /// `revoked` hears how many revocations each move of the store's head published.
     pub async fn run(
         &self,
         store: Arc<dyn Store>,
         trust: impl Fn() -> Arc<CaSet>,
+        revoked: impl Fn(u64),
         mut stop: watch::Receiver<bool>,
     ) {
         let mut heads = store.revocation_head();
+        let mut last = *heads.borrow_and_update();
         let recheck = (self.validity / 2).max(Duration::from_secs(30));
         loop {
+            let head = *heads.borrow_and_update();
+            revoked(head.saturating_sub(last));
+            last = last.max(head);
             if let Err(e) = self.refresh(store.as_ref(), &trust()).await {
                 tracing::error!(error = %e, "cannot sign the CRL; serving the last one");
             }

@@ -8,9 +8,10 @@
 use rusqlite::{Connection, OptionalExtension, params};
 
 use super::{
-    Quarantine, RenewOutcome, RenewRecord, RevokeOrder, RevokeSummary, RevokeTarget, StoreError,
+    IdentityRecord, Quarantine, RenewOutcome, RenewRecord, RevokeOrder, RevokeSummary,
+    RevokeTarget, StoreError,
 };
-use crate::audit::AuditEvent;
+use crate::audit::{AuditEvent, PolicyRef};
 
 /// When `spiffe_id`'s quarantine ends, if it is quarantined at `now`.
 pub(super) fn quarantined_until(
@@ -66,17 +67,33 @@ pub(super) fn renew(
             });
         }
     }
-    let current: Option<(Option<u64>, u32, String, Option<u64>)> = tx
+    // The predecessor, its token and its SPIFFE ID's quarantine in one statement.
+    let current = tx
         .prepare_cached(
-            "SELECT i.revoked_at, i.renewals, COALESCE(i.attestation, '{}'), t.revoked_at
+            "SELECT i.revoked_at, i.renewals, COALESCE(i.attestation, '{}'), t.revoked_at,
+                    q.until
              FROM identities i JOIN tokens t ON t.id = i.token_id
+             LEFT JOIN quarantine q ON q.spiffe_id = i.spiffe_id AND q.until > ?3
              WHERE i.serial = ?1 AND i.token_id = ?2",
         )?
-        .query_row(params![r.predecessor, token], |row| {
-            Ok((row.get(0)?, row.get(1)?, row.get(2)?, row.get(3)?))
+        .query_row(params![r.predecessor, token, r.now], |row| {
+            Ok(Predecessor {
+                revoked_at: row.get(0)?,
+                renewals: row.get(1)?,
+                attestation: row.get(2)?,
+                token_revoked_at: row.get(3)?,
+                quarantined_until: row.get(4)?,
+            })
         })
         .optional()?;
-    let Some((revoked_at, renewals, attestation, token_revoked_at)) = current else {
+    let Some(Predecessor {
+        revoked_at,
+        renewals,
+        attestation,
+        token_revoked_at,
+        quarantined_until: quarantined,
+    }) = current
+    else {
         return Ok(RenewOutcome::Unknown);
     };
     if token_revoked_at.is_some() {
@@ -85,42 +102,26 @@ pub(super) fn renew(
     if revoked_at.is_some() {
         return Ok(RenewOutcome::Revoked);
     }
-    let spiffe_id = r.identity.spiffe_id.to_string();
-    if let Some(until) = quarantined_until(tx, &spiffe_id, r.now)? {
+    if let Some(until) = quarantined {
         return Ok(RenewOutcome::Quarantined { until });
     }
+    let spiffe_id = r.identity.spiffe_id.to_string();
     let renewals = renewals.saturating_add(1);
     let id = &r.identity;
-    tx.prepare_cached(
-        "INSERT INTO identities (serial, spiffe_id, token_id, node, cluster, role, policy_name,
-             policy_version, module_digest, not_before, not_after, issued_at, predecessor,
-             renewals, attestation, issuer)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16)",
-    )?
-    .execute(params![
-        id.serial.to_string(),
-        spiffe_id,
-        token,
-        id.node,
-        id.cluster,
-        id.role,
-        r.policy.name,
-        r.policy.version,
-        r.policy.module_digest,
-        id.not_before,
-        id.not_after,
-        r.now,
-        r.predecessor,
-        renewals,
-        attestation,
-        id.issuer,
-    ])?;
-    if let Some((key, digest)) = &r.idempotency {
-        tx.prepare_cached(
-            "INSERT INTO idempotency (token_id, key, csr_digest, response) VALUES (?1, ?2, ?3, ?4)",
-        )?
-        .execute(params![token, key, hex::encode(digest), r.response])?;
-    }
+    insert_identity(
+        tx,
+        &NewIdentity {
+            identity: id,
+            token: &token,
+            policy: &r.policy,
+            now: r.now,
+            predecessor: Some(&r.predecessor),
+            renewals,
+            attestation: &attestation,
+            idempotency: r.idempotency.as_ref(),
+            response: &r.response,
+        },
+    )?;
     events.push(AuditEvent::IdentityRenewed {
         request_id: r.request_id.clone(),
         token_id: token,
@@ -135,6 +136,65 @@ pub(super) fn renew(
         policy: r.policy.clone(),
     });
     Ok(RenewOutcome::Renewed { renewals })
+}
+
+/// What a renewal's transaction reads about the certificate it renews.
+struct Predecessor {
+    revoked_at: Option<u64>,
+    renewals: u32,
+    attestation: String,
+    token_revoked_at: Option<u64>,
+    quarantined_until: Option<u64>,
+}
+
+/// An identity row about to be written: a join's (no predecessor) or a renewal's.
+pub(super) struct NewIdentity<'a> {
+    pub identity: &'a IdentityRecord,
+    pub token: &'a str,
+    pub policy: &'a PolicyRef,
+    pub now: u64,
+    pub predecessor: Option<&'a str>,
+    pub renewals: u32,
+    pub attestation: &'a str,
+    /// The client's idempotency key and CSR digest, remembered with `response`.
+    pub idempotency: Option<&'a (String, [u8; 32])>,
+    pub response: &'a str,
+}
+
+/// Writes the identity row, and the response an idempotent retry gets back.
+pub(super) fn insert_identity(tx: &Connection, row: &NewIdentity<'_>) -> Result<(), StoreError> {
+    let id = row.identity;
+    tx.prepare_cached(
+        "INSERT INTO identities (serial, spiffe_id, token_id, node, cluster, role, policy_name,
+             policy_version, module_digest, not_before, not_after, issued_at, predecessor,
+             renewals, attestation, issuer)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16)",
+    )?
+    .execute(params![
+        id.serial.to_string(),
+        id.spiffe_id.to_string(),
+        row.token,
+        id.node,
+        id.cluster,
+        id.role,
+        row.policy.name,
+        row.policy.version,
+        row.policy.module_digest,
+        id.not_before,
+        id.not_after,
+        row.now,
+        row.predecessor,
+        row.renewals,
+        row.attestation,
+        id.issuer,
+    ])?;
+    if let Some((key, digest)) = row.idempotency {
+        tx.prepare_cached(
+            "INSERT INTO idempotency (token_id, key, csr_digest, response) VALUES (?1, ?2, ?3, ?4)",
+        )?
+        .execute(params![row.token, key, hex::encode(digest), row.response])?;
+    }
+    Ok(())
 }
 
 /// An operator's revocation, all of it in the caller's savepoint: the token (when the target is

@@ -237,7 +237,7 @@ async fn a_serial_revocation_takes_its_descendants_and_not_its_ancestors() {
 async fn the_expiry_summary_counts_live_unrenewed_identities_past_their_renewal_point() {
     let dir = TempDir::new("expiry");
     let (store, token) = open_with_token(&dir, 5).await;
-    // Lifetime NOW-60 .. NOW+3600; 20 % remaining is at NOW+2868.
+    // Issued at NOW, expiring at NOW+3600: 20 % of the lifetime remains from NOW+2880.
     let joined = issue_record(token.id, "r1", "n1");
     store.issue(joined.clone()).await.unwrap();
     let at = |t| store.expiry_summary(t, 20);

@@ -188,6 +188,12 @@ pub struct IssuedIdentity {
     pub revoked_at: Option<u64>,
     /// Why it was revoked (`superseded`, or an operator's reason).
     pub revoked_reason: Option<String>,
+    /// The serial it renewed, for a renewal (absent for a join's certificate).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub predecessor: Option<String>,
+    /// Renewals in its lineage up to it (0 for a join's certificate).
+    #[serde(default)]
+    pub renewals: u32,
     /// Its state at the time of the query.
     pub state: IdentityState,
 }

@@ -309,20 +309,25 @@ fn make_private(path: &Path) -> Result<(), StoreError> {
 }
 
 fn token_from_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<TokenRecord> {
-    let id: String = row.get(0)?;
+    token_from_columns(row, 0)
+}
+
+/// A token from [`TOKEN_COLUMNS`] starting at column `at`.
+fn token_from_columns(row: &rusqlite::Row<'_>, at: usize) -> rusqlite::Result<TokenRecord> {
+    let id: String = row.get(at)?;
     let id = TokenId::parse(&id).map_err(|e| {
-        rusqlite::Error::FromSqlConversionFailure(0, rusqlite::types::Type::Text, Box::new(e))
+        rusqlite::Error::FromSqlConversionFailure(at, rusqlite::types::Type::Text, Box::new(e))
     })?;
     Ok(TokenRecord {
         id,
-        cluster: row.get(1)?,
-        role: row.get(2)?,
-        max_uses: row.get(3)?,
-        uses: row.get(4)?,
-        not_before: row.get(5)?,
-        expires_at: row.get(6)?,
-        issued_at: row.get(7)?,
-        revoked_at: row.get(8)?,
+        cluster: row.get(at + 1)?,
+        role: row.get(at + 2)?,
+        max_uses: row.get(at + 3)?,
+        uses: row.get(at + 4)?,
+        not_before: row.get(at + 5)?,
+        expires_at: row.get(at + 6)?,
+        issued_at: row.get(at + 7)?,
+        revoked_at: row.get(at + 8)?,
     })
 }
 
@@ -348,7 +353,8 @@ fn identities_query(filter: &IdentityFilter, now: u64) -> (String, Vec<rusqlite:
     use rusqlite::types::Value;
     let mut sql = String::from(
         "SELECT serial, spiffe_id, token_id, node, cluster, role, policy_name, policy_version,
-                not_before, not_after, issued_at, revoked_at, revoked_reason
+                not_before, not_after, issued_at, revoked_at, revoked_reason, predecessor,
+                renewals
          FROM identities WHERE 1 = 1",
     );
     let mut args: Vec<Value> = Vec::new();
@@ -413,6 +419,8 @@ fn identity_from_row(row: &rusqlite::Row<'_>, now: u64) -> rusqlite::Result<Issu
         issued_at: row.get(10)?,
         revoked_at,
         revoked_reason: row.get(12)?,
+        predecessor: row.get(13)?,
+        renewals: row.get(14)?,
         state,
     })
 }
@@ -481,32 +489,33 @@ impl Store for SqliteStore {
                     .prepare_cached(
                         "SELECT i.serial, i.spiffe_id, i.token_id, i.node, i.cluster, i.role,
                                 i.policy_name, i.policy_version, i.not_before, i.not_after,
-                                i.issued_at, i.revoked_at, i.revoked_reason, i.renewals,
-                                COALESCE(i.attestation, '{}'),
+                                i.issued_at, i.revoked_at, i.revoked_reason, i.predecessor,
+                                i.renewals, COALESCE(i.attestation, '{}'),
                                 EXISTS (SELECT 1 FROM identities s WHERE s.predecessor = i.serial),
-                                q.until
+                                q.until,
+                                t.id, t.cluster, t.role, t.max_uses, t.uses, t.not_before,
+                                t.expires_at, t.issued_at, t.revoked_at
                          FROM identities i
+                         JOIN tokens t ON t.id = i.token_id
                          LEFT JOIN quarantine q ON q.spiffe_id = i.spiffe_id AND q.until > ?2
                          WHERE i.serial = ?1",
                     )?
                     .query_row(params![serial, now], |row| {
                         Ok((
                             identity_from_row(row, now)?,
-                            row.get::<_, u32>(13)?,
-                            row.get::<_, String>(14)?,
-                            row.get::<_, bool>(15)?,
-                            row.get::<_, Option<u64>>(16)?,
+                            row.get::<_, u32>(14)?,
+                            row.get::<_, String>(15)?,
+                            row.get::<_, bool>(16)?,
+                            row.get::<_, Option<u64>>(17)?,
+                            token_from_columns(row, 18)?,
                         ))
                     })
                     .optional()?;
-                let Some((identity, renewals, attestation, renewed, quarantined_until)) = found
+                let Some((identity, renewals, attestation, renewed, quarantined_until, token)) =
+                    found
                 else {
                     return Ok(None);
                 };
-                let sql = format!("SELECT {TOKEN_COLUMNS} FROM tokens WHERE id = ?1");
-                let token = c
-                    .prepare_cached(&sql)?
-                    .query_row([&identity.token_id], token_from_row)?;
                 Ok(Some(Lineage {
                     identity,
                     renewals,
@@ -607,7 +616,7 @@ impl Store for SqliteStore {
             self.read(|c| {
                 c.prepare_cached(
                     "SELECT MIN(i.not_after),
-                            COALESCE(SUM(?1 >= i.not_after - (i.not_after - i.not_before) * ?2 / 100), 0)
+                            COALESCE(SUM(?1 >= i.not_after - (i.not_after - i.issued_at) * ?2 / 100), 0)
                      FROM identities i
                      WHERE i.revoked_at IS NULL AND i.not_after > ?1
                        AND NOT EXISTS (SELECT 1 FROM identities s WHERE s.predecessor = i.serial)",

@@ -694,38 +694,22 @@ fn supersede(
     Ok(())
 }
 
-/// The identity row, and the response an idempotent retry gets back.
+/// A join's identity row, and the response an idempotent retry gets back.
 fn record_identity(tx: &Connection, r: &IssueRecord, token: &str) -> Result<(), StoreError> {
-    let id = &r.identity;
-    tx.prepare_cached(
-        "INSERT INTO identities (serial, spiffe_id, token_id, node, cluster, role, policy_name,
-             policy_version, module_digest, not_before, not_after, issued_at, attestation,
-             issuer)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14)",
-    )?
-    .execute(params![
-        id.serial.to_string(),
-        id.spiffe_id.to_string(),
-        token,
-        id.node,
-        id.cluster,
-        id.role,
-        r.policy.name,
-        r.policy.version,
-        r.policy.module_digest,
-        id.not_before,
-        id.not_after,
-        r.now,
-        id.attestation,
-        id.issuer
-    ])?;
-    if let Some((key, digest)) = &r.idempotency {
-        tx.prepare_cached(
-            "INSERT INTO idempotency (token_id, key, csr_digest, response) VALUES (?1, ?2, ?3, ?4)",
-        )?
-        .execute(params![token, key, hex::encode(digest), r.response])?;
-    }
-    Ok(())
+    lineage::insert_identity(
+        tx,
+        &lineage::NewIdentity {
+            identity: &r.identity,
+            token,
+            policy: &r.policy,
+            now: r.now,
+            predecessor: None,
+            renewals: 0,
+            attestation: &r.identity.attestation,
+            idempotency: r.idempotency.as_ref(),
+            response: &r.response,
+        },
+    )
 }
 
 fn why_not_usable(tx: &Connection, token: &str, now: u64) -> Result<IssueOutcome, StoreError> {

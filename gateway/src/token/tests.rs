@@ -586,3 +586,31 @@ mod properties {
         }
     }
 }
+
+#[test]
+fn a_remembered_token_is_still_checked_against_the_clock_and_a_tampered_one_never_passes() {
+    let key = key();
+    let v = verifier(&[&key]);
+    let token = key.sign(&claims());
+    assert!(v.verify(&token, NOW).is_ok());
+    // Remembered now; the time window still applies on every presentation.
+    assert!(v.verify(&token, NOW + 1).is_ok());
+    assert!(matches!(
+        v.verify(&token, 2_000 + LEEWAY.as_secs()),
+        Err(TokenError::Expired { expires_at: 2_000 })
+    ));
+    assert!(matches!(
+        v.verify(&token, 1_000 - LEEWAY.as_secs() - 1),
+        Err(TokenError::NotYetValid { not_before: 1_000 })
+    ));
+    // One flipped byte is another token: verified from scratch, and refused.
+    let mut tampered = token.into_bytes();
+    let last = tampered.len() - 1;
+    tampered[last] = if tampered[last] == b'A' { b'B' } else { b'A' };
+    let tampered = String::from_utf8(tampered).unwrap();
+    assert!(v.verify(&tampered, NOW).is_err());
+    assert!(
+        v.verify(&tampered, NOW).is_err(),
+        "a failure is not remembered"
+    );
+}

@@ -1,8 +1,13 @@
 //! Verification of a presented token: bounded, structural, header, key, signature, and only
-//! then the claims. Pure: no clock of its own, no I/O, no database.
+//! then the claims. Pure: no clock of its own, no I/O, no database. A token whose signature and
+//! claims verified is remembered (by the SHA-256 of its exact bytes, bounded, for a few
+//! minutes), so a node or an attacker presenting it again costs a hash and the time-window
+//! check instead of an Ed25519 verification; failures are never remembered.
 
 use std::collections::HashMap;
 use std::time::Duration;
+
+use sha2::{Digest, Sha256};
 
 use base64::Engine as _;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
@@ -18,7 +23,14 @@ pub struct Verifier {
     audience: String,
     keys: HashMap<String, VerifyingKey>,
     leeway: u64,
+    /// Tokens that verified, by digest: their claims (the time window is checked every time).
+    verified: moka::sync::Cache<[u8; 32], Claims>,
 }
+
+/// Verified tokens remembered at most.
+const VERIFIED_CAPACITY: u64 = 65_536;
+/// How long a verified token is remembered.
+const VERIFIED_TTL: Duration = Duration::from_secs(300);
 
 impl Verifier {
     /// `audience` is the trust domain tokens must name; `leeway` tolerates clock skew on
@@ -35,6 +47,10 @@ impl Verifier {
                 .map(|key| (key.kid().to_string(), key))
                 .collect(),
             leeway: leeway.as_secs(),
+            verified: moka::sync::Cache::builder()
+                .max_capacity(VERIFIED_CAPACITY)
+                .time_to_live(VERIFIED_TTL)
+                .build(),
         }
     }
 
@@ -47,6 +63,18 @@ impl Verifier {
         if token.len() > MAX_TOKEN_LEN {
             return Err(TokenError::TooLong(token.len()));
         }
+        let digest: [u8; 32] = Sha256::digest(token.as_bytes()).into();
+        if let Some(claims) = self.verified.get(&digest) {
+            self.check_time(&claims, now_unix)?;
+            return Ok(claims);
+        }
+        let claims = self.verify_signed(token, now_unix)?;
+        self.verified.insert(digest, claims.clone());
+        Ok(claims)
+    }
+
+    /// [`Verifier::verify`] without the memory of earlier verifications.
+    fn verify_signed(&self, token: &str, now_unix: u64) -> Result<Claims, TokenError> {
         // The signing input is the first two segments exactly as received (RFC 7515 §5.2).
         let structure = || TokenError::Malformed("structure");
         let (signed, signature) = token.rsplit_once('.').ok_or_else(structure)?;

@@ -1,9 +1,10 @@
-//! Secret, state and trust-anchor files. Secrets (private keys, the admin credential) and state
-//! files are written atomically with mode 0600 and refused on read when group or others can
-//! access them, so a key that leaked through permissions is never used silently. Trust anchors
-//! (keys and CAs we verify against) may be world-readable but are refused when group or others
-//! can write them or the directory holding them, as OpenSSH refuses such files. Temporary files
-//! get a random name and are created exclusively without following a symlink.
+//! Secret, state and trust-anchor files, for the node and the gateway alike. Secrets (private
+//! keys, the admin credential) and state files are written atomically with mode 0600 and refused
+//! on read when group or others can access them, so a key that leaked through permissions is
+//! never used silently. Trust anchors (keys and CAs we verify against) may be world-readable but
+//! are refused when group or others can write them or the directory holding them, as OpenSSH
+//! refuses such files. Temporary files get a random name and are created exclusively without
+//! following a symlink.
 
 use std::fs::{self, File, OpenOptions};
 use std::io::Write;
@@ -175,7 +176,7 @@ fn owned_by_root_or_us(path: &Path, meta: &fs::Metadata) -> Result<(), SecretErr
     }
 }
 
-fn parent(path: &Path) -> &Path {
+pub(crate) fn parent(path: &Path) -> &Path {
     path.parent()
         .filter(|p| !p.as_os_str().is_empty())
         .unwrap_or(Path::new("."))
@@ -198,23 +199,43 @@ pub fn write_file(path: &Path, contents: &[u8], mode: u32) -> Result<(), SecretE
         .file_name()
         .map(|n| n.to_string_lossy())
         .unwrap_or_default();
-    let mut random = [0u8; 16];
-    aws_lc_rs::rand::fill(&mut random).map_err(|_| io(std::io::Error::other("no randomness")))?;
-    let tmp = dir.join(format!(".{name}.tmp-{}", hex::encode(random)));
+    let tmp = dir.join(format!(".{name}.tmp-{}", random_suffix().map_err(io)?));
     // Nothing is removed when the create fails: whatever holds that name is not ours.
-    let mut file = create_exclusive(&tmp, mode).map_err(io)?;
-    let result = (|| {
-        // `mode` is filtered by the umask on create; set it exactly.
-        file.set_permissions(fs::Permissions::from_mode(mode))?;
-        file.write_all(contents)?;
-        file.sync_all()?;
+    let file = create_exclusive(&tmp, mode).map_err(io)?;
+    let result = fill(file, contents, mode).and_then(|()| {
         fs::rename(&tmp, path)?;
-        fs::File::open(dir)?.sync_all()
-    })();
+        sync_dir(dir)
+    });
     if result.is_err() {
         let _ = fs::remove_file(&tmp);
     }
     result.map_err(io)
+}
+
+/// Creates `path`, which must not exist yet (nor be a symlink), with exactly `mode`, writes
+/// `contents` and flushes them to disk. The caller makes it visible (a rename, or a directory
+/// swap) and syncs the directory.
+pub(crate) fn write_new(path: &Path, contents: &[u8], mode: u32) -> std::io::Result<()> {
+    fill(create_exclusive(path, mode)?, contents, mode)
+}
+
+fn fill(mut file: File, contents: &[u8], mode: u32) -> std::io::Result<()> {
+    // `mode` is filtered by the umask on create; set it exactly.
+    file.set_permissions(fs::Permissions::from_mode(mode))?;
+    file.write_all(contents)?;
+    file.sync_all()
+}
+
+/// Flushes a directory's entries (a rename, a new file, a new link) to disk.
+pub(crate) fn sync_dir(dir: &Path) -> std::io::Result<()> {
+    File::open(dir)?.sync_all()
+}
+
+/// A random suffix for a temporary name, so that nothing planted can be in the writer's way.
+pub(crate) fn random_suffix() -> std::io::Result<String> {
+    let mut random = [0u8; 16];
+    aws_lc_rs::rand::fill(&mut random).map_err(|_| std::io::Error::other("no randomness"))?;
+    Ok(hex::encode(random))
 }
 
 /// Creates a new file at `path` with `mode` (before the umask): `O_CREAT|O_EXCL|O_NOFOLLOW`,

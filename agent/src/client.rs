@@ -1,5 +1,6 @@
 //! A small HTTPS client for the gateway's API: rustls trusting only the given CA bundle,
-//! HTTP/1.1 over one kept-alive connection, reconnecting when the server closed it.
+//! HTTP/1.1 over one kept-alive connection, reconnecting when the server closed it; optionally
+//! presenting the node's SVID as TLS client certificate (renewal is over mTLS).
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
@@ -10,14 +11,15 @@ use http::{HeaderMap, Method, Request, StatusCode, header};
 use http_body_util::{BodyExt, Full};
 use hyper::client::conn::http1::SendRequest;
 use hyper_util::rt::TokioIo;
+use rustls::crypto::CryptoProvider;
 use rustls_pki_types::pem::PemObject;
-use rustls_pki_types::{CertificateDer, ServerName};
+use rustls_pki_types::{CertificateDer, PrivateKeyDer, ServerName};
 use tokio::net::{TcpSocket, TcpStream};
 use tokio::sync::Mutex;
 use tokio_rustls::TlsConnector;
 
-use super::AgentError;
-use super::verify::GatewayVerifier;
+use crate::AgentError;
+use crate::verify::GatewayVerifier;
 
 /// Connect and handshake deadline.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
@@ -37,8 +39,11 @@ pub struct Reply {
 
 /// A client for one gateway.
 pub struct GatewayClient {
+    url: String,
     authority: String,
     server_name: ServerName<'static>,
+    provider: Arc<CryptoProvider>,
+    verifier: Arc<GatewayVerifier>,
     connector: TlsConnector,
     bearer: Option<String>,
     local_addr: Option<IpAddr>,
@@ -87,25 +92,51 @@ impl GatewayClient {
         let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
         let verifier = GatewayVerifier::new(roots, &bundle, provider.clone())
             .map_err(|e| AgentError::Usage(format!("CA bundle: {e}")))?;
-        let mut config = rustls::ClientConfig::builder_with_provider(provider)
-            .with_safe_default_protocol_versions()
-            .map_err(|e| AgentError::Usage(e.to_string()))?
-            .dangerous()
-            .with_custom_certificate_verifier(Arc::new(verifier))
-            .with_no_client_auth();
-        config.alpn_protocols = vec![b"http/1.1".to_vec()];
+        let verifier = Arc::new(verifier);
         Ok(Self {
+            url: format!("https://{authority}"),
             authority: if authority.contains(':') {
                 authority
             } else {
                 format!("{authority}:443")
             },
             server_name,
-            connector: TlsConnector::from(Arc::new(config)),
+            connector: connector(&provider, &verifier, None)?,
+            provider,
+            verifier,
             bearer: None,
             local_addr: None,
             connection: Mutex::new(None),
         })
+    }
+
+    /// The gateway's URL, `https://host[:port]`, as given to [`GatewayClient::new`].
+    pub fn url(&self) -> &str {
+        &self.url
+    }
+
+    /// Presents `chain_pem` (the node's SVID, leaf first) with its private key `key_pem` as
+    /// TLS client certificate on every connection from now on (renewal is over mTLS). The key
+    /// stays in memory only as long as the client; nothing of it is logged.
+    pub fn with_client_identity(
+        mut self,
+        chain_pem: &[u8],
+        key_pem: &[u8],
+    ) -> Result<Self, AgentError> {
+        let chain = CertificateDer::pem_slice_iter(chain_pem)
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| AgentError::Usage(format!("client certificate: {e}")))?;
+        if chain.is_empty() {
+            return Err(AgentError::Usage(
+                "the client certificate file holds no certificate".into(),
+            ));
+        }
+        // The error names the PEM problem only, never the key's bytes.
+        let key = PrivateKeyDer::from_pem_slice(key_pem)
+            .map_err(|e| AgentError::Usage(format!("client key: {e}")))?;
+        self.connector = connector(&self.provider, &self.verifier, Some((chain, key)))?;
+        *self.connection.get_mut() = None;
+        Ok(self)
     }
 
     /// Sends `Authorization: Bearer <credential>` with every request (the admin API).
@@ -208,6 +239,28 @@ impl GatewayClient {
     }
 }
 
+/// The TLS side of a client: the gateway's verifier, HTTP/1.1, and the client certificate if
+/// there is one.
+fn connector(
+    provider: &Arc<CryptoProvider>,
+    verifier: &Arc<GatewayVerifier>,
+    identity: Option<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>)>,
+) -> Result<TlsConnector, AgentError> {
+    let builder = rustls::ClientConfig::builder_with_provider(provider.clone())
+        .with_safe_default_protocol_versions()
+        .map_err(|e| AgentError::Usage(e.to_string()))?
+        .dangerous()
+        .with_custom_certificate_verifier(verifier.clone());
+    let mut config = match identity {
+        None => builder.with_no_client_auth(),
+        Some((chain, key)) => builder
+            .with_client_auth_cert(chain, key)
+            .map_err(|e| AgentError::Usage(format!("client certificate: {e}")))?,
+    };
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(TlsConnector::from(Arc::new(config)))
+}
+
 /// Connects to `authority` from `local` (port chosen by the system).
 async fn connect_from(local: IpAddr, authority: &str) -> std::io::Result<TcpStream> {
     let mut last = None;
@@ -233,3 +286,6 @@ async fn connect_from(local: IpAddr, authority: &str) -> std::io::Result<TcpStre
         )
     }))
 }
+
+#[cfg(test)]
+mod tests;

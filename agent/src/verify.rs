@@ -17,7 +17,7 @@ const GATEWAY_PATH: &str = "/omnirelay/";
 
 /// WebPKI verification plus the gateway's SPIFFE ID.
 #[derive(Debug)]
-pub(super) struct GatewayVerifier {
+pub(crate) struct GatewayVerifier {
     inner: Arc<WebPkiServerVerifier>,
     /// `spiffe://<trust domain>/omnirelay/` for each trust domain the bundle's CAs name. Empty
     /// when the bundle is not a SPIFFE bundle (a gateway behind a certificate from another
@@ -26,7 +26,7 @@ pub(super) struct GatewayVerifier {
 }
 
 impl GatewayVerifier {
-    pub(super) fn new(
+    pub(crate) fn new(
         roots: RootCertStore,
         bundle: &[CertificateDer<'_>],
         provider: Arc<CryptoProvider>,
