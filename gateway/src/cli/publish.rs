@@ -220,10 +220,12 @@ pub(super) fn commit_and_push(p: &Publish<'_>, built: &mut Built) -> anyhow::Res
     let manifest_json = built.manifest.to_json();
     // The published manifest must pass the same schema the gateway enforces.
     Manifest::parse(manifest_json.as_bytes()).context("the manifest to publish is invalid")?;
-    let work = tempdir("publish")?;
+    // The clone is removed however this ends (a refused push included).
+    let clone = TempDir::new("publish")?;
+    let work = clone.path();
     let repo = p
         .remote
-        .run(|url| git2::Repository::clone(url, &work))
+        .run(|url| git2::Repository::clone(url, work))
         .map_err(|e| anyhow::anyhow!("cloning {e}"))?;
     let branch_ref = format!("refs/heads/{}", p.branch);
     let parent = match repo.find_reference(&format!("refs/remotes/origin/{}", p.branch)) {
@@ -296,7 +298,6 @@ pub(super) fn commit_and_push(p: &Publish<'_>, built: &mut Built) -> anyhow::Res
             format!("refs/tags/{tag}:refs/tags/{tag}"),
         ],
     )?;
-    let _ = std::fs::remove_dir_all(&work);
     Ok(oid)
 }
 
@@ -362,12 +363,28 @@ fn pem_encode(label: &str, der: &[u8]) -> String {
     )
 }
 
-fn tempdir(name: &str) -> anyhow::Result<PathBuf> {
-    let stamp = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_nanos())
-        .unwrap_or(0);
-    let dir = std::env::temp_dir().join(format!("omnirelay-{name}-{}-{stamp}", std::process::id()));
-    std::fs::create_dir_all(&dir)?;
-    Ok(dir)
+/// A private working directory under the system's temp directory, removed when dropped.
+struct TempDir(PathBuf);
+
+impl TempDir {
+    fn new(name: &str) -> anyhow::Result<Self> {
+        let stamp = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or(0);
+        let dir =
+            std::env::temp_dir().join(format!("omnirelay-{name}-{}-{stamp}", std::process::id()));
+        std::fs::create_dir_all(&dir)?;
+        Ok(Self(dir))
+    }
+
+    fn path(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
 }
