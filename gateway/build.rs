@@ -25,13 +25,7 @@ fn main() {
         .map(PathBuf::from)
         .unwrap_or_else(|| root.join("target"))
         .join("wasm");
-    for watched in [
-        "wit",
-        "policy-sdk",
-        "policies",
-        "Cargo.lock",
-        ".cargo/config.toml",
-    ] {
+    for watched in ["wit", "policy-sdk", "policies", "Cargo.lock"] {
         println!("cargo:rerun-if-changed={}", root.join(watched).display());
     }
 
@@ -50,7 +44,8 @@ fn main() {
         .arg("--target-dir")
         .arg(&target)
         // Flags and wrappers meant for the host build (clippy's driver, host rustflags) must
-        // not leak into the wasm build; `.cargo/config.toml` carries the wasm flags.
+        // not leak into the wasm build; policy-sdk's build script carries the guest's link
+        // settings.
         .env_remove("CARGO_ENCODED_RUSTFLAGS")
         .env_remove("RUSTFLAGS")
         .env_remove("RUSTC_WORKSPACE_WRAPPER")

@@ -232,9 +232,10 @@ impl From<sdk::Decision> for wit::Decision {
 /// The guest heap.
 ///
 /// Allocation bumps a pointer, starting at the linker's `__heap_base`, inside the memory the
-/// module starts with (`--initial-heap` in `.cargo/config.toml`) and growing it a page at a
-/// time only when that is used up. Freeing or growing the most recent block is done in place
-/// (the pattern of a growing `Vec` or `String`); other frees are left for the end of the call.
+/// module starts with (`--initial-heap`, which this crate's build script passes to the
+/// linker), growing it a page at a time only when that is used up. Freeing or growing the most
+/// recent block is done in place (the pattern of a growing `Vec` or `String`); other frees are
+/// left for the end of the call.
 /// Growing memory costs the host page-protection changes, so staying inside the initial heap
 /// is what keeps a fresh instance cheap.
 mod heap {
@@ -263,8 +264,8 @@ mod heap {
 
         fn top(&self) -> usize {
             match self.next.load(Relaxed) {
-                // SAFETY: only the address of the linker symbol is taken, never its value.
-                0 => unsafe { &raw const __heap_base as usize },
+                // Only the address of the linker symbol is taken, never its value: safe.
+                0 => &raw const __heap_base as usize,
                 n => n,
             }
         }

@@ -78,14 +78,13 @@
 //! cargo build --target wasm32-wasip2 --profile policy -p my-policy
 //! ```
 //!
-//! with `crate-type = ["cdylib", "rlib"]` in the policy's `Cargo.toml`, and this in the
-//! workspace's `.cargo/config.toml` so a fresh instance starts small and never has to grow its
-//! memory (it halves the per-decision cost; see the repository's `bench/README.md`):
-//!
-//! ```toml
-//! [target.wasm32-wasip2]
-//! rustflags = ["-C", "link-arg=-zstack-size=65536", "-C", "link-arg=--initial-heap=262144"]
-//! ```
+//! with `crate-type = ["cdylib", "rlib"]` in the policy's `Cargo.toml`. Nothing else is
+//! needed: this crate's build script links every policy that depends on it with a 64 KiB
+//! shadow stack and 256 KiB of heap in the initial memory, so a fresh instance starts small and
+//! never has to grow its memory (it halves the per-decision cost; see the repository's
+//! `bench/README.md`). `omnirelay policy new` scaffolds a complete policy repository, and
+//! `omnirelay policy build`, `publish` and `test` of a bundle source refuse a module linked
+//! otherwise.
 
 // Natively the SDK uses std (the test harness captures logs); in the guest it must not.
 #![cfg_attr(target_arch = "wasm32", no_std)]

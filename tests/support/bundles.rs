@@ -209,3 +209,50 @@ pub fn follow_repo(toml: &mut String, url: &str, extra: &str) {
 pub fn key_path(dir: &TempDir, name: &str) -> PathBuf {
     dir.0.join(name)
 }
+
+/// The policy status from the admin API (`GET /admin/v1/policy/status`).
+pub async fn policy_status(gw: &super::Gateway) -> serde_json::Value {
+    let reply = gw.admin().get("/admin/v1/policy/status").await.unwrap();
+    assert_eq!(
+        reply.status,
+        200,
+        "{}",
+        String::from_utf8_lossy(&reply.body)
+    );
+    serde_json::from_slice(&reply.body).unwrap()
+}
+
+/// Polls the policy status (with a deadline) until `done` holds for it, and returns it.
+pub async fn policy_status_until(
+    gw: &super::Gateway,
+    what: &str,
+    done: impl Fn(&serde_json::Value) -> bool,
+) -> serde_json::Value {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    loop {
+        let status = policy_status(gw).await;
+        if done(&status) {
+            return status;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{what} never happened; last status {status:#}"
+        );
+        tokio::task::yield_now().await;
+    }
+}
+
+/// `omnirelay policy keygen` into `dir`: the key's path and an `allowed_signers` file (0644)
+/// trusting it.
+pub fn signing_key(dir: &TempDir) -> (PathBuf, PathBuf) {
+    let key = dir.0.join("ci.key");
+    let out = omnirelay(&["policy", "keygen", "--out", key.to_str().unwrap()]).unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let signers = dir.0.join("allowed_signers");
+    std::fs::write(&signers, &out.stdout).unwrap();
+    (key, signers)
+}

@@ -9,7 +9,9 @@
 )]
 
 pub mod bundles;
+pub mod githttp;
 pub mod raw;
+pub mod sshd;
 
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
@@ -125,6 +127,7 @@ pub struct Gateway {
     /// Admin listener.
     pub admin_addr: SocketAddr,
     child: Child,
+    log: Arc<Mutex<Vec<String>>>,
 }
 
 /// The trust domain every test gateway uses.
@@ -184,12 +187,17 @@ impl Gateway {
             .unwrap();
         let stderr = child.stderr.take().unwrap();
         let (tx, rx) = std::sync::mpsc::channel();
+        let log: Arc<Mutex<Vec<String>>> = Arc::default();
+        let kept = log.clone();
         // Reads the JSON log until the "gateway serving" line, then keeps draining it so the
-        // process never blocks on a full pipe.
+        // process never blocks on a full pipe; every line is kept for `log_lines`.
         std::thread::spawn(move || {
             let mut tx = Some(tx);
             for line in BufReader::new(stderr).lines() {
                 let Ok(line) = line else { break };
+                kept.lock()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .push(line.clone());
                 if line.contains("gateway serving")
                     && let Some(tx) = tx.take()
                 {
@@ -209,14 +217,23 @@ impl Gateway {
                 panic!("gateway did not report listening within 60 s")
             }
         };
-        let log: serde_json::Value = serde_json::from_str(&line).unwrap();
-        let field = |name: &str| log["fields"][name].as_str().unwrap().parse().unwrap();
+        let serving: serde_json::Value = serde_json::from_str(&line).unwrap();
+        let field = |name: &str| serving["fields"][name].as_str().unwrap().parse().unwrap();
         Self {
             node_addr: field("node_addr"),
             admin_addr: field("admin_addr"),
             dir,
             child,
+            log,
         }
+    }
+
+    /// Every line the gateway wrote to stderr so far (its log).
+    pub fn log_lines(&self) -> Vec<String> {
+        self.log
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
     }
 
     /// Stops the process (SIGTERM) and waits for it; returns its exit status.

@@ -1,7 +1,10 @@
 //! Cost of one policy decision: `cluster-role` through the real host (fresh instance per
-//! evaluation, as the gateway runs it) against the same logic called natively.
+//! evaluation, as the gateway runs it) against the same logic called natively. Each `--module
+//! FILE` adds a policy built elsewhere whose rule is cluster-role's (a standalone repository
+//! from `omnirelay policy new`), run with the same settings and request; their samples are
+//! taken in alternating blocks with cluster-role's, so a busy machine slows all of them alike.
 //!
-//! `cargo run --release -p omnirelay-bench --bin policy_eval [-- --seconds S]`
+//! `cargo run --release -p omnirelay-bench --bin policy_eval [-- --seconds S] [--module FILE]...`
 //! Prints a Markdown table; `bench/README.md` holds the figures.
 
 #![allow(clippy::print_stdout, reason = "a benchmark prints its results")]
@@ -24,12 +27,19 @@ const WARMUP: usize = 2_000;
 type BoxResult<T> = Result<T, Box<dyn Error>>;
 
 fn main() -> BoxResult<()> {
-    let seconds = std::env::args()
-        .skip_while(|a| a != "--seconds")
+    let args: Vec<String> = std::env::args().collect();
+    let seconds = args
+        .iter()
+        .skip_while(|a| *a != "--seconds")
         .nth(1)
         .map(|s| s.parse())
         .transpose()?
         .unwrap_or(3u64);
+    let modules: Vec<&String> = args
+        .windows(2)
+        .filter(|w| w[0] == "--module")
+        .map(|w| &w[1])
+        .collect();
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
@@ -38,7 +48,7 @@ fn main() -> BoxResult<()> {
         rt.block_on(host.load("cluster-role", examples::CLUSTER_ROLE.to_vec(), SETTINGS))?;
     let request = testing::request("edge-eu", "dispatcher", "dispatcher-07");
 
-    // Correctness first: both paths must reach the same decision.
+    // Correctness first: every path must reach the same decision.
     let hosted = rt.block_on(host.evaluate(&policy, &request))?;
     let native = policy_sdk::run_evaluate::<ClusterRole>(SETTINGS, &request)?;
     match (&hosted, &native) {
@@ -46,15 +56,29 @@ fn main() -> BoxResult<()> {
         }
         _ => return Err(format!("decisions differ: {hosted:?} vs {native:?}").into()),
     }
+    let mut policies = vec![("wasm, cluster-role (this workspace)".to_string(), policy)];
+    for file in modules {
+        let loaded = rt.block_on(host.load("module", std::fs::read(file)?, SETTINGS))?;
+        match (rt.block_on(host.evaluate(&loaded, &request))?, &hosted) {
+            (Verdict::Allow(a), Verdict::Allow(b)) if a.path == b.path => {}
+            (theirs, ours) => {
+                return Err(format!("{file} decides otherwise: {theirs:?} vs {ours:?}").into());
+            }
+        }
+        policies.push((format!("wasm, {file}"), loaded));
+    }
 
-    let wasm = rt.block_on(latencies(&host, &policy, &request))?;
+    let loaded: Vec<LoadedPolicy> = policies.iter().map(|(_, p)| p.clone()).collect();
+    let wasm = rt.block_on(latencies(&host, &loaded, &request))?;
     let native = native_latencies(&request)?;
-    let (wasm_median, wasm_p99) = (percentile(&wasm, 50.0), percentile(&wasm, 99.0));
+    let (wasm_median, wasm_p99) = (percentile(&wasm[0], 50.0), percentile(&wasm[0], 99.0));
     let (native_median, native_p99) = (percentile(&native, 50.0), percentile(&native, 99.0));
 
     println!("| path | median | p99 | mean |");
     println!("| --- | ---: | ---: | ---: |");
-    row("wasm, fresh instance per evaluation", &wasm);
+    for ((name, _), samples) in policies.iter().zip(&wasm) {
+        row(name, samples);
+    }
     row("native (same logic, same settings parse)", &native);
     println!();
     println!(
@@ -63,33 +87,47 @@ fn main() -> BoxResult<()> {
         ratio(wasm_p99, native_p99)
     );
     println!();
-    println!("| threads | evaluations/s | per evaluation |");
-    println!("| ---: | ---: | ---: |");
+    println!("| policy | threads | evaluations/s | per evaluation |");
+    println!("| --- | ---: | ---: | ---: |");
     for threads in [1, 2] {
-        let rate = throughput(&host, &policy, threads, Duration::from_secs(seconds))?;
-        println!(
-            "| {threads} | {rate:.0} | {:.1} µs per thread |",
-            threads as f64 * 1e6 / rate
-        );
+        for (name, policy) in &policies {
+            let rate = throughput(&host, policy, threads, Duration::from_secs(seconds))?;
+            println!(
+                "| {name} | {threads} | {rate:.0} | {:.1} µs per thread |",
+                threads as f64 * 1e6 / rate
+            );
+        }
     }
     Ok(())
 }
 
+/// `SAMPLES` fresh-instance evaluations of each policy, in `ROUNDS` blocks taken in turn
+/// (policy A's block, then B's, then A's again, …), so a busy machine slows all of them
+/// alike. Not one evaluation of each in turn: the pooling allocator would then hand each
+/// policy a slot another module just dirtied, which measures the switch, not the policy.
+/// Each policy's latencies, sorted.
 async fn latencies(
     host: &PolicyHost,
-    policy: &LoadedPolicy,
+    policies: &[LoadedPolicy],
     request: &policy_sdk::Request,
-) -> BoxResult<Vec<Duration>> {
-    for _ in 0..WARMUP {
-        host.evaluate(policy, request).await?;
+) -> BoxResult<Vec<Vec<Duration>>> {
+    const ROUNDS: usize = 10;
+    let mut samples = vec![Vec::with_capacity(SAMPLES); policies.len()];
+    for _ in 0..ROUNDS {
+        for (policy, samples) in policies.iter().zip(&mut samples) {
+            for _ in 0..WARMUP / ROUNDS {
+                host.evaluate(policy, request).await?;
+            }
+            for _ in 0..SAMPLES / ROUNDS {
+                let start = Instant::now();
+                black_box(host.evaluate(policy, request).await?);
+                samples.push(start.elapsed());
+            }
+        }
     }
-    let mut samples = Vec::with_capacity(SAMPLES);
-    for _ in 0..SAMPLES {
-        let start = Instant::now();
-        black_box(host.evaluate(policy, request).await?);
-        samples.push(start.elapsed());
+    for s in &mut samples {
+        s.sort();
     }
-    samples.sort();
     Ok(samples)
 }
 

@@ -15,9 +15,12 @@ mod ca;
 mod demo;
 mod identities;
 pub mod init;
+mod layout;
 mod policy;
 mod publish;
+mod remote;
 mod revoke;
+mod scaffold;
 mod serve;
 mod token;
 

@@ -8,13 +8,31 @@ use anyhow::Context;
 use clap::Subcommand;
 use http::StatusCode;
 
-use super::publish;
+use super::{publish, scaffold};
 use crate::policy::{Metering, PolicyConfig, PolicyHost, vectors};
 use crate::reload::Manifest;
 use crate::wire::{PinRequest, ReloadResponse, UnpinRequest};
 
 #[derive(Debug, Subcommand)]
 pub(super) enum PolicyCommand {
+    /// Scaffold a standalone policy repository: its own Cargo workspace, a policy crate with
+    /// one rule and native unit tests, `bundle.source.json`, vectors, an evidence schema, a
+    /// README of the author's loop and CI (a GitHub workflow and `ci/publish.sh`).
+    New {
+        /// The directory to create (it must not exist, or be empty).
+        dir: PathBuf,
+        /// The policy's name, also its crate's and its bundle's: lowercase letters, digits,
+        /// '-'.
+        #[arg(long)]
+        name: String,
+        /// Take `policy-sdk` from this directory (a checkout's `policy-sdk/`). A relative path
+        /// is written relative to the new repository.
+        #[arg(long, conflicts_with = "sdk_git")]
+        sdk_path: Option<PathBuf>,
+        /// Take `policy-sdk` from this git repository (default: the gateway's own).
+        #[arg(long)]
+        sdk_git: Option<String>,
+    },
     /// Run test vectors (request → expected decision) through the real host with fuel
     /// metering: `policy test <policy.wasm> <vectors.json>`, or `policy test <dir>` for every
     /// policy of a bundle (`bundle.json`, or `bundle.source.json`, which is built first).
@@ -37,7 +55,8 @@ pub(super) enum PolicyCommand {
         /// The bundle source directory.
         #[arg(long, default_value = ".")]
         source: PathBuf,
-        /// The policy repository (a local path or file:// URL of a bare repository).
+        /// The policy repository: a path or `file://` URL of a bare repository, or a network
+        /// URL (`https://host/repo.git`, `ssh://[user@]host[:port]/repo.git`, `user@host:repo`).
         #[arg(long)]
         repo: String,
         /// The new version, `X.Y.Z`.
@@ -52,6 +71,8 @@ pub(super) enum PolicyCommand {
         /// Commit message.
         #[arg(long)]
         message: Option<String>,
+        #[command(flatten)]
+        transport: super::remote::TransportArgs,
     },
     /// Create an Ed25519 key for signing policy commits; prints its allowed_signers line.
     Keygen {
@@ -88,6 +109,28 @@ pub(super) enum PolicyCommand {
 
 pub(super) async fn run(cmd: PolicyCommand) -> anyhow::Result<ExitCode> {
     match cmd {
+        PolicyCommand::New {
+            dir,
+            name,
+            sdk_path,
+            sdk_git,
+        } => {
+            let sdk = match (sdk_path, sdk_git) {
+                (Some(path), _) => scaffold::Sdk::Path(path),
+                (None, Some(url)) => scaffold::Sdk::Git(url),
+                (None, None) => scaffold::Sdk::Git(scaffold::DEFAULT_SDK_GIT.to_string()),
+            };
+            let written = scaffold::new(&dir, &name, &sdk)?;
+            println!("created policy repository {name} in {}:", dir.display());
+            for file in written {
+                println!("  {}", file.display());
+            }
+            println!(
+                "next: cd {} && cargo test && omnirelay policy test .",
+                dir.display()
+            );
+            Ok(ExitCode::SUCCESS)
+        }
         PolicyCommand::Test {
             target,
             vectors: Some(vectors),
@@ -117,22 +160,37 @@ pub(super) async fn run(cmd: PolicyCommand) -> anyhow::Result<ExitCode> {
             branch,
             sign_key,
             message,
+            transport,
         } => {
+            // Before the build: a refused URL or flag should not cost a compile.
+            let remote = transport.remote(&repo)?;
+            if remote.url.scheme().is_network() && sign_key.is_none() {
+                eprintln!(
+                    "warning: publishing an unsigned commit to a network remote; gateways \
+                     follow one only with require_signed_commits (give --sign-key) or an \
+                     explicit allow_unsigned_remote"
+                );
+            }
             let mut built = publish::build(&source)?;
             built.manifest.version = version.clone();
             if !test_bundle(&built.manifest, &built.files).await? {
                 anyhow::bail!("not publishing {version}: its own tests fail");
             }
-            let commit = publish::commit_and_push(
-                &publish::Publish {
-                    repo: &repo,
-                    version: &version,
-                    branch: &branch,
-                    sign_key: sign_key.as_deref(),
-                    message: message.as_deref(),
-                },
-                &mut built,
-            )?;
+            let publish = publish::Publish {
+                remote: &remote,
+                version: &version,
+                branch: &branch,
+                sign_key: sign_key.as_deref(),
+                message: message.as_deref(),
+            };
+            // git blocks (and a network transport runs its own I/O): on a thread of its own,
+            // outside the CLI's runtime.
+            let commit = std::thread::scope(|scope| {
+                scope
+                    .spawn(|| publish::commit_and_push(&publish, &mut built))
+                    .join()
+                    .map_err(|_| anyhow::anyhow!("the publishing thread panicked"))?
+            })?;
             println!(
                 "published {} {version} as commit {commit} (tag v{version}){}",
                 built.manifest.bundle,

@@ -1,7 +1,8 @@
 //! Authoring and CI: `policy build` compiles a bundle's policy crates for `wasm32-wasip2`,
 //! `policy publish` builds, tests (budgets included), writes the manifest with digests, and
 //! commits, tags and pushes a new version to the policy repository (optionally SSH-signed).
-//! The CLI may run `cargo`; git is driven in-process (git2).
+//! The CLI may run `cargo`; git is driven in-process (git2), and reaches a network
+//! repository (`https://`, `ssh://`) through `reload::remote`, as the gateway does.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -16,6 +17,7 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use crate::reload::manifest::{self, Manifest, ManifestPolicy, version_key};
+use crate::reload::remote::Remote;
 use crate::reload::sshsig;
 
 /// The author's description of a bundle (`bundle.source.json`): like the published
@@ -76,6 +78,9 @@ pub(super) fn build(source: &Path) -> anyhow::Result<Built> {
         let manifest_path = source.join(&p.crate_dir).join("Cargo.toml");
         let wasm = cargo_build(&manifest_path)?;
         let bytes = std::fs::read(&wasm).with_context(|| format!("reading {}", wasm.display()))?;
+        let layout = super::layout::read(&bytes)
+            .with_context(|| format!("reading the layout of {}", wasm.display()))?;
+        super::layout::check(&p.name, layout)?;
         let module = format!("modules/{}.wasm", p.name);
         let sha256 = hex::encode(Sha256::digest(&bytes));
         files.insert(module.clone(), bytes);
@@ -200,7 +205,7 @@ fn cargo_build(manifest_path: &Path) -> anyhow::Result<PathBuf> {
 
 /// What `policy publish` needs.
 pub(super) struct Publish<'a> {
-    pub repo: &'a str,
+    pub remote: &'a Remote,
     pub version: &'a str,
     pub branch: &'a str,
     pub sign_key: Option<&'a Path>,
@@ -215,9 +220,13 @@ pub(super) fn commit_and_push(p: &Publish<'_>, built: &mut Built) -> anyhow::Res
     let manifest_json = built.manifest.to_json();
     // The published manifest must pass the same schema the gateway enforces.
     Manifest::parse(manifest_json.as_bytes()).context("the manifest to publish is invalid")?;
-    let work = tempdir("publish")?;
-    let repo =
-        git2::Repository::clone(p.repo, &work).with_context(|| format!("cloning {}", p.repo))?;
+    // The clone is removed however this ends (a refused push included).
+    let clone = TempDir::new("publish")?;
+    let work = clone.path();
+    let repo = p
+        .remote
+        .run(|url| git2::Repository::clone(url, work))
+        .map_err(|e| anyhow::anyhow!("cloning {e}"))?;
     let branch_ref = format!("refs/heads/{}", p.branch);
     let parent = match repo.find_reference(&format!("refs/remotes/origin/{}", p.branch)) {
         Ok(r) => Some(r.peel_to_commit()?),
@@ -239,7 +248,7 @@ pub(super) fn commit_and_push(p: &Publish<'_>, built: &mut Built) -> anyhow::Res
     }
     let tag = format!("v{}", p.version);
     if repo.find_reference(&format!("refs/tags/{tag}")).is_ok() {
-        bail!("tag {tag} already exists in {}", p.repo);
+        bail!("tag {tag} already exists in {}", p.remote.url);
     }
     // The bundle's files replace the tree whole: what is not in this version is not in it.
     let mut index = repo.index()?;
@@ -281,18 +290,41 @@ pub(super) fn commit_and_push(p: &Publish<'_>, built: &mut Built) -> anyhow::Res
     };
     repo.reference(&branch_ref, oid, true, "policy publish")?;
     repo.reference(&format!("refs/tags/{tag}"), oid, false, "policy publish")?;
-    let mut remote = repo.find_remote("origin")?;
-    remote
-        .push(
-            &[
-                format!("{branch_ref}:{branch_ref}"),
-                format!("refs/tags/{tag}:refs/tags/{tag}"),
-            ],
-            None,
-        )
-        .with_context(|| format!("pushing to {}", p.repo))?;
-    let _ = std::fs::remove_dir_all(&work);
+    push(
+        p.remote,
+        &repo,
+        &[
+            format!("{branch_ref}:{branch_ref}"),
+            format!("refs/tags/{tag}:refs/tags/{tag}"),
+        ],
+    )?;
     Ok(oid)
+}
+
+/// Pushes `refspecs` to the clone's origin; a reference the server refused (a push that lost
+/// a race, a hook that declined) is an error, not a silent success.
+fn push(remote: &Remote, repo: &git2::Repository, refspecs: &[String]) -> anyhow::Result<()> {
+    let refused = std::cell::RefCell::new(Vec::new());
+    remote
+        .run(|_| {
+            let mut callbacks = git2::RemoteCallbacks::new();
+            callbacks.push_update_reference(|name, status| {
+                if let Some(status) = status {
+                    refused.borrow_mut().push(format!("{name}: {status}"));
+                }
+                Ok(())
+            });
+            let mut options = git2::PushOptions::new();
+            options.remote_callbacks(callbacks);
+            repo.find_remote("origin")?
+                .push(refspecs, Some(&mut options))
+        })
+        .map_err(|e| anyhow::anyhow!("pushing to {e}"))?;
+    let refused = refused.into_inner();
+    if !refused.is_empty() {
+        bail!("{} refused the push: {}", remote.url, refused.join("; "));
+    }
+    Ok(())
 }
 
 /// An Ed25519 PKCS#8 PEM key, as `policy keygen` writes it.
@@ -331,12 +363,28 @@ fn pem_encode(label: &str, der: &[u8]) -> String {
     )
 }
 
-fn tempdir(name: &str) -> anyhow::Result<PathBuf> {
-    let stamp = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_nanos())
-        .unwrap_or(0);
-    let dir = std::env::temp_dir().join(format!("omnirelay-{name}-{}-{stamp}", std::process::id()));
-    std::fs::create_dir_all(&dir)?;
-    Ok(dir)
+/// A private working directory under the system's temp directory, removed when dropped.
+struct TempDir(PathBuf);
+
+impl TempDir {
+    fn new(name: &str) -> anyhow::Result<Self> {
+        let stamp = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or(0);
+        let dir =
+            std::env::temp_dir().join(format!("omnirelay-{name}-{}-{stamp}", std::process::id()));
+        std::fs::create_dir_all(&dir)?;
+        Ok(Self(dir))
+    }
+
+    fn path(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
 }

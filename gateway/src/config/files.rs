@@ -1,5 +1,5 @@
 //! The file checks `serve` runs before starting and `check-config` prints: trust anchors that
-//! others could rewrite, and state files that others could read or rewrite.
+//! others could rewrite, secrets and state files that others could read or rewrite.
 
 use std::path::{Path, PathBuf};
 
@@ -35,7 +35,44 @@ impl Config {
         {
             problems.push(format!("policy.source.allowed_signers: {e:#}"));
         }
+        if let Some(transport) = self.policy_source.as_ref().map(|s| &s.transport) {
+            let anchors = [
+                ("policy.source.ca_file", &transport.ca_file),
+                ("policy.source.known_hosts", &transport.known_hosts),
+            ];
+            for (key, path) in anchors {
+                if let Some(path) = path
+                    && let Err(e) = secrets::read_trust_anchor(path)
+                {
+                    problems.push(format!("{key}: {e}"));
+                }
+            }
+        }
         problems
+    }
+
+    /// The policy source's credential and SSH key: secrets, private to their owner. Their
+    /// content is read to check it exists, never shown.
+    pub(super) fn check_source_secrets(&self) -> Vec<String> {
+        let Some(transport) = self.policy_source.as_ref().map(|s| &s.transport) else {
+            return Vec::new();
+        };
+        [
+            ("policy.source.credential_file", &transport.credential_file),
+            ("policy.source.ssh_key", &transport.ssh_key),
+        ]
+        .into_iter()
+        .filter_map(|(key, path)| {
+            let path = path.as_ref()?;
+            match secrets::read(path) {
+                Ok(text) if text.trim().is_empty() => {
+                    Some(format!("{key}: {} is empty", path.display()))
+                }
+                Ok(_) => None,
+                Err(e) => Some(format!("{key}: {e}")),
+            }
+        })
+        .collect()
     }
 
     /// State files the gateway writes 0600 (the database and its side files, the audit file,

@@ -4,6 +4,7 @@
 
 mod files;
 mod raw;
+mod source;
 
 use std::net::SocketAddr;
 use std::num::NonZeroU32;
@@ -15,7 +16,7 @@ use crate::audit::AuditConfig;
 use crate::identity::{IdentityConfig, TrustDomain};
 use crate::limits::{LimitsConfig, Rate};
 use crate::policy::{ModuleSource, PolicyBinding, PolicyConfig};
-use crate::reload::{SourceConfig, Track};
+use crate::reload::SourceConfig;
 use crate::server::{AdminConfig, ServerConfig};
 use crate::store::StoreConfig;
 use crate::token::TokenConfig;
@@ -167,6 +168,7 @@ impl Config {
             }
         }
         problems.extend(self.check_trust_anchors());
+        problems.extend(self.check_source_secrets());
         problems.extend(self.check_state_files());
         problems
     }
@@ -277,8 +279,9 @@ impl Validator<'_> {
         let limits = self.limits(raw.limits);
         let store = self.store(raw.store);
         let audit = self.audit(raw.audit);
-        let policy_source = raw.policy.source.take().map(|s| self.source(s));
-        if policy_source.is_some() && !raw.policies.is_empty() {
+        let has_source = raw.policy.source.is_some();
+        let policy_source = raw.policy.source.take().and_then(|s| self.source(s));
+        if has_source && !raw.policies.is_empty() {
             self.problem(
                 "policies",
                 "give either [[policies]] or [policy.source], not both",
@@ -308,55 +311,6 @@ impl Validator<'_> {
             policy_source,
             log,
         })
-    }
-
-    fn source(&mut self, raw: raw::RawSource) -> SourceConfig {
-        let track = match (raw.branch, raw.tags) {
-            (Some(_), Some(_)) => {
-                self.problem("policy.source", "give either branch or tags, not both");
-                Track::Branch("main".into())
-            }
-            (_, Some(pattern)) => match pattern.strip_suffix('*') {
-                Some(prefix) if !prefix.contains('*') => Track::Tags(prefix.to_string()),
-                _ => {
-                    self.problem(
-                        "policy.source.tags",
-                        format!("{pattern:?} must be a prefix followed by '*', like \"v*\""),
-                    );
-                    Track::Tags("v".into())
-                }
-            },
-            (branch, None) => Track::Branch(branch.unwrap_or_else(|| "main".into())),
-        };
-        // A plain path is relative to this file; URLs are taken as they are.
-        let url = if raw.git.contains("://") {
-            raw.git
-        } else {
-            self.path(Some(raw.git), Path::new(""))
-                .display()
-                .to_string()
-        };
-        let allowed_signers = raw
-            .allowed_signers
-            .map(|p| self.path(Some(p), Path::new("")));
-        if raw.require_signed_commits && allowed_signers.is_none() {
-            self.problem(
-                "policy.source.allowed_signers",
-                "required when require_signed_commits is true",
-            );
-        }
-        SourceConfig {
-            url,
-            track,
-            poll_interval: self.duration(
-                "policy.source.poll_interval",
-                raw.poll_interval,
-                Duration::from_secs(30),
-            ),
-            cache_dir: self.path(raw.cache_dir, Path::new("state/policy")),
-            require_signed_commits: raw.require_signed_commits,
-            allowed_signers,
-        }
     }
 
     fn server(&mut self, raw: raw::RawServer) -> ServerConfig {

@@ -145,6 +145,15 @@ pub struct RawSource {
     #[serde(default)]
     pub require_signed_commits: bool,
     pub allowed_signers: Option<String>,
+    #[serde(default)]
+    pub allow_unsigned_remote: bool,
+    pub ca_file: Option<String>,
+    pub credential_file: Option<String>,
+    pub credential_kind: Option<String>,
+    pub ssh_key: Option<String>,
+    pub known_hosts: Option<String>,
+    #[serde(default)]
+    pub allow_insecure_transport: bool,
 }
 
 #[derive(Debug, Deserialize)]

@@ -162,3 +162,153 @@ fn the_audit_section_resolves_its_key_and_refuses_a_zero_schedule() {
         "{problems:?}"
     );
 }
+
+/// The commented-out `[policy.source]` of `examples/gateway.toml` lists every key with its
+/// default (`git` aside, which has none): uncommented, those lines give what a section naming
+/// only `git` gets, and every key the section accepts is documented there.
+#[test]
+fn the_documented_policy_source_defaults_are_the_real_defaults() {
+    let text = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../examples/gateway.toml"
+    ))
+    .unwrap();
+    let base = Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/../examples"));
+    let block: Vec<&str> = text
+        .lines()
+        .skip_while(|l| *l != "# [policy.source]")
+        .skip(1)
+        .take_while(|l| l.starts_with('#'))
+        .filter_map(|l| l.strip_prefix("# "))
+        .filter(|l| {
+            l.split_once(" = ").is_some_and(|(k, _)| {
+                !k.is_empty() && k.chars().all(|c| c.is_ascii_lowercase() || c == '_')
+            })
+        })
+        .collect();
+    let section = |lines: &str| {
+        let toml = format!("trust_domain = \"a.example\"\n[policy.source]\n{lines}");
+        match Config::parse(&toml, base) {
+            Ok(c) => c.policy_source.unwrap(),
+            Err(e) => panic!("{e:?}\n{toml}"),
+        }
+    };
+    let git = block.iter().find(|l| l.starts_with("git = ")).unwrap();
+    assert_eq!(section(&block.join("\n")), section(git));
+    for key in [
+        "git",
+        "branch",
+        "tags",
+        "poll_interval",
+        "cache_dir",
+        "require_signed_commits",
+        "allowed_signers",
+        "allow_unsigned_remote",
+        "ca_file",
+        "credential_file",
+        "credential_kind",
+        "ssh_key",
+        "known_hosts",
+        "allow_insecure_transport",
+    ] {
+        assert!(
+            text.contains(&format!("\n# {key} = ")) || text.contains(&format!("\n#   {key} = ")),
+            "{key} is not documented"
+        );
+    }
+}
+
+fn source_problems(section: &str) -> Vec<String> {
+    match parse(&format!(
+        "trust_domain = \"a.example\"\n[policy.source]\n{section}"
+    )) {
+        Ok(_) => Vec::new(),
+        Err(Parse::Invalid(problems)) => problems,
+        Err(e) => panic!("{e:?}"),
+    }
+}
+
+fn keys(problems: &[String]) -> Vec<&str> {
+    problems
+        .iter()
+        .map(|p| p.split(':').next().unwrap())
+        .collect()
+}
+
+#[test]
+fn a_network_source_needs_signatures_and_a_transport_that_fits() {
+    let unsigned = source_problems(r#"git = "https://git.example/policy.git""#);
+    assert_eq!(keys(&unsigned), ["policy.source.require_signed_commits"]);
+    assert!(
+        unsigned[0].contains("allow_unsigned_remote = true"),
+        "{unsigned:?}"
+    );
+    assert!(
+        source_problems("git = \"https://git.example/p.git\"\nallow_unsigned_remote = true")
+            .is_empty()
+    );
+    let plaintext =
+        source_problems("git = \"http://git.example/p.git\"\nallow_unsigned_remote = true");
+    assert_eq!(keys(&plaintext), ["policy.source.git"]);
+    assert!(
+        plaintext[0].contains("allow_insecure_transport = true"),
+        "{plaintext:?}"
+    );
+    assert!(
+        source_problems(
+            "git = \"git://git.example/p.git\"\nallow_unsigned_remote = true\nallow_insecure_transport = true"
+        )
+        .is_empty()
+    );
+    assert_eq!(
+        keys(&source_problems(
+            "git = \"git@git.example:p.git\"\nrequire_signed_commits = true\nallowed_signers = \"s\""
+        )),
+        ["policy.source.ssh_key", "policy.source.known_hosts"]
+    );
+    assert_eq!(
+        keys(&source_problems(
+            "git = \"/srv/p.git\"\nca_file = \"ca.pem\"\ncredential_kind = \"digest\""
+        )),
+        ["policy.source.credential_kind", "policy.source.ca_file"]
+    );
+    let password = source_problems(r#"git = "https://ci:hunter2@git.example/p.git""#);
+    assert_eq!(keys(&password), ["policy.source.git"]);
+    assert!(!password[0].contains("hunter2"), "{password:?}");
+}
+
+#[test]
+fn transport_files_resolve_against_the_config_directory() {
+    let c = parse(
+        r#"
+        trust_domain = "a.example"
+        [policy.source]
+        git = "https://git.example/policy.git"
+        require_signed_commits = true
+        allowed_signers = "policy/allowed_signers"
+        ca_file = "policy/ca.pem"
+        credential_file = "/run/secrets/policy-token"
+        credential_kind = "basic"
+        "#,
+    )
+    .unwrap();
+    let source = c.policy_source.unwrap();
+    assert_eq!(source.url.as_str(), "https://git.example/policy.git");
+    assert_eq!(
+        source.transport.ca_file.as_deref(),
+        Some(Path::new("/etc/omnirelay/policy/ca.pem"))
+    );
+    assert_eq!(
+        source.transport.credential_file.as_deref(),
+        Some(Path::new("/run/secrets/policy-token"))
+    );
+    assert_eq!(
+        source.transport.credential_kind,
+        crate::reload::remote::CredentialKind::Basic
+    );
+    let local = parse("trust_domain = \"a.example\"\n[policy.source]\ngit = \"repo.git\"").unwrap();
+    assert_eq!(
+        local.policy_source.unwrap().url.as_str(),
+        "/etc/omnirelay/repo.git"
+    );
+}

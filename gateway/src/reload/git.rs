@@ -1,12 +1,13 @@
 //! The local mirror of the policy repository (git2, in-process; never a shelled-out `git`):
-//! fetch, pick the candidate commit, read a commit's files, check ancestry and signatures.
-//! Blocking: call from a blocking thread.
+//! fetch (through [`super::remote`] for network remotes), pick the candidate commit, read a
+//! commit's files, check ancestry and signatures. Blocking: call from a blocking thread.
 
 use std::path::Path;
 
 use git2::{FetchOptions, Oid, Repository};
 
 use super::manifest::version_key;
+use super::remote::{Remote, RemoteError};
 
 /// A git operation failed.
 #[derive(Debug, thiserror::Error)]
@@ -34,48 +35,43 @@ pub enum Track {
 /// A bare mirror under the cache directory.
 pub struct Mirror {
     repo: Repository,
-    url: String,
+    remote: Remote,
 }
 
 impl std::fmt::Debug for Mirror {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Mirror")
-            .field("url", &self.url)
+            .field("remote", &self.remote.url)
             .finish_non_exhaustive()
     }
 }
 
 impl Mirror {
-    /// Opens the mirror at `path`, creating an empty bare repository the first time.
-    pub fn open(path: &Path, url: &str) -> Result<Self, GitError> {
+    /// Opens the mirror of `remote` at `path`, creating an empty bare repository the first
+    /// time.
+    pub fn open(path: &Path, remote: Remote) -> Result<Self, GitError> {
         let repo = match Repository::open_bare(path) {
             Ok(repo) => repo,
             Err(_) => {
                 Repository::init_bare(path).map_err(err(format!("creating {}", path.display())))?
             }
         };
-        Ok(Self {
-            repo,
-            url: url.to_string(),
-        })
+        Ok(Self { repo, remote })
     }
 
     /// Fetches every branch and tag of the remote into the mirror (forced: the remote is the
     /// source of truth for names; ancestry decides what may serve).
-    pub fn fetch(&self) -> Result<(), GitError> {
-        let mut remote = self
-            .repo
-            .remote_anonymous(&self.url)
-            .map_err(err(format!("remote {}", self.url)))?;
-        let mut options = FetchOptions::new();
-        options.download_tags(git2::AutotagOption::All);
-        remote
-            .fetch(
+    pub fn fetch(&self) -> Result<(), RemoteError> {
+        self.remote.run(|url| {
+            let mut remote = self.repo.remote_anonymous(url)?;
+            let mut options = FetchOptions::new();
+            options.download_tags(git2::AutotagOption::All);
+            remote.fetch(
                 &["+refs/heads/*:refs/heads/*", "+refs/tags/*:refs/tags/*"],
                 Some(&mut options),
                 None,
             )
-            .map_err(err(format!("fetching {}", self.url)))
+        })
     }
 
     /// The commit `track` points at in the mirror, if any.
@@ -200,7 +196,11 @@ mod tests {
     #[test]
     fn tag_tracking_follows_the_highest_version_with_the_prefix() {
         let (dir, repo) = tagged();
-        let mirror = Mirror::open(&dir, &dir.display().to_string()).unwrap();
+        let remote = Remote {
+            url: super::super::remote::RemoteUrl::parse(&dir.display().to_string()).unwrap(),
+            transport: Default::default(),
+        };
+        let mirror = Mirror::open(&dir, remote).unwrap();
         let want = repo
             .revparse_single("refs/tags/v1.10.0")
             .unwrap()

@@ -6,6 +6,7 @@
 
 mod git;
 pub mod manifest;
+pub mod remote;
 pub mod sshsig;
 
 use std::path::PathBuf;
@@ -18,6 +19,7 @@ use sha2::{Digest, Sha256};
 
 pub use git::{GitError, Track};
 pub use manifest::{Manifest, ManifestError, ManifestPolicy};
+pub use remote::{RemoteError, RemoteUrl, TransportConfig};
 
 use crate::audit::AuditEvent;
 use crate::metrics::Metrics;
@@ -30,8 +32,12 @@ use crate::store::Store;
 /// The `[policy.source]` section: where bundles come from.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SourceConfig {
-    /// A local path, `file://` URL or network URL of the policy repository.
-    pub url: String,
+    /// A local path, `file://` URL or network URL (`https://`, `ssh://`) of the policy
+    /// repository. Shown redacted.
+    pub url: RemoteUrl,
+    /// How to reach a network remote: CA file, credential, SSH key and `known_hosts`,
+    /// whether plaintext is allowed.
+    pub transport: TransportConfig,
     /// Which commit to follow. Default: the `main` branch.
     pub track: Track,
     /// How often to fetch. Default 30 s.
@@ -42,14 +48,24 @@ pub struct SourceConfig {
     pub require_signed_commits: bool,
     /// OpenSSH `allowed_signers` file, required when signatures are.
     pub allowed_signers: Option<PathBuf>,
+    /// Follow a network remote without requiring signed commits (whoever can push, or sits
+    /// on the path to the server, then chooses the code that decides). Default false.
+    pub allow_unsigned_remote: bool,
 }
 
 /// Why a candidate version was refused. Each is a label of `bootstrap_policy_reload_total`.
 #[derive(Debug, thiserror::Error)]
 pub enum ReloadError {
-    /// The remote could not be fetched (the mirror keeps what it had).
+    /// The remote could not be fetched (the mirror keeps what it had). Boxed: the URL and the
+    /// transport's reason would make every `Result` carrying this error large.
     #[error("fetch failed: {0}")]
-    Fetch(String),
+    Fetch(#[source] Box<RemoteError>),
+    /// The local mirror could not be read.
+    #[error("policy mirror: {0}")]
+    Mirror(#[source] GitError),
+    /// The thread running git failed (a panic in libgit2's callbacks, a poisoned lock).
+    #[error("policy mirror: {0}")]
+    Worker(&'static str),
     /// `bundle.json` (or a schema or vector file it names) does not parse or match its schema.
     #[error("{0}")]
     Schema(String),
@@ -112,7 +128,7 @@ impl ReloadError {
     /// The metric label.
     pub fn label(&self) -> &'static str {
         match self {
-            Self::Fetch(_) | Self::NotFound(_) => "fetch_error",
+            Self::Fetch(_) | Self::Mirror(_) | Self::Worker(_) | Self::NotFound(_) => "fetch_error",
             Self::Schema(_) => "schema_error",
             Self::Digest { .. } => "digest_mismatch",
             Self::Signature(_) => "signature_error",
@@ -201,7 +217,11 @@ impl Reloader {
         store: Arc<dyn Store>,
     ) -> anyhow::Result<Self> {
         std::fs::create_dir_all(&config.cache_dir)?;
-        let mirror = git::Mirror::open(&config.cache_dir.join("mirror.git"), &config.url)?;
+        let remote = remote::Remote {
+            url: config.url.clone(),
+            transport: config.transport.clone(),
+        };
+        let mirror = git::Mirror::open(&config.cache_dir.join("mirror.git"), remote)?;
         let signers = match &config.allowed_signers {
             Some(path) => Some(load_signers(path)?),
             None => None,

@@ -27,10 +27,10 @@ impl Inner {
             .with_mirror(|this, mirror| {
                 mirror
                     .fetch()
-                    .map_err(|e| ReloadError::Fetch(e.to_string()))?;
+                    .map_err(|e| ReloadError::Fetch(Box::new(e)))?;
                 mirror
                     .candidate(&this.config.track)
-                    .map_err(|e| ReloadError::Fetch(e.to_string()))
+                    .map_err(ReloadError::Mirror)
             })
             .await;
         let candidate = match fetched {
@@ -303,11 +303,11 @@ impl Inner {
             let mirror = this
                 .mirror
                 .lock()
-                .map_err(|_| ReloadError::Fetch("mirror lock poisoned".into()))?;
+                .map_err(|_| ReloadError::Worker("its lock is poisoned"))?;
             f(&this, &mirror)
         })
         .await
-        .map_err(|e| ReloadError::Fetch(e.to_string()))?
+        .map_err(|_| ReloadError::Worker("the git thread failed"))?
     }
 
     /// Changes the status and the persisted record together; the record is rewritten
