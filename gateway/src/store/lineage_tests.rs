@@ -1,12 +1,19 @@
-//! Lineages against a real SQLite file: renewals extend a lineage once per certificate,
+//! Lineages against each backend: renewals extend a lineage once per certificate,
 //! revocations take back a token's, a SPIFFE ID's or a certificate's descendants, publish them
 //! to the feed and quarantine their SPIFFE IDs, and every refusal writes nothing.
 
 use std::time::Duration;
 
-use super::tests::{TempDir, issue_record, open_with_token, policy, read_audit};
+use super::harness::{Harness, Kind, both_backends};
+use super::tests::{issue_record, open_with_token, policy, read_audit};
 use super::*;
 use crate::identity::Serial;
+
+both_backends! {
+    a_lineage_grows_by_renewals_and_a_token_revocation_takes_all_of_it,
+    a_serial_revocation_takes_its_descendants_and_not_its_ancestors,
+    the_expiry_summary_counts_live_unrenewed_identities_past_their_renewal_point,
+}
 
 fn renew_record(token: TokenId, predecessor: &str, like: &IssueRecord, now: u64) -> RenewRecord {
     let mut identity = like.identity.clone();
@@ -40,10 +47,9 @@ fn order(target: RevokeTarget, quarantine: u64, now: u64) -> RevokeOrder {
 
 const NOW: u64 = 1_750_000_000;
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_lineage_grows_by_renewals_and_a_token_revocation_takes_all_of_it() {
-    let dir = TempDir::new("lineage");
-    let (store, token) = open_with_token(&dir, 5).await;
+async fn a_lineage_grows_by_renewals_and_a_token_revocation_takes_all_of_it(kind: Kind) {
+    let h = Harness::new(kind, "lineage").await;
+    let (store, token) = open_with_token(&h, 5).await;
     let joined = issue_record(token.id, "r1", "n1");
     let first = joined.identity.serial.to_string();
     assert!(matches!(
@@ -133,7 +139,7 @@ async fn a_lineage_grows_by_renewals_and_a_token_revocation_takes_all_of_it() {
     // SPIFFE ID with a fresh token, until the quarantine is lifted.
     let late = renew_record(token.id, &second, &joined, NOW + 30);
     assert_eq!(store.renew(late).await.unwrap(), RenewOutcome::TokenRevoked);
-    let fresh = token_record_for(&store).await;
+    let fresh = token_record_for(&*store).await;
     let mut rejoin = issue_record(fresh.id, "r9", "n9");
     rejoin.identity.spiffe_id = joined.identity.spiffe_id.clone();
     rejoin.now = NOW + 40;
@@ -162,7 +168,7 @@ async fn a_lineage_grows_by_renewals_and_a_token_revocation_takes_all_of_it() {
     ));
 
     store.close().await;
-    let events = read_audit(&dir.config().audit_file);
+    let events = read_audit(&h.audit_file());
     let kinds: Vec<_> = events.iter().map(AuditEvent::kind).collect();
     assert_eq!(
         kinds,
@@ -191,7 +197,7 @@ async fn a_lineage_grows_by_renewals_and_a_token_revocation_takes_all_of_it() {
 }
 
 /// Registers another token in `store`.
-async fn token_record_for(store: &SqliteStore) -> TokenRecord {
+async fn token_record_for(store: &dyn Store) -> TokenRecord {
     let token = super::tests::token_record(5);
     store
         .register_token(token.clone(), super::tests::token_issued(&token))
@@ -200,10 +206,9 @@ async fn token_record_for(store: &SqliteStore) -> TokenRecord {
     token
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_serial_revocation_takes_its_descendants_and_not_its_ancestors() {
-    let dir = TempDir::new("descendants");
-    let (store, token) = open_with_token(&dir, 5).await;
+async fn a_serial_revocation_takes_its_descendants_and_not_its_ancestors(kind: Kind) {
+    let h = Harness::new(kind, "descendants").await;
+    let (store, token) = open_with_token(&h, 5).await;
     let joined = issue_record(token.id, "r1", "n1");
     let first = joined.identity.serial.to_string();
     store.issue(joined.clone()).await.unwrap();
@@ -233,10 +238,9 @@ async fn a_serial_revocation_takes_its_descendants_and_not_its_ancestors() {
     assert_eq!(store.renew(never).await.unwrap(), RenewOutcome::Unknown);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_expiry_summary_counts_live_unrenewed_identities_past_their_renewal_point() {
-    let dir = TempDir::new("expiry");
-    let (store, token) = open_with_token(&dir, 5).await;
+async fn the_expiry_summary_counts_live_unrenewed_identities_past_their_renewal_point(kind: Kind) {
+    let h = Harness::new(kind, "expiry").await;
+    let (store, token) = open_with_token(&h, 5).await;
     // Issued at NOW, expiring at NOW+3600: 20 % of the lifetime remains from NOW+2880.
     let joined = issue_record(token.id, "r1", "n1");
     store.issue(joined.clone()).await.unwrap();
