@@ -533,7 +533,10 @@ impl Validator<'_> {
             Some("postgres") => match raw.postgres {
                 Some(pg) => Backend::Postgres(self.postgres(pg)),
                 None => {
-                    self.problem("store.postgres", "store.backend = \"postgres\" needs it (url)");
+                    self.problem(
+                        "store.postgres",
+                        "store.backend = \"postgres\" needs it (url)",
+                    );
                     Backend::Sqlite
                 }
             },

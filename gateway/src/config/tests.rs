@@ -189,7 +189,10 @@ fn a_postgres_store_takes_its_section_with_defaults() {
         pg.password,
         PasswordSource::File("/etc/omnirelay/secrets/db.password".into())
     );
-    assert_eq!(pg.ca_file.as_deref(), Some(Path::new("/etc/omnirelay/tls/db-ca.pem")));
+    assert_eq!(
+        pg.ca_file.as_deref(),
+        Some(Path::new("/etc/omnirelay/tls/db-ca.pem"))
+    );
     assert_eq!(pg.pool_size.get(), 32);
     assert_eq!(pg.statement_timeout, Duration::from_secs(5));
     assert_eq!(pg.connect_timeout, Duration::from_secs(5));
@@ -256,7 +259,10 @@ fn postgres_settings_are_checked_together() {
     for (text, key) in [
         ("[store]\nbackend = \"mysql\"", "store.backend"),
         ("[store]\nbackend = \"postgres\"", "store.postgres"),
-        ("[store.postgres]\nurl = \"postgres://db/x\"", "store.postgres"),
+        (
+            "[store.postgres]\nurl = \"postgres://db/x\"",
+            "store.postgres",
+        ),
     ] {
         let err = parse(&format!("trust_domain = \"omnirelay.example\"\n{text}")).unwrap_err();
         assert!(

@@ -108,9 +108,9 @@ impl Harness {
         let config = self.config();
         Ok(match &config.backend {
             Backend::Sqlite => TestStore::Sqlite(SqliteStore::open(&config, checkpoints)?),
-            Backend::Postgres(pg) => TestStore::Postgres(
-                PostgresStore::open(pg, &config.audit_file, checkpoints).await?,
-            ),
+            Backend::Postgres(pg) => {
+                TestStore::Postgres(PostgresStore::open(pg, &config.audit_file, checkpoints).await?)
+            }
         })
     }
 
@@ -188,10 +188,7 @@ fn server() -> &'static Server {
         let user = config.get_user().unwrap_or("postgres").to_string();
         let mut params = format!("host={host} port={port} user={user}");
         if let Some(password) = config.get_password() {
-            params.push_str(&format!(
-                " password={}",
-                String::from_utf8_lossy(password)
-            ));
+            params.push_str(&format!(" password={}", String::from_utf8_lossy(password)));
         }
         let answers = format!("{host}:{port}")
             .parse::<std::net::SocketAddr>()

@@ -216,5 +216,8 @@ async fn the_password_never_shows_in_errors_or_debug_output() {
         .await
         .err()
         .unwrap();
-    assert!(matches!(&err, StoreError::PasswordEnv(v) if *v == var), "{err:?}");
+    assert!(
+        matches!(&err, StoreError::PasswordEnv(v) if *v == var),
+        "{err:?}"
+    );
 }

@@ -50,7 +50,10 @@ pub(super) trait Change: Sync {
     /// The answer.
     type Output: Send;
     /// Its statements, and the audit events and revocations it queues on `tx`.
-    fn apply<'a>(&'a self, tx: &'a mut Tx) -> BoxFuture<'a, Result<Applied<Self::Output>, StoreError>>;
+    fn apply<'a>(
+        &'a self,
+        tx: &'a mut Tx,
+    ) -> BoxFuture<'a, Result<Applied<Self::Output>, StoreError>>;
 }
 
 /// A revoked certificate queued for the feed: its position is given under the chain lock, so
@@ -163,10 +166,7 @@ impl Db {
         config: &PostgresConfig,
         checkpoints: Checkpoints,
     ) -> Result<Self, StoreError> {
-        let mut pg: tokio_postgres::Config = config
-            .url
-            .parse()
-            .map_err(StoreError::Postgres)?;
+        let mut pg: tokio_postgres::Config = config.url.parse().map_err(StoreError::Postgres)?;
         match &config.password {
             PasswordSource::None => {}
             PasswordSource::File(path) => {

@@ -127,13 +127,15 @@ async fn earlier_answer(
     token: &str,
     idempotency: Option<&(String, [u8; 32])>,
 ) -> Result<Option<IssueOutcome>, StoreError> {
-    Ok(earlier(tx, token, idempotency).await?.map(|(same, response)| {
-        if same {
-            IssueOutcome::Replayed(response)
-        } else {
-            IssueOutcome::IdempotencyConflict
-        }
-    }))
+    Ok(earlier(tx, token, idempotency)
+        .await?
+        .map(|(same, response)| {
+            if same {
+                IssueOutcome::Replayed(response)
+            } else {
+                IssueOutcome::IdempotencyConflict
+            }
+        }))
 }
 
 /// Whether an idempotency key was used before, with the same CSR, and its response.

@@ -197,7 +197,16 @@ async fn revoke(tx: &mut Tx, order: &RevokeOrder) -> Result<Applied<RevokeSummar
             let serial: String = row.try_get(0)?;
             let spiffe_id: String = row.try_get(1)?;
             let token_id: String = row.try_get(2)?;
-            revoke_one(tx, order, &target, &serial, &spiffe_id, &token_id, uint(row, 3)?).await?;
+            revoke_one(
+                tx,
+                order,
+                &target,
+                &serial,
+                &spiffe_id,
+                &token_id,
+                uint(row, 3)?,
+            )
+            .await?;
             summary.serials.push(serial);
             if !spiffe_ids.contains(&spiffe_id) {
                 spiffe_ids.push(spiffe_id);

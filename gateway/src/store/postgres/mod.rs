@@ -213,7 +213,11 @@ impl Store for PostgresStore {
         now: u64,
         renew_remaining_percent: u8,
     ) -> BoxFuture<'_, Result<ExpirySummary, StoreError>> {
-        Box::pin(reads::expiry_summary(&self.db, now, renew_remaining_percent))
+        Box::pin(reads::expiry_summary(
+            &self.db,
+            now,
+            renew_remaining_percent,
+        ))
     }
 
     fn idempotent(

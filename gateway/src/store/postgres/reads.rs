@@ -22,11 +22,7 @@ const IDENTITY_COLUMNS: &str = "i.serial, i.spiffe_id, i.token_id, i.node, i.clu
     i.policy_name, i.policy_version, i.not_before, i.not_after, i.issued_at, i.revoked_at,
     i.revoked_reason, i.predecessor, i.renewals";
 
-async fn rows(
-    db: &Db,
-    sql: &str,
-    params: &[&(dyn ToSql + Sync)],
-) -> Result<Vec<Row>, StoreError> {
+async fn rows(db: &Db, sql: &str, params: &[&(dyn ToSql + Sync)]) -> Result<Vec<Row>, StoreError> {
     let client = db.client().await?;
     let statement = client.prepare_cached(sql).await?;
     Ok(client.query(&statement, params).await?)
@@ -99,7 +95,11 @@ fn identity_from_row(row: &Row, now: u64) -> Result<IssuedIdentity, StoreError> 
 
 pub(super) async fn list_tokens(db: &Db) -> Result<Vec<TokenRecord>, StoreError> {
     let sql = format!("SELECT {TOKEN_COLUMNS} FROM tokens ORDER BY issued_at DESC, id");
-    rows(db, &sql, &[]).await?.iter().map(token_from_row).collect()
+    rows(db, &sql, &[])
+        .await?
+        .iter()
+        .map(token_from_row)
+        .collect()
 }
 
 pub(super) async fn token(db: &Db, id: TokenId) -> Result<Option<TokenRecord>, StoreError> {
@@ -145,9 +145,11 @@ pub(super) async fn precheck(
 }
 
 pub(super) async fn nonce_used(db: &Db, nonce: &str) -> Result<bool, StoreError> {
-    Ok(row(db, "SELECT 1 FROM used_nonces WHERE nonce = $1", &[&nonce])
-        .await?
-        .is_some())
+    Ok(
+        row(db, "SELECT 1 FROM used_nonces WHERE nonce = $1", &[&nonce])
+            .await?
+            .is_some(),
+    )
 }
 
 pub(super) async fn idempotent(
@@ -233,7 +235,8 @@ pub(super) async fn revocations_since(
     since: u64,
     limit: u32,
 ) -> Result<Vec<Revoked>, StoreError> {
-    let sql = format!("SELECT {REVOKED_COLUMNS} FROM revocations WHERE seq > $1 ORDER BY seq LIMIT $2");
+    let sql =
+        format!("SELECT {REVOKED_COLUMNS} FROM revocations WHERE seq > $1 ORDER BY seq LIMIT $2");
     rows(db, &sql, &[&int(since), &i64::from(limit)])
         .await?
         .iter()
@@ -348,7 +351,11 @@ pub(super) async fn identities(
         Some(IdentityState::Revoked) => sql.push_str(" AND i.revoked_at IS NOT NULL"),
         Some(state) => {
             params.push(Box::new(int(now)));
-            let cmp = if state == IdentityState::Live { ">" } else { "<=" };
+            let cmp = if state == IdentityState::Live {
+                ">"
+            } else {
+                "<="
+            };
             sql.push_str(&format!(
                 " AND i.revoked_at IS NULL AND i.not_after {cmp} ${}",
                 params.len()
