@@ -185,7 +185,8 @@ fn replica_of(a: &Gateway) -> TempDir {
 
 /// The server's `key=value` parameters, without a database name.
 fn server() -> &'static String {
-    static SERVER: OnceLock<(String, Option<std::process::ChildStdin>)> = OnceLock::new();
+    type Watchdog = (std::process::Child, std::process::ChildStdin);
+    static SERVER: OnceLock<(String, Option<Watchdog>)> = OnceLock::new();
     &SERVER
         .get_or_init(|| {
             let url = std::env::var("OMNIRELAY_TEST_POSTGRES")
@@ -217,7 +218,7 @@ fn server() -> &'static String {
 
 /// A private server from `initdb`/`pg_ctl` on a free port, stopped (through the pipe's close)
 /// when this process exits. Fails saying how to get PostgreSQL when it is not installed.
-fn private_server(url: &str) -> (u16, std::process::ChildStdin) {
+fn private_server(url: &str) -> (u16, (std::process::Child, std::process::ChildStdin)) {
     let bin = std::env::var_os("PATH")
         .and_then(|p| std::env::split_paths(&p).find(|d| d.join("initdb").is_file()))
         .or_else(|| {
@@ -265,7 +266,8 @@ fn private_server(url: &str) -> (u16, std::process::ChildStdin) {
     );
     let stop = format!("read _x; '{bin}/pg_ctl' -D '{dir}/data' -m fast stop; rm -rf '{dir}'");
     let mut watchdog = shell(root, &stop).stdin(Stdio::piped()).spawn().unwrap();
-    (port, watchdog.stdin.take().unwrap())
+    let pipe = watchdog.stdin.take().unwrap();
+    (port, (watchdog, pipe))
 }
 
 fn shell(as_postgres: bool, script: &str) -> Command {

@@ -5,7 +5,6 @@
 //! `pg_ctl`) on a free port and stopped when the test process exits. With neither, the tests
 //! fail saying how to get one: they never skip.
 
-use std::io::Write;
 use std::ops::Deref;
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
@@ -167,8 +166,9 @@ impl Harness {
 /// Where the test server is: parts of a `key=value` connection string without `dbname`.
 struct Server {
     params: String,
-    /// Keeps a private server's stop pipe open; the server stops when the process exits.
-    _private: Option<std::process::ChildStdin>,
+    /// A private server's watchdog, and the pipe it waits on: the pipe closes when the process
+    /// exits, and the watchdog then stops the server.
+    _private: Option<(std::process::Child, std::process::ChildStdin)>,
 }
 
 static SERVER: OnceLock<Server> = OnceLock::new();
@@ -231,7 +231,7 @@ fn binaries() -> Option<PathBuf> {
 /// Starts a private server (trust authentication, loopback only, a free port) in a temp
 /// directory, as the `postgres` user when running as root (PostgreSQL refuses root). Returns
 /// its port and the pipe whose closing (at process exit) stops it and removes the directory.
-fn start_private_server(url: &str) -> (u16, std::process::ChildStdin) {
+fn start_private_server(url: &str) -> (u16, (std::process::Child, std::process::ChildStdin)) {
     let Some(bin) = binaries() else {
         panic!(
             "no PostgreSQL server answers at {url} (OMNIRELAY_TEST_POSTGRES) and no initdb/pg_ctl \
@@ -275,10 +275,9 @@ fn start_private_server(url: &str) -> (u16, std::process::ChildStdin) {
         dir = dir.display(),
     );
     let mut watchdog = shell(as_root, &stop).stdin(Stdio::piped()).spawn().unwrap();
-    let mut pipe = watchdog.stdin.take().unwrap();
     // Nothing is ever written: the pipe only closes.
-    pipe.flush().unwrap();
-    (port, pipe)
+    let pipe = watchdog.stdin.take().unwrap();
+    (port, (watchdog, pipe))
 }
 
 fn shell(as_root: bool, script: &str) -> Command {
