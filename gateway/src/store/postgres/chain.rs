@@ -9,8 +9,6 @@
 use std::sync::Weak;
 use std::time::{Duration, SystemTime};
 
-use deadpool_postgres::Object;
-
 use super::super::{BoxFuture, Checkpoints, StoreError};
 use super::connect::{Applied, Change, Db, Signing, Tx};
 use super::{int, uint};
@@ -160,13 +158,13 @@ pub(super) async fn tick(db: Weak<Db>, interval: Duration) {
 }
 
 /// The head of the chain in the `audit` table.
-pub(super) async fn head_of(client: &Object) -> Result<ChainHead, StoreError> {
-    let row = client
-        .query_opt("SELECT seq, hash FROM audit ORDER BY seq DESC LIMIT 1", &[])
+pub(super) async fn head_of(db: &Db) -> Result<ChainHead, StoreError> {
+    let rows = db
+        .read("SELECT seq, hash FROM audit ORDER BY seq DESC LIMIT 1", &[])
         .await?;
-    Ok(match row {
+    Ok(match rows.first() {
         Some(row) => ChainHead {
-            seq: uint(&row, 0)?,
+            seq: uint(row, 0)?,
             hash: digest_from_hex(row.try_get(1)?)?,
         },
         None => ChainHead::genesis(),

@@ -218,9 +218,40 @@ impl Db {
         let _ = self.feeder.set(feeder);
     }
 
-    /// A pooled connection, for reads.
+    /// A pooled connection.
     pub(super) async fn client(&self) -> Result<Object, StoreError> {
         self.pool.get().await.map_err(StoreError::Unavailable)
+    }
+
+    /// The rows of one read-only statement (prepared once per connection), on a fresh
+    /// connection again when the one it had was lost (a read is safe to repeat).
+    pub(super) async fn read(
+        &self,
+        sql: &str,
+        params: &[&(dyn ToSql + Sync)],
+    ) -> Result<Vec<Row>, StoreError> {
+        let mut attempt = 1;
+        loop {
+            let result = async {
+                let client = self.client().await?;
+                let statement = client.prepare_cached(sql).await?;
+                let rows = client.query(&statement, params).await;
+                if rows.is_err() {
+                    // Its state is unknown: not back to the pool.
+                    drop(Object::take(client));
+                }
+                Ok::<_, StoreError>(rows?)
+            }
+            .await;
+            match result {
+                Err(e) if attempt < MAX_ATTEMPTS && retryable(&e) => {
+                    tracing::debug!(error = %e, attempt, "store: read retried");
+                }
+                other => return other,
+            }
+            backoff(attempt).await;
+            attempt += 1;
+        }
     }
 
     pub(super) fn close(&self) {
@@ -330,17 +361,18 @@ impl Db {
 
     /// The feed position of the newest revocation (0 when there is none).
     pub(super) async fn revocation_head(&self) -> Result<u64, StoreError> {
-        let client = self.client().await?;
-        let row = client
-            .query_one("SELECT COALESCE(MAX(seq), 0) FROM revocations", &[])
+        let rows = self
+            .read("SELECT COALESCE(MAX(seq), 0) FROM revocations", &[])
             .await?;
-        super::uint(&row, 0)
+        match rows.first() {
+            Some(row) => super::uint(row, 0),
+            None => Ok(0),
+        }
     }
 
     /// The head of the chain the database holds.
     pub(super) async fn audit_head(&self) -> Result<crate::audit::ChainHead, StoreError> {
-        let client = self.client().await?;
-        chain::head_of(&client).await
+        chain::head_of(self).await
     }
 }
 

@@ -212,9 +212,8 @@ impl Feeding {
 
 /// Up to [`PAGE`] entries after `seq`, in order.
 async fn entries_after(db: &Db, seq: u64) -> Result<Vec<SealedEntry>, StoreError> {
-    let client = db.client().await?;
-    let rows = client
-        .query(
+    let rows = db
+        .read(
             "SELECT seq, hash, line FROM audit WHERE seq > $1 ORDER BY seq LIMIT $2",
             &[&int(seq), &PAGE],
         )
@@ -232,9 +231,10 @@ async fn entries_after(db: &Db, seq: u64) -> Result<Vec<SealedEntry>, StoreError
 
 /// The hash of entry `seq`, if the database holds it.
 async fn hash_at(db: &Db, seq: u64) -> Result<Option<[u8; 32]>, StoreError> {
-    let client = db.client().await?;
-    let row = client
-        .query_opt("SELECT hash FROM audit WHERE seq = $1", &[&int(seq)])
+    let rows = db
+        .read("SELECT hash FROM audit WHERE seq = $1", &[&int(seq)])
         .await?;
-    row.map(|r| digest_from_hex(r.try_get(0)?)).transpose()
+    rows.first()
+        .map(|r| digest_from_hex(r.try_get(0)?))
+        .transpose()
 }

@@ -381,8 +381,7 @@ pub(super) async fn identities(
         .iter()
         .map(|p| p.as_ref() as &(dyn ToSql + Sync))
         .collect();
-    let client = db.client().await?;
-    // Built per filter: not worth a cached statement each.
-    let found = client.query(&sql, &refs).await?;
+    // Prepared once per connection and filter shape (a few dozen shapes at most).
+    let found = db.read(&sql, &refs).await?;
     found.iter().map(|r| identity_from_row(r, now)).collect()
 }
