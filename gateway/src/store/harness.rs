@@ -166,9 +166,9 @@ impl Harness {
 /// Where the test server is: parts of a `key=value` connection string without `dbname`.
 struct Server {
     params: String,
-    /// A private server's watchdog, and the pipe it waits on: the pipe closes when the process
-    /// exits, and the watchdog then stops the server.
-    _private: Option<(std::process::Child, std::process::ChildStdin)>,
+    /// A private server, stopped when the test process exits (a static is never dropped, but
+    /// its pipe closes with the process).
+    _private: Option<PrivateServer>,
 }
 
 static SERVER: OnceLock<Server> = OnceLock::new();
@@ -203,10 +203,11 @@ fn server() -> &'static Server {
                 _private: None,
             };
         }
-        let (port, stop) = start_private_server(&url);
+        let private = start_private_server(&url, None);
+        let port = private.port;
         Server {
             params: format!("host=127.0.0.1 port={port} user=postgres"),
-            _private: Some(stop),
+            _private: Some(private),
         }
     })
 }
@@ -228,10 +229,27 @@ fn binaries() -> Option<PathBuf> {
     })
 }
 
+/// A private PostgreSQL server: stopped, and its directory removed, when this is dropped (or,
+/// for the shared one kept in a static, when the test process exits and its pipe closes).
+pub(super) struct PrivateServer {
+    pub port: u16,
+    watchdog: std::process::Child,
+    /// Never written: its closing tells the watchdog to stop the server.
+    pipe: Option<std::process::ChildStdin>,
+}
+
+impl Drop for PrivateServer {
+    fn drop(&mut self) {
+        drop(self.pipe.take());
+        let _ = self.watchdog.wait();
+    }
+}
+
 /// Starts a private server (trust authentication, loopback only, a free port) in a temp
-/// directory, as the `postgres` user when running as root (PostgreSQL refuses root). Returns
-/// its port and the pipe whose closing (at process exit) stops it and removes the directory.
-fn start_private_server(url: &str) -> (u16, (std::process::Child, std::process::ChildStdin)) {
+/// directory, as the `postgres` user when running as root (PostgreSQL refuses root). With
+/// `tls` (certificate and key, PEM), it also serves TLS with them.
+pub(super) fn start_private_server(url: &str, tls: Option<(&str, &str)>) -> PrivateServer {
+    static NEXT: AtomicU64 = AtomicU64::new(0);
     let Some(bin) = binaries() else {
         panic!(
             "no PostgreSQL server answers at {url} (OMNIRELAY_TEST_POSTGRES) and no initdb/pg_ctl \
@@ -239,9 +257,25 @@ fn start_private_server(url: &str) -> (u16, (std::process::Child, std::process::
              or point OMNIRELAY_TEST_POSTGRES at a server"
         )
     };
-    let dir = std::env::temp_dir().join(format!("omnirelay-pg-{}", std::process::id()));
+    let dir = std::env::temp_dir().join(format!(
+        "omnirelay-pg-{}-{}",
+        std::process::id(),
+        NEXT.fetch_add(1, Ordering::Relaxed)
+    ));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();
+    let mut options = String::from("-c fsync=off");
+    let mut install_tls = String::new();
+    if let Some((cert, key)) = tls {
+        std::fs::write(dir.join("tls.crt"), cert).unwrap();
+        std::fs::write(dir.join("tls.key"), key).unwrap();
+        options.push_str(" -c ssl=on");
+        install_tls = format!(
+            "cp '{d}/tls.crt' '{d}/data/server.crt'; cp '{d}/tls.key' '{d}/data/server.key'; \
+             chmod 600 '{d}/data/server.key'; rm '{d}/tls.key';",
+            d = dir.display()
+        );
+    }
     let as_root = Command::new("id").arg("-u").output().unwrap().stdout == b"0\n";
     if as_root {
         let status = Command::new("chown")
@@ -259,7 +293,8 @@ fn start_private_server(url: &str) -> (u16, (std::process::Child, std::process::
     let (data, bin) = (dir.join("data"), bin.display().to_string());
     let script = format!(
         "set -e; '{bin}/initdb' -D '{data}' -U postgres --auth=trust -E UTF8 --no-sync >'{dir}/initdb.log' 2>&1; \
-         '{bin}/pg_ctl' -D '{data}' -l '{dir}/server.log' -w -o \"-p {port} -k '{dir}' -c listen_addresses=127.0.0.1 -c fsync=off\" start >/dev/null",
+         {install_tls} \
+         '{bin}/pg_ctl' -D '{data}' -l '{dir}/server.log' -w -o \"-p {port} -k '{dir}' -c listen_addresses=127.0.0.1 {options}\" start >/dev/null",
         data = data.display(),
         dir = dir.display(),
     );
@@ -275,9 +310,12 @@ fn start_private_server(url: &str) -> (u16, (std::process::Child, std::process::
         dir = dir.display(),
     );
     let mut watchdog = shell(as_root, &stop).stdin(Stdio::piped()).spawn().unwrap();
-    // Nothing is ever written: the pipe only closes.
-    let pipe = watchdog.stdin.take().unwrap();
-    (port, (watchdog, pipe))
+    let pipe = watchdog.stdin.take();
+    PrivateServer {
+        port,
+        watchdog,
+        pipe,
+    }
 }
 
 fn shell(as_root: bool, script: &str) -> Command {

@@ -221,3 +221,101 @@ async fn the_password_never_shows_in_errors_or_debug_output() {
         "{err:?}"
     );
 }
+
+/// A CA (PEM) and a certificate for `localhost` it signed, with its key (PEM).
+fn database_tls() -> (String, String, String) {
+    use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair};
+    let ca_key = KeyPair::generate().unwrap();
+    let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    let ca = ca_params.self_signed(&ca_key).unwrap();
+    let issuer = Issuer::new(ca_params, ca_key);
+    let key = KeyPair::generate().unwrap();
+    let cert = CertificateParams::new(vec!["localhost".to_string()])
+        .unwrap()
+        .signed_by(&key, &issuer)
+        .unwrap();
+    (ca.pem(), cert.pem(), key.serialize_pem())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_to_the_database_is_checked_against_the_configured_ca() {
+    let (ca, cert, key) = database_tls();
+    let server = super::harness::start_private_server("(a TLS test server)", Some((&cert, &key)));
+    let dir = TempDir::new("pg-tls");
+    let ca_file = dir.0.join("db-ca.pem");
+    std::fs::write(&ca_file, &ca).unwrap();
+    let url = |mode: &str| {
+        format!(
+            "host=localhost port={} user=postgres dbname=postgres sslmode={mode}",
+            server.port
+        )
+    };
+
+    // With the CA: TLS, and the store works over it.
+    let mut config = PostgresConfig::new(url("require"));
+    config.ca_file = Some(ca_file.clone());
+    let store = PostgresStore::open(&config, &dir.config().audit_file, checkpoints())
+        .await
+        .unwrap();
+    let (token, event) = {
+        let t = super::tests::token_record(1);
+        let e = super::tests::token_issued(&t);
+        (t, e)
+    };
+    store.register_token(token.clone(), event).await.unwrap();
+    assert_eq!(store.token(token.id).await.unwrap(), Some(token));
+    store.close().await;
+
+    // The server as seen by the database: this very connection is encrypted.
+    let (client, connection) = tokio_postgres::connect(
+        &url("require"),
+        tokio_postgres_rustls::MakeRustlsConnect::new(
+            rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
+                rustls::crypto::aws_lc_rs::default_provider(),
+            ))
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_root_certificates({
+                use rustls_pki_types::pem::PemObject;
+                let mut roots = rustls::RootCertStore::empty();
+                roots
+                    .add(rustls_pki_types::CertificateDer::from_pem_slice(ca.as_bytes()).unwrap())
+                    .unwrap();
+                roots
+            })
+            .with_no_client_auth(),
+        ),
+    )
+    .await
+    .unwrap();
+    tokio::spawn(connection);
+    let ssl: bool = client
+        .query_one(
+            "SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert!(ssl);
+
+    // A certificate from another CA is refused: no connection, no store.
+    let (other_ca, _, _) = database_tls();
+    std::fs::write(&ca_file, other_ca).unwrap();
+    let err = PostgresStore::open(&config, &dir.config().audit_file, checkpoints())
+        .await
+        .err()
+        .unwrap();
+    assert!(
+        matches!(err, StoreError::Unavailable(_) | StoreError::Postgres(_)),
+        "{err:?}"
+    );
+    // A file with no certificate in it is its own error.
+    std::fs::write(&ca_file, "not a certificate").unwrap();
+    let err = PostgresStore::open(&config, &dir.config().audit_file, checkpoints())
+        .await
+        .err()
+        .unwrap();
+    assert!(matches!(err, StoreError::CaFile { .. }), "{err:?}");
+}
