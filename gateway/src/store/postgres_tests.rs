@@ -319,3 +319,55 @@ async fn tls_to_the_database_is_checked_against_the_configured_ca() {
         .unwrap();
     assert!(matches!(err, StoreError::CaFile { .. }), "{err:?}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_statement_past_the_timeout_is_cancelled_and_reported_not_retried_forever() {
+    let h = Harness::new(Kind::Postgres, "pg-timeout").await;
+    let Backend::Postgres(mut pg) = h.config().backend else {
+        unreachable!("a PostgreSQL harness")
+    };
+    pg.statement_timeout = std::time::Duration::from_millis(300);
+    let dir = TempDir::new("pg-timeout-store");
+    let store = PostgresStore::open(&pg, &dir.config().audit_file, checkpoints())
+        .await
+        .unwrap();
+    let token = super::tests::token_record(2);
+    store
+        .register_token(token.clone(), super::tests::token_issued(&token))
+        .await
+        .unwrap();
+    // Another session holds the token's row: the join's use waits on it past the timeout.
+    let (client, connection) = tokio_postgres::connect(&pg.url, tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    tokio::spawn(connection);
+    client
+        .batch_execute(&format!(
+            "BEGIN; SELECT 1 FROM tokens WHERE id = '{}' FOR UPDATE",
+            token.id
+        ))
+        .await
+        .unwrap();
+    let started = std::time::Instant::now();
+    let err = store
+        .issue(issue_record(token.id, "r1", "n1"))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&err, StoreError::Postgres(e)
+            if e.code() == Some(&tokio_postgres::error::SqlState::QUERY_CANCELED)),
+        "{err:?}"
+    );
+    assert!(started.elapsed() < std::time::Duration::from_secs(5));
+    client.batch_execute("ROLLBACK").await.unwrap();
+    // Nothing of the cancelled join stayed; the next one goes through.
+    assert!(!store.nonce_used("n1").await.unwrap());
+    assert_eq!(
+        store
+            .issue(issue_record(token.id, "r2", "n2"))
+            .await
+            .unwrap(),
+        IssueOutcome::Issued { uses_left: 1 }
+    );
+    store.close().await;
+}
