@@ -585,7 +585,8 @@ pub trait Store: Send + Sync + 'static {
     ) -> BoxFuture<'_, Result<(Vec<Revoked>, u64), StoreError>>;
 
     /// The feed position of the newest revocation, updated after every commit that revoked
-    /// something (on this replica).
+    /// something: this replica's before it answers; on PostgreSQL, other replicas' too, through
+    /// a notification (and a periodic read of the database when notifications were lost).
     fn revocation_head(&self) -> tokio::sync::watch::Receiver<u64>;
 
     /// Among identities live at `now` and not renewed yet: the soonest expiry, and how many are

@@ -5,6 +5,7 @@
 
 use std::collections::BTreeSet;
 use std::sync::Arc;
+use std::time::Duration;
 
 use super::harness::{Harness, Kind, TestStore};
 use super::tests::{TempDir, checkpoints, issue_record, open_with_token, read_audit};
@@ -186,7 +187,7 @@ async fn the_password_never_shows_in_errors_or_debug_output() {
         .port();
     let mut config = PostgresConfig::new(format!("postgres://gateway@127.0.0.1:{port}/omnirelay"));
     config.password = PasswordSource::File(file.clone());
-    config.connect_timeout = std::time::Duration::from_millis(500);
+    config.connect_timeout = Duration::from_millis(500);
     let mut store_config = dir.config();
     store_config.backend = Backend::Postgres(config.clone());
     let err = PostgresStore::open(&config, &dir.config().audit_file, checkpoints())
@@ -326,7 +327,7 @@ async fn a_statement_past_the_timeout_is_cancelled_and_reported_not_retried_fore
     let Backend::Postgres(mut pg) = h.config().backend else {
         unreachable!("a PostgreSQL harness")
     };
-    pg.statement_timeout = std::time::Duration::from_millis(300);
+    pg.statement_timeout = Duration::from_millis(300);
     let dir = TempDir::new("pg-timeout-store");
     let store = PostgresStore::open(&pg, &dir.config().audit_file, checkpoints())
         .await
@@ -358,7 +359,7 @@ async fn a_statement_past_the_timeout_is_cancelled_and_reported_not_retried_fore
             if e.code() == Some(&tokio_postgres::error::SqlState::QUERY_CANCELED)),
         "{err:?}"
     );
-    assert!(started.elapsed() < std::time::Duration::from_secs(5));
+    assert!(started.elapsed() < Duration::from_secs(5));
     client.batch_execute("ROLLBACK").await.unwrap();
     // Nothing of the cancelled join stayed; the next one goes through.
     assert!(!store.nonce_used("n1").await.unwrap());
@@ -370,4 +371,68 @@ async fn a_statement_past_the_timeout_is_cancelled_and_reported_not_retried_fore
         IssueOutcome::Issued { uses_left: 1 }
     );
     store.close().await;
+}
+
+/// Waits (at most `within`) until `head` reaches `seq`.
+async fn reaches(head: &mut tokio::sync::watch::Receiver<u64>, seq: u64, within: Duration) {
+    let reached = tokio::time::timeout(within, async {
+        while *head.borrow_and_update() < seq {
+            head.changed().await.unwrap();
+        }
+    })
+    .await;
+    assert!(
+        reached.is_ok(),
+        "the head stayed at {} instead of reaching {seq} within {within:?}",
+        *head.borrow()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_revocation_through_one_replica_moves_the_others_feed_within_a_second() {
+    let h = Harness::new(Kind::Postgres, "pg-notify").await;
+    let (a, token) = open_with_token(&h, 5).await;
+    let other_dir = TempDir::new("pg-notify-b");
+    let b = replica(&h, &other_dir).await;
+    let first = issue_record(token.id, "r1", "n1");
+    let serial = first.identity.serial.to_string();
+    a.issue(first).await.unwrap();
+    let mut b_head = b.revocation_head();
+    let revoke = |target| RevokeOrder {
+        request_id: "revoke".into(),
+        target,
+        reason: "test".into(),
+        revoked_by: "bob@ops".into(),
+        quarantine: Duration::ZERO,
+        now: super::tests::NOW,
+    };
+    a.revoke(revoke(RevokeTarget::Serial(serial.clone())))
+        .await
+        .unwrap();
+    let head = *a.revocation_head().borrow();
+    reaches(&mut b_head, head, Duration::from_secs(1)).await;
+    let fed = b.revocations_since(0, 10).await.unwrap();
+    assert_eq!(fed.len(), 1);
+    assert_eq!(fed[0].serial, serial);
+
+    // B's listening connection ended by the server: B listens again and reads what it missed.
+    let database = match h.config().backend {
+        Backend::Postgres(pg) => pg.url.rsplit("dbname=").next().unwrap().to_string(),
+        Backend::Sqlite => unreachable!(),
+    };
+    h.execute(&format!(
+        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity
+         WHERE datname = '{database}' AND application_name = 'omnirelay-gateway-listen'"
+    ))
+    .await;
+    let second = issue_record(token.id, "r2", "n2");
+    let serial = second.identity.serial.to_string();
+    a.issue(second).await.unwrap();
+    a.revoke(revoke(RevokeTarget::Serial(serial)))
+        .await
+        .unwrap();
+    let head = *a.revocation_head().borrow();
+    reaches(&mut b_head, head, Duration::from_secs(10)).await;
+    b.close().await;
+    a.close().await;
 }

@@ -34,7 +34,7 @@ both_backends! {
 }
 
 /// A fixed "now" (2025-06-15T14:13:20Z); tests never read the clock for store decisions.
-const NOW: u64 = 1_750_000_000;
+pub(super) const NOW: u64 = 1_750_000_000;
 /// The issuing CA of every identity `issue_record` makes (a certificate SHA-256, hex).
 const ISSUER: &str = "a1a1a1a1a1a1a1a1a1a1a1a1a1a1a1a1a1a1a1a1a1a1a1a1a1a1a1a1a1a1a1a1";
 /// How long to wait for the writer thread to mirror a commit before failing the test.

@@ -59,6 +59,14 @@ pub(super) async fn seal(tx: &mut Tx, checkpoints: &Checkpoints) -> Result<Seale
             .await?;
         sealed.revocation_head = Some(uint(&row, 0)?);
     }
+    if let Some(seq) = sealed.revocation_head {
+        // Delivered to every listening replica when (and only if) this commits.
+        tx.query(
+            "SELECT pg_notify($1, $2)",
+            &[&super::notify::CHANNEL, &seq.to_string()],
+        )
+        .await?;
+    }
     let state = tx.query_opt(CHAIN_STATE, &[]).await?;
     let (mut head, last_checkpoint, oldest_unsigned) = match state {
         Some(row) => (

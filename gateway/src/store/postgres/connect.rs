@@ -31,6 +31,9 @@ pub(in crate::store) struct Db {
     pub(super) checkpoints: Checkpoints,
     revocations: OnceLock<watch::Sender<u64>>,
     feeder: OnceLock<mpsc::UnboundedSender<FeedMessage>>,
+    /// How the revocation listener connects (outside the pool: it holds its connection).
+    pub(super) listen_config: tokio_postgres::Config,
+    pub(super) listen_tls: Option<tokio_postgres_rustls::MakeRustlsConnect>,
 }
 
 /// What a change decided inside its transaction.
@@ -188,12 +191,19 @@ impl Db {
         let manager_config = ManagerConfig {
             recycling_method: RecyclingMethod::Fast,
         };
-        let manager = match (&config.ca_file, pg.get_ssl_mode()) {
+        let mut listen_config = pg.clone();
+        listen_config.application_name("omnirelay-gateway-listen");
+        let (manager, listen_tls) = match (&config.ca_file, pg.get_ssl_mode()) {
             (Some(ca), mode) if mode != SslMode::Disable => {
                 pg.ssl_mode(SslMode::Require);
-                Manager::from_config(pg, tls(ca)?, manager_config)
+                listen_config.ssl_mode(SslMode::Require);
+                let tls = tls(ca)?;
+                (
+                    Manager::from_config(pg, tls.clone(), manager_config),
+                    Some(tls),
+                )
             }
-            _ => Manager::from_config(pg, NoTls, manager_config),
+            _ => (Manager::from_config(pg, NoTls, manager_config), None),
         };
         let pool = Pool::builder(manager)
             .max_size(config.pool_size.get())
@@ -207,6 +217,8 @@ impl Db {
             checkpoints,
             revocations: OnceLock::new(),
             feeder: OnceLock::new(),
+            listen_config,
+            listen_tls,
         })
     }
 
@@ -343,7 +355,20 @@ impl Db {
 
     /// Tells the feed's watchers and the audit mirror what a commit added.
     fn published(&self, sealed: Sealed) {
-        if let (Some(seq), Some(head)) = (sealed.revocation_head, self.revocations.get()) {
+        if let Some(seq) = sealed.revocation_head {
+            self.advance_revocation_head(seq);
+        }
+        if let Some(feeder) = self.feeder.get()
+            && !sealed.entries.is_empty()
+        {
+            let _ = feeder.send(FeedMessage::Committed(sealed.entries));
+        }
+    }
+
+    /// Moves the revocation head to `seq` if that is further (a commit here, a notification
+    /// or a resync from another replica's commit).
+    pub(super) fn advance_revocation_head(&self, seq: u64) {
+        if let Some(head) = self.revocations.get() {
             head.send_if_modified(|current| {
                 let moved = seq > *current;
                 if moved {
@@ -351,11 +376,6 @@ impl Db {
                 }
                 moved
             });
-        }
-        if let Some(feeder) = self.feeder.get()
-            && !sealed.entries.is_empty()
-        {
-            let _ = feeder.send(FeedMessage::Committed(sealed.entries));
         }
     }
 

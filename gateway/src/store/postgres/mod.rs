@@ -9,6 +9,7 @@ mod connect;
 mod issue;
 mod lineage;
 mod mirror;
+mod notify;
 mod reads;
 mod schema;
 
@@ -86,6 +87,7 @@ pub struct PostgresStore {
     feeder: Feeder,
     revocation_head: watch::Receiver<u64>,
     ticker: tokio::task::JoinHandle<()>,
+    listener: tokio::task::JoinHandle<()>,
 }
 
 impl std::fmt::Debug for PostgresStore {
@@ -97,7 +99,8 @@ impl std::fmt::Debug for PostgresStore {
 impl PostgresStore {
     /// Connects, migrates the schema (once, under an advisory lock, whatever the number of
     /// replicas starting together; a newer schema than this binary knows is refused), catches
-    /// the audit file up with the database's chain and starts the checkpoint ticker.
+    /// the audit file up with the database's chain, and starts the checkpoint ticker and the
+    /// listener that moves the revocation head on other replicas' revocations.
     pub async fn open(
         config: &PostgresConfig,
         audit_file: &Path,
@@ -112,11 +115,13 @@ impl PostgresStore {
         db.set_revocation_watch(publish);
         db.set_feeder(feeder.sender());
         let ticker = tokio::spawn(chain::tick(Arc::downgrade(&db), interval));
+        let listener = tokio::spawn(notify::follow(Arc::downgrade(&db)));
         Ok(Self {
             db,
             feeder,
             revocation_head,
             ticker,
+            listener,
         })
     }
 
@@ -124,6 +129,7 @@ impl PostgresStore {
     /// and closes the pool. Returns once the audit file is released.
     pub async fn close(self) {
         self.ticker.abort();
+        self.listener.abort();
         if let Err(e) = self.db.write(&chain::Checkpoint { force: true }).await {
             tracing::error!(error = %e, "store: cannot sign the audit chain at close");
         }
