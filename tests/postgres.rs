@@ -1,7 +1,7 @@
 //! Two real gateway processes on one PostgreSQL database (`[store] backend = "postgres"`), as
 //! replicas behind a load balancer: a join through one, the token's last use refused through
-//! the other, a renewal, a token revocation through one refusing the other's renewal, and both
-//! audit files holding the database's one chain. The server is the one in
+//! the other, a renewal, a token revocation through one reaching the other's feed within a
+//! second and refusing its renewal, and both audit files holding the database's one chain. The server is the one in
 //! `OMNIRELAY_TEST_POSTGRES` (default `postgres://postgres@127.0.0.1:5432/test`), or a private
 //! one started from `initdb`/`pg_ctl` when none answers; the test works in a database of its
 //! own, dropped afterwards.
@@ -15,7 +15,7 @@
 
 use std::process::{Command, Stdio};
 use std::sync::OnceLock;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use omnirelay_e2e::raw::{raw_problem, renew, renewed};
 use omnirelay_e2e::{
@@ -51,6 +51,24 @@ async fn two_replicas_share_tokens_lineages_revocations_and_one_audit_chain() {
     );
     assert_eq!(renewal.spiffe_id, joined.spiffe_id);
 
+    // A relying party waiting on B's feed hears of a revocation made through A within a second.
+    let open = || async {
+        b.metric("bootstrap_open_connections")
+            .await
+            .unwrap_or_default()
+    };
+    let before = open().await;
+    let feed = b.node();
+    let waiting = tokio::spawn(async move {
+        let reply = feed.get("/v1/revocations?since=0&wait=25").await.unwrap();
+        (Instant::now(), reply)
+    });
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while open().await < before + 1.0 {
+        assert!(Instant::now() < deadline, "the feed client never connected");
+        tokio::task::yield_now().await;
+    }
+
     // Revoked through A: B refuses the renewal, from the database.
     let reply = a
         .admin()
@@ -69,6 +87,20 @@ async fn two_replicas_share_tokens_lineages_revocations_and_one_audit_chain() {
         200,
         "{}",
         String::from_utf8_lossy(&reply.body)
+    );
+    let revoked_at = Instant::now();
+    let (arrived, page) = waiting.await.unwrap();
+    assert_eq!(page.status, 200);
+    let page: gateway::api::wire::RevocationPage = serde_json::from_slice(&page.body).unwrap();
+    let mut fed: Vec<_> = page.revocations.iter().map(|r| r.serial.clone()).collect();
+    fed.sort();
+    let mut lineage = vec![joined.serial.clone(), renewal.serial.clone()];
+    lineage.sort();
+    assert_eq!(fed, lineage);
+    assert!(
+        arrived <= revoked_at + Duration::from_secs(1),
+        "B's feed answered {:?} after A's revocation returned",
+        arrived.saturating_duration_since(revoked_at)
     );
     let next_pem = next.key.serialize_pem();
     let refused = renew(
