@@ -19,7 +19,7 @@ use crate::reload::Reloader;
 use crate::revocation::Publisher;
 use crate::secrets;
 use crate::server::{ServerConfig, ServingCert};
-use crate::store::{Checkpoints, SqliteStore, Store};
+use crate::store::{Backend, Checkpoints, Store};
 use crate::token::{SigningKey, TokenConfig, Verifier, VerifyingKey};
 
 /// Everything a request needs, shared by both listeners.
@@ -111,10 +111,13 @@ impl Gateway {
         let audit_key = AuditKey::from_pkcs8_pem(&secrets::read(&config.audit.signing_key)?)
             .with_context(|| format!("loading {}", config.audit.signing_key.display()))?;
         let checkpoints = Checkpoints::new(Arc::new(audit_key), &config.audit);
-        let store: Arc<dyn Store> = Arc::new(
-            SqliteStore::open(&config.store, checkpoints)
-                .with_context(|| format!("opening {}", config.store.sqlite.display()))?,
-        );
+        let store: Arc<dyn Store> = crate::store::open(&config.store, checkpoints)
+            .await
+            .with_context(|| match &config.store.backend {
+                Backend::Sqlite => format!("opening {}", config.store.sqlite.display()),
+                // The URL carries no password (the config refuses one).
+                Backend::Postgres(pg) => format!("opening the PostgreSQL store at {}", pg.url),
+            })?;
         let metrics = Arc::new(Metrics::new());
         let policies = Arc::new(ActivePolicies::default());
         let mut reloader = None;

@@ -51,6 +51,7 @@ async fn run(joins: usize, every: usize) -> BoxResult<()> {
     };
     let store = Arc::new(SqliteStore::open(
         &StoreConfig {
+            backend: Default::default(),
             sqlite: dir.join("gateway.db"),
             audit_file: dir.join("audit.log"),
             max_batch: 512,

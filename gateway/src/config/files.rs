@@ -76,7 +76,8 @@ impl Config {
     }
 
     /// State files the gateway writes 0600 (the database and its side files, the audit file,
-    /// the record of the active policy version, the CA rotation state): one that group or others may access is
+    /// the record of the active policy version, the CA rotation state) and the database
+    /// password file: one that group or others may access is
     /// refused, since its content can no longer be trusted.
     pub(super) fn check_state_files(&self) -> Vec<String> {
         let sqlite = &self.store.sqlite;
@@ -86,6 +87,11 @@ impl Config {
             ("store.sqlite", side_file(sqlite, "-shm")),
             ("store.audit_file", self.store.audit_file.clone()),
         ];
+        if let crate::store::Backend::Postgres(pg) = &self.store.backend
+            && let crate::store::PasswordSource::File(path) = &pg.password
+        {
+            files.push(("store.postgres.password_file", path.clone()));
+        }
         files.push((
             "identity.rotation_dir",
             crate::identity::rotation_state_file(&self.identity),

@@ -18,7 +18,7 @@ use crate::limits::{LimitsConfig, Rate};
 use crate::policy::{ModuleSource, PolicyBinding, PolicyConfig};
 use crate::reload::SourceConfig;
 use crate::server::{AdminConfig, ServerConfig};
-use crate::store::StoreConfig;
+use crate::store::{Backend, PasswordSource, PostgresConfig, StoreConfig};
 use crate::token::TokenConfig;
 
 pub use raw::RawConfig;
@@ -474,11 +474,105 @@ impl Validator<'_> {
         if max_batch == 0 {
             self.problem("store.max_batch", "must be at least 1");
         }
+        let backend = match raw.backend.as_deref() {
+            None | Some("sqlite") => {
+                if raw.postgres.is_some() {
+                    self.problem(
+                        "store.postgres",
+                        "is set but store.backend is not \"postgres\"",
+                    );
+                }
+                Backend::Sqlite
+            }
+            Some("postgres") => match raw.postgres {
+                Some(pg) => Backend::Postgres(self.postgres(pg)),
+                None => {
+                    self.problem(
+                        "store.postgres",
+                        "store.backend = \"postgres\" needs it (url)",
+                    );
+                    Backend::Sqlite
+                }
+            },
+            Some(other) => {
+                self.problem(
+                    "store.backend",
+                    format!("{other:?} is not \"sqlite\" or \"postgres\""),
+                );
+                Backend::Sqlite
+            }
+        };
         StoreConfig {
+            backend,
             sqlite: self.path(raw.sqlite, Path::new("state/gateway.db")),
             audit_file: self.path(raw.audit_file, Path::new("audit/audit.log")),
             max_batch: max_batch.max(1),
         }
+    }
+
+    /// The `[store.postgres]` section. The URL must parse and carry no password (a config
+    /// file is copied and shown around; the password comes from a file or the environment),
+    /// and TLS is asked for only with a CA to check the server against. Problems never quote
+    /// the URL, which might hold the very password they refuse.
+    fn postgres(&mut self, raw: raw::RawPostgres) -> PostgresConfig {
+        let url = raw.url.unwrap_or_default();
+        let parsed = url.parse::<tokio_postgres::Config>();
+        match &parsed {
+            _ if url.is_empty() => self.problem("store.postgres.url", "is required"),
+            Err(_) => self.problem(
+                "store.postgres.url",
+                "is not a PostgreSQL URL like \"postgres://gateway@db.example:5432/omnirelay\"",
+            ),
+            Ok(pg) if pg.get_password().is_some() => self.problem(
+                "store.postgres.url",
+                "carries a password: put it in password_file or password_env instead",
+            ),
+            Ok(_) => {}
+        }
+        let mut config = PostgresConfig::new(url);
+        let ca_file = raw.ca_file.map(|p| self.path(Some(p), Path::new("")));
+        if let Ok(pg) = &parsed
+            && pg.get_ssl_mode() == tokio_postgres::config::SslMode::Require
+            && ca_file.is_none()
+        {
+            self.problem(
+                "store.postgres.url",
+                "asks for TLS (sslmode=require): set store.postgres.ca_file to the database's CA",
+            );
+        }
+        config.ca_file = ca_file;
+        config.password = match (raw.password_file, raw.password_env) {
+            (Some(_), Some(_)) => {
+                self.problem(
+                    "store.postgres",
+                    "password_file and password_env exclude each other",
+                );
+                PasswordSource::None
+            }
+            (Some(file), None) => PasswordSource::File(self.path(Some(file), Path::new(""))),
+            (None, Some(var)) if var.is_empty() => {
+                self.problem("store.postgres.password_env", "must name a variable");
+                PasswordSource::None
+            }
+            (None, Some(var)) => PasswordSource::Env(var),
+            (None, None) => PasswordSource::None,
+        };
+        match raw.pool_size.map(std::num::NonZeroUsize::new) {
+            None => {}
+            Some(Some(n)) => config.pool_size = n,
+            Some(None) => self.problem("store.postgres.pool_size", "must be at least 1"),
+        }
+        config.statement_timeout = self.duration(
+            "store.postgres.statement_timeout",
+            raw.statement_timeout,
+            config.statement_timeout,
+        );
+        config.connect_timeout = self.duration(
+            "store.postgres.connect_timeout",
+            raw.connect_timeout,
+            config.connect_timeout,
+        );
+        config
     }
 
     fn audit(&mut self, raw: raw::RawAudit) -> AuditConfig {

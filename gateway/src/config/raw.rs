@@ -113,9 +113,23 @@ pub struct RawLimits {
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawStore {
+    pub backend: Option<String>,
     pub sqlite: Option<String>,
     pub audit_file: Option<String>,
     pub max_batch: Option<usize>,
+    pub postgres: Option<RawPostgres>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawPostgres {
+    pub url: Option<String>,
+    pub password_file: Option<String>,
+    pub password_env: Option<String>,
+    pub pool_size: Option<usize>,
+    pub statement_timeout: Option<String>,
+    pub connect_timeout: Option<String>,
+    pub ca_file: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]

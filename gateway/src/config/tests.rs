@@ -312,3 +312,112 @@ fn transport_files_resolve_against_the_config_directory() {
         "/etc/omnirelay/repo.git"
     );
 }
+
+#[test]
+fn a_postgres_store_takes_its_section_with_defaults() {
+    let c = parse(
+        r#"
+        trust_domain = "omnirelay.example"
+        [store]
+        backend = "postgres"
+        [store.postgres]
+        url = "postgres://gateway@db.example:5432/omnirelay?sslmode=require"
+        password_file = "secrets/db.password"
+        ca_file = "tls/db-ca.pem"
+        pool_size = 32
+        "#,
+    )
+    .unwrap();
+    let Backend::Postgres(pg) = &c.store.backend else {
+        panic!("{:?}", c.store.backend)
+    };
+    assert_eq!(
+        pg.url,
+        "postgres://gateway@db.example:5432/omnirelay?sslmode=require"
+    );
+    assert_eq!(
+        pg.password,
+        PasswordSource::File("/etc/omnirelay/secrets/db.password".into())
+    );
+    assert_eq!(
+        pg.ca_file.as_deref(),
+        Some(Path::new("/etc/omnirelay/tls/db-ca.pem"))
+    );
+    assert_eq!(pg.pool_size.get(), 32);
+    assert_eq!(pg.statement_timeout, Duration::from_secs(5));
+    assert_eq!(pg.connect_timeout, Duration::from_secs(5));
+    // SQLite stays the default.
+    let plain = parse(r#"trust_domain = "omnirelay.example""#).unwrap();
+    assert_eq!(plain.store.backend, Backend::Sqlite);
+}
+
+#[test]
+fn a_password_in_the_url_is_refused_without_being_repeated() {
+    const SECRET: &str = "hunter2-in-the-url";
+    for url in [
+        format!("postgres://gateway:{SECRET}@db.example/omnirelay"),
+        format!("postgres://gateway@db.example/omnirelay?password={SECRET}"),
+        format!("host=db.example user=gateway password={SECRET}"),
+    ] {
+        let text = format!(
+            "trust_domain = \"omnirelay.example\"\n[store]\nbackend = \"postgres\"\n\
+             [store.postgres]\nurl = \"{url}\"\n"
+        );
+        let err = parse(&text).unwrap_err();
+        let Parse::Invalid(problems) = &err else {
+            panic!("{err:?}")
+        };
+        assert_eq!(problems.len(), 1, "{problems:?}");
+        assert!(problems[0].contains("carries a password"), "{problems:?}");
+        assert!(!format!("{err:?}").contains(SECRET), "{err:?}");
+    }
+}
+
+#[test]
+fn postgres_settings_are_checked_together() {
+    let err = parse(
+        r#"
+        trust_domain = "omnirelay.example"
+        [store]
+        backend = "postgres"
+        [store.postgres]
+        url = "postgres://gateway@db.example/omnirelay?sslmode=require"
+        password_file = "a"
+        password_env = "B"
+        pool_size = 0
+        statement_timeout = "soon"
+        "#,
+    )
+    .unwrap_err();
+    let Parse::Invalid(problems) = err else {
+        panic!("{err:?}")
+    };
+    let keys: Vec<&str> = problems
+        .iter()
+        .map(|p| p.split(':').next().unwrap())
+        .collect();
+    assert_eq!(
+        keys,
+        [
+            "store.postgres.url",
+            "store.postgres",
+            "store.postgres.pool_size",
+            "store.postgres.statement_timeout"
+        ],
+        "{problems:#?}"
+    );
+    for (text, key) in [
+        ("[store]\nbackend = \"mysql\"", "store.backend"),
+        ("[store]\nbackend = \"postgres\"", "store.postgres"),
+        (
+            "[store.postgres]\nurl = \"postgres://db/x\"",
+            "store.postgres",
+        ),
+    ] {
+        let err = parse(&format!("trust_domain = \"omnirelay.example\"\n{text}")).unwrap_err();
+        assert!(
+            matches!(&err, Parse::Invalid(p) if p.len() == 1 && p[0].starts_with(&format!("{key}:"))),
+            "{text}: {err:?}"
+        );
+    }
+}

@@ -1,5 +1,5 @@
 //! When the store signs the audit chain: every N entries, after T with entries appended, when
-//! flushed and when closed — checked on the real SQLite file and audit file, with the
+//! flushed and when closed — checked on each backend and the real audit file, with the
 //! checkpoints verified under the key's public half.
 
 use std::io::BufReader;
@@ -8,9 +8,17 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use super::tests::{TempDir, db_head, token_issued, token_record};
+use super::harness::{Harness, Kind, both_backends};
+use super::tests::{token_issued, token_record};
 use super::*;
 use crate::audit::{self, AuditEvent, AuditKey, SignedSummary};
+
+both_backends! {
+    a_checkpoint_follows_every_n_entries_and_the_close,
+    a_checkpoint_follows_the_interval_only_when_entries_were_appended,
+    flush_signs_the_tail_and_returns_once_the_file_holds_it,
+    entries_left_unsigned_by_a_crash_count_towards_the_next_checkpoint,
+}
 
 fn schedule(every: u64, interval: Duration) -> (Checkpoints, audit::AuditPublicKey) {
     let key = AuditKey::generate().unwrap().0;
@@ -59,7 +67,7 @@ async fn wait_for_lines(path: &Path, lines: usize) {
     }
 }
 
-async fn register(store: &SqliteStore) {
+async fn register(store: &dyn Store) {
     let t = token_record(1);
     store
         .register_token(t.clone(), token_issued(&t))
@@ -70,14 +78,13 @@ async fn register(store: &SqliteStore) {
 const T: &str = "token-issued";
 const C: &str = "checkpoint";
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_checkpoint_follows_every_n_entries_and_the_close() {
-    let dir = TempDir::new("cp-every");
-    let config = dir.config();
+async fn a_checkpoint_follows_every_n_entries_and_the_close(kind: Kind) {
+    let h = Harness::new(kind, "cp-every").await;
+    let config = h.config();
     let (checkpoints, public) = schedule(3, Duration::from_secs(3600));
-    let store = SqliteStore::open(&config, checkpoints).unwrap();
+    let store = h.open(checkpoints).await.unwrap();
     for _ in 0..7 {
-        register(&store).await;
+        register(&*store).await;
     }
     wait_for_lines(&config.audit_file, 9).await;
     let (summary, events) = signed(&config.audit_file, &public);
@@ -89,29 +96,25 @@ async fn a_checkpoint_follows_every_n_entries_and_the_close() {
     let (summary, events) = signed(&config.audit_file, &public);
     assert_eq!(kinds(&events), [T, T, T, C, T, T, T, C, T, C]);
     assert_eq!(summary.unsigned, 0);
-    assert_eq!(summary.head, db_head(&config));
+    assert_eq!(summary.head, h.db_head().await);
     // A checkpoint signs the entry right before it.
     assert!(matches!(events[9], AuditEvent::Checkpoint { seq: 9, .. }));
 
     // Nothing unsigned: opening and closing again adds nothing.
     let (checkpoints, _) = schedule(3, Duration::from_secs(3600));
-    SqliteStore::open(&config, checkpoints)
-        .unwrap()
-        .close()
-        .await;
+    h.open(checkpoints).await.unwrap().close().await;
     assert_eq!(signed(&config.audit_file, &public).1.len(), 10);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_checkpoint_follows_the_interval_only_when_entries_were_appended() {
-    let dir = TempDir::new("cp-interval");
-    let config = dir.config();
+async fn a_checkpoint_follows_the_interval_only_when_entries_were_appended(kind: Kind) {
+    let h = Harness::new(kind, "cp-interval").await;
+    let config = h.config();
     let (checkpoints, public) = schedule(1000, Duration::from_millis(30));
-    let store = SqliteStore::open(&config, checkpoints).unwrap();
-    register(&store).await;
+    let store = h.open(checkpoints).await.unwrap();
+    register(&*store).await;
     // No further call: the ticker alone brings the checkpoint.
     wait_for_lines(&config.audit_file, 2).await;
-    register(&store).await;
+    register(&*store).await;
     wait_for_lines(&config.audit_file, 4).await;
     let (summary, events) = signed(&config.audit_file, &public);
     // Never two checkpoints in a row: an idle interval signs nothing.
@@ -129,19 +132,18 @@ async fn a_checkpoint_follows_the_interval_only_when_entries_were_appended() {
     );
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn flush_signs_the_tail_and_returns_once_the_file_holds_it() {
-    let dir = TempDir::new("cp-flush");
-    let config = dir.config();
+async fn flush_signs_the_tail_and_returns_once_the_file_holds_it(kind: Kind) {
+    let h = Harness::new(kind, "cp-flush").await;
+    let config = h.config();
     let (checkpoints, public) = schedule(1000, Duration::from_secs(3600));
-    let store = SqliteStore::open(&config, checkpoints).unwrap();
-    register(&store).await;
-    register(&store).await;
+    let store = h.open(checkpoints).await.unwrap();
+    register(&*store).await;
+    register(&*store).await;
     store.flush_audit().await.unwrap();
     // No waiting: the flush promised the file holds it.
     let (summary, events) = signed(&config.audit_file, &public);
     assert_eq!(kinds(&events), [T, T, C]);
-    assert_eq!(summary.head, db_head(&config));
+    assert_eq!(summary.head, h.db_head().await);
     // A second flush with nothing new signs nothing.
     store.flush_audit().await.unwrap();
     assert_eq!(signed(&config.audit_file, &public).1.len(), 3);
@@ -149,26 +151,23 @@ async fn flush_signs_the_tail_and_returns_once_the_file_holds_it() {
     assert_eq!(signed(&config.audit_file, &public).1.len(), 3);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn entries_left_unsigned_by_a_crash_count_towards_the_next_checkpoint() {
-    let dir = TempDir::new("cp-crash");
-    let config = dir.config();
+async fn entries_left_unsigned_by_a_crash_count_towards_the_next_checkpoint(kind: Kind) {
+    let h = Harness::new(kind, "cp-crash").await;
+    let config = h.config();
     let (checkpoints, public) = schedule(3, Duration::from_secs(3600));
-    let store = SqliteStore::open(&config, checkpoints.clone()).unwrap();
-    register(&store).await;
-    register(&store).await;
+    let store = h.open(checkpoints.clone()).await.unwrap();
+    register(&*store).await;
+    register(&*store).await;
     store.close().await;
     // As if the process had died before the close: the closing checkpoint never written.
-    let conn = rusqlite::Connection::open(&config.sqlite).unwrap();
-    conn.execute("DELETE FROM audit WHERE seq = 3", []).unwrap();
-    drop(conn);
+    h.execute("DELETE FROM audit WHERE seq = 3").await;
     let text = std::fs::read_to_string(&config.audit_file).unwrap();
     let kept: String = text.split_inclusive('\n').take(2).collect();
     std::fs::write(&config.audit_file, kept).unwrap();
 
     // Two unsigned entries are already there: the third is the N-th.
-    let store = SqliteStore::open(&config, checkpoints).unwrap();
-    register(&store).await;
+    let store = h.open(checkpoints).await.unwrap();
+    register(&*store).await;
     wait_for_lines(&config.audit_file, 4).await;
     let (_, events) = signed(&config.audit_file, &public);
     assert_eq!(kinds(&events), [T, T, T, C]);

@@ -1,12 +1,22 @@
-//! Lineages against a real SQLite file: renewals extend a lineage once per certificate,
+//! Lineages against each backend: renewals extend a lineage once per certificate,
 //! revocations take back a token's, a SPIFFE ID's or a certificate's descendants, publish them
 //! to the feed and quarantine their SPIFFE IDs, and every refusal writes nothing.
 
 use std::time::Duration;
 
-use super::tests::{TempDir, issue_record, open_with_token, policy, read_audit};
+use super::harness::{Harness, Kind, both_backends};
+use super::tests::{issue_record, open_with_token, policy, read_audit};
 use super::*;
 use crate::identity::Serial;
+
+both_backends! {
+    a_lineage_grows_by_renewals_and_a_token_revocation_takes_all_of_it,
+    a_serial_revocation_takes_its_descendants_and_not_its_ancestors,
+    the_expiry_summary_counts_live_unrenewed_identities_past_their_renewal_point,
+    a_token_revocation_racing_renewals_leaves_none_of_its_identities_live,
+    a_serial_revocation_racing_renewals_takes_every_descendant,
+    a_spiffe_id_revocation_racing_renewals_takes_its_whole_lineage,
+}
 
 fn renew_record(token: TokenId, predecessor: &str, like: &IssueRecord, now: u64) -> RenewRecord {
     let mut identity = like.identity.clone();
@@ -40,10 +50,9 @@ fn order(target: RevokeTarget, quarantine: u64, now: u64) -> RevokeOrder {
 
 const NOW: u64 = 1_750_000_000;
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_lineage_grows_by_renewals_and_a_token_revocation_takes_all_of_it() {
-    let dir = TempDir::new("lineage");
-    let (store, token) = open_with_token(&dir, 5).await;
+async fn a_lineage_grows_by_renewals_and_a_token_revocation_takes_all_of_it(kind: Kind) {
+    let h = Harness::new(kind, "lineage").await;
+    let (store, token) = open_with_token(&h, 5).await;
     let joined = issue_record(token.id, "r1", "n1");
     let first = joined.identity.serial.to_string();
     assert!(matches!(
@@ -133,7 +142,7 @@ async fn a_lineage_grows_by_renewals_and_a_token_revocation_takes_all_of_it() {
     // SPIFFE ID with a fresh token, until the quarantine is lifted.
     let late = renew_record(token.id, &second, &joined, NOW + 30);
     assert_eq!(store.renew(late).await.unwrap(), RenewOutcome::TokenRevoked);
-    let fresh = token_record_for(&store).await;
+    let fresh = token_record_for(&*store).await;
     let mut rejoin = issue_record(fresh.id, "r9", "n9");
     rejoin.identity.spiffe_id = joined.identity.spiffe_id.clone();
     rejoin.now = NOW + 40;
@@ -162,7 +171,7 @@ async fn a_lineage_grows_by_renewals_and_a_token_revocation_takes_all_of_it() {
     ));
 
     store.close().await;
-    let events = read_audit(&dir.config().audit_file);
+    let events = read_audit(&h.audit_file());
     let kinds: Vec<_> = events.iter().map(AuditEvent::kind).collect();
     assert_eq!(
         kinds,
@@ -191,7 +200,7 @@ async fn a_lineage_grows_by_renewals_and_a_token_revocation_takes_all_of_it() {
 }
 
 /// Registers another token in `store`.
-async fn token_record_for(store: &SqliteStore) -> TokenRecord {
+async fn token_record_for(store: &dyn Store) -> TokenRecord {
     let token = super::tests::token_record(5);
     store
         .register_token(token.clone(), super::tests::token_issued(&token))
@@ -200,10 +209,9 @@ async fn token_record_for(store: &SqliteStore) -> TokenRecord {
     token
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_serial_revocation_takes_its_descendants_and_not_its_ancestors() {
-    let dir = TempDir::new("descendants");
-    let (store, token) = open_with_token(&dir, 5).await;
+async fn a_serial_revocation_takes_its_descendants_and_not_its_ancestors(kind: Kind) {
+    let h = Harness::new(kind, "descendants").await;
+    let (store, token) = open_with_token(&h, 5).await;
     let joined = issue_record(token.id, "r1", "n1");
     let first = joined.identity.serial.to_string();
     store.issue(joined.clone()).await.unwrap();
@@ -233,10 +241,9 @@ async fn a_serial_revocation_takes_its_descendants_and_not_its_ancestors() {
     assert_eq!(store.renew(never).await.unwrap(), RenewOutcome::Unknown);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_expiry_summary_counts_live_unrenewed_identities_past_their_renewal_point() {
-    let dir = TempDir::new("expiry");
-    let (store, token) = open_with_token(&dir, 5).await;
+async fn the_expiry_summary_counts_live_unrenewed_identities_past_their_renewal_point(kind: Kind) {
+    let h = Harness::new(kind, "expiry").await;
+    let (store, token) = open_with_token(&h, 5).await;
     // Issued at NOW, expiring at NOW+3600: 20 % of the lifetime remains from NOW+2880.
     let joined = issue_record(token.id, "r1", "n1");
     store.issue(joined.clone()).await.unwrap();
@@ -265,4 +272,103 @@ async fn the_expiry_summary_counts_live_unrenewed_identities_past_their_renewal_
         }
     );
     assert_eq!(at(NOW + 100_000).await.unwrap(), ExpirySummary::default());
+}
+
+/// Eight lineages renewing as fast as they can while `target` (built from the first join's
+/// record and the token) is revoked: whichever commits first, nothing the revocation covers
+/// is live afterwards, each renewal was recorded or refused as revoked, and the feed lists
+/// every revoked certificate exactly once.
+async fn revocation_racing_renewals(kind: Kind, target: fn(&IssueRecord) -> RevokeTarget) {
+    let h = Harness::new(kind, "revoke-race").await;
+    let (store, token) = open_with_token(&h, 8).await;
+    let store = std::sync::Arc::new(store);
+    let mut joined = Vec::new();
+    for i in 0..8 {
+        let record = issue_record(token.id, &format!("r{i}"), &format!("n{i}"));
+        store.issue(record.clone()).await.unwrap();
+        joined.push(record);
+    }
+    let target = target(&joined[0]);
+    let mut renewals = Vec::new();
+    for record in joined.clone() {
+        let store = store.clone();
+        renewals.push(tokio::spawn(async move {
+            let mut predecessor = record.identity.serial.to_string();
+            for step in 0..6 {
+                let renewal = renew_record(token.id, &predecessor, &record, NOW + 1 + step);
+                let serial = renewal.identity.serial.to_string();
+                match store.renew(renewal).await.unwrap() {
+                    RenewOutcome::Renewed { .. } => predecessor = serial,
+                    RenewOutcome::TokenRevoked | RenewOutcome::Revoked => break,
+                    other => panic!("unexpected renewal outcome {other:?}"),
+                }
+            }
+        }));
+    }
+    tokio::task::yield_now().await;
+    let summary = store
+        .revoke(order(target.clone(), 0, NOW + 3))
+        .await
+        .unwrap();
+    for renewal in renewals {
+        renewal.await.unwrap();
+    }
+    let covered = |identity: &IssuedIdentity| match &target {
+        RevokeTarget::Token(_) => true,
+        RevokeTarget::SpiffeId(id) => identity.spiffe_id == *id,
+        RevokeTarget::Serial(_) => identity.spiffe_id == joined[0].identity.spiffe_id.to_string(),
+    };
+    let all = store
+        .identities(
+            IdentityFilter {
+                token_id: Some(token.id),
+                ..IdentityFilter::default()
+            },
+            NOW + 10,
+        )
+        .await
+        .unwrap();
+    let (hit, spared): (Vec<_>, Vec<_>) = all.iter().partition(|i| covered(i));
+    assert!(
+        hit.iter().all(|i| i.state == IdentityState::Revoked),
+        "{target:?} left live: {:?}",
+        hit.iter()
+            .filter(|i| i.state != IdentityState::Revoked)
+            .map(|i| &i.serial)
+            .collect::<Vec<_>>()
+    );
+    assert!(spared.iter().all(|i| i.state == IdentityState::Live));
+    let mut revoked: Vec<String> = hit.iter().map(|i| i.serial.clone()).collect();
+    revoked.sort();
+    let mut reported = summary.serials.clone();
+    reported.sort();
+    assert_eq!(reported, revoked);
+    let mut fed: Vec<String> = store
+        .revocations_since(0, 1000)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|r| r.serial)
+        .collect();
+    fed.sort();
+    assert_eq!(fed, revoked);
+    std::sync::Arc::into_inner(store).unwrap().close().await;
+}
+
+async fn a_token_revocation_racing_renewals_leaves_none_of_its_identities_live(kind: Kind) {
+    revocation_racing_renewals(kind, |r| RevokeTarget::Token(r.token)).await;
+}
+
+async fn a_serial_revocation_racing_renewals_takes_every_descendant(kind: Kind) {
+    revocation_racing_renewals(kind, |r| {
+        RevokeTarget::Serial(r.identity.serial.to_string())
+    })
+    .await;
+}
+
+async fn a_spiffe_id_revocation_racing_renewals_takes_its_whole_lineage(kind: Kind) {
+    revocation_racing_renewals(kind, |r| {
+        RevokeTarget::SpiffeId(r.identity.spiffe_id.to_string())
+    })
+    .await;
 }

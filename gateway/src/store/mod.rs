@@ -1,12 +1,14 @@
 //! Durable state: tokens and their use counts, issued identities, consumed nonces, idempotent
-//! join results and the audit chain. Promises: every multi-step change is one transaction; a
-//! token use is consumed only by a conditional update (`uses < max_uses AND NOT revoked`), never
-//! read-then-written; the audit entries of a change commit with it; nothing is acknowledged
-//! before it is on disk.
+//! join results and the audit chain, behind one [`Store`] trait with two backends (SQLite, the
+//! embedded default, and PostgreSQL, for several replicas). Promises: every multi-step change
+//! is one transaction; a token use is consumed only by a conditional update (`uses < max_uses
+//! AND NOT revoked`), never read-then-written; the audit entries of a change commit with it;
+//! nothing is acknowledged before it is on disk.
 
 mod chain;
 mod checkpoints;
 mod lineage;
+pub mod postgres;
 mod sqlite;
 mod writer;
 
@@ -19,24 +21,55 @@ use crate::identity::{Serial, SpiffeId};
 use crate::token::TokenId;
 
 pub use checkpoints::Checkpoints;
+pub use postgres::{PasswordSource, PostgresConfig, PostgresStore};
 pub use sqlite::SqliteStore;
 
 #[cfg(test)]
 mod checkpoint_tests;
 #[cfg(test)]
+mod harness;
+#[cfg(test)]
 mod lineage_tests;
+#[cfg(test)]
+mod postgres_tests;
 #[cfg(test)]
 mod tests;
 
 /// The `[store]` section.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct StoreConfig {
+    /// Which database holds the state. Default SQLite.
+    pub backend: Backend,
     /// The SQLite database file (created if missing; WAL mode, fsync on commit).
     pub sqlite: PathBuf,
     /// The audit log file the committed audit chain is mirrored to.
     pub audit_file: PathBuf,
-    /// Most changes committed in one transaction. Default 512.
+    /// Most changes committed in one transaction (SQLite). Default 512.
     pub max_batch: usize,
+}
+
+/// Where the state lives.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub enum Backend {
+    /// One SQLite file, one gateway (`store.sqlite`).
+    #[default]
+    Sqlite,
+    /// A PostgreSQL database shared by every replica (`[store.postgres]`).
+    Postgres(PostgresConfig),
+}
+
+/// Opens the configured backend: migrates its schema, catches the audit file up with the
+/// database's chain and starts the store's background work.
+pub async fn open(
+    config: &StoreConfig,
+    checkpoints: Checkpoints,
+) -> Result<std::sync::Arc<dyn Store>, StoreError> {
+    Ok(match &config.backend {
+        Backend::Sqlite => std::sync::Arc::new(SqliteStore::open(config, checkpoints)?),
+        Backend::Postgres(pg) => {
+            std::sync::Arc::new(PostgresStore::open(pg, &config.audit_file, checkpoints).await?)
+        }
+    })
 }
 
 /// Something went wrong below the store's API.
@@ -45,6 +78,32 @@ pub enum StoreError {
     /// SQLite refused an operation.
     #[error("database error")]
     Sqlite(#[from] rusqlite::Error),
+    /// PostgreSQL refused an operation, or the connection to it failed (after the bounded
+    /// retries of what provably did not commit).
+    #[error("database error")]
+    Postgres(#[from] tokio_postgres::Error),
+    /// The database password file could not be read (or others can read it).
+    #[error("store.postgres.password_file")]
+    PasswordFile(#[source] crate::secrets::SecretError),
+    /// The environment variable named for the database password is not set (or not UTF-8).
+    #[error("store.postgres.password_env: ${0} is not set")]
+    PasswordEnv(String),
+    /// The database's CA certificate file (`store.postgres.ca_file`) could not be used.
+    #[error("store.postgres.ca_file {path}: {why}")]
+    CaFile {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong with it.
+        why: String,
+    },
+    /// No connection to PostgreSQL could be had from the pool in time.
+    #[error("no database connection: {0}")]
+    Unavailable(#[source] deadpool_postgres::PoolError),
+    /// The connection was lost while a commit was under way: the change may or may not be
+    /// recorded. Never retried (a retry could issue twice); the caller answers 503 and the
+    /// client's idempotency key finds the outcome.
+    #[error("the database connection was lost during a commit; the outcome is unknown")]
+    CommitUnknown(#[source] tokio_postgres::Error),
     /// The database or audit file could not be opened or written.
     #[error("{0}")]
     Io(String),
@@ -67,7 +126,7 @@ pub enum StoreError {
     /// The database was written by a newer version of the gateway.
     #[error("the database schema is version {found}; this gateway knows up to {known}: upgrade it")]
     SchemaTooNew {
-        /// The database's `user_version`.
+        /// The database's schema version (`user_version` in SQLite).
         found: u32,
         /// The newest this binary writes.
         known: u32,
@@ -470,8 +529,8 @@ type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 /// What an idempotency key was first used for: the CSR digest and the response sent.
 pub type IdempotentResult = ([u8; 32], String);
 
-/// What the gateway needs from durable state. SQLite is the embedded backend; every method's
-/// contract is what the shared tests check.
+/// What the gateway needs from durable state. SQLite is the embedded backend, PostgreSQL the
+/// shared one; every method's contract is what the shared tests check, against both.
 pub trait Store: Send + Sync + 'static {
     /// Registers a newly issued token and audits it.
     fn register_token(
@@ -526,7 +585,8 @@ pub trait Store: Send + Sync + 'static {
     ) -> BoxFuture<'_, Result<(Vec<Revoked>, u64), StoreError>>;
 
     /// The feed position of the newest revocation, updated after every commit that revoked
-    /// something (on this replica).
+    /// something: this replica's before it answers; on PostgreSQL, other replicas' too, through
+    /// a notification (and a periodic read of the database when notifications were lost).
     fn revocation_head(&self) -> tokio::sync::watch::Receiver<u64>;
 
     /// Among identities live at `now` and not renewed yet: the soonest expiry, and how many are

@@ -1,6 +1,7 @@
-//! The store against a real SQLite file and a real audit file, one fresh directory per test.
-//! Outcomes are checked three ways: what the call returned, what a read sees afterwards, and
-//! what the audit file (verified end to end by `audit::verify`) says happened.
+//! The store against each backend (a real SQLite file, a real PostgreSQL database) and a real
+//! audit file, one fresh directory and database per test. Outcomes are checked three ways:
+//! what the call returned, what a read sees afterwards, and what the audit file (verified end
+//! to end by `audit::verify`) says happened.
 
 use std::collections::BTreeSet;
 use std::io::BufReader;
@@ -10,13 +11,30 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
+use super::harness::{Harness, Kind, TestStore, both_backends};
 use super::*;
 use crate::audit::{self, AuditEvent, PolicyRef};
 use crate::identity::{Serial, SpiffeId};
 use crate::token::TokenId;
 
+both_backends! {
+    twenty_racing_joins_get_exactly_the_three_uses,
+    revoked_and_expired_tokens_are_refused_without_consuming_a_use,
+    a_reused_nonce_is_refused_and_its_use_given_back,
+    an_idempotent_retry_gets_the_first_response_and_consumes_nothing,
+    a_live_spiffe_id_refuses_a_second_lineage_unless_the_token_supersedes,
+    the_latest_live_expiry_of_a_ca_skips_revoked_expired_and_other_cas_leaves,
+    tokens_list_newest_first_and_revoke_once,
+    close_then_reopen_at_once_keeps_state_and_continues_the_chain,
+    close_releases_the_files_every_time,
+    a_mirror_cut_short_is_caught_up_from_the_database,
+    a_torn_mirror_line_left_by_a_crash_is_cut_and_written_again,
+    an_edited_last_line_stops_the_store_from_opening,
+    a_rewritten_or_extended_mirror_disagrees_with_the_database,
+}
+
 /// A fixed "now" (2025-06-15T14:13:20Z); tests never read the clock for store decisions.
-const NOW: u64 = 1_750_000_000;
+pub(super) const NOW: u64 = 1_750_000_000;
 /// The issuing CA of every identity `issue_record` makes (a certificate SHA-256, hex).
 const ISSUER: &str = "a1a1a1a1a1a1a1a1a1a1a1a1a1a1a1a1a1a1a1a1a1a1a1a1a1a1a1a1a1a1a1a1";
 /// How long to wait for the writer thread to mirror a commit before failing the test.
@@ -52,6 +70,7 @@ impl TempDir {
 
     pub(super) fn config(&self) -> StoreConfig {
         StoreConfig {
+            backend: Backend::Sqlite,
             sqlite: self.0.join("state.db"),
             audit_file: self.0.join("audit.log"),
             max_batch: 512,
@@ -114,7 +133,7 @@ fn token_revoked(id: TokenId, by: &str) -> AuditEvent {
 }
 
 /// Revokes a token as the admin API does (no quarantine); whether it is on record.
-async fn revoke_token(store: &SqliteStore, id: TokenId, by: &str, now: u64) -> bool {
+async fn revoke_token(store: &dyn Store, id: TokenId, by: &str, now: u64) -> bool {
     store
         .revoke(RevokeOrder {
             request_id: "revoke".into(),
@@ -256,8 +275,8 @@ fn refusals(events: &[AuditEvent]) -> Vec<(u16, String)> {
         .collect()
 }
 
-pub(super) async fn open_with_token(dir: &TempDir, max_uses: u32) -> (SqliteStore, TokenRecord) {
-    let store = SqliteStore::open(&dir.config(), checkpoints()).unwrap();
+pub(super) async fn open_with_token(h: &Harness, max_uses: u32) -> (TestStore, TokenRecord) {
+    let store = h.open(checkpoints()).await.unwrap();
     let token = token_record(max_uses);
     store
         .register_token(token.clone(), token_issued(&token))
@@ -266,10 +285,9 @@ pub(super) async fn open_with_token(dir: &TempDir, max_uses: u32) -> (SqliteStor
     (store, token)
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn twenty_racing_joins_get_exactly_the_three_uses() {
-    let dir = TempDir::new("race");
-    let (store, token) = open_with_token(&dir, 3).await;
+async fn twenty_racing_joins_get_exactly_the_three_uses(kind: Kind) {
+    let h = Harness::new(kind, "race").await;
+    let (store, token) = open_with_token(&h, 3).await;
     let store = Arc::new(store);
     let mut tasks = Vec::new();
     for i in 0..20 {
@@ -311,7 +329,7 @@ async fn twenty_racing_joins_get_exactly_the_three_uses() {
     // token-issued, then an identity-issued entry (which records the allow decision) for each
     // winner. A refusal is an outcome the caller audits (with what the node was told): the
     // store wrote nothing for the 17 losers.
-    let events = mirrored(&dir.config().audit_file, 1 + 3).await;
+    let events = mirrored(&h.audit_file(), 1 + 3).await;
     assert_eq!(events[0], token_issued(&token));
     assert_eq!(count(&events, "identity-issued"), 3);
     assert!(refusals(&events).is_empty());
@@ -343,11 +361,10 @@ async fn twenty_racing_joins_get_exactly_the_three_uses() {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn revoked_and_expired_tokens_are_refused_without_consuming_a_use() {
-    let dir = TempDir::new("refused");
-    let (store, revoked) = open_with_token(&dir, 5).await;
-    assert!(revoke_token(&store, revoked.id, "bob@ops", NOW).await);
+async fn revoked_and_expired_tokens_are_refused_without_consuming_a_use(kind: Kind) {
+    let h = Harness::new(kind, "refused").await;
+    let (store, revoked) = open_with_token(&h, 5).await;
+    assert!(revoke_token(&*store, revoked.id, "bob@ops", NOW).await);
     let outcome = store
         .issue(issue_record(revoked.id, "r1", "n1"))
         .await
@@ -378,7 +395,7 @@ async fn revoked_and_expired_tokens_are_refused_without_consuming_a_use() {
     assert!(store.nonce_used("n2").await.unwrap());
     assert!(!store.nonce_used("n3").await.unwrap());
 
-    let events = mirrored(&dir.config().audit_file, 4).await;
+    let events = mirrored(&h.audit_file(), 4).await;
     assert_eq!(
         kinds(&events),
         [
@@ -390,10 +407,9 @@ async fn revoked_and_expired_tokens_are_refused_without_consuming_a_use() {
     );
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_reused_nonce_is_refused_and_its_use_given_back() {
-    let dir = TempDir::new("nonce");
-    let (store, token) = open_with_token(&dir, 2).await;
+async fn a_reused_nonce_is_refused_and_its_use_given_back(kind: Kind) {
+    let h = Harness::new(kind, "nonce").await;
+    let (store, token) = open_with_token(&h, 2).await;
     let first = issue_record(token.id, "r1", "shared-nonce");
     let first_serial = first.identity.serial.to_string();
     assert_eq!(
@@ -417,17 +433,16 @@ async fn a_reused_nonce_is_refused_and_its_use_given_back() {
         IssueOutcome::Issued { uses_left: 0 }
     );
 
-    let events = mirrored(&dir.config().audit_file, 3).await;
+    let events = mirrored(&h.audit_file(), 3).await;
     assert_eq!(
         kinds(&events),
         ["token-issued", "identity-issued", "identity-issued"]
     );
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_idempotent_retry_gets_the_first_response_and_consumes_nothing() {
-    let dir = TempDir::new("idempotency");
-    let (store, token) = open_with_token(&dir, 3).await;
+async fn an_idempotent_retry_gets_the_first_response_and_consumes_nothing(kind: Kind) {
+    let h = Harness::new(kind, "idempotency").await;
+    let (store, token) = open_with_token(&h, 3).await;
     let (csr, other_csr) = ([7u8; 32], [8u8; 32]);
     let mut first = issue_record(token.id, "r1", "n1");
     first.idempotency = Some(("key-1".into(), csr));
@@ -475,7 +490,7 @@ async fn an_idempotent_retry_gets_the_first_response_and_consumes_nothing() {
         idempotency_key: "key-1".into(),
     };
     store.audit(vec![replayed.clone()]).await.unwrap();
-    let events = mirrored(&dir.config().audit_file, 3).await;
+    let events = mirrored(&h.audit_file(), 3).await;
     assert_eq!(
         kinds(&events),
         ["token-issued", "identity-issued", "identity-replayed"]
@@ -491,10 +506,9 @@ fn same_identity(record: &IssueRecord, token: TokenId, request: &str) -> IssueRe
     again
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_live_spiffe_id_refuses_a_second_lineage_unless_the_token_supersedes() {
-    let dir = TempDir::new("in-use");
-    let (store, fleet) = open_with_token(&dir, 10).await;
+async fn a_live_spiffe_id_refuses_a_second_lineage_unless_the_token_supersedes(kind: Kind) {
+    let h = Harness::new(kind, "in-use").await;
+    let (store, fleet) = open_with_token(&h, 10).await;
     let mut first = issue_record(fleet.id, "r1", "n1");
     first.identity.not_after = NOW + 600;
     let first_serial = first.identity.serial.to_string();
@@ -536,7 +550,7 @@ async fn a_live_spiffe_id_refuses_a_second_lineage_unless_the_token_supersedes()
         IssueOutcome::Issued { .. }
     ));
     // token, r1, r3, token, two supersessions (at NOW both r1 and r3 are live), r4.
-    let events = mirrored(&dir.config().audit_file, 7).await;
+    let events = mirrored(&h.audit_file(), 7).await;
     let superseded: Vec<_> = events
         .iter()
         .filter_map(|e| match e {
@@ -565,10 +579,9 @@ async fn a_live_spiffe_id_refuses_a_second_lineage_unless_the_token_supersedes()
     );
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_latest_live_expiry_of_a_ca_skips_revoked_expired_and_other_cas_leaves() {
-    let dir = TempDir::new("issuer");
-    let (store, fleet) = open_with_token(&dir, 10).await;
+async fn the_latest_live_expiry_of_a_ca_skips_revoked_expired_and_other_cas_leaves(kind: Kind) {
+    let h = Harness::new(kind, "issuer").await;
+    let (store, fleet) = open_with_token(&h, 10).await;
     let other = "b2".repeat(32);
     let issue = |request: &str, issuer: &str, not_after: u64| {
         let mut r = issue_record(fleet.id, request, &format!("nonce-{request}"));
@@ -624,12 +637,11 @@ async fn the_latest_live_expiry_of_a_ca_skips_revoked_expired_and_other_cas_leav
         Some(NOW + 9000)
     );
     // Rows recorded before issuers were count for the configured CA only when asked.
-    let db = rusqlite::Connection::open(&dir.config().sqlite).unwrap();
-    db.execute(
-        "UPDATE identities SET issuer = NULL WHERE serial = ?1",
-        [live.identity.serial.to_string()],
-    )
-    .unwrap();
+    h.execute(&format!(
+        "UPDATE identities SET issuer = NULL WHERE serial = '{}'",
+        live.identity.serial
+    ))
+    .await;
     assert_eq!(
         store.latest_live_expiry(ISSUER, false, NOW).await.unwrap(),
         None
@@ -638,13 +650,9 @@ async fn the_latest_live_expiry_of_a_ca_skips_revoked_expired_and_other_cas_leav
         store.latest_live_expiry(ISSUER, true, NOW).await.unwrap(),
         Some(NOW + 600)
     );
-    let issuers: Vec<Option<String>> = db
-        .prepare("SELECT issuer FROM identities ORDER BY not_after")
-        .unwrap()
-        .query_map([], |r| r.get(0))
-        .unwrap()
-        .collect::<Result<_, _>>()
-        .unwrap();
+    let issuers = h
+        .texts("SELECT issuer FROM identities ORDER BY not_after")
+        .await;
     assert_eq!(
         issuers,
         [
@@ -656,10 +664,9 @@ async fn the_latest_live_expiry_of_a_ca_skips_revoked_expired_and_other_cas_leav
     );
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn tokens_list_newest_first_and_revoke_once() {
-    let dir = TempDir::new("tokens");
-    let store = SqliteStore::open(&dir.config(), checkpoints()).unwrap();
+async fn tokens_list_newest_first_and_revoke_once(kind: Kind) {
+    let h = Harness::new(kind, "tokens").await;
+    let store = h.open(checkpoints()).await.unwrap();
     let mut old = token_record(1);
     let mut mid = token_record(1);
     let mut new = token_record(1);
@@ -677,16 +684,19 @@ async fn tokens_list_newest_first_and_revoke_once() {
         .register_token(mid.clone(), token_issued(&mid))
         .await
         .unwrap_err();
-    assert!(matches!(err, StoreError::Sqlite(_)), "{err:?}");
+    assert!(
+        matches!(err, StoreError::Sqlite(_) | StoreError::Postgres(_)),
+        "{err:?}"
+    );
     assert_eq!(
         store.list_tokens().await.unwrap(),
         [new.clone(), mid.clone(), old.clone()]
     );
 
     let unknown = TokenId::random();
-    assert!(!revoke_token(&store, unknown, "bob@ops", NOW).await);
-    assert!(revoke_token(&store, mid.id, "bob@ops", NOW + 5).await);
-    assert!(revoke_token(&store, mid.id, "carol@ops", NOW + 9).await);
+    assert!(!revoke_token(&*store, unknown, "bob@ops", NOW).await);
+    assert!(revoke_token(&*store, mid.id, "bob@ops", NOW + 5).await);
+    assert!(revoke_token(&*store, mid.id, "carol@ops", NOW + 9).await);
     let revoked = store.token(mid.id).await.unwrap().unwrap();
     assert_eq!(revoked.revoked_at, Some(NOW + 5));
     assert_eq!(revoked.status(NOW + 10), TokenStatus::Revoked);
@@ -695,7 +705,7 @@ async fn tokens_list_newest_first_and_revoke_once() {
 
     // Three registrations and the one revocation that took effect: the repeat changed nothing
     // and must not name a second operator as the one who revoked it.
-    let events = mirrored(&dir.config().audit_file, 4).await;
+    let events = mirrored(&h.audit_file(), 4).await;
     assert_eq!(
         events,
         [
@@ -707,22 +717,6 @@ async fn tokens_list_newest_first_and_revoke_once() {
     );
 }
 
-/// The seq and hash of the database's last audit row.
-pub(super) fn db_head(config: &StoreConfig) -> audit::ChainHead {
-    let conn = rusqlite::Connection::open(&config.sqlite).unwrap();
-    let (seq, hash): (u64, String) = conn
-        .query_row(
-            "SELECT seq, hash FROM audit ORDER BY seq DESC LIMIT 1",
-            [],
-            |r| Ok((r.get(0)?, r.get(1)?)),
-        )
-        .unwrap();
-    audit::ChainHead {
-        seq,
-        hash: hex::decode(hash).unwrap().try_into().unwrap(),
-    }
-}
-
 fn verify_file(path: &Path) -> audit::VerifySummary {
     audit::verify(BufReader::new(std::fs::File::open(path).unwrap())).unwrap()
 }
@@ -730,8 +724,8 @@ fn verify_file(path: &Path) -> audit::VerifySummary {
 /// A store with some history: a token with one identity issued through it (under an
 /// idempotency key) and a revoked token, refused once, then closed. [`HISTORY`] audit entries,
 /// the last the checkpoint written at close.
-pub(super) async fn with_history(config: &StoreConfig) -> (TokenRecord, TokenRecord, String) {
-    let store = SqliteStore::open(config, checkpoints()).unwrap();
+pub(super) async fn with_history(h: &Harness) -> (TokenRecord, TokenRecord, String) {
+    let store = h.open(checkpoints()).await.unwrap();
     let live = token_record(3);
     let gone = token_record(3);
     for t in [&live, &gone] {
@@ -747,7 +741,7 @@ pub(super) async fn with_history(config: &StoreConfig) -> (TokenRecord, TokenRec
         store.issue(record).await.unwrap(),
         IssueOutcome::Issued { uses_left: 2 }
     );
-    assert!(revoke_token(&store, gone.id, "bob@ops", NOW).await);
+    assert!(revoke_token(&*store, gone.id, "bob@ops", NOW).await);
     let refused = store
         .issue(issue_record(gone.id, "r2", "n2"))
         .await
@@ -764,16 +758,15 @@ pub(super) async fn with_history(config: &StoreConfig) -> (TokenRecord, TokenRec
 
 pub(super) const HISTORY: u64 = 7;
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn close_then_reopen_at_once_keeps_state_and_continues_the_chain() {
-    let dir = TempDir::new("reopen");
-    let config = dir.config();
-    let (live, gone, serial) = with_history(&config).await;
+async fn close_then_reopen_at_once_keeps_state_and_continues_the_chain(kind: Kind) {
+    let h = Harness::new(kind, "reopen").await;
+    let config = h.config();
+    let (live, gone, serial) = with_history(&h).await;
     // `close` returned, so the writer has mirrored everything and let go of the files.
     let before = std::fs::read(&config.audit_file).unwrap();
     assert_eq!(verify_file(&config.audit_file).entries, HISTORY);
 
-    let store = SqliteStore::open(&config, checkpoints()).unwrap();
+    let store = h.open(checkpoints()).await.unwrap();
     let mut live_now = live.clone();
     live_now.uses = 1;
     let mut gone_now = gone.clone();
@@ -806,7 +799,7 @@ async fn close_then_reopen_at_once_keeps_state_and_continues_the_chain() {
     assert_eq!(after[..before.len()], before[..]);
     let summary = verify_file(&config.audit_file);
     assert_eq!(summary.entries, HISTORY + 2);
-    assert_eq!(summary.head, db_head(&config));
+    assert_eq!(summary.head, h.db_head().await);
     let events = read_audit(&config.audit_file);
     assert!(matches!(
         &events[events.len() - 2],
@@ -815,11 +808,12 @@ async fn close_then_reopen_at_once_keeps_state_and_continues_the_chain() {
     assert_eq!(events[events.len() - 1].kind(), "checkpoint");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn close_releases_the_files_every_time() {
-    let dir = TempDir::new("cycle");
+async fn close_releases_the_files_every_time(kind: Kind) {
+    let h = Harness::new(kind, "cycle").await;
     for round in 0..20 {
-        let store = SqliteStore::open(&dir.config(), checkpoints())
+        let store = h
+            .open(checkpoints())
+            .await
             .unwrap_or_else(|e| panic!("reopen in round {round}: {e}"));
         let t = token_record(1);
         store
@@ -829,14 +823,13 @@ async fn close_releases_the_files_every_time() {
         store.close().await;
     }
     // Each round: the token, and the checkpoint at close.
-    assert_eq!(verify_file(&dir.config().audit_file).entries, 40);
+    assert_eq!(verify_file(&h.audit_file()).entries, 40);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_mirror_cut_short_is_caught_up_from_the_database() {
-    let dir = TempDir::new("catch-up");
-    let config = dir.config();
-    with_history(&config).await;
+async fn a_mirror_cut_short_is_caught_up_from_the_database(kind: Kind) {
+    let h = Harness::new(kind, "catch-up").await;
+    let config = h.config();
+    with_history(&h).await;
     let full = std::fs::read_to_string(&config.audit_file).unwrap();
     let lines: Vec<&str> = full.split_inclusive('\n').collect();
     assert_eq!(lines.len() as u64, HISTORY);
@@ -844,41 +837,31 @@ async fn a_mirror_cut_short_is_caught_up_from_the_database() {
     // The last three lines lost (a crash before the mirror write), cut at a line boundary.
     std::fs::write(&config.audit_file, lines[..lines.len() - 3].concat()).unwrap();
     assert_eq!(verify_file(&config.audit_file).entries, HISTORY - 3);
-    SqliteStore::open(&config, checkpoints())
-        .unwrap()
-        .close()
-        .await;
+    h.open(checkpoints()).await.unwrap().close().await;
     assert_eq!(std::fs::read_to_string(&config.audit_file).unwrap(), full);
-    assert_eq!(verify_file(&config.audit_file).head, db_head(&config));
+    assert_eq!(verify_file(&config.audit_file).head, h.db_head().await);
 
     // The whole file lost: rebuilt, with its restrictive mode.
     std::fs::remove_file(&config.audit_file).unwrap();
-    SqliteStore::open(&config, checkpoints())
-        .unwrap()
-        .close()
-        .await;
+    h.open(checkpoints()).await.unwrap().close().await;
     assert_eq!(std::fs::read_to_string(&config.audit_file).unwrap(), full);
     assert_eq!(mode(&config.audit_file), 0o600);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_torn_mirror_line_left_by_a_crash_is_cut_and_written_again() {
-    let dir = TempDir::new("torn");
-    let config = dir.config();
-    with_history(&config).await;
+async fn a_torn_mirror_line_left_by_a_crash_is_cut_and_written_again(kind: Kind) {
+    let h = Harness::new(kind, "torn").await;
+    let config = h.config();
+    with_history(&h).await;
     let full = std::fs::read_to_string(&config.audit_file).unwrap();
 
     // A kill in the middle of the mirror's append: the last line lacks its end, or only its
     // newline. The database holds the entry, so the store opens and the file is whole again.
     for cut in [40, 1] {
         std::fs::write(&config.audit_file, &full[..full.len() - cut]).unwrap();
-        SqliteStore::open(&config, checkpoints())
-            .unwrap()
-            .close()
-            .await;
+        h.open(checkpoints()).await.unwrap().close().await;
         assert_eq!(std::fs::read_to_string(&config.audit_file).unwrap(), full);
     }
-    assert_eq!(verify_file(&config.audit_file).head, db_head(&config));
+    assert_eq!(verify_file(&config.audit_file).head, h.db_head().await);
 }
 
 /// Replaces the file's last line with `last` (which must end in a newline).
@@ -890,11 +873,10 @@ fn replace_last_line(path: &Path, last: impl FnOnce(&str) -> String) {
     std::fs::write(path, edited).unwrap();
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_edited_last_line_stops_the_store_from_opening() {
-    let dir = TempDir::new("tamper");
-    let config = dir.config();
-    with_history(&config).await;
+async fn an_edited_last_line_stops_the_store_from_opening(kind: Kind) {
+    let h = Harness::new(kind, "tamper").await;
+    let config = h.config();
+    with_history(&h).await;
 
     // One byte of the last line's event changed: the line no longer matches its own hash, so
     // the audit file refuses to open (a typed audit error naming the file).
@@ -903,7 +885,7 @@ async fn an_edited_last_line_stops_the_store_from_opening() {
         format!("{}8{}\n", &line[..at], &line[at + 1..])
     });
     let tampered = std::fs::read(&config.audit_file).unwrap();
-    let err = SqliteStore::open(&config, checkpoints()).unwrap_err();
+    let err = h.open(checkpoints()).await.err().unwrap();
     match &err {
         StoreError::Audit { path, source } => {
             assert_eq!(path, &config.audit_file);
@@ -918,11 +900,10 @@ async fn an_edited_last_line_stops_the_store_from_opening() {
     assert_eq!(std::fs::read(&config.audit_file).unwrap(), tampered);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_rewritten_or_extended_mirror_disagrees_with_the_database() {
-    let dir = TempDir::new("rewrite");
-    let config = dir.config();
-    with_history(&config).await;
+async fn a_rewritten_or_extended_mirror_disagrees_with_the_database(kind: Kind) {
+    let h = Harness::new(kind, "rewrite").await;
+    let config = h.config();
+    with_history(&h).await;
     let original = std::fs::read_to_string(&config.audit_file).unwrap();
     let lines: Vec<&str> = original.lines().collect();
     let prev = {
@@ -947,7 +928,7 @@ async fn a_rewritten_or_extended_mirror_disagrees_with_the_database() {
         )
     });
     verify_file(&config.audit_file);
-    let err = SqliteStore::open(&config, checkpoints()).unwrap_err();
+    let err = h.open(checkpoints()).await.err().unwrap();
     assert!(
         matches!(&err, StoreError::AuditMismatch(m) if m.contains("entry 7 differs")),
         "{err:?}"
@@ -957,7 +938,7 @@ async fn a_rewritten_or_extended_mirror_disagrees_with_the_database() {
     let head = audit::verify(original.as_bytes()).unwrap().head;
     let extra = audit::seal(&head, std::time::SystemTime::now(), &forged).line;
     std::fs::write(&config.audit_file, format!("{original}{extra}\n")).unwrap();
-    let err = SqliteStore::open(&config, checkpoints()).unwrap_err();
+    let err = h.open(checkpoints()).await.err().unwrap();
     assert!(
         matches!(&err, StoreError::AuditMismatch(m) if m.contains("8 entries, the database 7")),
         "{err:?}"
@@ -968,11 +949,12 @@ fn mode(path: &Path) -> u32 {
     std::fs::metadata(path).unwrap().permissions().mode() & 0o777
 }
 
+/// SQLite only: its files on disk, and its writer's batches.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_database_and_its_side_files_are_private() {
-    let dir = TempDir::new("mode");
-    let config = dir.config();
-    let (store, _) = open_with_token(&dir, 1).await;
+    let h = Harness::new(Kind::Sqlite, "mode").await;
+    let config = h.config();
+    let (store, _) = open_with_token(&h, 1).await;
     assert_eq!(mode(&config.sqlite), 0o600);
     assert_eq!(mode(&config.audit_file), 0o600);
     // The WAL holds the same rows as the database until a checkpoint; it must be as private.
@@ -983,12 +965,13 @@ async fn the_database_and_its_side_files_are_private() {
     store.close().await;
 }
 
+/// SQLite only: its files on disk, and its writer's batches.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_zero_max_batch_commits_one_change_at_a_time() {
-    let dir = TempDir::new("batch");
-    let mut config = dir.config();
+    let h = Harness::new(Kind::Sqlite, "batch").await;
+    let mut config = h.config();
     config.max_batch = 0;
-    let store = SqliteStore::open(&config, checkpoints()).unwrap();
+    let store = h.open(checkpoints()).await.unwrap();
     let t = token_record(1);
     store
         .register_token(t.clone(), token_issued(&t))

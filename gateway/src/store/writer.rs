@@ -134,14 +134,14 @@ impl Mirror {
         Ok(Self { batches, thread })
     }
 
-    fn send(&self, entries: Vec<SealedEntry>) {
+    pub(super) fn send(&self, entries: Vec<SealedEntry>) {
         if !entries.is_empty() {
             let _ = self.batches.send(ToMirror::Entries(entries));
         }
     }
 
     /// Answers `replies` once everything sent before is written and synced.
-    fn flush(&self, replies: Vec<Reply<()>>) {
+    pub(super) fn flush(&self, replies: Vec<Reply<()>>) {
         if !replies.is_empty() {
             let _ = self.batches.send(ToMirror::Flush(replies));
         }

@@ -1,0 +1,459 @@
+//! Connections and transactions: the pool (TLS with rustls when asked for), the password read
+//! from its file or variable (never logged: `tokio_postgres::Config` redacts it and nothing
+//! here prints it), and [`Db::write`], which runs one change as one transaction and retries
+//! it, a bounded number of times, only when it provably did not commit.
+
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+
+use deadpool_postgres::{Manager, ManagerConfig, Object, Pool, RecyclingMethod, Runtime};
+use tokio::sync::{mpsc, watch};
+use tokio_postgres::config::SslMode;
+use tokio_postgres::error::SqlState;
+use tokio_postgres::types::ToSql;
+use tokio_postgres::{NoTls, Row};
+
+use super::super::{BoxFuture, Checkpoints, StoreError};
+use super::PasswordSource;
+use super::PostgresConfig;
+use super::chain::{self, Sealed};
+use super::mirror::FeedMessage;
+use crate::audit::AuditEvent;
+
+/// Attempts of one change before its error is returned.
+const MAX_ATTEMPTS: u32 = 4;
+/// The first retry's pause; each next one doubles, with full jitter.
+const FIRST_BACKOFF: Duration = Duration::from_millis(20);
+
+/// The pool, and what every change needs to seal its audit entries and report its effects.
+pub(in crate::store) struct Db {
+    pool: Pool,
+    pub(super) checkpoints: Checkpoints,
+    revocations: OnceLock<watch::Sender<u64>>,
+    feeder: OnceLock<mpsc::UnboundedSender<FeedMessage>>,
+    /// How the revocation listener connects (outside the pool: it holds its connection).
+    pub(super) listen_config: tokio_postgres::Config,
+    pub(super) listen_tls: Option<tokio_postgres_rustls::MakeRustlsConnect>,
+}
+
+/// What a change decided inside its transaction.
+pub(super) enum Applied<T> {
+    /// Commit it (with the audit entries and revocations it queued), then answer.
+    Commit(T),
+    /// Write nothing: roll back, then answer.
+    Refuse(T),
+    /// A concurrent transaction committed what this one needed first (an idempotency key):
+    /// roll back and run it again, when it will see that commit.
+    Again,
+}
+
+/// One change: what it does inside its transaction. It may run more than once (a retry after
+/// a serialisation failure or a dropped connection), each time in a fresh transaction.
+pub(super) trait Change: Sync {
+    /// The answer.
+    type Output: Send;
+    /// Its statements, and the audit events and revocations it queues on `tx`.
+    fn apply<'a>(
+        &'a self,
+        tx: &'a mut Tx,
+    ) -> BoxFuture<'a, Result<Applied<Self::Output>, StoreError>>;
+}
+
+/// A revoked certificate queued for the feed: its position is given under the chain lock, so
+/// positions become visible in order (a reader never skips one committed late).
+#[derive(Debug, Clone)]
+pub(super) struct NewRevocation {
+    pub serial: String,
+    pub spiffe_id: String,
+    pub token_id: String,
+    pub reason: String,
+    pub not_after: u64,
+    pub now: u64,
+}
+
+/// When the transaction's commit signs the chain.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Signing {
+    /// After `every` unsigned entries, or when the oldest unsigned one is `interval` old.
+    Scheduled,
+    /// Whenever entries are unsigned (a flush, a close).
+    Now,
+}
+
+/// An open transaction on a pooled connection, with what it queued for the commit.
+pub(super) struct Tx {
+    client: Option<Object>,
+    pub(super) events: Vec<AuditEvent>,
+    pub(super) revocations: Vec<NewRevocation>,
+    pub(super) signing: Signing,
+    /// Whether to take the chain lock even with nothing queued (the ticker's check).
+    pub(super) check_chain: bool,
+}
+
+impl Tx {
+    fn client(&self) -> Result<&Object, StoreError> {
+        self.client.as_ref().ok_or(StoreError::Closed)
+    }
+
+    /// Rows of one statement (prepared once per connection).
+    pub(super) async fn query(
+        &self,
+        sql: &str,
+        params: &[&(dyn ToSql + Sync)],
+    ) -> Result<Vec<Row>, StoreError> {
+        let client = self.client()?;
+        let statement = client.prepare_cached(sql).await?;
+        Ok(client.query(&statement, params).await?)
+    }
+
+    /// The row of a statement that returns at most one.
+    pub(super) async fn query_opt(
+        &self,
+        sql: &str,
+        params: &[&(dyn ToSql + Sync)],
+    ) -> Result<Option<Row>, StoreError> {
+        let client = self.client()?;
+        let statement = client.prepare_cached(sql).await?;
+        Ok(client.query_opt(&statement, params).await?)
+    }
+
+    /// The row of a statement that returns exactly one.
+    pub(super) async fn query_one(
+        &self,
+        sql: &str,
+        params: &[&(dyn ToSql + Sync)],
+    ) -> Result<Row, StoreError> {
+        let client = self.client()?;
+        let statement = client.prepare_cached(sql).await?;
+        Ok(client.query_one(&statement, params).await?)
+    }
+
+    /// Rows changed by one statement.
+    pub(super) async fn execute(
+        &self,
+        sql: &str,
+        params: &[&(dyn ToSql + Sync)],
+    ) -> Result<u64, StoreError> {
+        let client = self.client()?;
+        let statement = client.prepare_cached(sql).await?;
+        Ok(client.execute(&statement, params).await?)
+    }
+
+    /// Serialises the transactions that create or revoke identities of `spiffe_id` (one live
+    /// lineage per SPIFFE ID holds across replicas); released at commit or rollback.
+    pub(super) async fn lock_spiffe_id(&self, spiffe_id: &str) -> Result<(), StoreError> {
+        self.query(
+            "SELECT pg_advisory_xact_lock(7, hashtext($1))",
+            &[&spiffe_id],
+        )
+        .await?;
+        Ok(())
+    }
+
+    async fn end(&mut self, sql: &str) -> Result<(), StoreError> {
+        self.client()?.batch_execute(sql).await?;
+        Ok(())
+    }
+
+    /// Drops the connection instead of returning it to the pool (its state is unknown).
+    fn discard(&mut self) {
+        if let Some(client) = self.client.take() {
+            drop(Object::take(client));
+        }
+    }
+}
+
+impl Db {
+    /// Builds the pool (connections are made on demand; the schema migration makes the first).
+    pub(super) async fn connect(
+        config: &PostgresConfig,
+        checkpoints: Checkpoints,
+    ) -> Result<Self, StoreError> {
+        let mut pg: tokio_postgres::Config = config.url.parse().map_err(StoreError::Postgres)?;
+        match &config.password {
+            PasswordSource::None => {}
+            PasswordSource::File(path) => {
+                let password = crate::secrets::read(path).map_err(StoreError::PasswordFile)?;
+                pg.password(password.trim());
+            }
+            PasswordSource::Env(name) => {
+                let password =
+                    std::env::var(name).map_err(|_| StoreError::PasswordEnv(name.clone()))?;
+                pg.password(password);
+            }
+        }
+        pg.connect_timeout(config.connect_timeout);
+        pg.application_name("omnirelay-gateway");
+        pg.options(format!(
+            "-c statement_timeout={}",
+            config.statement_timeout.as_millis().max(1)
+        ));
+        let manager_config = ManagerConfig {
+            recycling_method: RecyclingMethod::Fast,
+        };
+        let mut listen_config = pg.clone();
+        listen_config.application_name("omnirelay-gateway-listen");
+        let (manager, listen_tls) = match (&config.ca_file, pg.get_ssl_mode()) {
+            (Some(ca), mode) if mode != SslMode::Disable => {
+                pg.ssl_mode(SslMode::Require);
+                listen_config.ssl_mode(SslMode::Require);
+                let tls = tls(ca)?;
+                (
+                    Manager::from_config(pg, tls.clone(), manager_config),
+                    Some(tls),
+                )
+            }
+            _ => (Manager::from_config(pg, NoTls, manager_config), None),
+        };
+        let pool = Pool::builder(manager)
+            .max_size(config.pool_size.get())
+            .runtime(Runtime::Tokio1)
+            .wait_timeout(Some(config.connect_timeout))
+            .create_timeout(Some(config.connect_timeout))
+            .build()
+            .map_err(|e| StoreError::Io(format!("cannot build the connection pool: {e}")))?;
+        Ok(Self {
+            pool,
+            checkpoints,
+            revocations: OnceLock::new(),
+            feeder: OnceLock::new(),
+            listen_config,
+            listen_tls,
+        })
+    }
+
+    pub(super) fn set_revocation_watch(&self, head: watch::Sender<u64>) {
+        let _ = self.revocations.set(head);
+    }
+
+    pub(super) fn set_feeder(&self, feeder: mpsc::UnboundedSender<FeedMessage>) {
+        let _ = self.feeder.set(feeder);
+    }
+
+    /// A pooled connection.
+    pub(super) async fn client(&self) -> Result<Object, StoreError> {
+        self.pool.get().await.map_err(StoreError::Unavailable)
+    }
+
+    /// The rows of one read-only statement (prepared once per connection), on a fresh
+    /// connection again when the one it had was lost (a read is safe to repeat).
+    pub(super) async fn read(
+        &self,
+        sql: &str,
+        params: &[&(dyn ToSql + Sync)],
+    ) -> Result<Vec<Row>, StoreError> {
+        let mut attempt = 1;
+        loop {
+            let result = async {
+                let client = self.client().await?;
+                let statement = client.prepare_cached(sql).await?;
+                let rows = client.query(&statement, params).await;
+                if rows.is_err() {
+                    // Its state is unknown: not back to the pool.
+                    drop(Object::take(client));
+                }
+                Ok::<_, StoreError>(rows?)
+            }
+            .await;
+            match result {
+                Err(e) if attempt < MAX_ATTEMPTS && retryable(&e) => {
+                    tracing::debug!(error = %e, attempt, "store: read retried");
+                }
+                other => return other,
+            }
+            backoff(attempt).await;
+            attempt += 1;
+        }
+    }
+
+    pub(super) fn close(&self) {
+        self.pool.close();
+    }
+
+    /// Runs `change` as one transaction: retried after a serialisation failure, a deadlock or
+    /// a connection lost before the commit (none of which committed anything), at most
+    /// [`MAX_ATTEMPTS`] times; never after a commit whose outcome is unknown.
+    pub(super) async fn write<C: Change>(&self, change: &C) -> Result<C::Output, StoreError> {
+        let mut attempt = 1;
+        loop {
+            match self.attempt(change).await {
+                Ok(Some(output)) => return Ok(output),
+                Ok(None) => {}
+                Err(e) if attempt < MAX_ATTEMPTS && retryable(&e) => {
+                    tracing::debug!(error = %e, attempt, "store: transaction retried");
+                }
+                Err(e) => return Err(e),
+            }
+            backoff(attempt).await;
+            attempt += 1;
+        }
+    }
+
+    async fn attempt<C: Change>(&self, change: &C) -> Result<Option<C::Output>, StoreError> {
+        let client = self.client().await?;
+        let mut tx = Tx {
+            client: Some(client),
+            events: Vec::new(),
+            revocations: Vec::new(),
+            signing: Signing::Scheduled,
+            check_chain: false,
+        };
+        let result = match tx.end("BEGIN").await {
+            Ok(()) => change.apply(&mut tx).await,
+            Err(e) => Err(e),
+        };
+        match result {
+            Ok(Applied::Commit(output)) => {
+                self.commit(&mut tx).await?;
+                Ok(Some(output))
+            }
+            Ok(Applied::Refuse(output)) => {
+                if tx.end("ROLLBACK").await.is_err() {
+                    tx.discard();
+                }
+                Ok(Some(output))
+            }
+            Ok(Applied::Again) => {
+                if tx.end("ROLLBACK").await.is_err() {
+                    tx.discard();
+                }
+                Ok(None)
+            }
+            Err(e) => {
+                tx.discard();
+                Err(e)
+            }
+        }
+    }
+
+    /// Seals the queued audit entries and revocations under the chain lock, commits, then
+    /// publishes what the commit did. A commit whose answer was lost is `CommitUnknown`.
+    async fn commit(&self, tx: &mut Tx) -> Result<(), StoreError> {
+        let sealed = match chain::seal(tx, &self.checkpoints).await {
+            Ok(sealed) => sealed,
+            Err(e) => {
+                tx.discard();
+                return Err(e);
+            }
+        };
+        let committed = match tx.client() {
+            Ok(client) => client.batch_execute("COMMIT").await,
+            Err(e) => return Err(e),
+        };
+        if let Err(e) = committed {
+            tx.discard();
+            // The server answered with an error: it rolled back. No answer: unknown.
+            return Err(if e.as_db_error().is_some() {
+                StoreError::Postgres(e)
+            } else {
+                StoreError::CommitUnknown(e)
+            });
+        }
+        self.published(sealed);
+        Ok(())
+    }
+
+    /// Tells the feed's watchers and the audit mirror what a commit added.
+    fn published(&self, sealed: Sealed) {
+        if let Some(seq) = sealed.revocation_head {
+            self.advance_revocation_head(seq);
+        }
+        if let Some(feeder) = self.feeder.get()
+            && !sealed.entries.is_empty()
+        {
+            let _ = feeder.send(FeedMessage::Committed(sealed.entries));
+        }
+    }
+
+    /// Moves the revocation head to `seq` if that is further (a commit here, a notification
+    /// or a resync from another replica's commit).
+    pub(super) fn advance_revocation_head(&self, seq: u64) {
+        if let Some(head) = self.revocations.get() {
+            head.send_if_modified(|current| {
+                let moved = seq > *current;
+                if moved {
+                    *current = seq;
+                }
+                moved
+            });
+        }
+    }
+
+    /// The feed position of the newest revocation (0 when there is none).
+    pub(super) async fn revocation_head(&self) -> Result<u64, StoreError> {
+        let rows = self
+            .read("SELECT COALESCE(MAX(seq), 0) FROM revocations", &[])
+            .await?;
+        match rows.first() {
+            Some(row) => super::uint(row, 0),
+            None => Ok(0),
+        }
+    }
+
+    /// The head of the chain the database holds.
+    pub(super) async fn audit_head(&self) -> Result<crate::audit::ChainHead, StoreError> {
+        chain::head_of(self).await
+    }
+}
+
+/// Whether an error proves that nothing committed and a fresh attempt may succeed.
+fn retryable(error: &StoreError) -> bool {
+    match error {
+        StoreError::Postgres(e) => match e.code() {
+            Some(code) => [
+                SqlState::T_R_SERIALIZATION_FAILURE,
+                SqlState::T_R_DEADLOCK_DETECTED,
+                SqlState::ADMIN_SHUTDOWN,
+                SqlState::CANNOT_CONNECT_NOW,
+            ]
+            .contains(code),
+            // No SQLSTATE: the connection failed (closed, reset, I/O) before the commit.
+            None => true,
+        },
+        StoreError::Unavailable(_) => true,
+        _ => false,
+    }
+}
+
+/// Sleeps before attempt `attempt + 1`: exponential, with full jitter so that replicas that
+/// collided do not collide again in step.
+async fn backoff(attempt: u32) {
+    let ceiling = FIRST_BACKOFF.saturating_mul(1 << attempt.min(6));
+    let mut sample = [0u8; 4];
+    // A failed draw only loses the jitter.
+    let _ = getrandom_fill(&mut sample);
+    let fraction = f64::from(u32::from_le_bytes(sample)) / f64::from(u32::MAX);
+    tokio::time::sleep(ceiling.mul_f64(fraction)).await;
+}
+
+fn getrandom_fill(buf: &mut [u8]) -> Result<(), aws_lc_rs::error::Unspecified> {
+    use aws_lc_rs::rand::SecureRandom;
+    aws_lc_rs::rand::SystemRandom::new().fill(buf)
+}
+
+/// The rustls connector for TLS to the database: the CAs of `ca`, aws-lc-rs, the server's name
+/// checked against the URL's host.
+fn tls(ca: &std::path::Path) -> Result<tokio_postgres_rustls::MakeRustlsConnect, StoreError> {
+    use rustls_pki_types::CertificateDer;
+    use rustls_pki_types::pem::PemObject;
+    let problem = |why: String| StoreError::CaFile {
+        path: ca.to_path_buf(),
+        why,
+    };
+    let mut roots = rustls::RootCertStore::empty();
+    let certs = CertificateDer::pem_file_iter(ca).map_err(|e| problem(e.to_string()))?;
+    for cert in certs {
+        let cert = cert.map_err(|e| problem(e.to_string()))?;
+        roots.add(cert).map_err(|e| problem(e.to_string()))?;
+    }
+    if roots.is_empty() {
+        return Err(problem("no certificate in it".into()));
+    }
+    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| problem(e.to_string()))?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    Ok(tokio_postgres_rustls::MakeRustlsConnect::new(config))
+}

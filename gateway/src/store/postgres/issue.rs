@@ -1,0 +1,308 @@
+//! The join's final step on PostgreSQL, one transaction: the SPIFFE ID's advisory lock (one
+//! live lineage per SPIFFE ID across replicas), the idempotency key, the quarantine, the live
+//! identities, the use (`UPDATE … WHERE uses < max_uses … RETURNING`), the nonce (`INSERT …
+//! ON CONFLICT DO NOTHING`), the supersession, the identity row and its audit entry. A refusal
+//! rolls everything back; a key another replica committed meanwhile runs the join again, which
+//! then answers with that earlier response. Also token registration and audit-only appends.
+
+use super::super::{BoxFuture, IssueOutcome, IssueRecord, StoreError, TokenRecord};
+use super::connect::{Applied, Change, NewRevocation, Tx};
+use super::{int, uint};
+use crate::audit::AuditEvent;
+
+/// A new token and its audit entry.
+pub(super) struct Register(pub TokenRecord, pub AuditEvent);
+
+impl Change for Register {
+    type Output = ();
+
+    fn apply<'a>(&'a self, tx: &'a mut Tx) -> BoxFuture<'a, Result<Applied<()>, StoreError>> {
+        Box::pin(async move {
+            let t = &self.0;
+            tx.execute(
+                "INSERT INTO tokens (id, cluster, role, max_uses, uses, not_before, expires_at,
+                     issued_at)
+                 VALUES ($1, $2, $3, $4, 0, $5, $6, $7)",
+                &[
+                    &t.id.to_string(),
+                    &t.cluster,
+                    &t.role,
+                    &i64::from(t.max_uses),
+                    &int(t.not_before),
+                    &int(t.expires_at),
+                    &int(t.issued_at),
+                ],
+            )
+            .await?;
+            tx.events.push(self.1.clone());
+            Ok(Applied::Commit(()))
+        })
+    }
+}
+
+/// Audit entries on their own.
+pub(super) struct AuditOnly(pub Vec<AuditEvent>);
+
+impl Change for AuditOnly {
+    type Output = ();
+
+    fn apply<'a>(&'a self, tx: &'a mut Tx) -> BoxFuture<'a, Result<Applied<()>, StoreError>> {
+        tx.events.extend(self.0.iter().cloned());
+        Box::pin(async { Ok(Applied::Commit(())) })
+    }
+}
+
+impl Change for IssueRecord {
+    type Output = IssueOutcome;
+
+    fn apply<'a>(
+        &'a self,
+        tx: &'a mut Tx,
+    ) -> BoxFuture<'a, Result<Applied<IssueOutcome>, StoreError>> {
+        Box::pin(issue(tx, self))
+    }
+}
+
+async fn issue(tx: &mut Tx, r: &IssueRecord) -> Result<Applied<IssueOutcome>, StoreError> {
+    let token = r.token.to_string();
+    let spiffe_id = r.identity.spiffe_id.to_string();
+    tx.lock_spiffe_id(&spiffe_id).await?;
+    if let Some(earlier) = earlier_answer(tx, &token, r.idempotency.as_ref()).await? {
+        return Ok(Applied::Refuse(earlier));
+    }
+    // Claimed first: a concurrent retry with the same key waits here for this outcome.
+    if !remember(tx, &token, r.idempotency.as_ref(), &r.response).await? {
+        return Ok(Applied::Again);
+    }
+    if let Some(until) = quarantined_until(tx, &spiffe_id, r.now).await? {
+        return Ok(Applied::Refuse(IssueOutcome::Quarantined { until }));
+    }
+    let live = live_identities(tx, &spiffe_id, r.now).await?;
+    if !live.is_empty() && !r.supersede {
+        return Ok(Applied::Refuse(IssueOutcome::IdentityInUse));
+    }
+    let Some((uses, max_uses)) = consume_use(tx, &token, r.now).await? else {
+        return Ok(Applied::Refuse(why_not_usable(tx, &token, r.now).await?));
+    };
+    let fresh_nonce = tx
+        .execute(
+            "INSERT INTO used_nonces (nonce, expires_at) VALUES ($1, $2)
+             ON CONFLICT (nonce) DO NOTHING",
+            &[&r.nonce, &int(r.nonce_expires_at)],
+        )
+        .await?
+        == 1;
+    if !fresh_nonce {
+        // The rollback gives the use back.
+        return Ok(Applied::Refuse(IssueOutcome::NonceReplayed));
+    }
+    supersede(tx, r, &live).await?;
+    record_identity(tx, r, &token).await?;
+    let matched_rules = match &r.decision {
+        AuditEvent::PolicyDecision { matched_rules, .. } => matched_rules.clone(),
+        _ => Vec::new(),
+    };
+    let id = &r.identity;
+    tx.events.push(AuditEvent::IdentityIssued {
+        request_id: r.request_id.clone(),
+        token_id: token,
+        spiffe_id,
+        serial: id.serial.to_string(),
+        node: id.node.clone(),
+        not_after: id.not_after,
+        uses_after: uses,
+        audit_notes: r.audit_notes.clone(),
+        matched_rules,
+        policy: r.policy.clone(),
+    });
+    Ok(Applied::Commit(IssueOutcome::Issued {
+        uses_left: max_uses - uses,
+    }))
+}
+
+/// The earlier answer for an idempotency key: the response for the same CSR, a conflict for
+/// another one.
+async fn earlier_answer(
+    tx: &Tx,
+    token: &str,
+    idempotency: Option<&(String, [u8; 32])>,
+) -> Result<Option<IssueOutcome>, StoreError> {
+    Ok(earlier(tx, token, idempotency)
+        .await?
+        .map(|(same, response)| {
+            if same {
+                IssueOutcome::Replayed(response)
+            } else {
+                IssueOutcome::IdempotencyConflict
+            }
+        }))
+}
+
+/// Whether an idempotency key was used before, with the same CSR, and its response.
+pub(super) async fn earlier(
+    tx: &Tx,
+    token: &str,
+    idempotency: Option<&(String, [u8; 32])>,
+) -> Result<Option<(bool, String)>, StoreError> {
+    let Some((key, digest)) = idempotency else {
+        return Ok(None);
+    };
+    let row = tx
+        .query_opt(
+            "SELECT csr_digest, response FROM idempotency WHERE token_id = $1 AND key = $2",
+            &[&token, key],
+        )
+        .await?;
+    row.map(|row| {
+        let earlier: String = row.try_get(0)?;
+        Ok((earlier == hex::encode(digest), row.try_get(1)?))
+    })
+    .transpose()
+}
+
+/// Records the response under its idempotency key; false when another transaction committed
+/// the same key first (this one must run again and answer with that response).
+pub(super) async fn remember(
+    tx: &Tx,
+    token: &str,
+    idempotency: Option<&(String, [u8; 32])>,
+    response: &str,
+) -> Result<bool, StoreError> {
+    let Some((key, digest)) = idempotency else {
+        return Ok(true);
+    };
+    Ok(tx
+        .execute(
+            "INSERT INTO idempotency (token_id, key, csr_digest, response)
+             VALUES ($1, $2, $3, $4) ON CONFLICT (token_id, key) DO NOTHING",
+            &[&token, key, &hex::encode(digest), &response],
+        )
+        .await?
+        == 1)
+}
+
+/// When `spiffe_id`'s quarantine ends, if it is quarantined at `now`.
+pub(super) async fn quarantined_until(
+    tx: &Tx,
+    spiffe_id: &str,
+    now: u64,
+) -> Result<Option<u64>, StoreError> {
+    let row = tx
+        .query_opt(
+            "SELECT until FROM quarantine WHERE spiffe_id = $1 AND until > $2",
+            &[&spiffe_id, &int(now)],
+        )
+        .await?;
+    row.map(|row| uint(&row, 0)).transpose()
+}
+
+/// Serials (with their tokens and expiry) of the unrevoked, unexpired identities carrying
+/// `spiffe_id`.
+async fn live_identities(
+    tx: &Tx,
+    spiffe_id: &str,
+    now: u64,
+) -> Result<Vec<(String, String, u64)>, StoreError> {
+    let rows = tx
+        .query(
+            "SELECT serial, token_id, not_after FROM identities
+             WHERE spiffe_id = $1 AND revoked_at IS NULL AND not_after > $2
+             ORDER BY issued_at, serial",
+            &[&spiffe_id, &int(now)],
+        )
+        .await?;
+    rows.iter()
+        .map(|row| Ok((row.try_get(0)?, row.try_get(1)?, uint(row, 2)?)))
+        .collect()
+}
+
+/// Takes one use if one is left and the token is neither revoked nor expired: one statement,
+/// which a concurrent join for the same token waits behind and then re-checks.
+async fn consume_use(tx: &Tx, token: &str, now: u64) -> Result<Option<(u32, u32)>, StoreError> {
+    let row = tx
+        .query_opt(
+            "UPDATE tokens SET uses = uses + 1
+             WHERE id = $1 AND uses < max_uses AND revoked_at IS NULL AND expires_at > $2
+             RETURNING uses, max_uses",
+            &[&token, &int(now)],
+        )
+        .await?;
+    row.map(|row| Ok((super::count(&row, 0)?, super::count(&row, 1)?)))
+        .transpose()
+}
+
+async fn why_not_usable(tx: &Tx, token: &str, now: u64) -> Result<IssueOutcome, StoreError> {
+    let row = tx
+        .query_opt(
+            "SELECT revoked_at, expires_at FROM tokens WHERE id = $1",
+            &[&token],
+        )
+        .await?;
+    Ok(match row {
+        Some(row) if super::uint_opt(&row, 0)?.is_some() => IssueOutcome::Revoked,
+        Some(row) if now >= uint(&row, 1)? => IssueOutcome::Expired,
+        _ => IssueOutcome::Exhausted,
+    })
+}
+
+/// Revokes the live identities a superseding join replaces, each published and audited.
+async fn supersede(
+    tx: &mut Tx,
+    r: &IssueRecord,
+    live: &[(String, String, u64)],
+) -> Result<(), StoreError> {
+    let spiffe_id = r.identity.spiffe_id.to_string();
+    for (serial, token_id, not_after) in live {
+        tx.execute(
+            "UPDATE identities SET revoked_at = $2, revoked_reason = 'superseded'
+             WHERE serial = $1 AND revoked_at IS NULL",
+            &[serial, &int(r.now)],
+        )
+        .await?;
+        tx.revocations.push(NewRevocation {
+            serial: serial.clone(),
+            spiffe_id: spiffe_id.clone(),
+            token_id: token_id.clone(),
+            reason: "superseded".into(),
+            not_after: *not_after,
+            now: r.now,
+        });
+        tx.events.push(AuditEvent::IdentitySuperseded {
+            request_id: r.request_id.clone(),
+            spiffe_id: spiffe_id.clone(),
+            serial: serial.clone(),
+            token_id: token_id.clone(),
+            superseded_by: r.identity.serial.to_string(),
+            superseding_token_id: r.token.to_string(),
+        });
+    }
+    Ok(())
+}
+
+async fn record_identity(tx: &Tx, r: &IssueRecord, token: &str) -> Result<(), StoreError> {
+    let id = &r.identity;
+    tx.execute(
+        "INSERT INTO identities (serial, spiffe_id, token_id, node, cluster, role, policy_name,
+             policy_version, module_digest, not_before, not_after, issued_at, attestation,
+             issuer)
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14)",
+        &[
+            &id.serial.to_string(),
+            &id.spiffe_id.to_string(),
+            &token,
+            &id.node,
+            &id.cluster,
+            &id.role,
+            &r.policy.name,
+            &r.policy.version,
+            &r.policy.module_digest,
+            &int(id.not_before),
+            &int(id.not_after),
+            &int(r.now),
+            &id.attestation,
+            &id.issuer,
+        ],
+    )
+    .await?;
+    Ok(())
+}

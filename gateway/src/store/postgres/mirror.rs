@@ -1,0 +1,240 @@
+//! The audit file of a replica on PostgreSQL mirrors the database's whole chain (every
+//! replica's entries, in chain order), so `audit verify` reads one complete chain from it. The
+//! entries this replica commits are handed over at once; a gap (another replica's entries, or
+//! this replica's own commits arriving out of order) is read from the database, and a poll
+//! every [`POLL`] picks up what other replicas appended while this one was idle. The file
+//! is written by the same mirror thread as SQLite's (`writer::Mirror`).
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::{mpsc, oneshot};
+
+use super::super::StoreError;
+use super::super::writer::Mirror;
+use super::connect::Db;
+use super::{int, uint};
+use crate::audit::{AuditFile, ChainHead, SealedEntry};
+use crate::store::chain::digest_from_hex;
+
+/// How often the mirror reads entries other replicas appended.
+const POLL: Duration = Duration::from_secs(1);
+
+/// Most entries read from the database at once.
+const PAGE: i64 = 1000;
+
+/// What the feeder is sent.
+pub(super) enum FeedMessage {
+    /// Entries this replica committed.
+    Committed(Vec<SealedEntry>),
+    /// Answer once the file holds (synced) every entry committed before this.
+    Flush(oneshot::Sender<Result<(), StoreError>>),
+    /// Release the file (after what was sent before is written).
+    Stop,
+}
+
+/// The task that feeds the mirror thread, and its inbox.
+pub(super) struct Feeder {
+    inbox: mpsc::UnboundedSender<FeedMessage>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Feeder {
+    /// Opens the audit file, checks it against the database (a file ahead of the database or
+    /// differing at its last line was edited: refused), catches it up, and starts feeding it.
+    pub(super) async fn start(db: Arc<Db>, path: &Path) -> Result<(Self, ChainHead), StoreError> {
+        let (mut file, cut) = AuditFile::open_mirror(path).map_err(|source| StoreError::Audit {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        if cut > 0 {
+            tracing::warn!(
+                bytes = cut,
+                "cut the audit file's torn last line (an append interrupted by a crash)"
+            );
+        }
+        let file_head = file.head();
+        let db_head = db.audit_head().await?;
+        if file_head.seq > db_head.seq {
+            return Err(StoreError::AuditMismatch(format!(
+                "the audit file has {} entries, the database {}",
+                file_head.seq, db_head.seq
+            )));
+        }
+        if file_head.seq > 0 && hash_at(&db, file_head.seq).await? != Some(file_head.hash) {
+            return Err(StoreError::AuditMismatch(format!(
+                "entry {} differs between the audit file and the database",
+                file_head.seq
+            )));
+        }
+        let mut mirrored = file_head.seq;
+        while mirrored < db_head.seq {
+            let missing = entries_after(&db, mirrored).await?;
+            let Some(last) = missing.last() else { break };
+            mirrored = last.seq;
+            tracing::info!(
+                entries = missing.len(),
+                "catching the audit file up with the database"
+            );
+            file.append(&missing).map_err(|source| StoreError::Audit {
+                path: path.to_path_buf(),
+                source,
+            })?;
+        }
+        let mirror = Mirror::start(file)
+            .map_err(|e| StoreError::Io(format!("cannot start the audit mirror thread: {e}")))?;
+        let (inbox, messages) = mpsc::unbounded_channel();
+        let feeding = Feeding {
+            db: Arc::downgrade(&db),
+            mirror,
+            mirrored,
+        };
+        let task = tokio::spawn(feeding.run(messages));
+        Ok((Self { inbox, task }, db_head))
+    }
+
+    pub(super) fn sender(&self) -> mpsc::UnboundedSender<FeedMessage> {
+        self.inbox.clone()
+    }
+
+    /// Returns once the file holds and has synced every entry the database held when called.
+    pub(super) async fn flush(&self) -> Result<(), StoreError> {
+        let (reply, answer) = oneshot::channel();
+        self.inbox
+            .send(FeedMessage::Flush(reply))
+            .map_err(|_| StoreError::Closed)?;
+        answer.await.map_err(|_| StoreError::Closed)?
+    }
+
+    /// Mirrors the database's head, then releases the file.
+    pub(super) async fn finish(self) {
+        if let Err(e) = self.flush().await {
+            tracing::error!(error = %e, "store: the audit file could not be brought up to date");
+        }
+        let _ = self.inbox.send(FeedMessage::Stop);
+        let _ = self.task.await;
+    }
+}
+
+/// The feeder's state: the mirror thread and the last entry handed to it.
+struct Feeding {
+    db: std::sync::Weak<Db>,
+    mirror: Mirror,
+    mirrored: u64,
+}
+
+impl Feeding {
+    async fn run(mut self, mut messages: mpsc::UnboundedReceiver<FeedMessage>) {
+        let mut poll = tokio::time::interval(POLL);
+        poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                message = messages.recv() => match message {
+                    Some(FeedMessage::Committed(entries)) => self.committed(entries).await,
+                    Some(FeedMessage::Flush(reply)) => self.flush(reply).await,
+                    Some(FeedMessage::Stop) | None => break,
+                },
+                _ = poll.tick() => self.catch_up().await,
+            }
+        }
+        let mirror = self.mirror;
+        let _ = tokio::task::spawn_blocking(move || mirror.finish()).await;
+    }
+
+    /// Hands over `entries`, after reading any gap before them from the database.
+    async fn committed(&mut self, entries: Vec<SealedEntry>) {
+        let Some(first) = entries.first().map(|e| e.seq) else {
+            return;
+        };
+        if first > self.mirrored + 1 {
+            self.catch_up_to(first - 1).await;
+            if self.mirrored + 1 != first {
+                return;
+            }
+        }
+        let fresh: Vec<SealedEntry> = entries
+            .into_iter()
+            .filter(|e| e.seq > self.mirrored)
+            .collect();
+        if let Some(last) = fresh.last() {
+            self.mirrored = last.seq;
+            self.mirror.send(fresh);
+        }
+    }
+
+    async fn flush(&mut self, reply: oneshot::Sender<Result<(), StoreError>>) {
+        let head = match self.db.upgrade() {
+            Some(db) => db.audit_head().await.map(|h| h.seq),
+            None => Err(StoreError::Closed),
+        };
+        match head {
+            Ok(seq) => {
+                self.catch_up_to(seq).await;
+                if self.mirrored < seq {
+                    let _ = reply.send(Err(StoreError::Io(
+                        "audit mirror: cannot read the chain from the database".into(),
+                    )));
+                    return;
+                }
+                let (synced, answer) = oneshot::channel();
+                self.mirror.flush(vec![synced]);
+                let _ = reply.send(answer.await.unwrap_or(Err(StoreError::Closed)));
+            }
+            Err(e) => drop(reply.send(Err(e))),
+        }
+    }
+
+    async fn catch_up(&mut self) {
+        self.catch_up_to(u64::MAX).await;
+    }
+
+    /// Reads and hands over the database's entries after the mirrored one, up to `seq`.
+    async fn catch_up_to(&mut self, seq: u64) {
+        let Some(db) = self.db.upgrade() else { return };
+        while self.mirrored < seq {
+            match entries_after(&db, self.mirrored).await {
+                Ok(entries) => {
+                    let entries: Vec<SealedEntry> =
+                        entries.into_iter().take_while(|e| e.seq <= seq).collect();
+                    let Some(last) = entries.last() else { return };
+                    self.mirrored = last.seq;
+                    self.mirror.send(entries);
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "store: cannot read the audit chain to mirror it");
+                    return;
+                }
+            }
+        }
+    }
+}
+
+/// Up to [`PAGE`] entries after `seq`, in order.
+async fn entries_after(db: &Db, seq: u64) -> Result<Vec<SealedEntry>, StoreError> {
+    let rows = db
+        .read(
+            "SELECT seq, hash, line FROM audit WHERE seq > $1 ORDER BY seq LIMIT $2",
+            &[&int(seq), &PAGE],
+        )
+        .await?;
+    rows.iter()
+        .map(|row| {
+            Ok(SealedEntry {
+                seq: uint(row, 0)?,
+                hash: digest_from_hex(row.try_get(1)?)?,
+                line: row.try_get(2)?,
+            })
+        })
+        .collect()
+}
+
+/// The hash of entry `seq`, if the database holds it.
+async fn hash_at(db: &Db, seq: u64) -> Result<Option<[u8; 32]>, StoreError> {
+    let rows = db
+        .read("SELECT hash FROM audit WHERE seq = $1", &[&int(seq)])
+        .await?;
+    rows.first()
+        .map(|r| digest_from_hex(r.try_get(0)?))
+        .transpose()
+}
