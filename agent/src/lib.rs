@@ -56,7 +56,7 @@ pub mod wire;
 
 pub use client::{GatewayClient, Reply};
 pub use join::{Device, JoinOptions, Joined, join, sign_with_device};
-pub use retry::Backoff;
+pub use retry::{Backoff, unit_sample};
 
 use wire::Problem;
 

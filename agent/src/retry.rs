@@ -110,7 +110,7 @@ pub(crate) async fn post_for_svid(
 
 /// A uniform sample in `[0, 1)` from the system's random source (0.5 if it fails, which
 /// only loses the jitter).
-pub(crate) fn unit_sample() -> f64 {
+pub fn unit_sample() -> f64 {
     let mut bytes = [0u8; 8];
     if SystemRandom::new().fill(&mut bytes).is_err() {
         return 0.5;

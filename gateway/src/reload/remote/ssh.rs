@@ -174,6 +174,8 @@ impl Process {
             match self.child.try_wait() {
                 Ok(Some(status)) => self.status = Some(status),
                 Ok(None) if Instant::now() < deadline => {
+                    // std has no wait with a timeout: poll the child's exit, bounded by the
+                    // deadline (on the thread libgit2 calls the transport from).
                     std::thread::sleep(Duration::from_millis(5));
                 }
                 Ok(None) | Err(_) => {

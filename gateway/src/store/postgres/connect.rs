@@ -415,20 +415,17 @@ fn retryable(error: &StoreError) -> bool {
     }
 }
 
-/// Sleeps before attempt `attempt + 1`: exponential, with full jitter so that replicas that
-/// collided do not collide again in step.
+/// Sleeps before attempt `attempt + 1`: exponential from [`FIRST_BACKOFF`] up to 64 times it,
+/// with full jitter so that replicas that collided do not collide again in step. (The agent's
+/// [`Backoff`](crate::agent::Backoff): a deliberate delay between retries, not a wait for a
+/// condition.)
 async fn backoff(attempt: u32) {
-    let ceiling = FIRST_BACKOFF.saturating_mul(1 << attempt.min(6));
-    let mut sample = [0u8; 4];
-    // A failed draw only loses the jitter.
-    let _ = getrandom_fill(&mut sample);
-    let fraction = f64::from(u32::from_le_bytes(sample)) / f64::from(u32::MAX);
-    tokio::time::sleep(ceiling.mul_f64(fraction)).await;
-}
-
-fn getrandom_fill(buf: &mut [u8]) -> Result<(), aws_lc_rs::error::Unspecified> {
-    use aws_lc_rs::rand::SecureRandom;
-    aws_lc_rs::rand::SystemRandom::new().fill(buf)
+    let backoff = crate::agent::Backoff {
+        base: FIRST_BACKOFF,
+        cap: FIRST_BACKOFF.saturating_mul(64),
+    };
+    let delay = backoff.delay(attempt.saturating_add(1), None, crate::agent::unit_sample());
+    tokio::time::sleep(delay).await;
 }
 
 /// The rustls connector for TLS to the database: the CAs of `ca`, aws-lc-rs, the server's name

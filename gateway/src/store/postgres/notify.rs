@@ -41,6 +41,7 @@ pub(super) async fn follow(db: Weak<Db>) {
             }
             Err(e) => tracing::warn!(error = %e, "store: cannot listen for revocations"),
         }
+        // Reconnection backoff, doubling to MAX_RECONNECT (the 5 s resync covers the gap).
         tokio::time::sleep(pause).await;
         pause = (pause * 2).min(MAX_RECONNECT);
     }
