@@ -386,11 +386,11 @@ async fn try_join(
 }
 
 /// Joins refused at the record stage (the store), from the gateway's metrics.
-async fn refused_at_record(gw: &Gateway) -> u64 {
+async fn refused_at_store(gw: &Gateway) -> u64 {
     let metrics = gw.admin().get("/metrics").await.unwrap();
     let text = String::from_utf8(metrics.body.to_vec()).unwrap();
     text.lines()
-        .find_map(|l| l.strip_prefix("bootstrap_joins_total{result=\"record\"} "))
+        .find_map(|l| l.strip_prefix("bootstrap_joins_total{result=\"store\"} "))
         .map_or(0, |n| n.trim().parse().unwrap())
 }
 
@@ -491,10 +491,11 @@ async fn a_full_disk_refuses_joins_with_503_and_the_gateway_recovers_by_itself()
         let retry_after = reply.headers["retry-after"].to_str().unwrap();
         assert!(retry_after.parse::<u64>().unwrap() > 0, "{retry_after}");
         assert_eq!(problem(&reply).reason, "store-unavailable");
+        assert_eq!(problem(&reply).stage, "store");
         assert_eq!(serial, None);
     }
     let deadline = Instant::now() + DEADLINE;
-    while refused_at_record(&gw).await < 5 {
+    while refused_at_store(&gw).await < 5 {
         assert!(Instant::now() < deadline, "the node CLI was never refused");
         tokio::task::yield_now().await;
     }

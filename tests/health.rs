@@ -35,8 +35,18 @@ async fn the_node_listener_reports_healthy_and_ready() {
     assert_eq!(&health.body[..], b"ok\n");
     let ready = node.get("/readyz").await.unwrap();
     assert_eq!(ready.status, 200);
-    let text = String::from_utf8(ready.body.to_vec()).unwrap();
-    assert!(text.starts_with("ready: policy "), "{text}");
+    let report: serde_json::Value = serde_json::from_slice(&ready.body).unwrap();
+    assert_eq!(report["ready"], true, "{report}");
+    assert_eq!(report["checks"]["policy"]["ok"], true, "{report}");
+    assert!(
+        report["checks"]["policy"]["detail"]
+            .as_str()
+            .unwrap()
+            .starts_with("policy "),
+        "{report}"
+    );
+    assert_eq!(report["checks"]["store"]["ok"], true, "{report}");
+    assert_eq!(report["checks"]["store"]["backend"], "sqlite", "{report}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -64,7 +64,7 @@ impl Handler for AdminApi {
                     "text/plain",
                     Bytes::from_static(b"ok\n"),
                 )),
-                (Method::GET, "/readyz") => Ok(readyz(gw)),
+                (Method::GET, "/readyz") => Ok(readyz(gw).await),
                 (method, path) => {
                     authorize(gw, &request)?;
                     route(gw, method, path, request, &request_id).await

@@ -106,7 +106,7 @@ impl Handler for NodeApi {
                 NodeRoute::Healthz => {
                     body(StatusCode::OK, "text/plain", Bytes::from_static(b"ok\n"))
                 }
-                NodeRoute::Readyz => readyz(gw),
+                NodeRoute::Readyz => readyz(gw).await,
                 NodeRoute::WrongMethod => rescue(&ApiError::MethodNotAllowed, &request_id),
                 NodeRoute::NotFound => rescue(&ApiError::NotFound, &request_id),
             }
@@ -170,24 +170,84 @@ fn node_route(method: &Method, path: &str) -> NodeRoute {
     }
 }
 
-/// Ready when a policy set is loaded: without one every join would be refused.
-fn readyz(gw: &Gateway) -> Response<Full<Bytes>> {
-    match gw.policies.current() {
-        Some(set) => body(
-            StatusCode::OK,
-            "text/plain",
-            Bytes::from(format!(
-                "ready: policy {} {}\n",
-                set.bundle(),
-                set.version()
-            )),
-        ),
-        None => body(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "text/plain",
-            Bytes::from_static(b"not ready: no policy loaded\n"),
-        ),
-    }
+/// Longest `/readyz` waits for the database to answer before reporting it unready.
+const READY_STORE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// What `/readyz` answers: ready when every check passes (a policy set is loaded, without
+/// which every join is refused; the database answers, without which every join and renewal
+/// is refused with 503).
+#[derive(Debug, serde::Serialize)]
+struct Readiness {
+    ready: bool,
+    checks: ReadyChecks,
+}
+
+#[derive(Debug, serde::Serialize)]
+struct ReadyChecks {
+    policy: ReadyCheck,
+    store: ReadyCheck,
+}
+
+/// One check: whether it passes and, in words, what was found (the store's error itself goes
+/// to the log only: `/readyz` needs no credential).
+#[derive(Debug, serde::Serialize)]
+struct ReadyCheck {
+    ok: bool,
+    detail: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    backend: Option<&'static str>,
+}
+
+/// `/readyz`: 200 when ready, 503 otherwise, with a JSON body naming each check.
+async fn readyz(gw: &Gateway) -> Response<Full<Bytes>> {
+    let policy = match gw.policies.current() {
+        Some(set) => ReadyCheck {
+            ok: true,
+            detail: format!("policy {} {}", set.bundle(), set.version()),
+            backend: None,
+        },
+        None => ReadyCheck {
+            ok: false,
+            detail: "no policy loaded".into(),
+            backend: None,
+        },
+    };
+    let store = match tokio::time::timeout(READY_STORE_TIMEOUT, gw.store.ping()).await {
+        Ok(Ok(())) => ReadyCheck {
+            ok: true,
+            detail: "the database answers".into(),
+            backend: Some(gw.store.backend()),
+        },
+        Ok(Err(e)) => {
+            tracing::warn!(error = %e, "readyz: the database does not answer");
+            ReadyCheck {
+                ok: false,
+                detail: "the database does not answer".into(),
+                backend: Some(gw.store.backend()),
+            }
+        }
+        Err(_) => ReadyCheck {
+            ok: false,
+            detail: format!(
+                "the database did not answer within {} s",
+                READY_STORE_TIMEOUT.as_secs()
+            ),
+            backend: Some(gw.store.backend()),
+        },
+    };
+    let ready = policy.ok && store.ok;
+    let status = if ready {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    json(
+        status,
+        &Readiness {
+            ready,
+            checks: ReadyChecks { policy, store },
+        },
+    )
 }
 
 /// A challenge nonce, under the same per-client and global limits as joins (buckets of its

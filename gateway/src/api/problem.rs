@@ -191,7 +191,8 @@ impl ApiError {
                 "policy"
             }
             Self::Mint(_) => "mint",
-            Self::Store(_) | Self::IdempotencyConflict | Self::IdentityInUse { .. } => "record",
+            Self::Store(_) => "store",
+            Self::IdempotencyConflict | Self::IdentityInUse { .. } => "record",
             Self::ClientCertificateRequired | Self::ClientSvid(_) => "client-certificate",
             Self::IdentityUnknown(_) | Self::IdentityRevoked | Self::Quarantined { .. } => {
                 "identity"

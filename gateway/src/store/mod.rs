@@ -646,4 +646,11 @@ pub trait Store: Send + Sync + 'static {
 
     /// Serial numbers of identities issued through a token.
     fn identities_of(&self, token: TokenId) -> BoxFuture<'_, Result<Vec<String>, StoreError>>;
+
+    /// Whether the database answers now: one trivial statement, not retried (`/readyz` asks,
+    /// and a load balancer wants the present state, not the outcome of a retry loop).
+    fn ping(&self) -> BoxFuture<'_, Result<(), StoreError>>;
+
+    /// The backend's name as readiness reports show it (`sqlite`, `postgres`).
+    fn backend(&self) -> &'static str;
 }

@@ -731,6 +731,19 @@ impl Store for SqliteStore {
             })
         })
     }
+
+    fn ping(&self) -> BoxFuture<'_, Result<(), StoreError>> {
+        Box::pin(async move {
+            if self.commands.is_closed() {
+                return Err(StoreError::Closed);
+            }
+            self.read(|c| c.query_row("SELECT 1", [], |_| Ok(())))
+        })
+    }
+
+    fn backend(&self) -> &'static str {
+        "sqlite"
+    }
 }
 
 /// A read-only connection to an existing database (never creates one).

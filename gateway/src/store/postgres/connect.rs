@@ -266,6 +266,17 @@ impl Db {
         }
     }
 
+    /// One round trip on a pooled connection, not retried; a connection that fails it is
+    /// dropped rather than pooled again.
+    pub(super) async fn ping(&self) -> Result<(), StoreError> {
+        let client = self.client().await?;
+        if let Err(e) = client.simple_query("SELECT 1").await {
+            drop(Object::take(client));
+            return Err(e.into());
+        }
+        Ok(())
+    }
+
     pub(super) fn close(&self) {
         self.pool.close();
     }

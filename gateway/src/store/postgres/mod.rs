@@ -287,6 +287,14 @@ impl Store for PostgresStore {
     fn identities_of(&self, token: TokenId) -> BoxFuture<'_, Result<Vec<String>, StoreError>> {
         Box::pin(reads::identities_of(&self.db, token))
     }
+
+    fn ping(&self) -> BoxFuture<'_, Result<(), StoreError>> {
+        Box::pin(self.db.ping())
+    }
+
+    fn backend(&self) -> &'static str {
+        "postgres"
+    }
 }
 
 /// A Unix time or count as PostgreSQL's `BIGINT` holds it (every value the gateway writes is
