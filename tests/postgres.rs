@@ -1,10 +1,13 @@
-//! Two real gateway processes on one PostgreSQL database (`[store] backend = "postgres"`), as
-//! replicas behind a load balancer: a join through one, the token's last use refused through
-//! the other, a renewal, a token revocation through one reaching the other's feed within a
-//! second and refusing its renewal, and both audit files holding the database's one chain. The server is the one in
+//! Real gateway processes on one PostgreSQL database (`[store] backend = "postgres"`), as
+//! replicas behind a load balancer, and the drills of issue #9: a join through one, the
+//! token's last use refused through the other, renewals, a token revocation through one
+//! reaching the other's feed within a second and refusing its renewal; 50 joins split over two
+//! replicas on a five-use token; one nonce through both; one replica SIGKILLed mid-load; the
+//! database stopped mid-load and started again. The server is the one in
 //! `OMNIRELAY_TEST_POSTGRES` (default `postgres://postgres@127.0.0.1:5432/test`), or a private
-//! one started from `initdb`/`pg_ctl` when none answers; the test works in a database of its
-//! own, dropped afterwards.
+//! one started from `initdb`/`pg_ctl` when none answers; the drill that stops the database
+//! always starts a private server of its own. Each test works in a database of its own,
+//! dropped afterwards.
 
 #![allow(
     clippy::unwrap_used,
@@ -13,18 +16,26 @@
     reason = "tests: a failure is a failed test"
 )]
 
+use std::collections::BTreeSet;
 use std::process::{Command, Stdio};
-use std::sync::OnceLock;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
+use gateway::agent::GatewayClient;
+use gateway::api::wire::{Challenge, JoinRequest, JoinResponse};
 use omnirelay_e2e::raw::{raw_problem, renew, renewed};
 use omnirelay_e2e::{
-    Gateway, NodeKey, TempDir, join_as, join_request, omnirelay, post_join, problem,
+    Gateway, NodeKey, TempDir, join_as, join_request, omnirelay, post_join, problem, token_only,
 };
+
+/// Generous bound for what must happen on its own (a replica noticing its database is gone
+/// or back, load making progress).
+const DEADLINE: Duration = Duration::from_secs(30);
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_replicas_share_tokens_lineages_revocations_and_one_audit_chain() {
-    let db = Database::create().await;
+    let db = Database::create("").await;
     let url = db.url();
     let a = Gateway::start_with("pg-a", |text| use_postgres(text, &url));
     let b = Gateway::spawn(replica_of(&a));
@@ -190,12 +201,538 @@ async fn two_replicas_share_tokens_lineages_revocations_and_one_audit_chain() {
     }
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fifty_joins_over_two_replicas_on_a_five_use_token_issue_exactly_five() {
+    const NODES: usize = 50;
+    const MAX_USES: u32 = 5;
+    let db = Database::create("_race").await;
+    let url = db.url();
+    let a = Gateway::start_with("pg-race-a", |text| use_postgres_unlimited(text, &url));
+    let b = Gateway::spawn(replica_of(&a));
+    let token = a.issue_token("edge-eu", "relay", MAX_USES).await;
+
+    // Every node prepared first (connection, key, nonce), half through each replica; the
+    // joins leave together from the barrier.
+    let barrier = Arc::new(tokio::sync::Barrier::new(NODES));
+    let mut joins = Vec::new();
+    for i in 0..NODES {
+        let node = if i % 2 == 0 { a.node() } else { b.node() };
+        let name = format!("racer-{i:02}");
+        let request = join_request(&node, &token.token, &name, &NodeKey::new(&name)).await;
+        let barrier = barrier.clone();
+        joins.push(tokio::spawn(async move {
+            barrier.wait().await;
+            post_join(&node, &request).await
+        }));
+    }
+    let mut issued = BTreeSet::new();
+    for join in joins {
+        let reply = join.await.unwrap();
+        match reply.status.as_u16() {
+            200 => {
+                let joined: JoinResponse = serde_json::from_slice(&reply.body).unwrap();
+                issued.insert(joined.serial);
+            }
+            409 => {
+                let problem = problem(&reply);
+                assert_eq!(
+                    (problem.stage.as_str(), problem.reason.as_str()),
+                    ("token", "token-exhausted"),
+                    "{problem:?}"
+                );
+            }
+            other => panic!(
+                "unexpected HTTP {other}: {}",
+                String::from_utf8_lossy(&reply.body)
+            ),
+        }
+    }
+    assert_eq!(issued.len(), MAX_USES as usize, "{issued:?}");
+
+    // The database, its audit chain and both replicas' token lists tell the same story.
+    let client = db.client().await;
+    assert_eq!(recorded_serials(&client, &token.id).await, issued);
+    assert_eq!(audited_serials(&client, &token.id).await, issued);
+    let uses: i64 = client
+        .query_one("SELECT uses FROM tokens WHERE id = $1", &[&token.id])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(uses, i64::from(MAX_USES));
+    for gw in [&a, &b] {
+        let reply = gw.admin().get("/admin/v1/tokens").await.unwrap();
+        assert_eq!(reply.status, 200);
+        let tokens: serde_json::Value = serde_json::from_slice(&reply.body).unwrap();
+        let listed = tokens
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|t| t["id"] == token.id.as_str())
+            .unwrap_or_else(|| panic!("token missing from {tokens}"));
+        assert_eq!(listed["uses"], MAX_USES, "{listed}");
+        assert_eq!(listed["max_uses"], MAX_USES, "{listed}");
+    }
+
+    // One nonce, presented to A and then to B: the second is a replay.
+    let spare = a.issue_token("edge-eu", "relay", 2).await;
+    let node_a = a.node();
+    let first = join_request(&node_a, &spare.token, "nonce-1", &NodeKey::new("nonce-1")).await;
+    let reply = post_join(&node_a, &first).await;
+    assert_eq!(
+        reply.status,
+        200,
+        "{}",
+        String::from_utf8_lossy(&reply.body)
+    );
+    let replay = JoinRequest {
+        node_name: "nonce-2".into(),
+        csr: NodeKey::new("nonce-2").csr,
+        ..first
+    };
+    let refused = post_join(&b.node(), &replay).await;
+    assert_eq!(refused.status, 401, "{:?}", problem(&refused));
+    let refused = problem(&refused);
+    assert_eq!(
+        (refused.stage.as_str(), refused.reason.as_str()),
+        ("attestation", "nonce-replayed")
+    );
+
+    // A token revoked through A: B refuses it (the revocation is in the database B reads;
+    // polled with the issue's one-second bound as the deadline).
+    a.revoke(serde_json::json!({ "token": spare.id, "reason": "leaked" }))
+        .await;
+    let revoked_at = Instant::now();
+    let node_b = b.node();
+    loop {
+        let request =
+            join_request(&node_b, &spare.token, "nonce-3", &NodeKey::new("nonce-3")).await;
+        let reply = post_join(&node_b, &request).await;
+        if reply.status == 403 && problem(&reply).reason == "token-revoked" {
+            break;
+        }
+        assert!(
+            revoked_at.elapsed() < Duration::from_secs(1),
+            "B still answers {} a second after A revoked the token: {}",
+            reply.status,
+            String::from_utf8_lossy(&reply.body)
+        );
+    }
+    let uses: i64 = client
+        .query_one("SELECT uses FROM tokens WHERE id = $1", &[&spare.id])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(uses, 1, "a refused join took a use");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_killed_mid_load_leaves_the_other_serving_and_every_certificate_recorded() {
+    const MAX_USES: u32 = 40;
+    let db = Database::create("_kill").await;
+    let url = db.url();
+    let a = Gateway::start_with("pg-kill-a", |text| use_postgres_unlimited(text, &url));
+    let b = Gateway::spawn(replica_of(&a));
+    let token = a.issue_token("edge-eu", "relay", MAX_USES).await;
+    let seen: Seen = Arc::default();
+    let stop = Arc::new(AtomicBool::new(false));
+    let loads = [
+        load(a.node(), &token.token, "kill-a", &stop, &seen),
+        load(b.node(), &token.token, "kill-b", &stop, &seen),
+    ];
+    wait_for(&seen, "six issued before the kill", |o| {
+        issued_in(o).len() >= 6
+    })
+    .await;
+    let b_dir = b.kill();
+    let at_kill = issued_in(&seen.list.lock().unwrap()).len();
+
+    // A keeps serving: the load through it uses the token up.
+    wait_for(&seen, "the token used up through A after the kill", |o| {
+        o.iter().any(|o| {
+            matches!(o, Outcome::Refused { status: 409, reason, .. } if reason == "token-exhausted")
+        })
+    })
+    .await;
+    stop.store(true, Ordering::SeqCst);
+    for load in loads {
+        load.await.unwrap();
+    }
+    let outcomes = std::mem::take(&mut *seen.list.lock().unwrap());
+    let issued = issued_in(&outcomes);
+    assert!(issued.len() > at_kill, "nothing issued after the kill");
+    for outcome in &outcomes {
+        match outcome {
+            Outcome::Issued(_) | Outcome::Lost => {}
+            Outcome::Refused {
+                status: 409,
+                reason,
+                ..
+            } if reason == "token-exhausted" => {}
+            other => panic!("unexpected outcome {other:?}"),
+        }
+    }
+
+    // Every certificate a node received is recorded and audited; the token is not over-used
+    // (a join B committed as it died may be recorded without its node having the answer).
+    let client = db.client().await;
+    let recorded = recorded_serials(&client, &token.id).await;
+    assert!(
+        issued.is_subset(&recorded),
+        "{issued:?} not all in {recorded:?}"
+    );
+    assert_eq!(audited_serials(&client, &token.id).await, recorded);
+    let uses: i64 = client
+        .query_one("SELECT uses FROM tokens WHERE id = $1", &[&token.id])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(uses, i64::from(MAX_USES));
+    assert_eq!(recorded.len(), MAX_USES as usize);
+
+    // A's audit file, stopped cleanly, holds the whole chain (B's entries too) and verifies.
+    let (a_dir, status) = a.stop();
+    assert!(status.success());
+    verify_audit_file(&client, &a_dir).await;
+    drop(b_dir);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn joins_get_503_while_the_database_is_stopped_and_succeed_after_without_a_restart() {
+    // A server of this test's own: the drill stops it.
+    let pg = PrivateServer::start("drill");
+    let db = Database::create_on(pg.params(), "_down").await;
+    let url = db.url();
+    let a = Gateway::start_with("pg-down-a", |text| use_postgres_unlimited(text, &url));
+    let b = Gateway::spawn(replica_of(&a));
+    let token = a.issue_token("edge-eu", "relay", 100_000).await;
+    for gw in [&a, &b] {
+        let (status, report) = readiness(gw).await;
+        assert_eq!(status, 200, "{report}");
+        assert_eq!(report["checks"]["store"]["ok"], true, "{report}");
+        assert_eq!(report["checks"]["store"]["backend"], "postgres", "{report}");
+    }
+
+    let seen: Seen = Arc::default();
+    let stop = Arc::new(AtomicBool::new(false));
+    let loads = [
+        load(a.node(), &token.token, "down-a", &stop, &seen),
+        load(b.node(), &token.token, "down-b", &stop, &seen),
+    ];
+    wait_for(&seen, "four issued before the stop", |o| {
+        issued_in(o).len() >= 4
+    })
+    .await;
+    pg.stop_fast();
+
+    // Both replicas say so on /readyz, and refuse joins with 503 + Retry-After.
+    for gw in [&a, &b] {
+        let deadline = Instant::now() + DEADLINE;
+        loop {
+            let (status, report) = readiness(gw).await;
+            if status == 503 {
+                assert_eq!(report["ready"], false, "{report}");
+                assert_eq!(report["checks"]["store"]["ok"], false, "{report}");
+                assert_eq!(report["checks"]["policy"]["ok"], true, "{report}");
+                break;
+            }
+            assert!(Instant::now() < deadline, "still ready: {report}");
+        }
+        let node = gw.node();
+        for i in 0..2 {
+            let name = format!("while-down-{}-{i}", gw.node_addr.port());
+            let request = join_request(&node, &token.token, &name, &NodeKey::new(&name)).await;
+            let reply = post_join(&node, &request).await;
+            assert_eq!(
+                reply.status,
+                503,
+                "{}",
+                String::from_utf8_lossy(&reply.body)
+            );
+            let after: u64 = reply.headers["retry-after"]
+                .to_str()
+                .unwrap()
+                .parse()
+                .unwrap();
+            assert!(after >= 1);
+            let refused = problem(&reply);
+            assert_eq!(
+                (refused.stage.as_str(), refused.reason.as_str()),
+                ("store", "store-unavailable")
+            );
+        }
+    }
+
+    // The database returns: both replicas become ready and issue again, as they are.
+    pg.resume();
+    for gw in [&a, &b] {
+        let deadline = Instant::now() + DEADLINE;
+        loop {
+            let (status, report) = readiness(gw).await;
+            if status == 200 {
+                break;
+            }
+            assert!(Instant::now() < deadline, "not ready again: {report}");
+        }
+        let name = format!("after-{}", gw.node_addr.port());
+        join_as(&gw.node(), &token.token, &name, &NodeKey::new(&name)).await;
+    }
+    let before = issued_in(&seen.list.lock().unwrap()).len();
+    wait_for(&seen, "the load issuing again", |o| {
+        issued_in(o).len() >= before + 4
+    })
+    .await;
+    stop.store(true, Ordering::SeqCst);
+    for load in loads {
+        load.await.unwrap();
+    }
+    let outcomes = std::mem::take(&mut *seen.list.lock().unwrap());
+    let mut refused = 0;
+    for outcome in &outcomes {
+        match outcome {
+            Outcome::Issued(_) => {}
+            Outcome::Refused {
+                status: 503,
+                stage,
+                reason,
+                retry_after: true,
+            } if stage == "store" && reason == "store-unavailable" => refused += 1,
+            other => panic!("unexpected outcome {other:?}"),
+        }
+    }
+    assert!(refused > 0, "the load never met the outage");
+
+    // None issued without its record and its audit entry; the uses match the identities.
+    let client = db.client().await;
+    let issued = issued_in(&outcomes);
+    let recorded = recorded_serials(&client, &token.id).await;
+    assert!(
+        issued.is_subset(&recorded),
+        "{issued:?} not all in {recorded:?}"
+    );
+    assert_eq!(audited_serials(&client, &token.id).await, recorded);
+    let uses: i64 = client
+        .query_one("SELECT uses FROM tokens WHERE id = $1", &[&token.id])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(usize::try_from(uses).unwrap(), recorded.len());
+
+    // The audit files caught up with the database after the outage.
+    let (a_dir, a_status) = a.stop();
+    let (b_dir, b_status) = b.stop();
+    assert!(a_status.success() && b_status.success());
+    for dir in [&a_dir, &b_dir] {
+        verify_audit_file(&client, dir).await;
+    }
+}
+
+/// What one join of a load got.
+#[derive(Debug)]
+enum Outcome {
+    /// A certificate, by serial.
+    Issued(String),
+    /// A refusal.
+    Refused {
+        status: u16,
+        stage: String,
+        reason: String,
+        retry_after: bool,
+    },
+    /// No answer: the replica went away.
+    Lost,
+}
+
+/// What the loads saw, and a wake-up for whoever waits on it.
+#[derive(Default)]
+struct Outcomes {
+    list: Mutex<Vec<Outcome>>,
+    changed: tokio::sync::Notify,
+}
+
+type Seen = Arc<Outcomes>;
+
+/// Fresh nodes joining through `node` with `token`, one after another, until `stop` or until
+/// the replica stops answering; every outcome is pushed to `seen`.
+fn load(
+    node: GatewayClient,
+    token: &str,
+    tag: &str,
+    stop: &Arc<AtomicBool>,
+    seen: &Seen,
+) -> tokio::task::JoinHandle<()> {
+    let (token, tag, stop, seen) = (
+        token.to_string(),
+        tag.to_string(),
+        stop.clone(),
+        seen.clone(),
+    );
+    tokio::spawn(async move {
+        for i in 0.. {
+            if stop.load(Ordering::SeqCst) {
+                return;
+            }
+            let name = format!("{tag}-{i}");
+            let outcome = join_once(&node, &token, &name).await;
+            let lost = matches!(outcome, Outcome::Lost);
+            seen.list.lock().unwrap().push(outcome);
+            seen.changed.notify_waiters();
+            if lost {
+                return;
+            }
+        }
+    })
+}
+
+async fn join_once(node: &GatewayClient, token: &str, name: &str) -> Outcome {
+    let Ok(challenge) = node.get("/v1/bootstrap/challenge").await else {
+        return Outcome::Lost;
+    };
+    assert_eq!(challenge.status, 200);
+    let challenge: Challenge = serde_json::from_slice(&challenge.body).unwrap();
+    let request = JoinRequest {
+        token: token.to_string(),
+        node_name: name.to_string(),
+        csr: NodeKey::new(name).csr,
+        idempotency_key: None,
+        attestation: token_only(&challenge.nonce),
+    };
+    let Ok(reply) = node
+        .post("/v1/bootstrap/join", serde_json::to_vec(&request).unwrap())
+        .await
+    else {
+        return Outcome::Lost;
+    };
+    if reply.status == 200 {
+        let joined: JoinResponse = serde_json::from_slice(&reply.body).unwrap();
+        return Outcome::Issued(joined.serial);
+    }
+    let refused = problem(&reply);
+    Outcome::Refused {
+        status: reply.status.as_u16(),
+        stage: refused.stage,
+        reason: refused.reason,
+        retry_after: reply.headers.contains_key("retry-after"),
+    }
+}
+
+fn issued_in(outcomes: &[Outcome]) -> BTreeSet<String> {
+    outcomes
+        .iter()
+        .filter_map(|o| match o {
+            Outcome::Issued(serial) => Some(serial.clone()),
+            _ => None,
+        })
+        .collect()
+}
+
+/// Waits (at most [`DEADLINE`]) until `done` holds for what the loads saw, checking at each
+/// outcome they add.
+async fn wait_for(seen: &Seen, what: &str, done: impl Fn(&[Outcome]) -> bool) {
+    let deadline = tokio::time::Instant::now() + DEADLINE;
+    loop {
+        let changed = seen.changed.notified();
+        tokio::pin!(changed);
+        changed.as_mut().enable();
+        if done(&seen.list.lock().unwrap()) {
+            return;
+        }
+        assert!(
+            tokio::time::timeout_at(deadline, changed).await.is_ok(),
+            "{what}: not within {DEADLINE:?}"
+        );
+    }
+}
+
+/// `/readyz` of the node listener: status and report.
+async fn readiness(gw: &Gateway) -> (u16, serde_json::Value) {
+    let reply = gw.node().get("/readyz").await.unwrap();
+    let report = serde_json::from_slice(&reply.body).unwrap();
+    (reply.status.as_u16(), report)
+}
+
+/// Serials the database records for `token`.
+async fn recorded_serials(client: &tokio_postgres::Client, token: &str) -> BTreeSet<String> {
+    client
+        .query(
+            "SELECT serial FROM identities WHERE token_id = $1",
+            &[&token],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect()
+}
+
+/// Serials of the `identity-issued` entries of the database's audit chain for `token`.
+async fn audited_serials(client: &tokio_postgres::Client, token: &str) -> BTreeSet<String> {
+    client
+        .query(
+            "SELECT line FROM audit WHERE line LIKE '%\"kind\":\"identity-issued\"%'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .filter_map(|r| {
+            let entry: serde_json::Value = serde_json::from_str(r.get(0)).unwrap();
+            let event = &entry["event"];
+            (event["token_id"] == token).then(|| event["serial"].as_str().unwrap().to_string())
+        })
+        .collect()
+}
+
+/// `omnirelay audit verify` passes on a stopped replica's audit file, which holds every entry
+/// of the database's chain, signed.
+async fn verify_audit_file(client: &tokio_postgres::Client, dir: &TempDir) {
+    let entries: i64 = client
+        .query_one("SELECT COUNT(*) FROM audit", &[])
+        .await
+        .unwrap()
+        .get(0);
+    let log = dir.0.join("audit/audit.log");
+    let public = dir.0.join("audit-key/audit.pub");
+    let out = omnirelay(&[
+        "audit",
+        "verify",
+        "--file",
+        log.to_str().unwrap(),
+        "--public-key",
+        public.to_str().unwrap(),
+    ])
+    .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        stdout.contains(&format!("ok, {entries} entries")),
+        "{stdout}"
+    );
+}
+
 /// `gateway.toml` switched to the PostgreSQL store at `url`.
 fn use_postgres(text: &mut String, url: &str) {
     *text = text.replacen("[store]\n", "[store]\nbackend = \"postgres\"\n", 1);
     text.push_str(&format!(
         "\n[store.postgres]\nurl = \"{url}\"\npool_size = 4\n"
     ));
+}
+
+/// [`use_postgres`] with the rate limits lifted: every node of these drills comes from one
+/// address with one token, and the limits are not what is tested.
+fn use_postgres_unlimited(text: &mut String, url: &str) {
+    use_postgres(text, url);
+    let first = text.find("[[policies]]").unwrap();
+    text.insert_str(
+        first,
+        "[limits]\nglobal = { per_second = 1000000, burst = 1000000 }\n\
+         per_ip = { per_second = 1000000, burst = 1000000 }\n\
+         per_token = { per_second = 1000000, burst = 1000000 }\n\
+         per_cluster = { per_second = 1000000, burst = 1000000 }\n\n",
+    );
 }
 
 /// A copy of `a`'s state (same CA, token and audit keys, same database) without its audit
@@ -217,8 +754,7 @@ fn replica_of(a: &Gateway) -> TempDir {
 
 /// The server's `key=value` parameters, without a database name.
 fn server() -> &'static String {
-    type Watchdog = (std::process::Child, std::process::ChildStdin);
-    static SERVER: OnceLock<(String, Option<Watchdog>)> = OnceLock::new();
+    static SERVER: OnceLock<(String, Option<PrivateServer>)> = OnceLock::new();
     &SERVER
         .get_or_init(|| {
             let url = std::env::var("OMNIRELAY_TEST_POSTGRES")
@@ -238,68 +774,122 @@ fn server() -> &'static String {
             if answers {
                 (format!("host={host} port={port} user={user}"), None)
             } else {
-                let (port, stop) = private_server(&url);
-                (
-                    format!("host=127.0.0.1 port={port} user=postgres"),
-                    Some(stop),
-                )
+                let private = PrivateServer::start("shared");
+                (private.params(), Some(private))
             }
         })
         .0
 }
 
-/// A private server from `initdb`/`pg_ctl` on a free port, stopped (through the pipe's close)
-/// when this process exits. Fails saying how to get PostgreSQL when it is not installed.
-fn private_server(url: &str) -> (u16, (std::process::Child, std::process::ChildStdin)) {
-    let bin = std::env::var_os("PATH")
-        .and_then(|p| std::env::split_paths(&p).find(|d| d.join("initdb").is_file()))
-        .or_else(|| {
-            let mut dirs: Vec<_> = std::fs::read_dir("/usr/lib/postgresql")
-                .ok()?
-                .filter_map(|e| e.ok().map(|e| e.path().join("bin")))
-                .filter(|b| b.join("initdb").is_file())
-                .collect();
-            dirs.sort();
-            dirs.pop()
-        })
-        .unwrap_or_else(|| {
-            panic!(
-                "no PostgreSQL answers at {url} and no initdb/pg_ctl is installed: install \
-                 PostgreSQL (`apt-get install -y postgresql`) or set OMNIRELAY_TEST_POSTGRES"
-            )
-        });
-    let dir = std::env::temp_dir().join(format!("omnirelay-e2e-pg-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let root = Command::new("id").arg("-u").output().unwrap().stdout == b"0\n";
-    if root {
+/// A PostgreSQL server of this test process's own, from `initdb`/`pg_ctl` on a free port in a
+/// temporary directory: the shared one when none answers, and the one a test stops and starts
+/// again (a drill must never stop a server others use). Stopped and removed when dropped, and
+/// in any case when this process exits (a watchdog shell waits on a pipe that closes then).
+/// Fails saying how to get PostgreSQL when it is not installed.
+struct PrivateServer {
+    bin: String,
+    dir: String,
+    port: u16,
+    root: bool,
+    watchdog: Option<(std::process::Child, std::process::ChildStdin)>,
+}
+
+impl PrivateServer {
+    fn start(tag: &str) -> Self {
+        let bin = std::env::var_os("PATH")
+            .and_then(|p| std::env::split_paths(&p).find(|d| d.join("initdb").is_file()))
+            .or_else(|| {
+                let mut dirs: Vec<_> = std::fs::read_dir("/usr/lib/postgresql")
+                    .ok()?
+                    .filter_map(|e| e.ok().map(|e| e.path().join("bin")))
+                    .filter(|b| b.join("initdb").is_file())
+                    .collect();
+                dirs.sort();
+                dirs.pop()
+            })
+            .unwrap_or_else(|| {
+                panic!(
+                    "the PostgreSQL drills need initdb/pg_ctl, and none is installed: install \
+                     PostgreSQL (`apt-get install -y postgresql`; `.ci/run` does)"
+                )
+            });
+        let dir =
+            std::env::temp_dir().join(format!("omnirelay-e2e-pg-{tag}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let root = Command::new("id").arg("-u").output().unwrap().stdout == b"0\n";
+        if root {
+            assert!(
+                Command::new("chown")
+                    .arg("postgres:")
+                    .arg(&dir)
+                    .status()
+                    .unwrap()
+                    .success()
+            );
+        }
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let (bin, dir) = (bin.display().to_string(), dir.display().to_string());
+        let init = format!(
+            "set -e; '{bin}/initdb' -D '{dir}/data' -U postgres --auth=trust --no-sync >/dev/null"
+        );
         assert!(
-            Command::new("chown")
-                .arg("postgres:")
-                .arg(&dir)
-                .status()
-                .unwrap()
-                .success()
+            shell(root, &init).status().unwrap().success(),
+            "initdb in {dir}"
+        );
+        let stop = format!(
+            "read _x; '{bin}/pg_ctl' -D '{dir}/data' -m fast stop >/dev/null 2>&1; rm -rf '{dir}'"
+        );
+        let mut watchdog = shell(root, &stop).stdin(Stdio::piped()).spawn().unwrap();
+        let pipe = watchdog.stdin.take().unwrap();
+        let server = Self {
+            bin,
+            dir,
+            port,
+            root,
+            watchdog: Some((watchdog, pipe)),
+        };
+        server.resume();
+        server
+    }
+
+    /// `key=value` parameters without a database name.
+    fn params(&self) -> String {
+        format!("host=127.0.0.1 port={} user=postgres", self.port)
+    }
+
+    /// `pg_ctl stop -m fast`: every session is ended at once, as when a database host goes.
+    fn stop_fast(&self) {
+        let (bin, dir) = (&self.bin, &self.dir);
+        let stop = format!("'{bin}/pg_ctl' -D '{dir}/data' -m fast -w stop >/dev/null");
+        assert!(shell(self.root, &stop).status().unwrap().success());
+    }
+
+    /// `pg_ctl start` on the same port and data, returning once it accepts connections.
+    fn resume(&self) {
+        let (bin, dir, port) = (&self.bin, &self.dir, self.port);
+        let start = format!(
+            "'{bin}/pg_ctl' -D '{dir}/data' -l '{dir}/log' -w -o \"-p {port} -k '{dir}' \
+             -c listen_addresses=127.0.0.1\" start >/dev/null"
+        );
+        assert!(
+            shell(self.root, &start).status().unwrap().success(),
+            "private PostgreSQL in {dir}"
         );
     }
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let (bin, dir) = (bin.display().to_string(), dir.display().to_string());
-    let start = format!(
-        "set -e; '{bin}/initdb' -D '{dir}/data' -U postgres --auth=trust --no-sync >/dev/null; \
-         '{bin}/pg_ctl' -D '{dir}/data' -l '{dir}/log' -w -o \"-p {port} -k '{dir}' \
-         -c listen_addresses=127.0.0.1\" start >/dev/null"
-    );
-    assert!(
-        shell(root, &start).status().unwrap().success(),
-        "private PostgreSQL in {dir}"
-    );
-    let stop = format!("read _x; '{bin}/pg_ctl' -D '{dir}/data' -m fast stop; rm -rf '{dir}'");
-    let mut watchdog = shell(root, &stop).stdin(Stdio::piped()).spawn().unwrap();
-    let pipe = watchdog.stdin.take().unwrap();
-    (port, (watchdog, pipe))
+}
+
+impl Drop for PrivateServer {
+    fn drop(&mut self) {
+        if let Some((mut watchdog, pipe)) = self.watchdog.take() {
+            drop(pipe);
+            let _ = watchdog.wait();
+        }
+    }
 }
 
 fn shell(as_postgres: bool, script: &str) -> Command {
@@ -311,13 +901,23 @@ fn shell(as_postgres: bool, script: &str) -> Command {
     c
 }
 
-/// A database of this test's own, dropped when the test ends.
-struct Database(String);
+/// A database of this test's own on a server (`key=value` parameters), dropped when the test
+/// ends.
+struct Database {
+    name: String,
+    server: String,
+}
 
 impl Database {
-    async fn create() -> Self {
-        let name = format!("omnirelay_e2e_{}", std::process::id());
-        let admin = connect(&format!("{} dbname=postgres", server())).await;
+    /// On the shared test server; `tag` tells apart the databases of one process's tests.
+    async fn create(tag: &str) -> Self {
+        Self::create_on(server().clone(), tag).await
+    }
+
+    /// On `server`; `tag` tells apart the databases of one process's tests.
+    async fn create_on(server: String, tag: &str) -> Self {
+        let name = format!("omnirelay_e2e_{}{tag}", std::process::id());
+        let admin = connect(&format!("{server} dbname=postgres")).await;
         admin
             .batch_execute(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
             .await
@@ -326,12 +926,12 @@ impl Database {
             .batch_execute(&format!("CREATE DATABASE {name}"))
             .await
             .unwrap();
-        Self(name)
+        Self { name, server }
     }
 
     /// The URL the gateways use (no password: trust authentication).
     fn url(&self) -> String {
-        format!("{} dbname={}", server(), self.0)
+        format!("{} dbname={}", self.server, self.name)
     }
 
     async fn client(&self) -> tokio_postgres::Client {
@@ -341,14 +941,14 @@ impl Database {
 
 impl Drop for Database {
     fn drop(&mut self) {
-        let name = self.0.clone();
+        let (name, server) = (self.name.clone(), self.server.clone());
         let _ = std::thread::spawn(move || {
             let runtime = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()
                 .unwrap();
             runtime.block_on(async {
-                connect(&format!("{} dbname=postgres", server()))
+                connect(&format!("{server} dbname=postgres"))
                     .await
                     .batch_execute(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
                     .await
