@@ -48,20 +48,26 @@ pub struct Outcome {
     pub latencies: Vec<Duration>,
 }
 
-/// Joins every prepared node, `concurrency` at a time, at the node listener `node`.
+/// Joins every prepared node, `concurrency` at a time, at the node listeners `gateways`
+/// (replicas of one fleet): worker `w` joins through `gateways[w % len]`, so the load is
+/// spread evenly over them, as behind a round-robin load balancer.
 pub async fn drive(
-    node: SocketAddr,
+    gateways: &[SocketAddr],
     tls: &Arc<rustls::ClientConfig>,
     nodes: Vec<Prepared>,
     fresh: bool,
     concurrency: usize,
 ) -> BoxResult<Outcome> {
+    if gateways.is_empty() {
+        return Err("no gateway address to join through".into());
+    }
     let nodes = Arc::new(nodes);
     let next = Arc::new(AtomicUsize::new(0));
     let started = Instant::now();
     let mut workers = tokio::task::JoinSet::new();
-    for _ in 0..concurrency {
-        let (nodes, next, tls, addr) = (nodes.clone(), next.clone(), tls.clone(), node);
+    for worker in 0..concurrency {
+        let addr = gateways[worker % gateways.len()];
+        let (nodes, next, tls) = (nodes.clone(), next.clone(), tls.clone());
         workers.spawn(async move {
             let mut latencies = Vec::new();
             let mut errors = 0usize;
@@ -419,6 +425,17 @@ impl GatewayProcess {
     /// abuse limits lifted. `policies` (TOML `[[policies]]` entries) go before the ones `init`
     /// wrote, so they decide first for the clusters they name.
     pub fn start(bin: &Path, dir: &Path, policies: &str) -> BoxResult<Self> {
+        Self::start_on(bin, dir, policies, None)
+    }
+
+    /// [`start`](Self::start), on the PostgreSQL database at `postgres` (a `key=value` or
+    /// `postgres://` URL without a password; an empty database) when given, else on SQLite.
+    pub fn start_on(
+        bin: &Path,
+        dir: &Path,
+        policies: &str,
+        postgres: Option<&str>,
+    ) -> BoxResult<Self> {
         let init = Command::new(bin)
             .args([
                 "init",
@@ -450,7 +467,32 @@ impl GatewayProcess {
              per_token = { per_second = 1000000, burst = 1000000 }\n\
              [log]\nformat = \"json\"\nfilter = \"warn,gateway::app=info\"\n",
         );
+        if let Some(url) = postgres {
+            text = text.replacen("[store]\n", "[store]\nbackend = \"postgres\"\n", 1);
+            text.push_str(&format!("\n[store.postgres]\nurl = {url:?}\n"));
+        }
         std::fs::write(&config, text)?;
+        Self::serve(bin, dir)
+    }
+
+    /// Another replica of the gateway started in `from` (same CA, keys and database), its
+    /// state copied into `dir` without the audit file (each replica keeps its own mirror).
+    pub fn replica(bin: &Path, from: &Path, dir: &Path) -> BoxResult<Self> {
+        let _ = std::fs::remove_dir_all(dir);
+        let copied = Command::new("cp").arg("-a").arg(from).arg(dir).status()?;
+        if !copied.success() {
+            return Err(format!("copying {} to {}", from.display(), dir.display()).into());
+        }
+        let _ = std::fs::remove_file(dir.join("audit/audit.log"));
+        // Its own policy activation state (the paths in `gateway.toml` are relative to it).
+        let _ = std::fs::remove_dir_all(dir.join("state"));
+        std::fs::create_dir_all(dir.join("state"))?;
+        Self::serve(bin, dir)
+    }
+
+    /// `omnirelay serve` on the state in `dir`, once it listens.
+    fn serve(bin: &Path, dir: &Path) -> BoxResult<Self> {
+        let config = dir.join("gateway.toml");
         let mut child = Command::new(bin)
             .args(["serve", "--config"])
             .arg(&config)

@@ -9,7 +9,14 @@
 //! per renewal), 1 and 16 nodes at once. Also measures the crypto-only ceiling in-process:
 //! token verify + CSR verify + CA sign, on every core.
 //!
-//! `cargo build --release -p gateway -p omnirelay-bench && target/release/join_load [--joins N]`
+//! With `--postgres URL` (an empty database, no password) the gateway runs on PostgreSQL;
+//! with `--replicas N` as well, N gateway processes share that database and every scenario's
+//! nodes are spread over their node listeners (worker `w` through replica `w % N`, as behind
+//! a round-robin load balancer). The CPU per join is reported for the gateways together and,
+//! on PostgreSQL, for the `postgres` processes.
+//!
+//! `cargo build --release -p gateway -p omnirelay-bench && target/release/join_load [--joins N]
+//! [--postgres URL [--replicas N]]`
 
 #![allow(clippy::print_stdout, reason = "a benchmark prints its results")]
 
@@ -21,7 +28,7 @@ use omnirelay_bench::load::{
     BoxResult, GatewayProcess, arg, cores, drive, drive_renewals, ms, prepare, prepare_renewals,
     sibling, tls_config,
 };
-use omnirelay_bench::{cpu_seconds, percentile};
+use omnirelay_bench::{cpu_seconds, cpu_seconds_of, percentile};
 
 fn main() -> BoxResult<()> {
     let joins: usize = arg("--joins").unwrap_or(4000);
@@ -36,8 +43,50 @@ async fn run(joins: usize, bin: &Path) -> BoxResult<()> {
     // `--only keep16` (fresh1, fresh16, keep1, keep16, renew1, renew16) runs one scenario, e.g.
     // for profiling.
     let only: Option<String> = arg("--only");
+    let postgres: Option<String> = arg("--postgres");
+    let replicas: usize = arg("--replicas").unwrap_or(1).max(1);
+    if replicas > 1 && postgres.is_none() {
+        return Err("--replicas needs --postgres: replicas share one PostgreSQL database".into());
+    }
     let dir = std::env::temp_dir().join(format!("omnirelay-bench-{}", std::process::id()));
-    let gateway = GatewayProcess::start(bin, &dir, "")?;
+    let gateway = GatewayProcess::start_on(bin, &dir, "", postgres.as_deref())?;
+    let mut others = Vec::new();
+    for i in 1..replicas {
+        let replica_dir = dir.with_file_name(format!(
+            "omnirelay-bench-{}-replica-{i}",
+            std::process::id()
+        ));
+        others.push((
+            GatewayProcess::replica(bin, &dir, &replica_dir)?,
+            replica_dir,
+        ));
+    }
+    let node_addrs: Vec<_> = std::iter::once(gateway.node)
+        .chain(others.iter().map(|(g, _)| g.node))
+        .collect();
+    let gateway_cpu = || {
+        cpu_seconds(gateway.child.id())
+            + others
+                .iter()
+                .map(|(g, _)| cpu_seconds(g.child.id()))
+                .sum::<f64>()
+    };
+    let database_cpu = || {
+        if postgres.is_some() {
+            cpu_seconds_of("postgres")
+        } else {
+            0.0
+        }
+    };
+    println!(
+        "store: {}, {} gateway replica(s)\n",
+        if postgres.is_some() {
+            "PostgreSQL"
+        } else {
+            "SQLite"
+        },
+        node_addrs.len()
+    );
     let bundle = std::fs::read(dir.join("ca/ca.pem"))?;
     let tls = tls_config(&bundle)?;
     let ceiling = crypto_ceiling(&dir, 4000)?;
@@ -57,18 +106,23 @@ async fn run(joins: usize, bin: &Path) -> BoxResult<()> {
             continue;
         }
         let nodes = prepare(&gateway, &tls, "edge-eu", count, concurrency).await?;
-        let (server_before, loader_before) = (
-            cpu_seconds(gateway.child.id()),
+        let (server_before, database_before, loader_before) = (
+            gateway_cpu(),
+            database_cpu(),
             cpu_seconds(std::process::id()),
         );
-        let result = drive(gateway.node, &tls, nodes, fresh, concurrency).await?;
-        let server_cpu = cpu_seconds(gateway.child.id()) - server_before;
+        let result = drive(&node_addrs, &tls, nodes, fresh, concurrency).await?;
+        let server_cpu = gateway_cpu() - server_before;
+        let database = database_cpu() - database_before;
         let loader_cpu = cpu_seconds(std::process::id()) - loader_before;
+        let per_join = |cpu: f64| cpu * 1e6 / result.ok.max(1) as f64;
         cpu_notes.push(format!(
-            "{label}: CPU per join: gateway {:.0} µs, load generator {:.0} µs; machine busy {:.0}% of {} cores",
-            server_cpu * 1e6 / result.ok.max(1) as f64,
-            loader_cpu * 1e6 / result.ok.max(1) as f64,
-            100.0 * (server_cpu + loader_cpu) / (result.elapsed.as_secs_f64() * cores() as f64),
+            "{label}: CPU per join: gateways {:.0} µs, PostgreSQL {:.0} µs, load generator {:.0} µs; machine busy {:.0}% of {} cores",
+            per_join(server_cpu),
+            per_join(database),
+            per_join(loader_cpu),
+            100.0 * (server_cpu + database + loader_cpu)
+                / (result.elapsed.as_secs_f64() * cores() as f64),
             cores()
         ));
         let rate = result.ok as f64 / result.elapsed.as_secs_f64();
@@ -141,6 +195,10 @@ async fn run(joins: usize, bin: &Path) -> BoxResult<()> {
         "kept-alive, 16 nodes: {:.0}% of the ceiling",
         100.0 * keepalive_16 / ceiling
     );
+    for (replica, replica_dir) in others {
+        drop(replica);
+        let _ = std::fs::remove_dir_all(replica_dir);
+    }
     drop(gateway);
     let _ = std::fs::remove_dir_all(&dir);
     Ok(())

@@ -159,7 +159,7 @@ async fn drive_apart(
                 .enable_all()
                 .build()
                 .map_err(Into::into)
-                .and_then(|runtime| runtime.block_on(drive(node, &tls, nodes, false, healthy)));
+                .and_then(|runtime| runtime.block_on(drive(&[node], &tls, nodes, false, healthy)));
             let _ = done.send(result);
         })?;
     outcome.await?
