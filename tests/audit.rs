@@ -105,6 +105,16 @@ async fn verify_catches_a_cut_file_against_the_database_and_a_cut_of_both_agains
         std::fs::read_to_string(dir.0.join("audit-key/audit.pub")).unwrap()
     );
 
+    // `audit export` writes the database's chain: the lines of the file, and never over an
+    // existing file.
+    let exported = dir.0.join("exported.log");
+    let exported = exported.to_str().unwrap();
+    let (code, _, stderr) = run(&["audit", "export", "--config", config, "--out", exported]);
+    assert_eq!(code, 0, "{stderr}");
+    assert_eq!(lines(Path::new(exported)), full);
+    let (code, _, _) = run(&["audit", "export", "--config", config, "--out", exported]);
+    assert_ne!(code, 0, "an existing file was overwritten");
+
     // The file cut by two lines: it still verifies on its own, but not against the database.
     write_lines(&log, &full[..full.len() - 2]);
     let (code, stdout, stderr) = run(&["audit", "verify", "--config", config]);

@@ -199,6 +199,73 @@ async fn two_replicas_share_tokens_lineages_revocations_and_one_audit_chain() {
             "{kind} missing"
         );
     }
+
+    // `audit verify --config` checks the database's chain itself, then the file against it.
+    let config = a_dir.0.join("gateway.toml");
+    let config = config.to_str().unwrap();
+    let out = omnirelay(&["audit", "verify", "--config", config]).unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let lines: Vec<&str> = stdout.lines().collect();
+    assert!(
+        lines.iter().any(|l| l.starts_with("the database's chain")
+            && l.contains(&format!("ok, {entries} entries"))),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains(&format!("ok, {entries} entries, head {entries} "))
+            && stdout.contains("(the database's head)"),
+        "{stdout}"
+    );
+
+    // `audit export` writes the database's chain to a file: the same lines the replica's
+    // mirror holds, verifiable without the database.
+    let exported = a_dir.0.join("exported.log");
+    let out = omnirelay(&[
+        "audit",
+        "export",
+        "--config",
+        config,
+        "--out",
+        exported.to_str().unwrap(),
+    ])
+    .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(std::fs::read_to_string(&exported).unwrap(), text);
+    let public = a_dir.0.join("audit-key/audit.pub");
+    let out = omnirelay(&[
+        "audit",
+        "verify",
+        "--file",
+        exported.to_str().unwrap(),
+        "--public-key",
+        public.to_str().unwrap(),
+    ])
+    .unwrap();
+    assert!(out.status.success());
+    // An entry edited in the database: `verify --config` names it.
+    client
+        .batch_execute(
+            "UPDATE audit SET line = replace(line, 'relay-1', 'relay-9') \
+             WHERE line LIKE '%relay-1%'",
+        )
+        .await
+        .unwrap();
+    let out = omnirelay(&["audit", "verify", "--config", config]).unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(1), "{stdout}");
+    assert!(
+        stdout.starts_with("the database's chain") && stdout.contains("BROKEN"),
+        "{stdout}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -1,8 +1,10 @@
-//! `omnirelay audit verify|query|pubkey|keygen`.
+//! `omnirelay audit verify|export|query|pubkey|keygen`.
 
-use std::io::BufReader;
+use std::io::{BufReader, Write};
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
@@ -10,7 +12,7 @@ use clap::{Args, Subcommand};
 
 use crate::audit::{AuditKey, AuditPublicKey, ChainHead, Problem, SignedSummary};
 use crate::config::Config;
-use crate::store::SqliteStore;
+use crate::store::{Backend, Checkpoints, SqliteStore};
 
 /// Which log: a file, or the one a gateway config names.
 #[derive(Debug, Args)]
@@ -74,6 +76,16 @@ pub(super) enum AuditCommand {
     /// Check the log: the hash chain, every checkpoint's signature under the audit public key,
     /// and (with `--config`) that the log ends where the database does. Exit 1 names the line.
     Verify(VerifyArgs),
+    /// Write the database's whole audit chain (every replica's entries, on PostgreSQL) to a
+    /// new file, which `verify --file` checks without the database.
+    Export {
+        /// The gateway config naming the database.
+        #[arg(long, default_value = "gateway.toml")]
+        config: PathBuf,
+        /// The file to create (refused if it exists).
+        #[arg(long)]
+        out: PathBuf,
+    },
     /// Print the entries that mention a token GUID, SPIFFE ID, serial or request id.
     Query {
         /// What to look for.
@@ -111,6 +123,26 @@ pub(super) fn run(cmd: AuditCommand) -> anyhow::Result<ExitCode> {
                 ExitCode::SUCCESS
             })
         }
+        AuditCommand::Export { config, out } => {
+            let config = Config::load(&config)?;
+            let mut file = std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(&out)
+                .with_context(|| format!("creating {}", out.display()))?;
+            let head = export(&config, &mut file)?;
+            file.sync_all()
+                .with_context(|| format!("syncing {}", out.display()))?;
+            println!(
+                "{}: {} entries, head {} {}",
+                out.display(),
+                head.seq,
+                head.seq,
+                hex::encode(head.hash)
+            );
+            Ok(ExitCode::SUCCESS)
+        }
         AuditCommand::Pubkey { config } => {
             let config = Config::load(&config)?;
             print!("{}", configured_key(&config)?.to_public_pem());
@@ -125,6 +157,35 @@ pub(super) fn run(cmd: AuditCommand) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
     }
+}
+
+/// The database's whole chain, oldest first, written to `out`; its head.
+fn export(config: &Config, out: &mut (dyn Write + Send)) -> anyhow::Result<ChainHead> {
+    match &config.store.backend {
+        Backend::Sqlite => SqliteStore::export_audit(&config.store.sqlite, out)
+            .with_context(|| format!("reading {}", config.store.sqlite.display())),
+        Backend::Postgres(pg) => block_on(crate::store::postgres::export_audit(
+            pg,
+            checkpoints(config)?,
+            out,
+        ))
+        .with_context(|| format!("reading the PostgreSQL database at {}", pg.url)),
+    }
+}
+
+/// What opening the PostgreSQL store needs of the `[audit]` section (its key signs nothing
+/// here: the CLI only reads).
+fn checkpoints(config: &Config) -> anyhow::Result<Checkpoints> {
+    let path = &config.audit.signing_key;
+    let key = AuditKey::from_pkcs8_pem(&crate::secrets::read(path)?)
+        .with_context(|| format!("loading {}", path.display()))?;
+    Ok(Checkpoints::new(Arc::new(key), &config.audit))
+}
+
+/// Runs `future` to completion from this synchronous command, on the CLI's (multi-thread)
+/// runtime.
+fn block_on<F: std::future::Future>(future: F) -> F::Output {
+    tokio::task::block_in_place(|| tokio::runtime::Handle::current().block_on(future))
 }
 
 /// The public half of the audit key a config names.
@@ -151,7 +212,10 @@ fn verify(args: &VerifyArgs) -> anyhow::Result<ExitCode> {
         if keys.is_empty() {
             keys.push(configured_key(&config)?);
         }
-        return against_database(&config, &keys, anchors);
+        return match &config.store.backend {
+            Backend::Sqlite => against_database(&config, &keys, anchors),
+            Backend::Postgres(_) => against_postgres(&config, &keys, anchors),
+        };
     };
     match crate::audit::verify_signed(open(file)?, &keys, &anchors) {
         Ok(summary) => {
@@ -173,11 +237,54 @@ const MIRROR_LAG: Duration = Duration::from_secs(2);
 fn against_database(
     config: &Config,
     keys: &[AuditPublicKey],
-    mut anchors: Vec<ChainHead>,
+    anchors: Vec<ChainHead>,
 ) -> anyhow::Result<ExitCode> {
-    let (path, db) = (&config.store.audit_file, &config.store.sqlite);
+    let db = &config.store.sqlite;
     let reading = |e| anyhow::Error::new(e).context(format!("reading {}", db.display()));
     let db_head = SqliteStore::audit_head(db).map_err(reading)?;
+    file_against(&config.store.audit_file, keys, anchors, db_head, |seq| {
+        SqliteStore::audit_hash_at(db, seq).map_err(reading)
+    })
+}
+
+/// On PostgreSQL the database's chain is verified itself first (every replica's entries: the
+/// hash chain, every checkpoint's signature, no gap), then this replica's file against it.
+fn against_postgres(
+    config: &Config,
+    keys: &[AuditPublicKey],
+    anchors: Vec<ChainHead>,
+) -> anyhow::Result<ExitCode> {
+    let Backend::Postgres(pg) = &config.store.backend else {
+        bail!("not a PostgreSQL store");
+    };
+    let mut chain = Vec::new();
+    let db_head = export(config, &mut chain)?;
+    let label = PathBuf::from(format!("the database's chain ({})", pg.url));
+    match crate::audit::verify_signed(&chain[..], keys, &anchors) {
+        Ok(summary) => report(&label, &summary, false),
+        Err(e) => return Ok(broken(&label, &e.to_string())),
+    }
+    drop(chain);
+    let checkpoints = checkpoints(config)?;
+    file_against(&config.store.audit_file, keys, anchors, db_head, |seq| {
+        block_on(crate::store::postgres::audit_hash_at(
+            pg,
+            checkpoints.clone(),
+            seq,
+        ))
+        .with_context(|| format!("reading the PostgreSQL database at {}", pg.url))
+    })
+}
+
+/// Verifies the log at `path` against the database whose head was `db_head` (read first) and
+/// whose entries' hashes `hash_at` reads (after).
+fn file_against(
+    path: &Path,
+    keys: &[AuditPublicKey],
+    mut anchors: Vec<ChainHead>,
+    db_head: ChainHead,
+    hash_at: impl Fn(u64) -> anyhow::Result<Option<[u8; 32]>>,
+) -> anyhow::Result<ExitCode> {
     anchors.push(db_head);
     let deadline = Instant::now() + MIRROR_LAG;
     let summary = loop {
@@ -201,7 +308,7 @@ fn against_database(
         }
     };
     let head = summary.head;
-    let problem = match SqliteStore::audit_hash_at(db, head.seq).map_err(reading)? {
+    let problem = match hash_at(head.seq)? {
         Some(hash) if hash == head.hash => None,
         Some(_) => Some((head.seq, "the file and the database differ here")),
         None => Some((

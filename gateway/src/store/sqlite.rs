@@ -256,6 +256,28 @@ impl SqliteStore {
         hash.map(|h| digest_from_hex(&h)).transpose()
     }
 
+    /// Writes the whole audit chain of the database at `path`, oldest first, one line each, to
+    /// `out` (`omnirelay audit export`). Returns the head it wrote.
+    pub fn export_audit(
+        path: &Path,
+        out: &mut dyn std::io::Write,
+    ) -> Result<ChainHead, StoreError> {
+        let conn = open_read_only(path)?;
+        let mut statement = conn.prepare("SELECT seq, hash, line FROM audit ORDER BY seq")?;
+        let mut rows = statement.query([])?;
+        let mut head = ChainHead::genesis();
+        while let Some(row) = rows.next()? {
+            let line: String = row.get(2)?;
+            writeln!(out, "{line}")
+                .map_err(|e| StoreError::Io(format!("writing the audit export: {e}")))?;
+            head = ChainHead {
+                seq: row.get(0)?,
+                hash: digest_from_hex(&row.get::<_, String>(1)?)?,
+            };
+        }
+        Ok(head)
+    }
+
     /// Shuts the store down: the writer commits what it was sent, mirrors it, and exits. Returns
     /// once it has released the database and the audit file, so they can be opened again at once.
     pub async fn close(self) {

@@ -211,7 +211,7 @@ impl Feeding {
 }
 
 /// Up to [`PAGE`] entries after `seq`, in order.
-async fn entries_after(db: &Db, seq: u64) -> Result<Vec<SealedEntry>, StoreError> {
+pub(super) async fn entries_after(db: &Db, seq: u64) -> Result<Vec<SealedEntry>, StoreError> {
     let rows = db
         .read(
             "SELECT seq, hash, line FROM audit WHERE seq > $1 ORDER BY seq LIMIT $2",
@@ -230,7 +230,7 @@ async fn entries_after(db: &Db, seq: u64) -> Result<Vec<SealedEntry>, StoreError
 }
 
 /// The hash of entry `seq`, if the database holds it.
-async fn hash_at(db: &Db, seq: u64) -> Result<Option<[u8; 32]>, StoreError> {
+pub(super) async fn hash_at(db: &Db, seq: u64) -> Result<Option<[u8; 32]>, StoreError> {
     let rows = db
         .read("SELECT hash FROM audit WHERE seq = $1", &[&int(seq)])
         .await?;

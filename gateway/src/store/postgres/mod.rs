@@ -143,6 +143,49 @@ impl PostgresStore {
     }
 }
 
+/// Writes the database's whole audit chain, oldest first, one line each, to `out`, a page at
+/// a time on a connection of its own (nothing is migrated or started: `omnirelay audit export`
+/// and `audit verify --config` read what the replicas wrote). Returns the head it wrote.
+pub async fn export_audit(
+    config: &PostgresConfig,
+    checkpoints: Checkpoints,
+    out: &mut (dyn std::io::Write + Send),
+) -> Result<ChainHead, StoreError> {
+    let db = Db::connect(config, checkpoints).await?;
+    let mut head = ChainHead::genesis();
+    let written = async {
+        loop {
+            let page = mirror::entries_after(&db, head.seq).await?;
+            let Some(last) = page.last() else {
+                return Ok(());
+            };
+            for entry in &page {
+                writeln!(out, "{}", entry.line)
+                    .map_err(|e| StoreError::Io(format!("writing the audit export: {e}")))?;
+            }
+            head = ChainHead {
+                seq: last.seq,
+                hash: last.hash,
+            };
+        }
+    }
+    .await;
+    db.close();
+    written.map(|()| head)
+}
+
+/// The hash of audit entry `seq` in the database, if it holds that entry.
+pub async fn audit_hash_at(
+    config: &PostgresConfig,
+    checkpoints: Checkpoints,
+    seq: u64,
+) -> Result<Option<[u8; 32]>, StoreError> {
+    let db = Db::connect(config, checkpoints).await?;
+    let hash = mirror::hash_at(&db, seq).await;
+    db.close();
+    hash
+}
+
 impl Store for PostgresStore {
     fn register_token(
         &self,
