@@ -31,6 +31,7 @@ both_backends! {
     a_torn_mirror_line_left_by_a_crash_is_cut_and_written_again,
     an_edited_last_line_stops_the_store_from_opening,
     a_rewritten_or_extended_mirror_disagrees_with_the_database,
+    ping_answers_and_export_writes_the_whole_chain,
 }
 
 /// A fixed "now" (2025-06-15T14:13:20Z); tests never read the clock for store decisions.
@@ -979,4 +980,39 @@ async fn a_zero_max_batch_commits_one_change_at_a_time() {
         .unwrap();
     assert_eq!(store.list_tokens().await.unwrap(), [t]);
     store.close().await;
+}
+
+async fn ping_answers_and_export_writes_the_whole_chain(kind: Kind) {
+    let h = Harness::new(kind, "ping-export").await;
+    let (store, token) = open_with_token(&h, 2).await;
+    store.ping().await.unwrap();
+    let backend = match kind {
+        Kind::Sqlite => "sqlite",
+        Kind::Postgres => "postgres",
+    };
+    assert_eq!(store.backend(), backend);
+    assert_eq!(
+        store
+            .issue(issue_record(token.id, "e1", "export-nonce"))
+            .await
+            .unwrap(),
+        IssueOutcome::Issued { uses_left: 1 }
+    );
+    store.close().await;
+
+    // The export is the database's chain: after a clean close, the very lines of the mirror.
+    let mut out = Vec::new();
+    let config = h.config();
+    let head = match &config.backend {
+        Backend::Sqlite => SqliteStore::export_audit(&config.sqlite, &mut out).unwrap(),
+        Backend::Postgres(pg) => super::postgres::export_audit(pg, checkpoints(), &mut out)
+            .await
+            .unwrap(),
+    };
+    assert_eq!(head, h.db_head().await);
+    assert!(head.seq >= 3, "{head:?}");
+    assert_eq!(
+        String::from_utf8(out).unwrap(),
+        std::fs::read_to_string(h.audit_file()).unwrap()
+    );
 }
