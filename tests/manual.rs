@@ -56,7 +56,13 @@ async fn an_operator_issues_by_hand_and_revokes_it_like_any_identity() {
     let gw = Gateway::start("manual-issue");
     let config = gw.config_naming_the_admin_port();
     let token = gw.issue_token("edge-eu", "relay", 1).await;
-    let joined = join_as(&gw.node(), &token.token, "relay-1", &NodeKey::new("relay-1")).await;
+    let joined = join_as(
+        &gw.node(),
+        &token.token,
+        "relay-1",
+        &NodeKey::new("relay-1"),
+    )
+    .await;
 
     let key = NodeKey::new("relay-1");
     let csr = gw.path("node.csr");
@@ -90,7 +96,10 @@ async fn an_operator_issues_by_hand_and_revokes_it_like_any_identity() {
     assert_eq!(issued.spiffe_id, joined.spiffe_id);
     assert_ne!(issued.serial, joined.serial);
     // The operator's TTL caps the policy's hour (plus the backdating of notBefore).
-    assert!(issued.not_after - issued.not_before <= 20 * 60 + 120, "{issued:?}");
+    assert!(
+        issued.not_after - issued.not_before <= 20 * 60 + 120,
+        "{issued:?}"
+    );
     assert_eq!(
         std::fs::read_to_string(&chain).unwrap(),
         issued.certificate_chain
@@ -163,7 +172,11 @@ async fn reserved_unknown_and_foreign_spiffe_ids_are_refused_and_audited() {
             403,
             "reserved-spiffe-id",
         ),
-        (format!("spiffe://{TRUST_DOMAIN}/omnirelay"), 403, "reserved-spiffe-id"),
+        (
+            format!("spiffe://{TRUST_DOMAIN}/omnirelay"),
+            403,
+            "reserved-spiffe-id",
+        ),
         (
             format!("spiffe://{TRUST_DOMAIN}/cluster/edge-eu/role/relay/node/ghost"),
             404,
@@ -250,7 +263,12 @@ async fn the_policy_is_told_the_kind_and_can_deny_manual_issuance() {
 
     // The same fixture without `deny_manual` issues: the difference is the kind it was told.
     let reply = manual(&gw, &allowed.spiffe_id, "outage").await;
-    assert_eq!(reply.status, 200, "{}", String::from_utf8_lossy(&reply.body));
+    assert_eq!(
+        reply.status,
+        200,
+        "{}",
+        String::from_utf8_lossy(&reply.body)
+    );
     let issued: JoinResponse = serde_json::from_slice(&reply.body).unwrap();
     assert_eq!(issued.spiffe_id, allowed.spiffe_id);
 }

@@ -56,7 +56,12 @@ fn the_parser_finds_sh_blocks_and_only_those() {
 }
 
 /// Runs `block` as the next step of the session kept in `state`; returns its output.
-fn run_block(block: &str, work: &Path, state: &Path, env: &[(&str, String)]) -> std::process::Output {
+fn run_block(
+    block: &str,
+    work: &Path,
+    state: &Path,
+    env: &[(&str, String)],
+) -> std::process::Output {
     let script = format!(
         "set -a -e -o pipefail\n\
          if [ -f '{state}' ]; then . '{state}'; fi\n\
@@ -135,8 +140,9 @@ fn every_command_block_of_the_runbook_succeeds_against_a_real_gateway() {
         );
     }
 
-    // What the blocks claim happened, seen from the gateway: a manual issuance undone by a
-    // revocation, a node evicted, a policy pinned and unpinned, the CA rotated.
+    // What the blocks claim happened, seen from the gateway: nodes enrolled and renewed, one
+    // evicted and quarantined, the CA rotated, 1.1.0 taken live, pinned back and unpinned, a
+    // manual issuance undone by a revocation and its quarantine lifted.
     let events = gw.audit_events();
     let kinds: Vec<&str> = events.iter().filter_map(|e| e["kind"].as_str()).collect();
     for kind in [
@@ -144,9 +150,22 @@ fn every_command_block_of_the_runbook_succeeds_against_a_real_gateway() {
         "identity-issued",
         "identity-renewed",
         "identity-revoked",
+        "spiffe-id-quarantined",
+        "quarantine-lifted",
+        "ca-prepared",
+        "ca-activated",
+        "ca-retired",
+        "policy-pinned",
+        "policy-unpinned",
     ] {
         assert!(kinds.contains(&kind), "no {kind} in the audit log");
     }
+    assert!(
+        events
+            .iter()
+            .any(|e| e["kind"] == "policy-activated" && e["version"] == "1.1.0"),
+        "the published 1.1.0 never went live"
+    );
     let manual = events
         .iter()
         .find(|e| e["kind"] == "identity-renewed" && !e["manual"].is_null())

@@ -254,7 +254,10 @@ fn policy_request(
             kv(sdk::EXT_MANUAL_BY, manual.by.clone()),
             kv(sdk::EXT_RENEW_SPIFFE_ID, lineage.identity.spiffe_id.clone()),
             kv(sdk::EXT_RENEW_SERIAL, lineage.identity.serial.clone()),
-            kv(sdk::EXT_RENEW_NOT_AFTER, lineage.identity.not_after.to_string()),
+            kv(
+                sdk::EXT_RENEW_NOT_AFTER,
+                lineage.identity.not_after.to_string(),
+            ),
             kv(sdk::EXT_RENEW_COUNT, lineage.renewals.to_string()),
         ],
     }

@@ -148,7 +148,10 @@ async fn issue(
     println!("issued {}", issued.spiffe_id);
     println!("  serial:    {}", issued.serial);
     println!("  expires:   {}", rfc3339(issued.not_after));
-    println!("  policy:    {} {}", issued.policy.name, issued.policy.version);
+    println!(
+        "  policy:    {} {}",
+        issued.policy.name, issued.policy.version
+    );
     match &out {
         Some(path) => println!("  chain:     {}", path.display()),
         None => print!("{}", issued.certificate_chain),
