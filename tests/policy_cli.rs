@@ -26,7 +26,7 @@ fn run(args: &[&str]) -> (i32, String, String) {
 #[test]
 fn example_policies_pass_their_vectors_and_report_fuel() {
     for (policy, crate_dir, count) in [
-        ("cluster_role", "cluster-role", 4),
+        ("cluster_role", "cluster-role", 6),
         ("posture", "posture", 5),
         ("deny_all", "deny-all", 1),
     ] {

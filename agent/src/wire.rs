@@ -218,6 +218,24 @@ pub struct Version {
     pub since: u64,
 }
 
+/// `POST /admin/v1/identities/issue`: an operator's manual issuance for a SPIFFE ID with an
+/// identity on record (the fallback during a renewal outage). The answer is a [`JoinResponse`].
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ManualIssueRequest {
+    /// The node's CSR, PEM.
+    pub csr: String,
+    /// The SPIFFE ID to issue; its newest identity on record is the one continued.
+    pub spiffe_id: String,
+    /// Requested lifetime, seconds; the policy's grant caps it.
+    pub ttl_seconds: u64,
+    /// Why (audited, and shown to the policy).
+    pub reason: String,
+    /// Who asked.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub issued_by: Option<String>,
+}
+
 /// `POST /admin/v1/revoke`: exactly one of `token`, `spiffe_id`, `serial`.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]

@@ -136,8 +136,14 @@ pub fn log(level: crate::LogLevel, message: &str, fields: &[(String, String)]) {
 
 impl From<wit::Request> for sdk::Request {
     fn from(r: wit::Request) -> Self {
+        // WIT 0.1.0 has no `manual` case: the gateway sends it as `join` with an extension.
+        let manual = r
+            .extensions
+            .iter()
+            .any(|kv| kv.key == sdk::EXT_REQUEST_KIND && kv.value == "manual");
         Self {
             kind: match r.kind {
+                wit::RequestKind::Join if manual => sdk::RequestKind::Manual,
                 wit::RequestKind::Join => sdk::RequestKind::Join,
                 wit::RequestKind::Renew => sdk::RequestKind::Renew,
             },

@@ -17,6 +17,13 @@ pub enum RequestKind {
     Join,
     /// A node holding a valid SVID asks for a fresh one.
     Renew,
+    /// An operator issues by hand (`omnirelay identities issue`, the fallback during a renewal
+    /// outage) for a SPIFFE ID that has an identity on record. The token claims, attestation and
+    /// node name are those of that lineage's join; [`EXT_MANUAL_REASON`] and
+    /// [`EXT_MANUAL_BY`] say why and who; the grant's path must be the requested SPIFFE ID's.
+    /// On the wire (WIT 0.1.0) this is `join` with [`EXT_REQUEST_KIND`] = `manual`, so a policy
+    /// built with an SDK that predates it decides it as a join of the same node.
+    Manual,
 }
 
 /// A free-form key/value pair (the request's forward-compatible extension point).
@@ -184,7 +191,7 @@ impl Default for CsrFacts {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Request {
-    /// Join or renew.
+    /// Join, renew or manual (an operator's issuance).
     #[serde(default)]
     pub kind: RequestKind,
     /// Verified token claims.
@@ -228,6 +235,14 @@ pub const EXT_RENEW_COUNT: &str = "omnirelay.renew.renewals";
 /// Extension key (renewals): `true` when the CSR carries the key of the certificate being
 /// renewed. The gateway refuses that unless the allow carries [`KEY_REUSE_PERMITTED`].
 pub const EXT_RENEW_SAME_KEY: &str = "omnirelay.renew.same-key";
+/// Extension key: `manual` for an operator's manual issuance (see [`RequestKind::Manual`]),
+/// which the WIT 0.1.0 contract carries as kind `join`; the SDK turns it back into
+/// [`RequestKind::Manual`].
+pub const EXT_REQUEST_KIND: &str = "omnirelay.request-kind";
+/// Extension key (manual issuance): the operator's reason, as audited.
+pub const EXT_MANUAL_REASON: &str = "omnirelay.manual.reason";
+/// Extension key (manual issuance): the operator who issued.
+pub const EXT_MANUAL_BY: &str = "omnirelay.manual.by";
 /// The audit note by which an allow permits a renewal to keep its key
 /// ([`Allow::permit_key_reuse`]); it is recorded with the renewal like any note.
 pub const KEY_REUSE_PERMITTED: &str = "omnirelay.renew.key-reuse-permitted";

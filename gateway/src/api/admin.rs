@@ -67,7 +67,7 @@ impl Handler for AdminApi {
                 (Method::GET, "/readyz") => Ok(readyz(gw).await),
                 (method, path) => {
                     authorize(gw, &request)?;
-                    route(gw, method, path, request, &request_id).await
+                    route(gw, method, path, request, &request_id, &peer).await
                 }
             }
         }
@@ -84,6 +84,7 @@ async fn route(
     path: &str,
     request: Request<Incoming>,
     request_id: &str,
+    peer: &Peer,
 ) -> Result<Response<Full<Bytes>>, ApiError> {
     let token_revoke = path
         .strip_prefix("/admin/v1/tokens/")
@@ -102,6 +103,9 @@ async fn route(
                 StatusCode::OK,
                 &gw.store.identities(filter, now()).await?,
             ))
+        }
+        (Method::POST, "/admin/v1/identities/issue", _) => {
+            manual_issue(gw, request, request_id, peer).await
         }
         (Method::POST, _, Some(id)) => {
             let id = TokenId::parse(id)
@@ -215,6 +219,39 @@ async fn route(
         }
         (_, "/admin/v1/tokens", _) | (_, _, Some(_)) => Err(ApiError::MethodNotAllowed),
         _ => Err(ApiError::NotFound),
+    }
+}
+
+/// An operator's manual issuance (`manual.rs`), audited whatever the outcome: the refusal's
+/// entry is written before the error goes out through the one mapping.
+async fn manual_issue(
+    gw: &Gateway,
+    request: Request<Incoming>,
+    request_id: &str,
+    peer: &Peer,
+) -> Result<Response<Full<Bytes>>, ApiError> {
+    let mut mx = super::manual::ManualContext {
+        cx: super::JoinContext {
+            request_id: request_id.to_string(),
+            client_ip: peer.addr.ip().to_string(),
+            ..Default::default()
+        },
+        ..Default::default()
+    };
+    let outcome = match read(request).await {
+        Ok(body) => super::manual::issue(gw, &mut mx, &body, peer.addr.ip()).await,
+        Err(e) => Err(e),
+    };
+    match outcome {
+        Ok(body) => {
+            tracing::info!(spiffe_id = %mx.spiffe_id, "manual issuance");
+            Ok(super::body(StatusCode::OK, "application/json", body))
+        }
+        Err(error) => {
+            tracing::info!(stage = error.stage(), reason = %super::bounded(&error.reason()), "manual issuance refused");
+            super::manual::audit_refusal(gw, mx, &error).await;
+            Err(error)
+        }
     }
 }
 

@@ -10,6 +10,7 @@ mod admin;
 mod ca;
 mod feed;
 mod join;
+mod manual;
 mod problem;
 mod refusals;
 mod renew;

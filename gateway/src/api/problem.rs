@@ -147,6 +147,20 @@ pub enum ApiError {
     /// The renewal's CSR reuses the current key and the policy did not permit it.
     #[error("the CSR reuses the key of the certificate being renewed; renew with a new key")]
     KeyReuse,
+    /// A manual issuance for a SPIFFE ID under the gateway's reserved path.
+    #[error("{0} is under the gateway's reserved path; it is never issued")]
+    ReservedSpiffeId(String),
+    /// A manual issuance for a SPIFFE ID that has no identity on record to continue.
+    #[error("no identity with SPIFFE ID {0} is on record; the node must join with a token")]
+    NoIdentityOnRecord(String),
+    /// The policy allowed a manual issuance, but for another path than the one asked for.
+    #[error("the policy would issue {granted}, not the SPIFFE ID asked for ({requested})")]
+    ManualPathMismatch {
+        /// The SPIFFE ID the operator asked for.
+        requested: String,
+        /// The path the policy granted.
+        granted: String,
+    },
     /// No such route.
     #[error("not found")]
     NotFound,
@@ -198,6 +212,9 @@ impl ApiError {
                 "identity"
             }
             Self::KeyReuse => "csr",
+            Self::ReservedSpiffeId(_) => "request",
+            Self::NoIdentityOnRecord(_) => "identity",
+            Self::ManualPathMismatch { .. } => "policy",
             Self::Unauthorized => "admin",
             Self::NoPolicySource | Self::Reload(_) => "policy-reload",
             Self::Rotation(_) | Self::ServingCert(_) => "ca-rotation",
@@ -236,6 +253,9 @@ impl ApiError {
             Self::IdentityRevoked => "identity-revoked".into(),
             Self::Quarantined { .. } => "quarantined".into(),
             Self::KeyReuse => "key-reuse".into(),
+            Self::ReservedSpiffeId(_) => "reserved-spiffe-id".into(),
+            Self::NoIdentityOnRecord(_) => "no-identity-on-record".into(),
+            Self::ManualPathMismatch { .. } => "policy-path-mismatch".into(),
             Self::NotFound => "not-found".into(),
             Self::MethodNotAllowed => "method-not-allowed".into(),
             Self::Unauthorized => "unauthorized".into(),
@@ -269,7 +289,10 @@ impl ApiError {
             Self::IdentityUnknown(_)
             | Self::IdentityRevoked
             | Self::Quarantined { .. }
-            | Self::KeyReuse => StatusCode::FORBIDDEN,
+            | Self::KeyReuse
+            | Self::ReservedSpiffeId(_)
+            | Self::ManualPathMismatch { .. } => StatusCode::FORBIDDEN,
+            Self::NoIdentityOnRecord(_) => StatusCode::NOT_FOUND,
             Self::TokenRevoked
             | Self::NoPolicyBinding
             | Self::Denied(_)

@@ -118,7 +118,7 @@ pub(super) async fn audit_refusal(
 
 /// Always "<reason code>: <explanation>", the code being the problem's `reason`. The operator's
 /// reason goes to the audit log, never to the node.
-fn refusal_reason(error: &ApiError) -> String {
+pub(super) fn refusal_reason(error: &ApiError) -> String {
     bounded(&match error {
         ApiError::Denied(r) => format!("{}: {}", r.code, r.reason),
         other => format!("{}: {other}", other.reason()),

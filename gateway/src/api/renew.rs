@@ -274,6 +274,7 @@ async fn record(
             audit_notes: grant.audit_notes.clone(),
             matched_rules,
             now: now_ms / 1000,
+            manual: None,
         })
         .await?;
     let refusal = match outcome {

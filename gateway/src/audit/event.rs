@@ -155,6 +155,34 @@ pub enum AuditEvent {
         matched_rules: Vec<String>,
         /// The policy that allowed it.
         policy: PolicyRef,
+        /// Set when an operator issued it by hand (`omnirelay identities issue`, policy kind
+        /// `manual`) instead of the node renewing: who, and why.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        manual: Option<ManualIssuance>,
+    },
+    /// An operator's manual issuance (`omnirelay identities issue`) was refused.
+    ManualIssueRefused {
+        /// The request id.
+        request_id: String,
+        /// The refusing stage.
+        stage: String,
+        /// The HTTP status returned.
+        status: u16,
+        /// `<reason code>: <explanation>`.
+        reason: String,
+        /// The SPIFFE ID asked for.
+        spiffe_id: String,
+        /// The identity on record it would have succeeded, when one was found.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        predecessor: Option<String>,
+        /// The token that lineage began with, when known.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        token_id: Option<String>,
+        /// Who asked, and why.
+        manual: ManualIssuance,
+        /// The policy that refused, when the refusal came from a policy.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        policy: Option<PolicyRef>,
     },
     /// A renewal was refused after its client certificate verified.
     RenewRefused {
@@ -369,6 +397,15 @@ pub enum AuditEvent {
     },
 }
 
+/// An operator's manual issuance: who issued, and the reason they gave.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ManualIssuance {
+    /// The operator (as the CLI reports it).
+    pub by: String,
+    /// Why, in the operator's words.
+    pub reason: String,
+}
+
 /// Which policy decided: enough to replay the decision offline.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PolicyRef {
@@ -429,6 +466,17 @@ impl AuditEvent {
                 predecessor,
                 ..
             } => vec![request_id, token_id, spiffe_id, serial, predecessor],
+            Self::ManualIssueRefused {
+                request_id,
+                spiffe_id,
+                predecessor,
+                token_id,
+                ..
+            } => [request_id.as_str(), spiffe_id]
+                .into_iter()
+                .chain(predecessor.as_deref())
+                .chain(token_id.as_deref())
+                .collect(),
             Self::RenewRefused {
                 request_id,
                 serial,
@@ -494,6 +542,7 @@ impl AuditEvent {
             Self::IdentitySuperseded { .. } => "identity-superseded",
             Self::IdentityRenewed { .. } => "identity-renewed",
             Self::RenewRefused { .. } => "renew-refused",
+            Self::ManualIssueRefused { .. } => "manual-issue-refused",
             Self::IdentityRevoked { .. } => "identity-revoked",
             Self::SpiffeIdQuarantined { .. } => "spiffe-id-quarantined",
             Self::QuarantineLifted { .. } => "quarantine-lifted",

@@ -27,7 +27,7 @@ mod key;
 pub use chain::{ChainHead, Problem, SealedEntry, VerifyError, VerifySummary, query, seal, verify};
 pub use checkpoint::{AuditConfig, SignedHead, SignedSummary, checkpoint, verify_signed};
 pub use coalesce::{Counted, RefusalCoalescer, Refused};
-pub use event::{AuditEvent, PolicyRef};
+pub use event::{AuditEvent, ManualIssuance, PolicyRef};
 pub use file::{AuditError, AuditFile};
 pub use key::{AuditKey, AuditPublicKey, KeyError};
 

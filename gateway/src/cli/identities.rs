@@ -1,14 +1,17 @@
-//! `omnirelay identities list`: the inventory of issued identities, through the admin API.
+//! `omnirelay identities list|issue`: the inventory of issued identities, and an operator's
+//! manual issuance (the fallback during a renewal outage), through the admin API.
 
 use std::fmt::Write as _;
+use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::Context;
 use clap::{Subcommand, ValueEnum};
 use http::StatusCode;
 
-use super::token::{AdminArgs, expect, rfc3339};
+use super::token::{AdminArgs, expect, rfc3339, whoami};
 use crate::store::IssuedIdentity;
+use crate::wire::{JoinResponse, ManualIssueRequest};
 
 /// How to print the inventory.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -67,9 +70,96 @@ pub(super) enum IdentitiesCommand {
         #[command(flatten)]
         admin: AdminArgs,
     },
+    /// Issue by hand for a SPIFFE ID with an identity on record, from the node's CSR (the
+    /// fallback while nodes cannot renew): decided by the lineage's policy (kind `manual`),
+    /// audited with the reason, continuing that identity's lineage (revoke it like any other).
+    Issue {
+        /// The node's CSR (PEM), made with a new key on the node.
+        #[arg(long)]
+        csr: PathBuf,
+        /// The SPIFFE ID to issue; it must have an identity on record.
+        #[arg(long)]
+        spiffe_id: String,
+        /// Lifetime, e.g. `4h`; the policy's grant caps it.
+        #[arg(long)]
+        ttl: String,
+        /// Why (audited, and shown to the policy).
+        #[arg(long)]
+        reason: String,
+        /// Write the certificate chain (PEM) here instead of printing it.
+        #[arg(long)]
+        out: Option<PathBuf>,
+        /// Output format (`json`: the API's answer, as a join's).
+        #[arg(long, value_enum, default_value_t = Output::Human)]
+        output: Output,
+        #[command(flatten)]
+        admin: AdminArgs,
+    },
 }
 
 pub(super) async fn run(cmd: IdentitiesCommand) -> anyhow::Result<ExitCode> {
+    match cmd {
+        IdentitiesCommand::Issue {
+            csr,
+            spiffe_id,
+            ttl,
+            reason,
+            out,
+            output,
+            admin,
+        } => issue(csr, spiffe_id, &ttl, reason, out, output, admin).await,
+        list @ IdentitiesCommand::List { .. } => run_list(list).await,
+    }
+}
+
+/// `identities issue`.
+async fn issue(
+    csr: PathBuf,
+    spiffe_id: String,
+    ttl: &str,
+    reason: String,
+    out: Option<PathBuf>,
+    output: Output,
+    admin: AdminArgs,
+) -> anyhow::Result<ExitCode> {
+    let ttl = humantime::parse_duration(ttl).with_context(|| format!("--ttl {ttl:?}"))?;
+    let request = ManualIssueRequest {
+        csr: std::fs::read_to_string(&csr).with_context(|| format!("reading {}", csr.display()))?,
+        spiffe_id,
+        ttl_seconds: ttl.as_secs(),
+        reason,
+        issued_by: Some(whoami()),
+    };
+    let issued: JoinResponse = expect(
+        admin
+            .client()?
+            .post("/admin/v1/identities/issue", serde_json::to_vec(&request)?)
+            .await?,
+        StatusCode::OK,
+    )?;
+    if let Some(path) = &out {
+        std::fs::write(path, &issued.certificate_chain)
+            .with_context(|| format!("writing {}", path.display()))?;
+    }
+    if output == Output::Json {
+        println!("{}", serde_json::to_string_pretty(&issued)?);
+        return Ok(ExitCode::SUCCESS);
+    }
+    println!("issued {}", issued.spiffe_id);
+    println!("  serial:    {}", issued.serial);
+    println!("  expires:   {}", rfc3339(issued.not_after));
+    println!(
+        "  policy:    {} {}",
+        issued.policy.name, issued.policy.version
+    );
+    match &out {
+        Some(path) => println!("  chain:     {}", path.display()),
+        None => print!("{}", issued.certificate_chain),
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn run_list(cmd: IdentitiesCommand) -> anyhow::Result<ExitCode> {
     let IdentitiesCommand::List {
         token,
         spiffe_id,
@@ -82,7 +172,10 @@ pub(super) async fn run(cmd: IdentitiesCommand) -> anyhow::Result<ExitCode> {
         limit,
         output,
         admin,
-    } = cmd;
+    } = cmd
+    else {
+        return Ok(ExitCode::from(2));
+    };
     let within = expires_within
         .map(|w| humantime::parse_duration(&w).with_context(|| format!("--expires-within {w:?}")))
         .transpose()?;

@@ -79,7 +79,8 @@ enum Command {
     /// Rotate the CA in stages: prepare, activate, retire (through the admin API).
     #[command(subcommand)]
     Ca(ca::CaCommand),
-    /// List issued identities (the inventory, through the admin API).
+    /// List issued identities (the inventory), or issue one by hand during a renewal outage
+    /// (through the admin API).
     #[command(subcommand)]
     Identities(identities::IdentitiesCommand),
     /// Revoke a token's, a SPIFFE ID's or a certificate's identities, with their renewals

@@ -117,6 +117,8 @@ pub struct Metrics {
     pub revocations: Counter,
     /// Joins and renewals refused because their SPIFFE ID is quarantined.
     pub quarantine_refusals: Counter,
+    /// Identities an operator issued by hand (`omnirelay identities issue`).
+    pub manual_issuances: Counter,
     /// Seconds since the CRL in force was signed (set at each scrape).
     pub crl_age_seconds: Gauge,
     /// Seconds until the soonest expiry among live identities (set at each scrape; absent
@@ -246,6 +248,12 @@ impl Metrics {
             "Joins and renewals refused because their SPIFFE ID is quarantined",
             quarantine_refusals.clone(),
         );
+        let manual_issuances = Counter::default();
+        registry.register(
+            "bootstrap_manual_issuances",
+            "Identities an operator issued by hand (omnirelay identities issue)",
+            manual_issuances.clone(),
+        );
         let crl_age_seconds = Gauge::default();
         registry.register(
             "bootstrap_crl_age_seconds",
@@ -280,6 +288,7 @@ impl Metrics {
             renewals,
             revocations,
             quarantine_refusals,
+            manual_issuances,
             crl_age_seconds,
             soonest_expiry_seconds,
             identities_past_renewal,

@@ -22,8 +22,11 @@ pub const WORLD_VERSION: &str = "0.1.0";
 impl From<&sdk::Request> for wit::Request {
     fn from(r: &sdk::Request) -> Self {
         Self {
+            // WIT 0.1.0 has no `manual` case (a new enum case is a new package version, which
+            // every deployed policy would have to be rebuilt for): a manual issuance travels as
+            // `join` with `omnirelay.request-kind = manual`, which the SDK turns back.
             kind: match r.kind {
-                sdk::RequestKind::Join => wit::RequestKind::Join,
+                sdk::RequestKind::Join | sdk::RequestKind::Manual => wit::RequestKind::Join,
                 sdk::RequestKind::Renew => wit::RequestKind::Renew,
             },
             token: wit::TokenClaims {
@@ -63,10 +66,15 @@ impl From<&sdk::Request> for wit::Request {
             extensions: r
                 .extensions
                 .iter()
+                .filter(|kv| kv.key != sdk::EXT_REQUEST_KIND)
                 .map(|kv| wit::Kv {
                     key: kv.key.clone(),
                     value: kv.value.clone(),
                 })
+                .chain((r.kind == sdk::RequestKind::Manual).then(|| wit::Kv {
+                    key: sdk::EXT_REQUEST_KIND.into(),
+                    value: "manual".into(),
+                }))
                 .collect(),
         }
     }

@@ -28,7 +28,9 @@ pub use host::{LoadedPolicy, Metered, Metering, ModuleDigest, PolicyHost};
 pub use set::{
     ActivePolicies, BoundPolicy, ModuleSource, PolicyBinding, PolicySet, SetError, schema_errors,
 };
-pub use verdict::{Grant, InvalidResult, RESERVED_PATH, Refusal, Verdict, check_dns_suffix};
+pub use verdict::{
+    Grant, InvalidResult, RESERVED_PATH, Refusal, Verdict, check_dns_suffix, is_reserved_path,
+};
 
 #[cfg(test)]
 mod tests;

@@ -135,12 +135,7 @@ impl Verdict {
 impl Grant {
     fn check(allow: sdk::Allow, limits: &PolicyConfig) -> Result<Self, InvalidResult> {
         let path = SpiffePath::parse(&allow.spiffe_path)?;
-        if path.as_str() == RESERVED_PATH
-            || path
-                .as_str()
-                .strip_prefix(RESERVED_PATH)
-                .is_some_and(|rest| rest.starts_with('/'))
-        {
+        if is_reserved_path(path.as_str()) {
             return Err(InvalidResult::ReservedPath(truncate(path.as_str())));
         }
         let requested_ttl = Duration::from_secs(allow.ttl_seconds.into());
@@ -231,6 +226,15 @@ fn check_len(field: &'static str, len: usize, max: usize) -> Result<(), InvalidR
 /// SPIFFE paths at or under this one name the gateway's own identities (its serving
 /// certificate is `/omnirelay/gateway`); no policy can grant them.
 pub const RESERVED_PATH: &str = "/omnirelay";
+
+/// Whether `path` is [`RESERVED_PATH`] or below it: never issued to a node, whether a policy
+/// grants it or an operator asks for it by hand.
+pub fn is_reserved_path(path: &str) -> bool {
+    path == RESERVED_PATH
+        || path
+            .strip_prefix(RESERVED_PATH)
+            .is_some_and(|rest| rest.starts_with('/'))
+}
 
 /// Checks an operator's DNS suffix (a `dns_suffixes` entry): a host name, lowercase.
 pub fn check_dns_suffix(suffix: &str) -> Result<(), &'static str> {

@@ -134,6 +134,7 @@ pub(super) fn renew(
         audit_notes: r.audit_notes.clone(),
         matched_rules: r.matched_rules.clone(),
         policy: r.policy.clone(),
+        manual: r.manual.clone(),
     });
     Ok(RenewOutcome::Renewed { renewals })
 }

@@ -34,6 +34,7 @@ fn renew_record(token: TokenId, predecessor: &str, like: &IssueRecord, now: u64)
         audit_notes: Vec::new(),
         matched_rules: vec!["renew".into()],
         now,
+        manual: None,
     }
 }
 

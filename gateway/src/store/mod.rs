@@ -414,6 +414,9 @@ pub struct RenewRecord {
     pub matched_rules: Vec<String>,
     /// Renewal time, Unix seconds.
     pub now: u64,
+    /// An operator's manual issuance in the lineage (not the node renewing): who and why,
+    /// audited with the successor.
+    pub manual: Option<crate::audit::ManualIssuance>,
 }
 
 /// How the final step of a renewal ended. Refusals write nothing.

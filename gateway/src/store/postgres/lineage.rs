@@ -104,6 +104,7 @@ async fn renew(tx: &mut Tx, r: &RenewRecord) -> Result<Applied<RenewOutcome>, St
         audit_notes: r.audit_notes.clone(),
         matched_rules: r.matched_rules.clone(),
         policy: r.policy.clone(),
+        manual: r.manual.clone(),
     });
     Ok(Applied::Commit(RenewOutcome::Renewed { renewals }))
 }
