@@ -46,6 +46,8 @@ pub struct Gateway {
     pub policies: Arc<ActivePolicies>,
     /// Follows the policy repository, when one is configured.
     pub reloader: Option<Reloader>,
+    /// Runs the candidate policy version in shadow, when `candidate_branch` is configured.
+    pub shadow: Option<Arc<crate::shadow::Shadow>>,
     /// The CA set in force (the signer and the trust bundle) and the CA rotation behind it;
     /// [`Gateway::trust`] is the set.
     pub rotation: Rotation,
@@ -120,6 +122,20 @@ impl Gateway {
             })?;
         let metrics = Arc::new(Metrics::new());
         let policies = Arc::new(ActivePolicies::default());
+        let reserved_dns = own_dns_names(&read(&config.server.tls_cert)?)?;
+        let shadow = config
+            .policy_source
+            .as_ref()
+            .filter(|s| s.candidate_branch.is_some())
+            .map(|source| {
+                crate::shadow::Shadow::start(
+                    source.shadow,
+                    host.clone(),
+                    store.clone(),
+                    metrics.clone(),
+                    reserved_dns.clone(),
+                )
+            });
         let mut reloader = None;
         if let Some(source) = &config.policy_source {
             let started = Reloader::start(
@@ -128,6 +144,7 @@ impl Gateway {
                 policies.clone(),
                 metrics.clone(),
                 store.clone(),
+                shadow.clone(),
             )
             .await
             .with_context(|| format!("policy source {}", source.url))?;
@@ -169,6 +186,7 @@ impl Gateway {
             host,
             policies,
             reloader,
+            shadow,
             rotation,
             serving: Arc::new(serving),
             store,
@@ -178,7 +196,7 @@ impl Gateway {
             refusals: RefusalCoalescer::new(config.limits.refusal_audit_max_keys.get() as usize),
             refusal_audit_interval: config.limits.refusal_audit_interval,
             admin_credential,
-            reserved_dns: own_dns_names(&read(&config.server.tls_cert)?)?,
+            reserved_dns,
             revocations,
             verified_clients: moka::sync::Cache::builder()
                 .max_capacity(65_536)

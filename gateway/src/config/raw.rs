@@ -154,6 +154,9 @@ pub struct RawSource {
     pub git: String,
     pub branch: Option<String>,
     pub tags: Option<String>,
+    pub candidate_branch: Option<String>,
+    pub shadow_queue: Option<u32>,
+    pub shadow_keep: Option<u32>,
     pub poll_interval: Option<String>,
     pub cache_dir: Option<String>,
     #[serde(default)]

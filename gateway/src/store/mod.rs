@@ -524,6 +524,33 @@ pub struct Revoked {
     pub not_after: u64,
 }
 
+/// A decision on which the shadow candidate disagreed with the active policy version: both
+/// answers and the policy input (the typed request, which never holds the token itself). The
+/// store keeps the newest `keep` of them and drops older rows as new ones arrive.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Disagreement {
+    /// Position (assigned by the store; 0 when recording).
+    pub seq: u64,
+    /// When, Unix seconds.
+    pub at: u64,
+    /// The request it shadowed.
+    pub request_id: String,
+    /// The token's cluster.
+    pub cluster: String,
+    /// The token's role.
+    pub role: String,
+    /// The active version that answered.
+    pub active_version: String,
+    /// The candidate version that was compared.
+    pub candidate_version: String,
+    /// The active version's decision (JSON of the decision summary).
+    pub active: String,
+    /// The candidate's decision (JSON of the decision summary).
+    pub candidate: String,
+    /// The policy input (JSON of the request the policies saw).
+    pub input: String,
+}
+
 type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 
 /// What an idempotency key was first used for: the CSR digest and the response sent.
@@ -646,4 +673,15 @@ pub trait Store: Send + Sync + 'static {
 
     /// Serial numbers of identities issued through a token.
     fn identities_of(&self, token: TokenId) -> BoxFuture<'_, Result<Vec<String>, StoreError>>;
+
+    /// Records a shadow disagreement and drops the oldest rows beyond the newest `keep`, in
+    /// one transaction (unaudited: the audit trail records the active decision).
+    fn record_disagreement(
+        &self,
+        disagreement: Disagreement,
+        keep: u32,
+    ) -> BoxFuture<'_, Result<(), StoreError>>;
+
+    /// The newest `limit` shadow disagreements, newest first.
+    fn disagreements(&self, limit: u32) -> BoxFuture<'_, Result<Vec<Disagreement>, StoreError>>;
 }

@@ -13,9 +13,9 @@ use super::chain::{audit_head, digest_from_hex};
 use super::checkpoints::{Checkpoints, Ticker, unsigned_in};
 use super::writer::{Command, Message, Writer};
 use super::{
-    BoxFuture, ExpirySummary, IdempotentResult, IdentityFilter, IdentityState, IssueOutcome,
-    IssueRecord, IssuedIdentity, Lineage, MAX_LISTED, Quarantine, RenewOutcome, RenewRecord,
-    RevokeOrder, RevokeSummary, Revoked, Store, StoreConfig, StoreError, TokenRecord,
+    BoxFuture, Disagreement, ExpirySummary, IdempotentResult, IdentityFilter, IdentityState,
+    IssueOutcome, IssueRecord, IssuedIdentity, Lineage, MAX_LISTED, Quarantine, RenewOutcome,
+    RenewRecord, RevokeOrder, RevokeSummary, Revoked, Store, StoreConfig, StoreError, TokenRecord,
 };
 use crate::audit::{AuditEvent, AuditFile, ChainHead};
 use crate::token::TokenId;
@@ -103,6 +103,20 @@ const MIGRATIONS: &[&str] = &[
     // 4: which CA issued an identity (SHA-256 of its certificate, hex), so a CA is retired only
     // once its last leaf has expired. NULL for rows from before: the configured CA issued them.
     "ALTER TABLE identities ADD COLUMN issuer TEXT;",
+    // 5: decisions on which the shadow candidate policy disagreed with the active one, bounded
+    // in rows by the writer.
+    "CREATE TABLE shadow_disagreements (
+         seq INTEGER PRIMARY KEY AUTOINCREMENT,
+         at INTEGER NOT NULL,
+         request_id TEXT NOT NULL,
+         cluster TEXT NOT NULL,
+         role TEXT NOT NULL,
+         active_version TEXT NOT NULL,
+         candidate_version TEXT NOT NULL,
+         active TEXT NOT NULL,
+         candidate TEXT NOT NULL,
+         input TEXT NOT NULL
+     );",
 ];
 
 /// The schema version this binary writes.
@@ -727,6 +741,41 @@ impl Store for SqliteStore {
                     "SELECT serial FROM identities WHERE token_id = ?1 ORDER BY issued_at, serial",
                 )?;
                 let rows = stmt.query_map([token.to_string()], |r| r.get(0))?;
+                rows.collect()
+            })
+        })
+    }
+
+    fn record_disagreement(
+        &self,
+        disagreement: Disagreement,
+        keep: u32,
+    ) -> BoxFuture<'_, Result<(), StoreError>> {
+        Box::pin(self.send(move |reply| Command::Disagreement(Box::new(disagreement), keep, reply)))
+    }
+
+    fn disagreements(&self, limit: u32) -> BoxFuture<'_, Result<Vec<Disagreement>, StoreError>> {
+        Box::pin(async move {
+            self.read(|c| {
+                let mut stmt = c.prepare_cached(
+                    "SELECT seq, at, request_id, cluster, role, active_version, candidate_version,
+                            active, candidate, input
+                     FROM shadow_disagreements ORDER BY seq DESC LIMIT ?1",
+                )?;
+                let rows = stmt.query_map([limit], |r| {
+                    Ok(Disagreement {
+                        seq: r.get(0)?,
+                        at: r.get(1)?,
+                        request_id: r.get(2)?,
+                        cluster: r.get(3)?,
+                        role: r.get(4)?,
+                        active_version: r.get(5)?,
+                        candidate_version: r.get(6)?,
+                        active: r.get(7)?,
+                        candidate: r.get(8)?,
+                        input: r.get(9)?,
+                    })
+                })?;
                 rows.collect()
             })
         })

@@ -31,6 +31,7 @@ both_backends! {
     a_torn_mirror_line_left_by_a_crash_is_cut_and_written_again,
     an_edited_last_line_stops_the_store_from_opening,
     a_rewritten_or_extended_mirror_disagrees_with_the_database,
+    shadow_disagreements_keep_only_the_newest_rows,
 }
 
 /// A fixed "now" (2025-06-15T14:13:20Z); tests never read the clock for store decisions.
@@ -978,5 +979,39 @@ async fn a_zero_max_batch_commits_one_change_at_a_time() {
         .await
         .unwrap();
     assert_eq!(store.list_tokens().await.unwrap(), [t]);
+    store.close().await;
+}
+
+/// The shadow table is bounded: however many disagreements arrive, only the newest `keep`
+/// stay, newest first, and each keeps what was recorded; the audit chain is untouched.
+async fn shadow_disagreements_keep_only_the_newest_rows(kind: Kind) {
+    let h = Harness::new(kind, "shadow").await;
+    let store = h.open(checkpoints()).await.unwrap();
+    let audited = || h.texts("SELECT CAST(COUNT(*) AS TEXT) FROM audit");
+    let before = audited().await;
+    let keep = 5;
+    for i in 0..12u64 {
+        let d = Disagreement {
+            seq: 0,
+            at: NOW + i,
+            request_id: format!("req-{i}"),
+            cluster: "edge-eu".into(),
+            role: "relay".into(),
+            active_version: "1.0.0".into(),
+            candidate_version: "1.1.0".into(),
+            active: r#"{"allow":{}}"#.into(),
+            candidate: r#"{"deny":{}}"#.into(),
+            input: format!(r#"{{"node_name":"n{i}"}}"#),
+        };
+        store.record_disagreement(d, keep).await.unwrap();
+    }
+    let rows = store.disagreements(100).await.unwrap();
+    let ids: Vec<_> = rows.iter().map(|d| d.request_id.as_str()).collect();
+    assert_eq!(ids, ["req-11", "req-10", "req-9", "req-8", "req-7"]);
+    assert_eq!(rows[0].input, r#"{"node_name":"n11"}"#);
+    assert_eq!(rows[0].at, NOW + 11);
+    assert!(rows.windows(2).all(|w| w[0].seq > w[1].seq));
+    assert_eq!(store.disagreements(2).await.unwrap().len(), 2);
+    assert_eq!(audited().await, before, "disagreements are not audited");
     store.close().await;
 }

@@ -12,6 +12,7 @@ mod mirror;
 mod notify;
 mod reads;
 mod schema;
+mod shadow;
 
 use std::num::NonZeroUsize;
 use std::path::{Path, PathBuf};
@@ -23,9 +24,9 @@ use tokio::sync::watch;
 use self::connect::Db;
 use self::mirror::Feeder;
 use super::{
-    BoxFuture, ExpirySummary, IdempotentResult, IdentityFilter, IssueOutcome, IssueRecord,
-    IssuedIdentity, Lineage, Quarantine, RenewOutcome, RenewRecord, RevokeOrder, RevokeSummary,
-    Revoked, Store, StoreError, TokenRecord,
+    BoxFuture, Disagreement, ExpirySummary, IdempotentResult, IdentityFilter, IssueOutcome,
+    IssueRecord, IssuedIdentity, Lineage, Quarantine, RenewOutcome, RenewRecord, RevokeOrder,
+    RevokeSummary, Revoked, Store, StoreError, TokenRecord,
 };
 use crate::audit::{AuditEvent, ChainHead};
 use crate::store::Checkpoints;
@@ -286,6 +287,18 @@ impl Store for PostgresStore {
 
     fn identities_of(&self, token: TokenId) -> BoxFuture<'_, Result<Vec<String>, StoreError>> {
         Box::pin(reads::identities_of(&self.db, token))
+    }
+
+    fn record_disagreement(
+        &self,
+        disagreement: Disagreement,
+        keep: u32,
+    ) -> BoxFuture<'_, Result<(), StoreError>> {
+        Box::pin(async move { self.db.write(&shadow::Record(disagreement, keep)).await })
+    }
+
+    fn disagreements(&self, limit: u32) -> BoxFuture<'_, Result<Vec<Disagreement>, StoreError>> {
+        Box::pin(shadow::newest(&self.db, limit))
     }
 }
 
