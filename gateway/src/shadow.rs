@@ -1,11 +1,13 @@
-//! Shadow evaluation: a candidate policy version, which passed the same reload pipeline as a
-//! release, decides beside the active one on every live decision and never changes the answer.
+//! The decision tap: every live decision that reached the policy is kept for replay (its input
+//! and outcome, for a retention window, bounded in rows) and, when a candidate version is in
+//! shadow, decided again by the candidate, which never changes the answer.
 //!
 //! Promises: the request path only clones the policy input and offers it to a bounded queue
-//! (`try_send`; a full queue drops the job and counts it); a worker task evaluates the
-//! candidate in the same host (its own breaker and share of the slots), compares, counts
-//! `bootstrap_policy_shadow_total{result}` and keeps each disagreement (both decisions and the
-//! input, which holds the token's claims but never the token) in the store, bounded in rows.
+//! (`try_send`; a full queue drops the job and counts it); a worker task records the decisions
+//! in batches, evaluates the candidate in the same host (its own breaker and share of the
+//! slots), compares, counts `bootstrap_policy_shadow_total{result}` and keeps each
+//! disagreement (both decisions and the input, which holds the token's claims but never the
+//! token) in the store, bounded in rows.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, RwLock};
@@ -17,7 +19,7 @@ use tokio::sync::mpsc;
 
 use crate::metrics::Metrics;
 use crate::policy::{PolicyError, PolicyHost, PolicySet, Verdict};
-use crate::store::{Disagreement, Store};
+use crate::store::{DecisionRecord, Disagreement, Store};
 
 /// How shadow evaluation is bounded (in `[policy.source]`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -28,6 +30,28 @@ pub struct ShadowConfig {
     /// Disagreements kept in the store (the newest). Default 10000.
     pub keep: u32,
 }
+
+/// How long and how many live decisions are kept for replay (`[policy] decisions_retention`,
+/// `decisions_keep`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RecordConfig {
+    /// Decisions older than this are dropped. Default 7 days.
+    pub retention: std::time::Duration,
+    /// At most this many (the newest) are kept; 0 records none. Default 100000.
+    pub keep: u32,
+}
+
+impl Default for RecordConfig {
+    fn default() -> Self {
+        Self {
+            retention: std::time::Duration::from_secs(7 * 24 * 3600),
+            keep: 100_000,
+        }
+    }
+}
+
+/// Most decisions the worker records in one store call.
+const RECORD_BATCH: usize = 256;
 
 impl Default for ShadowConfig {
     fn default() -> Self {
@@ -82,6 +106,67 @@ impl Outcome {
     }
 }
 
+/// How a replayed decision differs from the recorded one (the kinds `policy replay` counts).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Flip {
+    /// Issued before, refused (denied or failed) now.
+    AllowToDeny,
+    /// Refused before, issued now.
+    DenyToAllow,
+    /// Issued both times, under another SPIFFE ID.
+    SpiffeId,
+    /// Issued both times, with another lifetime.
+    Ttl,
+    /// Issued both times, with other DNS names.
+    DnsNames,
+}
+
+impl Flip {
+    /// The flip from `before` to `after`, if the answer a node would get changed (a refusal
+    /// for another reason is still a refusal).
+    pub fn between(before: &Outcome, after: &Outcome) -> Option<Self> {
+        match (before, after) {
+            (
+                Outcome::Allow {
+                    spiffe_path: p1,
+                    ttl_seconds: t1,
+                    dns_sans: d1,
+                },
+                Outcome::Allow {
+                    spiffe_path: p2,
+                    ttl_seconds: t2,
+                    dns_sans: d2,
+                },
+            ) => {
+                if p1 != p2 {
+                    Some(Self::SpiffeId)
+                } else if t1 != t2 {
+                    Some(Self::Ttl)
+                } else if d1 != d2 {
+                    Some(Self::DnsNames)
+                } else {
+                    None
+                }
+            }
+            (Outcome::Allow { .. }, _) => Some(Self::AllowToDeny),
+            (_, Outcome::Allow { .. }) => Some(Self::DenyToAllow),
+            _ => None,
+        }
+    }
+}
+
+impl std::fmt::Display for Flip {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::AllowToDeny => "allow→deny",
+            Self::DenyToAllow => "deny→allow",
+            Self::SpiffeId => "changed SPIFFE ID",
+            Self::Ttl => "changed TTL",
+            Self::DnsNames => "changed DNS names",
+        })
+    }
+}
+
 /// What the shadow report shows (`GET /admin/v1/policy/shadow`).
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct Report {
@@ -91,7 +176,7 @@ pub struct Report {
     pub disagreements: Vec<Disagreement>,
 }
 
-/// One live decision waiting for the candidate.
+/// One live decision waiting for the worker.
 struct Job {
     request_id: String,
     request: sdk::Request,
@@ -102,8 +187,11 @@ struct Job {
 /// The candidate in shadow and the queue to its worker. One per gateway.
 pub struct Shadow {
     candidate: RwLock<Option<Arc<PolicySet>>>,
-    /// Whether a candidate is set: the request path reads only this when there is none.
+    /// Whether a candidate is set: without one (and without recording), the request path
+    /// reads only this.
     armed: AtomicBool,
+    /// Whether decisions are kept for replay.
+    recording: bool,
     queue: mpsc::Sender<Job>,
     metrics: Arc<Metrics>,
 }
@@ -121,6 +209,7 @@ impl Shadow {
     /// which no grant may carry (checked for the candidate as for the active version).
     pub fn start(
         config: ShadowConfig,
+        record: RecordConfig,
         host: Arc<PolicyHost>,
         store: Arc<dyn Store>,
         metrics: Arc<Metrics>,
@@ -130,6 +219,7 @@ impl Shadow {
         let shadow = Arc::new(Self {
             candidate: RwLock::new(None),
             armed: AtomicBool::new(false),
+            recording: record.keep > 0,
             queue,
             metrics,
         });
@@ -139,6 +229,7 @@ impl Shadow {
             store,
             reserved_dns,
             keep: config.keep,
+            record,
         };
         tokio::spawn(worker.run(jobs));
         shadow
@@ -167,7 +258,7 @@ impl Shadow {
         active: &Result<Verdict, PolicyError>,
         active_version: &str,
     ) {
-        if !self.armed.load(Ordering::Acquire) {
+        if !self.recording && !self.armed.load(Ordering::Acquire) {
             return;
         }
         let job = Job {
@@ -189,20 +280,52 @@ struct Worker {
     store: Arc<dyn Store>,
     reserved_dns: Vec<String>,
     keep: u32,
+    record: RecordConfig,
 }
 
 impl Worker {
     async fn run(self, mut jobs: mpsc::Receiver<Job>) {
-        while let Some(job) = jobs.recv().await {
+        let mut batch = Vec::with_capacity(RECORD_BATCH);
+        while jobs.recv_many(&mut batch, RECORD_BATCH).await > 0 {
             let Some(shadow) = self.shadow.upgrade() else {
                 return;
             };
-            // Withdrawn (promoted, or replaced) since the decision was queued: nothing to
-            // compare with.
-            let Some(set) = shadow.candidate() else {
-                continue;
-            };
-            self.compare(&shadow, &set, job).await;
+            if shadow.recording {
+                self.record(&batch).await;
+            }
+            for job in batch.drain(..) {
+                // Withdrawn (promoted, or replaced) since the decision was queued, or never
+                // set (recording only): nothing to compare with.
+                if let Some(set) = shadow.candidate() {
+                    self.compare(&shadow, &set, job).await;
+                }
+            }
+        }
+    }
+
+    /// Keeps the batch for replay, trimming by age and rows in the same transaction.
+    async fn record(&self, batch: &[Job]) {
+        let at = now();
+        let decisions = batch
+            .iter()
+            .map(|job| DecisionRecord {
+                seq: 0,
+                at,
+                request_id: job.request_id.clone(),
+                cluster: job.request.token.cluster.clone(),
+                role: job.request.token.role.clone(),
+                policy_version: job.active_version.clone(),
+                outcome: json(&job.active),
+                input: json(&job.request),
+            })
+            .collect();
+        let older_than = at.saturating_sub(self.record.retention.as_secs());
+        if let Err(e) = self
+            .store
+            .record_decisions(decisions, self.record.keep, older_than)
+            .await
+        {
+            tracing::warn!(error = %e, "cannot record decisions for replay");
         }
     }
 
@@ -244,10 +367,7 @@ impl Worker {
         }
         let disagreement = Disagreement {
             seq: 0,
-            at: SystemTime::now()
-                .duration_since(UNIX_EPOCH)
-                .map(|d| d.as_secs())
-                .unwrap_or(0),
+            at: now(),
             request_id: job.request_id,
             cluster: token.cluster.clone(),
             role: token.role.clone(),
@@ -265,6 +385,13 @@ impl Worker {
             tracing::warn!(error = %e, "cannot record a shadow disagreement");
         }
     }
+}
+
+fn now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
 }
 
 /// JSON of a decision or an input (strings, integers and enums: serialising cannot fail).

@@ -46,7 +46,8 @@ pub struct Gateway {
     pub policies: Arc<ActivePolicies>,
     /// Follows the policy repository, when one is configured.
     pub reloader: Option<Reloader>,
-    /// Runs the candidate policy version in shadow, when `candidate_branch` is configured.
+    /// The decision tap: keeps live decisions for replay and runs the candidate policy
+    /// version in shadow (when `candidate_branch` is configured).
     pub shadow: Option<Arc<crate::shadow::Shadow>>,
     /// The CA set in force (the signer and the trust bundle) and the CA rotation behind it;
     /// [`Gateway::trust`] is the set.
@@ -123,19 +124,22 @@ impl Gateway {
         let metrics = Arc::new(Metrics::new());
         let policies = Arc::new(ActivePolicies::default());
         let reserved_dns = own_dns_names(&read(&config.server.tls_cert)?)?;
-        let shadow = config
+        // The decision tap: live decisions kept for replay, and a shadow candidate's
+        // comparisons.
+        let candidate = config
             .policy_source
             .as_ref()
-            .filter(|s| s.candidate_branch.is_some())
-            .map(|source| {
-                crate::shadow::Shadow::start(
-                    source.shadow,
-                    host.clone(),
-                    store.clone(),
-                    metrics.clone(),
-                    reserved_dns.clone(),
-                )
-            });
+            .filter(|s| s.candidate_branch.is_some());
+        let shadow = (config.decisions.keep > 0 || candidate.is_some()).then(|| {
+            crate::shadow::Shadow::start(
+                candidate.map(|s| s.shadow).unwrap_or_default(),
+                config.decisions,
+                host.clone(),
+                store.clone(),
+                metrics.clone(),
+                reserved_dns.clone(),
+            )
+        });
         let mut reloader = None;
         if let Some(source) = &config.policy_source {
             let started = Reloader::start(

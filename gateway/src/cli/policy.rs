@@ -116,6 +116,27 @@ pub(super) enum PolicyCommand {
         #[command(subcommand)]
         command: ShadowCommand,
     },
+    /// Re-run the decisions the gateway kept (or a `decisions export` file) through a
+    /// candidate bundle in the real host, and print the flips (allow→deny, deny→allow, changed
+    /// SPIFFE ID, TTL or DNS names) with counts and examples.
+    Replay {
+        /// The candidate: a bundle directory (`bundle.json`, or `bundle.source.json`, built
+        /// first).
+        #[arg(long)]
+        candidate: PathBuf,
+        /// Decisions from this file (`omnirelay decisions export`) instead of the gateway.
+        #[arg(long)]
+        decisions: Option<PathBuf>,
+        /// Only decisions made within this long (default for the gateway: 24h; for a file:
+        /// all).
+        #[arg(long)]
+        since: Option<String>,
+        /// Exit 1 when any decision flips.
+        #[arg(long)]
+        fail_on_flip: bool,
+        #[command(flatten)]
+        admin: super::token::AdminArgs,
+    },
     /// Make the shadow candidate the active version (through the same checks; audited).
     Promote {
         #[command(flatten)]
@@ -258,6 +279,22 @@ pub(super) async fn run(cmd: PolicyCommand) -> anyhow::Result<ExitCode> {
             })?;
             admin_call(admin, "/admin/v1/policy/pin", body).await
         }
+        PolicyCommand::Replay {
+            candidate,
+            decisions,
+            since,
+            fail_on_flip,
+            admin,
+        } => {
+            super::replay::replay(
+                &candidate,
+                decisions.as_deref(),
+                since.as_deref(),
+                fail_on_flip,
+                &admin,
+            )
+            .await
+        }
         PolicyCommand::Promote { admin } => {
             let body = serde_json::to_vec(&UnpinRequest {
                 by: Some(super::token::whoami()),
@@ -340,7 +377,7 @@ async fn admin_call(
 
 /// The manifest and files of a bundle directory: a published one (`bundle.json`) read as it
 /// is, or a source (`bundle.source.json`) built first.
-fn bundle_files(dir: &Path) -> anyhow::Result<(Manifest, BTreeMap<String, Vec<u8>>)> {
+pub(super) fn bundle_files(dir: &Path) -> anyhow::Result<(Manifest, BTreeMap<String, Vec<u8>>)> {
     let published = dir.join(crate::reload::manifest::FILE);
     if published.exists() {
         let manifest = Manifest::parse(&std::fs::read(&published)?)?;

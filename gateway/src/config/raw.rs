@@ -145,6 +145,8 @@ pub struct RawPolicy {
     pub min_ttl: Option<String>,
     pub max_dns_sans: Option<u32>,
     pub max_log_lines: Option<u32>,
+    pub decisions_retention: Option<String>,
+    pub decisions_keep: Option<u32>,
     pub source: Option<RawSource>,
 }
 

@@ -13,9 +13,10 @@ use super::chain::{audit_head, digest_from_hex};
 use super::checkpoints::{Checkpoints, Ticker, unsigned_in};
 use super::writer::{Command, Message, Writer};
 use super::{
-    BoxFuture, Disagreement, ExpirySummary, IdempotentResult, IdentityFilter, IdentityState,
-    IssueOutcome, IssueRecord, IssuedIdentity, Lineage, MAX_LISTED, Quarantine, RenewOutcome,
-    RenewRecord, RevokeOrder, RevokeSummary, Revoked, Store, StoreConfig, StoreError, TokenRecord,
+    BoxFuture, DecisionRecord, Disagreement, ExpirySummary, IdempotentResult, IdentityFilter,
+    IdentityState, IssueOutcome, IssueRecord, IssuedIdentity, Lineage, MAX_LISTED, Quarantine,
+    RenewOutcome, RenewRecord, RevokeOrder, RevokeSummary, Revoked, Store, StoreConfig, StoreError,
+    TokenRecord,
 };
 use crate::audit::{AuditEvent, AuditFile, ChainHead};
 use crate::token::TokenId;
@@ -117,6 +118,19 @@ const MIGRATIONS: &[&str] = &[
          candidate TEXT NOT NULL,
          input TEXT NOT NULL
      );",
+    // 6: live decisions kept for replay (the policy input and the decision), bounded in rows
+    // and by age by the writer.
+    "CREATE TABLE decisions (
+         seq INTEGER PRIMARY KEY AUTOINCREMENT,
+         at INTEGER NOT NULL,
+         request_id TEXT NOT NULL,
+         cluster TEXT NOT NULL,
+         role TEXT NOT NULL,
+         policy_version TEXT NOT NULL,
+         outcome TEXT NOT NULL,
+         input TEXT NOT NULL
+     );
+     CREATE INDEX decisions_by_time ON decisions(at);",
 ];
 
 /// The schema version this binary writes.
@@ -774,6 +788,44 @@ impl Store for SqliteStore {
                         active: r.get(7)?,
                         candidate: r.get(8)?,
                         input: r.get(9)?,
+                    })
+                })?;
+                rows.collect()
+            })
+        })
+    }
+
+    fn record_decisions(
+        &self,
+        decisions: Vec<DecisionRecord>,
+        keep: u32,
+        older_than: u64,
+    ) -> BoxFuture<'_, Result<(), StoreError>> {
+        Box::pin(self.send(move |reply| Command::Decisions(decisions, keep, older_than, reply)))
+    }
+
+    fn decisions(
+        &self,
+        since: u64,
+        after: u64,
+        limit: u32,
+    ) -> BoxFuture<'_, Result<Vec<DecisionRecord>, StoreError>> {
+        Box::pin(async move {
+            self.read(|c| {
+                let mut stmt = c.prepare_cached(
+                    "SELECT seq, at, request_id, cluster, role, policy_version, outcome, input
+                     FROM decisions WHERE at >= ?1 AND seq > ?2 ORDER BY seq LIMIT ?3",
+                )?;
+                let rows = stmt.query_map(params![since, after, limit], |r| {
+                    Ok(DecisionRecord {
+                        seq: r.get(0)?,
+                        at: r.get(1)?,
+                        request_id: r.get(2)?,
+                        cluster: r.get(3)?,
+                        role: r.get(4)?,
+                        policy_version: r.get(5)?,
+                        outcome: r.get(6)?,
+                        input: r.get(7)?,
                     })
                 })?;
                 rows.collect()

@@ -9,8 +9,8 @@ use super::chain::append_audit;
 use super::checkpoints::{Checkpoints, Ticker, Unsigned};
 use super::lineage;
 use super::{
-    Disagreement, IssueOutcome, IssueRecord, RenewOutcome, RenewRecord, RevokeOrder, RevokeSummary,
-    StoreError, TokenRecord,
+    DecisionRecord, Disagreement, IssueOutcome, IssueRecord, RenewOutcome, RenewRecord,
+    RevokeOrder, RevokeSummary, StoreError, TokenRecord,
 };
 use crate::audit::{AuditError, AuditEvent, AuditFile, ChainHead, SealedEntry};
 
@@ -41,6 +41,8 @@ pub(super) enum Command {
     Audit(Vec<AuditEvent>, Reply<()>),
     /// A shadow disagreement, and how many of the newest to keep.
     Disagreement(Box<Disagreement>, u32, Reply<()>),
+    /// Decisions kept for replay, how many of the newest to keep, and the oldest time kept.
+    Decisions(Vec<DecisionRecord>, u32, u64, Reply<()>),
 }
 
 /// An answer computed inside the transaction, sent only after the commit.
@@ -432,9 +434,10 @@ fn sort(message: Message, batch: &mut Vec<Command>, flushes: &mut Vec<Reply<()>>
 fn answer_error(command: Command, why: &str) {
     let why = format!("cannot begin a transaction: {why}");
     match command {
-        Command::RegisterToken(.., r) | Command::Audit(_, r) | Command::Disagreement(.., r) => {
-            drop(r.send(failure(&why)))
-        }
+        Command::RegisterToken(.., r)
+        | Command::Audit(_, r)
+        | Command::Disagreement(.., r)
+        | Command::Decisions(.., r) => drop(r.send(failure(&why))),
         Command::LiftQuarantine(.., r) => drop(r.send(failure(&why))),
         Command::Revoke(_, r) => drop(r.send(failure(&why))),
         Command::Issue(_, r) => drop(r.send(failure(&why))),
@@ -515,6 +518,10 @@ fn apply(
             let result = run(&mut |tx, _| record_disagreement(tx, &disagreement, keep));
             Answer::Unit(reply, result)
         }
+        Command::Decisions(decisions, keep, older_than, reply) => {
+            let result = run(&mut |tx, _| record_decisions(tx, &decisions, keep, older_than));
+            Answer::Unit(reply, result)
+        }
         Command::Issue(record, reply) => {
             let mut outcome = IssueOutcome::Exhausted;
             let result = run(&mut |tx, events| {
@@ -552,6 +559,34 @@ fn record_disagreement(tx: &Connection, d: &Disagreement, keep: u32) -> Result<(
     let newest = tx.last_insert_rowid();
     tx.prepare_cached("DELETE FROM shadow_disagreements WHERE seq <= ?1")?
         .execute([newest - i64::from(keep)])?;
+    Ok(())
+}
+
+/// Inserts the rows, then drops those older than `older_than` and all but the newest `keep`.
+fn record_decisions(
+    tx: &Connection,
+    decisions: &[DecisionRecord],
+    keep: u32,
+    older_than: u64,
+) -> Result<(), StoreError> {
+    let mut insert = tx.prepare_cached(
+        "INSERT INTO decisions (at, request_id, cluster, role, policy_version, outcome, input)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+    )?;
+    for d in decisions {
+        insert.execute(params![
+            d.at,
+            d.request_id,
+            d.cluster,
+            d.role,
+            d.policy_version,
+            d.outcome,
+            d.input
+        ])?;
+    }
+    let newest = tx.last_insert_rowid();
+    tx.prepare_cached("DELETE FROM decisions WHERE seq <= ?1 OR at < ?2")?
+        .execute(params![newest - i64::from(keep), older_than])?;
     Ok(())
 }
 

@@ -24,9 +24,9 @@ use tokio::sync::watch;
 use self::connect::Db;
 use self::mirror::Feeder;
 use super::{
-    BoxFuture, Disagreement, ExpirySummary, IdempotentResult, IdentityFilter, IssueOutcome,
-    IssueRecord, IssuedIdentity, Lineage, Quarantine, RenewOutcome, RenewRecord, RevokeOrder,
-    RevokeSummary, Revoked, Store, StoreError, TokenRecord,
+    BoxFuture, DecisionRecord, Disagreement, ExpirySummary, IdempotentResult, IdentityFilter,
+    IssueOutcome, IssueRecord, IssuedIdentity, Lineage, Quarantine, RenewOutcome, RenewRecord,
+    RevokeOrder, RevokeSummary, Revoked, Store, StoreError, TokenRecord,
 };
 use crate::audit::{AuditEvent, ChainHead};
 use crate::store::Checkpoints;
@@ -299,6 +299,28 @@ impl Store for PostgresStore {
 
     fn disagreements(&self, limit: u32) -> BoxFuture<'_, Result<Vec<Disagreement>, StoreError>> {
         Box::pin(shadow::newest(&self.db, limit))
+    }
+
+    fn record_decisions(
+        &self,
+        decisions: Vec<DecisionRecord>,
+        keep: u32,
+        older_than: u64,
+    ) -> BoxFuture<'_, Result<(), StoreError>> {
+        Box::pin(async move {
+            self.db
+                .write(&shadow::Decisions(decisions, keep, older_than))
+                .await
+        })
+    }
+
+    fn decisions(
+        &self,
+        since: u64,
+        after: u64,
+        limit: u32,
+    ) -> BoxFuture<'_, Result<Vec<DecisionRecord>, StoreError>> {
+        Box::pin(shadow::decisions(&self.db, since, after, limit))
     }
 }
 

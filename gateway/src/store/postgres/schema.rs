@@ -101,6 +101,19 @@ const MIGRATIONS: &[&str] = &[
          candidate TEXT NOT NULL,
          input TEXT NOT NULL
      );",
+    // 3: live decisions kept for replay, bounded in rows and by age by each insert's
+    // transaction.
+    "CREATE TABLE decisions (
+         seq BIGSERIAL PRIMARY KEY,
+         at BIGINT NOT NULL,
+         request_id TEXT NOT NULL,
+         cluster TEXT NOT NULL,
+         role TEXT NOT NULL,
+         policy_version TEXT NOT NULL,
+         outcome TEXT NOT NULL,
+         input TEXT NOT NULL
+     );
+     CREATE INDEX decisions_by_time ON decisions(at);",
 ];
 
 /// The schema version this binary writes.
