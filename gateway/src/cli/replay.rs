@@ -73,7 +73,7 @@ pub(super) async fn replay(
             let cutoff = since.map(cutoff).transpose()?.unwrap_or(0);
             text.lines()
                 .filter(|l| !l.trim().is_empty())
-                .map(|l| serde_json::from_str::<DecisionRecord>(l))
+                .map(serde_json::from_str::<DecisionRecord>)
                 .filter(|d| d.as_ref().map_or(true, |d| d.at >= cutoff))
                 .collect::<Result<Vec<_>, _>>()
                 .with_context(|| format!("parsing {}", path.display()))?
