@@ -436,6 +436,49 @@ impl GatewayProcess {
         policies: &str,
         postgres: Option<&str>,
     ) -> BoxResult<Self> {
+        Self::start_edited(bin, dir, |text| {
+            if let Some(first) = text.find("[[policies]]") {
+                text.insert_str(first, policies);
+            }
+            if let Some(url) = postgres {
+                *text = text.replacen("[store]\n", "[store]\nbackend = \"postgres\"\n", 1);
+                text.push_str(&format!("\n[store.postgres]\nurl = {url:?}\n"));
+            }
+        })
+    }
+
+    /// `omnirelay init` into `dir`, then `omnirelay serve` following the policy repository at
+    /// `repo` (see [`policy_repository`]) instead of the `[[policies]]` `init` wrote; with
+    /// `shadow`, its `candidate` branch decides in shadow beside the release.
+    pub fn start_following(bin: &Path, dir: &Path, repo: &Path, shadow: bool) -> BoxResult<Self> {
+        let mut failed = None;
+        let gateway = Self::start_edited(bin, dir, |text| {
+            let (Some(start), Some(end)) = (text.find("[[policies]]"), text.find("[log]")) else {
+                failed = Some("gateway.toml has no [[policies]] ... [log] to replace");
+                return;
+            };
+            let candidate = if shadow {
+                "candidate_branch = \"candidate\"\n"
+            } else {
+                ""
+            };
+            text.replace_range(
+                start..end,
+                &format!(
+                    "[policy.source]\ngit = \"{}\"\npoll_interval = \"1h\"\n{candidate}\n",
+                    repo.display()
+                ),
+            );
+        });
+        match failed {
+            Some(why) => Err(why.into()),
+            None => gateway,
+        }
+    }
+
+    /// `omnirelay init` into `dir`, `edit` applied to its `gateway.toml`, the abuse limits
+    /// lifted, then `omnirelay serve`.
+    fn start_edited(bin: &Path, dir: &Path, edit: impl FnOnce(&mut String)) -> BoxResult<Self> {
         let init = Command::new(bin)
             .args([
                 "init",
@@ -455,9 +498,7 @@ impl GatewayProcess {
         }
         let config = dir.join("gateway.toml");
         let mut text = std::fs::read_to_string(&config)?;
-        if let Some(first) = text.find("[[policies]]") {
-            text.insert_str(first, policies);
-        }
+        edit(&mut text);
         // The load comes from one address with one role: lift the abuse limits, which are not
         // what is measured here; keep everything else at its default.
         text.push_str(
@@ -467,10 +508,6 @@ impl GatewayProcess {
              per_token = { per_second = 1000000, burst = 1000000 }\n\
              [log]\nformat = \"json\"\nfilter = \"warn,gateway::app=info\"\n",
         );
-        if let Some(url) = postgres {
-            text = text.replacen("[store]\n", "[store]\nbackend = \"postgres\"\n", 1);
-            text.push_str(&format!("\n[store.postgres]\nurl = {url:?}\n"));
-        }
         std::fs::write(&config, text)?;
         Self::serve(bin, dir)
     }
@@ -531,6 +568,43 @@ impl Drop for GatewayProcess {
             .status();
         let _ = self.child.wait();
     }
+}
+
+/// A bare policy repository in `dir` holding `examples/policy-repo` (edge-gate, which admits
+/// `edge-eu` dispatchers) published by `omnirelay policy publish` as release 1.0.0 and, the
+/// same bundle again, as candidate 1.1.0 on `candidate`: in shadow it agrees on every join, so
+/// what is measured is the cost of shadowing, not of disagreements.
+pub fn policy_repository(bin: &Path, dir: &Path) -> BoxResult<PathBuf> {
+    let repo = dir.join("policy.git");
+    std::fs::create_dir_all(&repo)?;
+    let init = Command::new("git")
+        .args(["init", "--bare", "--quiet"])
+        .arg(&repo)
+        .status()?;
+    if !init.success() {
+        return Err("git init --bare failed".into());
+    }
+    let source = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/policy-repo");
+    for extra in [
+        &["--version", "1.0.0"][..],
+        &["--version", "1.1.0", "--candidate"],
+    ] {
+        let out = Command::new(bin)
+            .args(["policy", "publish", "--source"])
+            .arg(&source)
+            .arg("--repo")
+            .arg(&repo)
+            .args(extra)
+            .output()?;
+        if !out.status.success() {
+            return Err(format!(
+                "policy publish {extra:?}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            )
+            .into());
+        }
+    }
+    Ok(repo)
 }
 
 /// The value after `name` on the command line, parsed.

@@ -16,6 +16,7 @@ pub mod policy;
 pub mod reload;
 pub mod revocation;
 pub mod server;
+pub mod shadow;
 pub mod state;
 pub mod store;
 pub mod token;

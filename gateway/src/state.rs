@@ -46,6 +46,9 @@ pub struct Gateway {
     pub policies: Arc<ActivePolicies>,
     /// Follows the policy repository, when one is configured.
     pub reloader: Option<Reloader>,
+    /// The decision tap: keeps live decisions for replay and runs the candidate policy
+    /// version in shadow (when `candidate_branch` is configured).
+    pub shadow: Option<Arc<crate::shadow::Shadow>>,
     /// The CA set in force (the signer and the trust bundle) and the CA rotation behind it;
     /// [`Gateway::trust`] is the set.
     pub rotation: Rotation,
@@ -120,6 +123,23 @@ impl Gateway {
             })?;
         let metrics = Arc::new(Metrics::new());
         let policies = Arc::new(ActivePolicies::default());
+        let reserved_dns = own_dns_names(&read(&config.server.tls_cert)?)?;
+        // The decision tap: live decisions kept for replay, and a shadow candidate's
+        // comparisons.
+        let candidate = config
+            .policy_source
+            .as_ref()
+            .filter(|s| s.candidate_branch.is_some());
+        let shadow = (config.decisions.keep > 0 || candidate.is_some()).then(|| {
+            crate::shadow::Shadow::start(
+                candidate.map(|s| s.shadow).unwrap_or_default(),
+                config.decisions,
+                host.clone(),
+                store.clone(),
+                metrics.clone(),
+                reserved_dns.clone(),
+            )
+        });
         let mut reloader = None;
         if let Some(source) = &config.policy_source {
             let started = Reloader::start(
@@ -128,6 +148,7 @@ impl Gateway {
                 policies.clone(),
                 metrics.clone(),
                 store.clone(),
+                shadow.clone(),
             )
             .await
             .with_context(|| format!("policy source {}", source.url))?;
@@ -169,6 +190,7 @@ impl Gateway {
             host,
             policies,
             reloader,
+            shadow,
             rotation,
             serving: Arc::new(serving),
             store,
@@ -178,7 +200,7 @@ impl Gateway {
             refusals: RefusalCoalescer::new(config.limits.refusal_audit_max_keys.get() as usize),
             refusal_audit_interval: config.limits.refusal_audit_interval,
             admin_credential,
-            reserved_dns: own_dns_names(&read(&config.server.tls_cert)?)?,
+            reserved_dns,
             revocations,
             verified_clients: moka::sync::Cache::builder()
                 .max_capacity(65_536)

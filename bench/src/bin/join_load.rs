@@ -17,6 +17,10 @@
 //!
 //! `cargo build --release -p gateway -p omnirelay-bench && target/release/join_load [--joins N]
 //! [--postgres URL [--replicas N]]`
+//!
+//! `--shadow [--rounds R]` instead compares shadow evaluation off and on: two gateways follow
+//! the same policy repository (`examples/policy-repo` as release and as candidate), one of them
+//! with `candidate_branch`, and `keep16` alternates between them R times (default 3).
 
 #![allow(clippy::print_stdout, reason = "a benchmark prints its results")]
 
@@ -25,8 +29,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use omnirelay_bench::load::{
-    BoxResult, GatewayProcess, arg, cores, drive, drive_renewals, ms, prepare, prepare_renewals,
-    sibling, tls_config,
+    BoxResult, GatewayProcess, arg, cores, drive, drive_renewals, ms, policy_repository, prepare,
+    prepare_renewals, sibling, tls_config,
 };
 use omnirelay_bench::{cpu_seconds, cpu_seconds_of, percentile};
 
@@ -36,7 +40,54 @@ fn main() -> BoxResult<()> {
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
+    if std::env::args().any(|a| a == "--shadow") {
+        let rounds: usize = arg("--rounds").unwrap_or(3);
+        return runtime.block_on(shadow(joins, rounds, &bin));
+    }
     runtime.block_on(run(joins, &bin))
+}
+
+/// Kept-alive joins/s at 16 nodes with shadow evaluation off and on, alternating.
+async fn shadow(joins: usize, rounds: usize, bin: &Path) -> BoxResult<()> {
+    let dir = std::env::temp_dir().join(format!("omnirelay-bench-shadow-{}", std::process::id()));
+    let repo = policy_repository(bin, &dir)?;
+    let gateways = [
+        (
+            "off",
+            GatewayProcess::start_following(bin, &dir.join("off"), &repo, false)?,
+        ),
+        (
+            "on",
+            GatewayProcess::start_following(bin, &dir.join("on"), &repo, true)?,
+        ),
+    ];
+    println!("| shadow | round | joins | errors | joins/s | p50 | p99 |");
+    println!("| --- | ---: | ---: | ---: | ---: | ---: | ---: |");
+    let mut totals = [0.0f64; 2];
+    for round in 1..=rounds {
+        for (i, (label, gateway)) in gateways.iter().enumerate() {
+            let tls = tls_config(&std::fs::read(dir.join(label).join("ca/ca.pem"))?)?;
+            let nodes = prepare(gateway, &tls, "edge-eu", joins, 16).await?;
+            let result = drive(&[gateway.node], &tls, nodes, false, 16).await?;
+            let rate = result.ok as f64 / result.elapsed.as_secs_f64();
+            totals[i] += rate;
+            println!(
+                "| {label} | {round} | {} | {} | {rate:.0} | {:.2} ms | {:.2} ms |",
+                result.ok,
+                result.errors,
+                ms(percentile(&result.latencies, 50.0)),
+                ms(percentile(&result.latencies, 99.0)),
+            );
+        }
+    }
+    println!();
+    println!(
+        "shadow on / off, kept-alive joins/s at 16 nodes (mean of {rounds} rounds): {:.3}",
+        totals[1] / totals[0].max(f64::MIN_POSITIVE)
+    );
+    drop(gateways);
+    let _ = std::fs::remove_dir_all(&dir);
+    Ok(())
 }
 
 async fn run(joins: usize, bin: &Path) -> BoxResult<()> {

@@ -200,6 +200,31 @@ async fn route(
             reloader(gw)?.pin(&req.target, &by).await?;
             Ok(json(StatusCode::OK, &reload_response(gw, true)))
         }
+        (Method::GET, "/admin/v1/policy/shadow", _) => {
+            let limit = shadow_limit(request.uri().query().unwrap_or(""))?;
+            Ok(json(
+                StatusCode::OK,
+                &reloader(gw)?.shadow_report(limit).await?,
+            ))
+        }
+        (Method::GET, "/admin/v1/decisions", _) => {
+            let (since, after, limit) = decisions_query(request.uri().query().unwrap_or(""))?;
+            Ok(json(
+                StatusCode::OK,
+                &gw.store.decisions(since, after, limit).await?,
+            ))
+        }
+        (Method::POST, "/admin/v1/policy/promote", _) => {
+            let bytes = read(request).await?;
+            let req: UnpinRequest = if bytes.is_empty() {
+                UnpinRequest::default()
+            } else {
+                parse_json(&bytes)?
+            };
+            let by = req.by.unwrap_or_else(|| "admin-api".into());
+            reloader(gw)?.promote(&by).await?;
+            Ok(json(StatusCode::OK, &reload_response(gw, true)))
+        }
         (Method::POST, "/admin/v1/policy/unpin", _) => {
             let bytes = read(request).await?;
             let req: UnpinRequest = if bytes.is_empty() {
@@ -380,6 +405,60 @@ fn percent_decode(text: &str) -> Option<String> {
 
 fn reloader(gw: &Gateway) -> Result<&crate::reload::Reloader, ApiError> {
     gw.reloader.as_ref().ok_or(ApiError::NoPolicySource)
+}
+
+/// Most recorded decisions one page holds.
+const MAX_DECISIONS_PAGE: u32 = 1000;
+
+/// `since=UNIX_SECS&after=SEQ&limit=N` (defaults 0, 0, 1000; `limit` at most 1000).
+fn decisions_query(query: &str) -> Result<(u64, u64, u32), ApiError> {
+    let (mut since, mut after, mut limit) = (0, 0, MAX_DECISIONS_PAGE);
+    for pair in query.split('&').filter(|p| !p.is_empty()) {
+        let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
+        let number = || {
+            value
+                .parse::<u64>()
+                .map_err(|_| ApiError::Malformed(format!("{key} must be a non-negative integer")))
+        };
+        match key {
+            "since" => since = number()?,
+            "after" => after = number()?,
+            "limit" => {
+                limit = u32::try_from(number()?)
+                    .ok()
+                    .filter(|n| (1..=MAX_DECISIONS_PAGE).contains(n))
+                    .ok_or_else(|| {
+                        ApiError::Malformed(format!("limit must be 1-{MAX_DECISIONS_PAGE}"))
+                    })?;
+            }
+            other => return Err(ApiError::Malformed(format!("unknown parameter {other:?}"))),
+        }
+    }
+    Ok((since, after, limit))
+}
+
+/// Most disagreements one report lists.
+const MAX_SHADOW_REPORT: u32 = 1000;
+
+/// `limit=N` (default 100, at most 1000).
+fn shadow_limit(query: &str) -> Result<u32, ApiError> {
+    let mut limit = 100;
+    for pair in query.split('&').filter(|p| !p.is_empty()) {
+        let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
+        match key {
+            "limit" => {
+                limit = value
+                    .parse::<u32>()
+                    .ok()
+                    .filter(|n| (1..=MAX_SHADOW_REPORT).contains(n))
+                    .ok_or_else(|| {
+                        ApiError::Malformed(format!("limit must be 1-{MAX_SHADOW_REPORT}"))
+                    })?;
+            }
+            other => return Err(ApiError::Malformed(format!("unknown parameter {other:?}"))),
+        }
+    }
+    Ok(limit)
 }
 
 fn reload_response(gw: &Gateway, changed: bool) -> ReloadResponse {

@@ -345,6 +345,9 @@ pub(super) async fn decide(
             deny => Ok(deny),
         });
     let took = started.elapsed();
+    if let Some(shadow) = &gw.shadow {
+        shadow.offer(&cx.request_id, request, &verdict, &bound.provenance.version);
+    }
     match verdict {
         Ok(Verdict::Allow(grant)) => {
             gw.metrics.policy("allow", took);

@@ -309,6 +309,25 @@ pub enum AuditEvent {
         /// Why.
         reason: String,
     },
+    /// A candidate policy bundle version passed the reload pipeline and now runs in shadow
+    /// beside the active one (its decisions are compared, never used).
+    PolicyCandidate {
+        /// Bundle name.
+        bundle: String,
+        /// Bundle version.
+        version: String,
+        /// Git commit.
+        commit: String,
+    },
+    /// An operator made the shadow candidate the active version.
+    PolicyPromoted {
+        /// Bundle version.
+        version: String,
+        /// Git commit.
+        commit: String,
+        /// Who.
+        promoted_by: String,
+    },
     /// An operator pinned the gateway to a policy version.
     PolicyPinned {
         /// What the operator named (a version, tag or commit).
@@ -518,7 +537,9 @@ impl AuditEvent {
             | Self::PolicyCircuit { .. } => Vec::new(),
             Self::PolicyActivated { commit, .. }
             | Self::PolicyRejected { commit, .. }
-            | Self::PolicyPinned { commit, .. } => vec![commit],
+            | Self::PolicyPinned { commit, .. }
+            | Self::PolicyCandidate { commit, .. }
+            | Self::PolicyPromoted { commit, .. } => vec![commit],
             Self::CaPrepared { fingerprint, .. } | Self::CaRetired { fingerprint, .. } => {
                 vec![fingerprint]
             }
@@ -551,6 +572,8 @@ impl AuditEvent {
             Self::PolicyActivated { .. } => "policy-activated",
             Self::PolicyRejected { .. } => "policy-rejected",
             Self::PolicyPinned { .. } => "policy-pinned",
+            Self::PolicyCandidate { .. } => "policy-candidate",
+            Self::PolicyPromoted { .. } => "policy-promoted",
             Self::PolicyUnpinned { .. } => "policy-unpinned",
             Self::Checkpoint { .. } => "checkpoint",
             Self::PolicyCircuit { .. } => "policy-circuit",

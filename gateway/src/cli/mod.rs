@@ -19,6 +19,7 @@ mod layout;
 mod policy;
 mod publish;
 mod remote;
+mod replay;
 mod revoke;
 mod scaffold;
 mod serve;
@@ -98,6 +99,9 @@ enum Command {
     /// Author and test policies.
     #[command(subcommand)]
     Policy(policy::PolicyCommand),
+    /// Live decisions the gateway kept for replay.
+    #[command(subcommand)]
+    Decisions(replay::DecisionsCommand),
 }
 
 /// Parses arguments, sets up logging and runs the command. Exit codes: 0 success, 1 the
@@ -176,5 +180,6 @@ async fn run(command: Command) -> anyhow::Result<ExitCode> {
         Command::Mesh(cmd) => omnirelay_agent::cli::run(cmd).await,
         Command::Audit(cmd) => audit::run(cmd),
         Command::Policy(cmd) => policy::run(cmd).await,
+        Command::Decisions(cmd) => replay::run(cmd).await,
     }
 }

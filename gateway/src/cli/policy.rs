@@ -65,6 +65,12 @@ pub(super) enum PolicyCommand {
         /// The branch to publish on.
         #[arg(long, default_value = "main")]
         branch: String,
+        /// Publish a shadow candidate instead of a release: a commit on top of `--branch`'s
+        /// head, pushed (replacing the previous candidate) to the branch named here (default
+        /// `candidate`), tagged `candidate-vX.Y.Z`. Gateways with `candidate_branch` run it in
+        /// shadow; `policy promote` makes it active.
+        #[arg(long, num_args = 0..=1, default_missing_value = "candidate")]
+        candidate: Option<String>,
         /// Ed25519 key (from `policy keygen`) to SSH-sign the commit with.
         #[arg(long)]
         sign_key: Option<PathBuf>,
@@ -102,6 +108,52 @@ pub(super) enum PolicyCommand {
     },
     /// Follow the policy repository again.
     Unpin {
+        #[command(flatten)]
+        admin: super::token::AdminArgs,
+    },
+    /// The shadow candidate's disagreements with the active version.
+    Shadow {
+        #[command(subcommand)]
+        command: ShadowCommand,
+    },
+    /// Re-run the decisions the gateway kept (or a `decisions export` file) through a
+    /// candidate bundle in the real host, and print the flips (allow→deny, deny→allow, changed
+    /// SPIFFE ID, TTL or DNS names) with counts and examples.
+    Replay {
+        /// The candidate: a bundle directory (`bundle.json`, or `bundle.source.json`, built
+        /// first).
+        #[arg(long)]
+        candidate: PathBuf,
+        /// Decisions from this file (`omnirelay decisions export`) instead of the gateway.
+        #[arg(long)]
+        decisions: Option<PathBuf>,
+        /// Only decisions made within this long (default for the gateway: 24h; for a file:
+        /// all).
+        #[arg(long)]
+        since: Option<String>,
+        /// Exit 1 when any decision flips.
+        #[arg(long)]
+        fail_on_flip: bool,
+        #[command(flatten)]
+        admin: super::token::AdminArgs,
+    },
+    /// Make the shadow candidate the active version (through the same checks; audited).
+    Promote {
+        #[command(flatten)]
+        admin: super::token::AdminArgs,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub(super) enum ShadowCommand {
+    /// The candidate in shadow and its newest disagreements (both decisions and the node).
+    Report {
+        /// How many disagreements to list (1-1000).
+        #[arg(long, default_value_t = 100)]
+        limit: u32,
+        /// Print the report as JSON (the policy inputs included).
+        #[arg(long)]
+        json: bool,
         #[command(flatten)]
         admin: super::token::AdminArgs,
     },
@@ -158,6 +210,7 @@ pub(super) async fn run(cmd: PolicyCommand) -> anyhow::Result<ExitCode> {
             repo,
             version,
             branch,
+            candidate,
             sign_key,
             message,
             transport,
@@ -180,6 +233,7 @@ pub(super) async fn run(cmd: PolicyCommand) -> anyhow::Result<ExitCode> {
                 remote: &remote,
                 version: &version,
                 branch: &branch,
+                candidate: candidate.as_deref(),
                 sign_key: sign_key.as_deref(),
                 message: message.as_deref(),
             };
@@ -191,8 +245,12 @@ pub(super) async fn run(cmd: PolicyCommand) -> anyhow::Result<ExitCode> {
                     .join()
                     .map_err(|_| anyhow::anyhow!("the publishing thread panicked"))?
             })?;
+            let tag = match &candidate {
+                Some(branch) => format!("candidate-v{version} on {branch}"),
+                None => format!("v{version}"),
+            };
             println!(
-                "published {} {version} as commit {commit} (tag v{version}){}",
+                "published {} {version} as commit {commit} (tag {tag}){}",
                 built.manifest.bundle,
                 if sign_key.is_some() { ", signed" } else { "" }
             );
@@ -221,12 +279,82 @@ pub(super) async fn run(cmd: PolicyCommand) -> anyhow::Result<ExitCode> {
             })?;
             admin_call(admin, "/admin/v1/policy/pin", body).await
         }
+        PolicyCommand::Replay {
+            candidate,
+            decisions,
+            since,
+            fail_on_flip,
+            admin,
+        } => {
+            super::replay::replay(
+                &candidate,
+                decisions.as_deref(),
+                since.as_deref(),
+                fail_on_flip,
+                &admin,
+            )
+            .await
+        }
+        PolicyCommand::Promote { admin } => {
+            let body = serde_json::to_vec(&UnpinRequest {
+                by: Some(super::token::whoami()),
+            })?;
+            admin_call(admin, "/admin/v1/policy/promote", body).await
+        }
+        PolicyCommand::Shadow {
+            command: ShadowCommand::Report { limit, json, admin },
+        } => {
+            let report: crate::shadow::Report = super::token::expect(
+                admin
+                    .client()?
+                    .get(&format!("/admin/v1/policy/shadow?limit={limit}"))
+                    .await?,
+                StatusCode::OK,
+            )?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&report)?);
+            } else {
+                print_shadow(&report);
+            }
+            Ok(ExitCode::SUCCESS)
+        }
         PolicyCommand::Unpin { admin } => {
             let body = serde_json::to_vec(&UnpinRequest {
                 by: Some(super::token::whoami()),
             })?;
             admin_call(admin, "/admin/v1/policy/unpin", body).await
         }
+    }
+}
+
+fn print_shadow(report: &crate::shadow::Report) {
+    match &report.candidate {
+        Some(v) => println!(
+            "candidate in shadow: {} {} (commit {})",
+            v.bundle, v.version, v.commit
+        ),
+        None => println!("no candidate in shadow"),
+    }
+    println!(
+        "{} disagreements (newest first)",
+        report.disagreements.len()
+    );
+    for d in &report.disagreements {
+        let node = serde_json::from_str::<serde_json::Value>(&d.input)
+            .ok()
+            .and_then(|v| v["node_name"].as_str().map(str::to_string))
+            .unwrap_or_default();
+        println!(
+            "  {} {} {}/{} node {node}: active {} {} | candidate {} {}",
+            d.at,
+            d.request_id,
+            d.cluster,
+            d.role,
+            d.active_version,
+            d.active,
+            d.candidate_version,
+            d.candidate
+        );
     }
 }
 
@@ -249,7 +377,7 @@ async fn admin_call(
 
 /// The manifest and files of a bundle directory: a published one (`bundle.json`) read as it
 /// is, or a source (`bundle.source.json`) built first.
-fn bundle_files(dir: &Path) -> anyhow::Result<(Manifest, BTreeMap<String, Vec<u8>>)> {
+pub(super) fn bundle_files(dir: &Path) -> anyhow::Result<(Manifest, BTreeMap<String, Vec<u8>>)> {
     let published = dir.join(crate::reload::manifest::FILE);
     if published.exists() {
         let manifest = Manifest::parse(&std::fs::read(&published)?)?;

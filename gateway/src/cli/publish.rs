@@ -208,6 +208,10 @@ pub(super) struct Publish<'a> {
     pub remote: &'a Remote,
     pub version: &'a str,
     pub branch: &'a str,
+    /// Publish as a shadow candidate on this branch instead: its parent is `branch`'s head
+    /// (so it comes after the version gateways serve), the branch is replaced, and the tag is
+    /// `candidate-vX.Y.Z`, which no `v*` tag pattern follows.
+    pub candidate: Option<&'a str>,
     pub sign_key: Option<&'a Path>,
     pub message: Option<&'a str>,
 }
@@ -227,7 +231,7 @@ pub(super) fn commit_and_push(p: &Publish<'_>, built: &mut Built) -> anyhow::Res
         .remote
         .run(|url| git2::Repository::clone(url, work))
         .map_err(|e| anyhow::anyhow!("cloning {e}"))?;
-    let branch_ref = format!("refs/heads/{}", p.branch);
+    let branch_ref = format!("refs/heads/{}", p.candidate.unwrap_or(p.branch));
     let parent = match repo.find_reference(&format!("refs/remotes/origin/{}", p.branch)) {
         Ok(r) => Some(r.peel_to_commit()?),
         Err(_) => None,
@@ -246,7 +250,10 @@ pub(super) fn commit_and_push(p: &Publish<'_>, built: &mut Built) -> anyhow::Res
             );
         }
     }
-    let tag = format!("v{}", p.version);
+    let tag = match p.candidate {
+        Some(_) => format!("candidate-v{}", p.version),
+        None => format!("v{}", p.version),
+    };
     if repo.find_reference(&format!("refs/tags/{tag}")).is_ok() {
         bail!("tag {tag} already exists in {}", p.remote.url);
     }
@@ -294,7 +301,12 @@ pub(super) fn commit_and_push(p: &Publish<'_>, built: &mut Built) -> anyhow::Res
         p.remote,
         &repo,
         &[
-            format!("{branch_ref}:{branch_ref}"),
+            // A candidate replaces the one before it: forced.
+            if p.candidate.is_some() {
+                format!("+{branch_ref}:{branch_ref}")
+            } else {
+                format!("{branch_ref}:{branch_ref}")
+            },
             format!("refs/tags/{tag}:refs/tags/{tag}"),
         ],
     )?;

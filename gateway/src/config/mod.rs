@@ -55,6 +55,8 @@ pub struct Config {
     pub audit: AuditConfig,
     /// Policy execution limits.
     pub policy: PolicyConfig,
+    /// How long and how many live decisions are kept for replay (`[policy] decisions_*`).
+    pub decisions: crate::shadow::RecordConfig,
     /// Which policy decides for which cluster and role (when they are configured here).
     pub policies: Vec<PolicyBinding>,
     /// The git repository policy bundles come from (instead of `[[policies]]`).
@@ -287,6 +289,17 @@ impl Validator<'_> {
                 "give either [[policies]] or [policy.source], not both",
             );
         }
+        let decisions = crate::shadow::RecordConfig {
+            retention: self.duration(
+                "policy.decisions_retention",
+                raw.policy.decisions_retention.take(),
+                crate::shadow::RecordConfig::default().retention,
+            ),
+            keep: raw
+                .policy
+                .decisions_keep
+                .unwrap_or(crate::shadow::RecordConfig::default().keep),
+        };
         let mut policy = self.policy(raw.policy);
         policy.max_ttl = identity.max_ttl;
         let policies = raw
@@ -307,6 +320,7 @@ impl Validator<'_> {
             store,
             audit,
             policy,
+            decisions,
             policies,
             policy_source,
             log,

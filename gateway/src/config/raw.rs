@@ -145,6 +145,8 @@ pub struct RawPolicy {
     pub min_ttl: Option<String>,
     pub max_dns_sans: Option<u32>,
     pub max_log_lines: Option<u32>,
+    pub decisions_retention: Option<String>,
+    pub decisions_keep: Option<u32>,
     pub source: Option<RawSource>,
 }
 
@@ -154,6 +156,9 @@ pub struct RawSource {
     pub git: String,
     pub branch: Option<String>,
     pub tags: Option<String>,
+    pub candidate_branch: Option<String>,
+    pub shadow_queue: Option<u32>,
+    pub shadow_keep: Option<u32>,
     pub poll_interval: Option<String>,
     pub cache_dir: Option<String>,
     #[serde(default)]

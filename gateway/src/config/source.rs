@@ -29,6 +29,26 @@ impl Validator<'_> {
             },
             (branch, None) => Track::Branch(branch.unwrap_or_else(|| "main".into())),
         };
+        let candidate_branch = raw.candidate_branch.take();
+        if let (Some(candidate), Track::Branch(branch)) = (&candidate_branch, &track)
+            && candidate == branch
+        {
+            self.problem(
+                "policy.source.candidate_branch",
+                "must differ from the branch the gateway follows",
+            );
+        }
+        let mut shadow = crate::shadow::ShadowConfig::default();
+        match raw.shadow_queue {
+            Some(0) => self.problem("policy.source.shadow_queue", "must be at least 1"),
+            Some(n) => shadow.queue = n as usize,
+            None => {}
+        }
+        match raw.shadow_keep {
+            Some(0) => self.problem("policy.source.shadow_keep", "must be at least 1"),
+            Some(n) => shadow.keep = n,
+            None => {}
+        }
         let url = self.remote_url(&raw.git);
         let allowed_signers = raw
             .allowed_signers
@@ -47,6 +67,8 @@ impl Validator<'_> {
         Some(SourceConfig {
             url: url?,
             track,
+            candidate_branch,
+            shadow,
             poll_interval: self.duration(
                 "policy.source.poll_interval",
                 raw.poll_interval,

@@ -105,6 +105,10 @@ pub struct Metrics {
     pub refusal_audit_overflow: Counter,
     /// Policy reload attempts by result.
     pub policy_reloads: Family<ResultLabel, Counter>,
+    /// Shadow evaluations of the candidate policy version: `agree`, `disagree`, `error`.
+    pub policy_shadow: Family<ResultLabel, Counter>,
+    /// Shadow evaluations not run because the shadow queue was full.
+    pub policy_shadow_dropped: Counter,
     /// 1 for the active policy bundle version, 0 for those it replaced.
     pub policy_active: Family<BundleLabel, Gauge>,
     /// Times a policy's circuit breaker opened, by policy.
@@ -212,6 +216,18 @@ impl Metrics {
             "Policy bundle reload attempts by result",
             policy_reloads.clone(),
         );
+        let policy_shadow = Family::<ResultLabel, Counter>::default();
+        registry.register(
+            "bootstrap_policy_shadow",
+            "Shadow evaluations of the candidate policy version against the active one's answer",
+            policy_shadow.clone(),
+        );
+        let policy_shadow_dropped = Counter::default();
+        registry.register(
+            "bootstrap_policy_shadow_dropped",
+            "Shadow evaluations dropped because the shadow queue was full",
+            policy_shadow_dropped.clone(),
+        );
         let policy_active = Family::<BundleLabel, Gauge>::default();
         registry.register(
             "bootstrap_policy_active",
@@ -297,6 +313,8 @@ impl Metrics {
             policy_circuit_opened,
             policy_circuit_state,
             policy_reloads,
+            policy_shadow,
+            policy_shadow_dropped,
             policy_active,
             last_active: std::sync::Mutex::new(None),
             registry,

@@ -40,6 +40,11 @@ pub struct SourceConfig {
     pub transport: TransportConfig,
     /// Which commit to follow. Default: the `main` branch.
     pub track: Track,
+    /// A branch whose head is followed as a shadow candidate: it passes the same pipeline,
+    /// then decides beside the active version without changing any answer. Default: none.
+    pub candidate_branch: Option<String>,
+    /// How shadow evaluation is bounded.
+    pub shadow: crate::shadow::ShadowConfig,
     /// How often to fetch. Default 30 s.
     pub poll_interval: Duration,
     /// Where the mirror and the record of the active version live. Default `state/policy`.
@@ -151,6 +156,12 @@ pub struct Status {
     pub last_candidate: Option<Attempt>,
     /// The last poll of the remote.
     pub last_poll: Option<Attempt>,
+    /// The candidate version deciding in shadow (`candidate_branch`), if any.
+    #[serde(default)]
+    pub candidate: Option<Version>,
+    /// The last candidate-branch commit tried for shadow, and how it went.
+    #[serde(default)]
+    pub last_shadow_candidate: Option<Attempt>,
 }
 
 /// A bundle version (a wire type: the admin API reports it).
@@ -173,9 +184,13 @@ pub struct Attempt {
 
 /// What is remembered on disk between runs.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
 struct Persisted {
     commit: Option<String>,
     pinned: Option<String>,
+    /// The candidate last promoted: the followed branch, still behind it, is not a rollback
+    /// to refuse but simply nothing new.
+    promoted: Option<String>,
 }
 
 /// Follows the policy repository. One per gateway; its poll task stops with the gateway.
@@ -197,6 +212,7 @@ struct Inner {
     policies: Arc<ActivePolicies>,
     metrics: Arc<Metrics>,
     store: Arc<dyn Store>,
+    shadow: Option<Arc<crate::shadow::Shadow>>,
     mirror: Mutex<git::Mirror>,
     signers: Option<sshsig::AllowedSigners>,
     state: Mutex<(Status, Persisted)>,
@@ -215,6 +231,7 @@ impl Reloader {
         policies: Arc<ActivePolicies>,
         metrics: Arc<Metrics>,
         store: Arc<dyn Store>,
+        shadow: Option<Arc<crate::shadow::Shadow>>,
     ) -> anyhow::Result<Self> {
         std::fs::create_dir_all(&config.cache_dir)?;
         let remote = remote::Remote {
@@ -241,6 +258,7 @@ impl Reloader {
             policies,
             metrics,
             store,
+            shadow,
             mirror: Mutex::new(mirror),
             signers,
             state: Mutex::new((
@@ -286,6 +304,23 @@ impl Reloader {
     /// version).
     pub async fn unpin(&self, by: &str) -> Result<Option<Version>, ReloadError> {
         self.inner.unpin(by).await
+    }
+
+    /// Makes the shadow candidate the active version, through the same pipeline (its checks
+    /// run again against the active version), audited.
+    pub async fn promote(&self, by: &str) -> Result<Version, ReloadError> {
+        self.inner.promote(by).await
+    }
+
+    /// The candidate in shadow and the newest `limit` disagreements the store kept.
+    pub async fn shadow_report(
+        &self,
+        limit: u32,
+    ) -> Result<crate::shadow::Report, crate::store::StoreError> {
+        Ok(crate::shadow::Report {
+            candidate: self.status().candidate,
+            disagreements: self.inner.store.disagreements(limit).await?,
+        })
     }
 
     /// The active version, the pin, the last candidate and the last poll.

@@ -21,8 +21,16 @@ struct Candidate {
 }
 
 impl Inner {
+    /// Fetches, takes the followed commit live if it is new and passes, then brings the shadow
+    /// candidate up to the candidate branch.
     pub(super) async fn poll(self: &Arc<Self>) -> Result<Option<Version>, ReloadError> {
         let _one = self.busy.lock().await;
+        let result = self.poll_release().await;
+        self.poll_candidate().await;
+        result
+    }
+
+    async fn poll_release(self: &Arc<Self>) -> Result<Option<Version>, ReloadError> {
         let fetched = self
             .with_mirror(|this, mirror| {
                 mirror
@@ -50,7 +58,11 @@ impl Inner {
             }
         };
         let (pinned, active) = self.pin_and_active();
-        if pinned.is_some() || active == Some(candidate) || self.refused_before(candidate) {
+        if pinned.is_some()
+            || active == Some(candidate)
+            || self.refused_before(candidate)
+            || self.behind_promoted(candidate).await
+        {
             // A refused commit is not tried again at every poll: it cannot have changed, and
             // its reason stays in the status until a new commit arrives.
             self.record_poll(Some(candidate), &Ok("unchanged"));
@@ -59,6 +71,158 @@ impl Inner {
         let result = self.activate(candidate, false, "poll").await;
         self.record_poll(Some(candidate), &result.as_ref().map(|_| "ok"));
         result.map(Some)
+    }
+
+    /// Whether the active version is a promoted candidate that `commit` (the followed
+    /// branch) has not caught up with: nothing new, rather than a rollback to refuse.
+    async fn behind_promoted(self: &Arc<Self>, commit: Oid) -> bool {
+        let promoted = self
+            .state
+            .lock()
+            .ok()
+            .and_then(|s| {
+                s.1.promoted
+                    .clone()
+                    .filter(|p| s.1.commit.as_ref() == Some(p))
+            })
+            .and_then(|p| Oid::from_str(&p).ok());
+        let Some(promoted) = promoted else {
+            return false;
+        };
+        self.with_mirror(move |_, mirror| {
+            mirror
+                .is_at_or_after(promoted, commit)
+                .map_err(ReloadError::Mirror)
+        })
+        .await
+        .unwrap_or(false)
+    }
+
+    /// Follows `candidate_branch`: a new head passes every stage of the pipeline (against the
+    /// active version's ancestry too) and then decides in shadow; a refused one withdraws the
+    /// candidate before it. A head that is the active version is no candidate.
+    async fn poll_candidate(self: &Arc<Self>) {
+        let (Some(branch), Some(shadow)) =
+            (self.config.candidate_branch.clone(), self.shadow.clone())
+        else {
+            return;
+        };
+        let found = self
+            .with_mirror(move |_, mirror| {
+                mirror
+                    .candidate(&super::Track::Branch(branch))
+                    .map_err(ReloadError::Mirror)
+            })
+            .await;
+        let commit = match found {
+            Ok(Some(commit)) => commit,
+            Ok(None) => {
+                self.withdraw_candidate(&shadow);
+                return;
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "policy candidate branch");
+                return;
+            }
+        };
+        let text = commit.to_string();
+        let (current, refused) = self
+            .state
+            .lock()
+            .map(|s| {
+                let current = s.0.candidate.as_ref().map(|c| c.commit.clone());
+                let refused = s.0.last_shadow_candidate.as_ref().is_some_and(|a| {
+                    a.result != "ok" && a.commit.as_deref() == Some(text.as_str())
+                });
+                (current, refused)
+            })
+            .unwrap_or((None, false));
+        if self.pin_and_active().1 == Some(commit) {
+            self.withdraw_candidate(&shadow);
+            return;
+        }
+        if current.as_deref() == Some(text.as_str()) || refused {
+            return;
+        }
+        let mut read_version = None;
+        let result = self.check_and_build(commit, false, &mut read_version).await;
+        let attempt = |result: &str, reason: Option<String>| Attempt {
+            at: now(),
+            commit: Some(text.clone()),
+            version: read_version.clone(),
+            result: result.to_string(),
+            reason,
+        };
+        match result {
+            Ok(set) => {
+                let version = Version {
+                    bundle: set.bundle().to_string(),
+                    version: set.version().to_string(),
+                    commit: text.clone(),
+                    since: now(),
+                };
+                shadow.set_candidate(Some(set));
+                tracing::info!(bundle = %version.bundle, version = %version.version, %commit, "policy candidate in shadow");
+                let done = attempt("ok", None);
+                self.update(|status, _| {
+                    status.candidate = Some(version.clone());
+                    status.last_shadow_candidate = Some(done);
+                });
+                self.audit(crate::audit::AuditEvent::PolicyCandidate {
+                    bundle: version.bundle,
+                    version: version.version,
+                    commit: text.clone(),
+                })
+                .await;
+            }
+            Err(e) => {
+                tracing::warn!(%commit, result = e.label(), error = %e, "policy candidate refused");
+                shadow.set_candidate(None);
+                let done = attempt(e.label(), Some(e.to_string()));
+                self.update(|status, _| {
+                    status.candidate = None;
+                    status.last_shadow_candidate = Some(done);
+                });
+                self.audit(audit_event(
+                    &Err(e),
+                    commit,
+                    "candidate",
+                    read_version.as_deref(),
+                ))
+                .await;
+            }
+        }
+    }
+
+    fn withdraw_candidate(&self, shadow: &crate::shadow::Shadow) {
+        if shadow.candidate().is_some() {
+            shadow.set_candidate(None);
+        }
+        self.update(|status, _| status.candidate = None);
+    }
+
+    pub(super) async fn promote(self: &Arc<Self>, by: &str) -> Result<Version, ReloadError> {
+        let _one = self.busy.lock().await;
+        let candidate = self
+            .state
+            .lock()
+            .ok()
+            .and_then(|s| s.0.candidate.clone())
+            .ok_or_else(|| ReloadError::NotFound("no candidate is in shadow".into()))?;
+        let commit = Oid::from_str(&candidate.commit)
+            .map_err(|_| ReloadError::NotFound(format!("bad commit {}", candidate.commit)))?;
+        let version = self.activate(commit, false, "promote").await?;
+        if let Some(shadow) = &self.shadow {
+            self.withdraw_candidate(shadow);
+        }
+        self.update(|_, persisted| persisted.promoted = Some(candidate.commit.clone()));
+        self.audit(crate::audit::AuditEvent::PolicyPromoted {
+            version: version.version.clone(),
+            commit: version.commit.clone(),
+            promoted_by: by.to_string(),
+        })
+        .await;
+        Ok(version)
     }
 
     /// Loads `commit` at startup or on a pin (no rollback check when `any_age`).

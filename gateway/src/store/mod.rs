@@ -527,6 +527,56 @@ pub struct Revoked {
     pub not_after: u64,
 }
 
+/// A decision on which the shadow candidate disagreed with the active policy version: both
+/// answers and the policy input (the typed request, which never holds the token itself). The
+/// store keeps the newest `keep` of them and drops older rows as new ones arrive.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Disagreement {
+    /// Position (assigned by the store; 0 when recording).
+    pub seq: u64,
+    /// When, Unix seconds.
+    pub at: u64,
+    /// The request it shadowed.
+    pub request_id: String,
+    /// The token's cluster.
+    pub cluster: String,
+    /// The token's role.
+    pub role: String,
+    /// The active version that answered.
+    pub active_version: String,
+    /// The candidate version that was compared.
+    pub candidate_version: String,
+    /// The active version's decision (JSON of the decision summary).
+    pub active: String,
+    /// The candidate's decision (JSON of the decision summary).
+    pub candidate: String,
+    /// The policy input (JSON of the request the policies saw).
+    pub input: String,
+}
+
+/// One live decision kept for replay: the policy input (the typed request, which never holds
+/// the token itself) and what the active version decided. Kept for the retention window and
+/// bounded in rows.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct DecisionRecord {
+    /// Position (assigned by the store; 0 when recording).
+    pub seq: u64,
+    /// When, Unix seconds.
+    pub at: u64,
+    /// The request it decided.
+    pub request_id: String,
+    /// The token's cluster.
+    pub cluster: String,
+    /// The token's role.
+    pub role: String,
+    /// The version that decided.
+    pub policy_version: String,
+    /// Its decision (JSON of the decision summary).
+    pub outcome: String,
+    /// The policy input (JSON of the request the policy saw).
+    pub input: String,
+}
+
 type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 
 /// What an idempotency key was first used for: the CSR digest and the response sent.
@@ -656,4 +706,32 @@ pub trait Store: Send + Sync + 'static {
 
     /// The backend's name as readiness reports show it (`sqlite`, `postgres`).
     fn backend(&self) -> &'static str;
+    /// Records a shadow disagreement and drops the oldest rows beyond the newest `keep`, in
+    /// one transaction (unaudited: the audit trail records the active decision).
+    fn record_disagreement(
+        &self,
+        disagreement: Disagreement,
+        keep: u32,
+    ) -> BoxFuture<'_, Result<(), StoreError>>;
+
+    /// The newest `limit` shadow disagreements, newest first.
+    fn disagreements(&self, limit: u32) -> BoxFuture<'_, Result<Vec<Disagreement>, StoreError>>;
+
+    /// Records live decisions for replay and, in the same transaction, drops those recorded
+    /// before `older_than` (Unix seconds) and all but the newest `keep` (unaudited).
+    fn record_decisions(
+        &self,
+        decisions: Vec<DecisionRecord>,
+        keep: u32,
+        older_than: u64,
+    ) -> BoxFuture<'_, Result<(), StoreError>>;
+
+    /// Up to `limit` recorded decisions after position `after` made at or after `since`
+    /// (Unix seconds), oldest first.
+    fn decisions(
+        &self,
+        since: u64,
+        after: u64,
+        limit: u32,
+    ) -> BoxFuture<'_, Result<Vec<DecisionRecord>, StoreError>>;
 }

@@ -13,9 +13,10 @@ use super::chain::{audit_head, digest_from_hex};
 use super::checkpoints::{Checkpoints, Ticker, unsigned_in};
 use super::writer::{Command, Message, Writer};
 use super::{
-    BoxFuture, ExpirySummary, IdempotentResult, IdentityFilter, IdentityState, IssueOutcome,
-    IssueRecord, IssuedIdentity, Lineage, MAX_LISTED, Quarantine, RenewOutcome, RenewRecord,
-    RevokeOrder, RevokeSummary, Revoked, Store, StoreConfig, StoreError, TokenRecord,
+    BoxFuture, DecisionRecord, Disagreement, ExpirySummary, IdempotentResult, IdentityFilter,
+    IdentityState, IssueOutcome, IssueRecord, IssuedIdentity, Lineage, MAX_LISTED, Quarantine,
+    RenewOutcome, RenewRecord, RevokeOrder, RevokeSummary, Revoked, Store, StoreConfig, StoreError,
+    TokenRecord,
 };
 use crate::audit::{AuditEvent, AuditFile, ChainHead};
 use crate::token::TokenId;
@@ -103,6 +104,33 @@ const MIGRATIONS: &[&str] = &[
     // 4: which CA issued an identity (SHA-256 of its certificate, hex), so a CA is retired only
     // once its last leaf has expired. NULL for rows from before: the configured CA issued them.
     "ALTER TABLE identities ADD COLUMN issuer TEXT;",
+    // 5: decisions on which the shadow candidate policy disagreed with the active one, bounded
+    // in rows by the writer.
+    "CREATE TABLE shadow_disagreements (
+         seq INTEGER PRIMARY KEY AUTOINCREMENT,
+         at INTEGER NOT NULL,
+         request_id TEXT NOT NULL,
+         cluster TEXT NOT NULL,
+         role TEXT NOT NULL,
+         active_version TEXT NOT NULL,
+         candidate_version TEXT NOT NULL,
+         active TEXT NOT NULL,
+         candidate TEXT NOT NULL,
+         input TEXT NOT NULL
+     );",
+    // 6: live decisions kept for replay (the policy input and the decision), bounded in rows
+    // and by age by the writer.
+    "CREATE TABLE decisions (
+         seq INTEGER PRIMARY KEY AUTOINCREMENT,
+         at INTEGER NOT NULL,
+         request_id TEXT NOT NULL,
+         cluster TEXT NOT NULL,
+         role TEXT NOT NULL,
+         policy_version TEXT NOT NULL,
+         outcome TEXT NOT NULL,
+         input TEXT NOT NULL
+     );
+     CREATE INDEX decisions_by_time ON decisions(at);",
 ];
 
 /// The schema version this binary writes.
@@ -765,6 +793,79 @@ impl Store for SqliteStore {
 
     fn backend(&self) -> &'static str {
         "sqlite"
+    }
+
+    fn record_disagreement(
+        &self,
+        disagreement: Disagreement,
+        keep: u32,
+    ) -> BoxFuture<'_, Result<(), StoreError>> {
+        Box::pin(self.send(move |reply| Command::Disagreement(Box::new(disagreement), keep, reply)))
+    }
+
+    fn disagreements(&self, limit: u32) -> BoxFuture<'_, Result<Vec<Disagreement>, StoreError>> {
+        Box::pin(async move {
+            self.read(|c| {
+                let mut stmt = c.prepare_cached(
+                    "SELECT seq, at, request_id, cluster, role, active_version, candidate_version,
+                            active, candidate, input
+                     FROM shadow_disagreements ORDER BY seq DESC LIMIT ?1",
+                )?;
+                let rows = stmt.query_map([limit], |r| {
+                    Ok(Disagreement {
+                        seq: r.get(0)?,
+                        at: r.get(1)?,
+                        request_id: r.get(2)?,
+                        cluster: r.get(3)?,
+                        role: r.get(4)?,
+                        active_version: r.get(5)?,
+                        candidate_version: r.get(6)?,
+                        active: r.get(7)?,
+                        candidate: r.get(8)?,
+                        input: r.get(9)?,
+                    })
+                })?;
+                rows.collect()
+            })
+        })
+    }
+
+    fn record_decisions(
+        &self,
+        decisions: Vec<DecisionRecord>,
+        keep: u32,
+        older_than: u64,
+    ) -> BoxFuture<'_, Result<(), StoreError>> {
+        Box::pin(self.send(move |reply| Command::Decisions(decisions, keep, older_than, reply)))
+    }
+
+    fn decisions(
+        &self,
+        since: u64,
+        after: u64,
+        limit: u32,
+    ) -> BoxFuture<'_, Result<Vec<DecisionRecord>, StoreError>> {
+        Box::pin(async move {
+            self.read(|c| {
+                let mut stmt = c.prepare_cached(
+                    "SELECT seq, at, request_id, cluster, role, policy_version, outcome, input
+                     FROM decisions WHERE at >= ?1 AND seq > ?2 ORDER BY seq LIMIT ?3",
+                )?;
+                let rows = stmt.query_map(params![since, after, limit], |r| {
+                    Ok(DecisionRecord {
+                        seq: r.get(0)?,
+                        at: r.get(1)?,
+                        request_id: r.get(2)?,
+                        cluster: r.get(3)?,
+                        role: r.get(4)?,
+                        policy_version: r.get(5)?,
+                        outcome: r.get(6)?,
+                        input: r.get(7)?,
+                    })
+                })?;
+                rows.collect()
+            })
+        })
     }
 }
 

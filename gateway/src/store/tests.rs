@@ -32,6 +32,8 @@ both_backends! {
     an_edited_last_line_stops_the_store_from_opening,
     a_rewritten_or_extended_mirror_disagrees_with_the_database,
     ping_answers_and_export_writes_the_whole_chain,
+    shadow_disagreements_keep_only_the_newest_rows,
+    recorded_decisions_are_bounded_in_rows_and_by_age,
 }
 
 /// A fixed "now" (2025-06-15T14:13:20Z); tests never read the clock for store decisions.
@@ -1015,4 +1017,84 @@ async fn ping_answers_and_export_writes_the_whole_chain(kind: Kind) {
         String::from_utf8(out).unwrap(),
         std::fs::read_to_string(h.audit_file()).unwrap()
     );
+}
+
+/// The shadow table is bounded: however many disagreements arrive, only the newest `keep`
+/// stay, newest first, and each keeps what was recorded; the audit chain is untouched.
+async fn shadow_disagreements_keep_only_the_newest_rows(kind: Kind) {
+    let h = Harness::new(kind, "shadow").await;
+    let store = h.open(checkpoints()).await.unwrap();
+    let audited = || h.texts("SELECT CAST(COUNT(*) AS TEXT) FROM audit");
+    let before = audited().await;
+    let keep = 5;
+    for i in 0..12u64 {
+        let d = Disagreement {
+            seq: 0,
+            at: NOW + i,
+            request_id: format!("req-{i}"),
+            cluster: "edge-eu".into(),
+            role: "relay".into(),
+            active_version: "1.0.0".into(),
+            candidate_version: "1.1.0".into(),
+            active: r#"{"allow":{}}"#.into(),
+            candidate: r#"{"deny":{}}"#.into(),
+            input: format!(r#"{{"node_name":"n{i}"}}"#),
+        };
+        store.record_disagreement(d, keep).await.unwrap();
+    }
+    let rows = store.disagreements(100).await.unwrap();
+    let ids: Vec<_> = rows.iter().map(|d| d.request_id.as_str()).collect();
+    assert_eq!(ids, ["req-11", "req-10", "req-9", "req-8", "req-7"]);
+    assert_eq!(rows[0].input, r#"{"node_name":"n11"}"#);
+    assert_eq!(rows[0].at, NOW + 11);
+    assert!(rows.windows(2).all(|w| w[0].seq > w[1].seq));
+    assert_eq!(store.disagreements(2).await.unwrap().len(), 2);
+    assert_eq!(audited().await, before, "disagreements are not audited");
+    store.close().await;
+}
+
+/// Decisions kept for replay: read back oldest first and paged by position, trimmed to the
+/// newest `keep` rows and to the retention window in the transaction that records them.
+async fn recorded_decisions_are_bounded_in_rows_and_by_age(kind: Kind) {
+    let h = Harness::new(kind, "decisions").await;
+    let store = h.open(checkpoints()).await.unwrap();
+    let decision = |i: u64| DecisionRecord {
+        seq: 0,
+        at: NOW + i,
+        request_id: format!("req-{i}"),
+        cluster: "edge-eu".into(),
+        role: "dispatcher".into(),
+        policy_version: "1.0.0".into(),
+        outcome: r#"{"deny":{"code":"x"}}"#.into(),
+        input: format!(r#"{{"node_name":"n{i}"}}"#),
+    };
+    store
+        .record_decisions((0..4).map(decision).collect(), 6, NOW)
+        .await
+        .unwrap();
+    store
+        .record_decisions((4..8).map(decision).collect(), 6, NOW)
+        .await
+        .unwrap();
+    let ids = |rows: &[DecisionRecord]| -> Vec<String> {
+        rows.iter().map(|d| d.request_id.clone()).collect()
+    };
+    let all = store.decisions(0, 0, 100).await.unwrap();
+    assert_eq!(
+        ids(&all),
+        ["req-2", "req-3", "req-4", "req-5", "req-6", "req-7"]
+    );
+    assert_eq!(all[0].input, r#"{"node_name":"n2"}"#);
+    let page = store.decisions(0, all[1].seq, 2).await.unwrap();
+    assert_eq!(ids(&page), ["req-4", "req-5"]);
+    let recent = store.decisions(NOW + 6, 0, 100).await.unwrap();
+    assert_eq!(ids(&recent), ["req-6", "req-7"]);
+    // Past the retention window: everything before NOW + 7 goes with the next record.
+    store
+        .record_decisions(vec![decision(9)], 6, NOW + 7)
+        .await
+        .unwrap();
+    let all = store.decisions(0, 0, 100).await.unwrap();
+    assert_eq!(ids(&all), ["req-7", "req-9"]);
+    store.close().await;
 }

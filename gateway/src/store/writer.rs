@@ -9,8 +9,8 @@ use super::chain::append_audit;
 use super::checkpoints::{Checkpoints, Ticker, Unsigned};
 use super::lineage;
 use super::{
-    IssueOutcome, IssueRecord, RenewOutcome, RenewRecord, RevokeOrder, RevokeSummary, StoreError,
-    TokenRecord,
+    DecisionRecord, Disagreement, IssueOutcome, IssueRecord, RenewOutcome, RenewRecord,
+    RevokeOrder, RevokeSummary, StoreError, TokenRecord,
 };
 use crate::audit::{AuditError, AuditEvent, AuditFile, ChainHead, SealedEntry};
 
@@ -39,6 +39,10 @@ pub(super) enum Command {
     Renew(Box<RenewRecord>, Reply<RenewOutcome>),
     LiftQuarantine(String, String, u64, Reply<bool>),
     Audit(Vec<AuditEvent>, Reply<()>),
+    /// A shadow disagreement, and how many of the newest to keep.
+    Disagreement(Box<Disagreement>, u32, Reply<()>),
+    /// Decisions kept for replay, how many of the newest to keep, and the oldest time kept.
+    Decisions(Vec<DecisionRecord>, u32, u64, Reply<()>),
 }
 
 /// An answer computed inside the transaction, sent only after the commit.
@@ -430,7 +434,10 @@ fn sort(message: Message, batch: &mut Vec<Command>, flushes: &mut Vec<Reply<()>>
 fn answer_error(command: Command, why: &str) {
     let why = format!("cannot begin a transaction: {why}");
     match command {
-        Command::RegisterToken(.., r) | Command::Audit(_, r) => drop(r.send(failure(&why))),
+        Command::RegisterToken(.., r)
+        | Command::Audit(_, r)
+        | Command::Disagreement(.., r)
+        | Command::Decisions(.., r) => drop(r.send(failure(&why))),
         Command::LiftQuarantine(.., r) => drop(r.send(failure(&why))),
         Command::Revoke(_, r) => drop(r.send(failure(&why))),
         Command::Issue(_, r) => drop(r.send(failure(&why))),
@@ -507,6 +514,14 @@ fn apply(
             });
             Answer::Unit(reply, result)
         }
+        Command::Disagreement(disagreement, keep, reply) => {
+            let result = run(&mut |tx, _| record_disagreement(tx, &disagreement, keep));
+            Answer::Unit(reply, result)
+        }
+        Command::Decisions(decisions, keep, older_than, reply) => {
+            let result = run(&mut |tx, _| record_decisions(tx, &decisions, keep, older_than));
+            Answer::Unit(reply, result)
+        }
         Command::Issue(record, reply) => {
             let mut outcome = IssueOutcome::Exhausted;
             let result = run(&mut |tx, events| {
@@ -521,6 +536,58 @@ fn apply(
         sealed.truncate(before_len);
     }
     answer
+}
+
+/// Inserts the row, then drops every row older than the newest `keep`.
+fn record_disagreement(tx: &Connection, d: &Disagreement, keep: u32) -> Result<(), StoreError> {
+    tx.prepare_cached(
+        "INSERT INTO shadow_disagreements (at, request_id, cluster, role, active_version,
+             candidate_version, active, candidate, input)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
+    )?
+    .execute(params![
+        d.at,
+        d.request_id,
+        d.cluster,
+        d.role,
+        d.active_version,
+        d.candidate_version,
+        d.active,
+        d.candidate,
+        d.input
+    ])?;
+    let newest = tx.last_insert_rowid();
+    tx.prepare_cached("DELETE FROM shadow_disagreements WHERE seq <= ?1")?
+        .execute([newest - i64::from(keep)])?;
+    Ok(())
+}
+
+/// Inserts the rows, then drops those older than `older_than` and all but the newest `keep`.
+fn record_decisions(
+    tx: &Connection,
+    decisions: &[DecisionRecord],
+    keep: u32,
+    older_than: u64,
+) -> Result<(), StoreError> {
+    let mut insert = tx.prepare_cached(
+        "INSERT INTO decisions (at, request_id, cluster, role, policy_version, outcome, input)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+    )?;
+    for d in decisions {
+        insert.execute(params![
+            d.at,
+            d.request_id,
+            d.cluster,
+            d.role,
+            d.policy_version,
+            d.outcome,
+            d.input
+        ])?;
+    }
+    let newest = tx.last_insert_rowid();
+    tx.prepare_cached("DELETE FROM decisions WHERE seq <= ?1 OR at < ?2")?
+        .execute(params![newest - i64::from(keep), older_than])?;
+    Ok(())
 }
 
 fn insert_token(tx: &Connection, t: &TokenRecord) -> Result<(), StoreError> {

@@ -12,6 +12,7 @@ mod mirror;
 mod notify;
 mod reads;
 mod schema;
+mod shadow;
 
 use std::num::NonZeroUsize;
 use std::path::{Path, PathBuf};
@@ -23,9 +24,9 @@ use tokio::sync::watch;
 use self::connect::Db;
 use self::mirror::Feeder;
 use super::{
-    BoxFuture, ExpirySummary, IdempotentResult, IdentityFilter, IssueOutcome, IssueRecord,
-    IssuedIdentity, Lineage, Quarantine, RenewOutcome, RenewRecord, RevokeOrder, RevokeSummary,
-    Revoked, Store, StoreError, TokenRecord,
+    BoxFuture, DecisionRecord, Disagreement, ExpirySummary, IdempotentResult, IdentityFilter,
+    IssueOutcome, IssueRecord, IssuedIdentity, Lineage, Quarantine, RenewOutcome, RenewRecord,
+    RevokeOrder, RevokeSummary, Revoked, Store, StoreError, TokenRecord,
 };
 use crate::audit::{AuditEvent, ChainHead};
 use crate::store::Checkpoints;
@@ -337,6 +338,40 @@ impl Store for PostgresStore {
 
     fn backend(&self) -> &'static str {
         "postgres"
+    }
+
+    fn record_disagreement(
+        &self,
+        disagreement: Disagreement,
+        keep: u32,
+    ) -> BoxFuture<'_, Result<(), StoreError>> {
+        Box::pin(async move { self.db.write(&shadow::Record(disagreement, keep)).await })
+    }
+
+    fn disagreements(&self, limit: u32) -> BoxFuture<'_, Result<Vec<Disagreement>, StoreError>> {
+        Box::pin(shadow::newest(&self.db, limit))
+    }
+
+    fn record_decisions(
+        &self,
+        decisions: Vec<DecisionRecord>,
+        keep: u32,
+        older_than: u64,
+    ) -> BoxFuture<'_, Result<(), StoreError>> {
+        Box::pin(async move {
+            self.db
+                .write(&shadow::Decisions(decisions, keep, older_than))
+                .await
+        })
+    }
+
+    fn decisions(
+        &self,
+        since: u64,
+        after: u64,
+        limit: u32,
+    ) -> BoxFuture<'_, Result<Vec<DecisionRecord>, StoreError>> {
+        Box::pin(shadow::decisions(&self.db, since, after, limit))
     }
 }
 

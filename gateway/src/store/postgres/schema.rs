@@ -87,6 +87,33 @@ const MIGRATIONS: &[&str] = &[
      CREATE INDEX audit_checkpoints ON audit(seq) WHERE checkpoint;
      CREATE TABLE audit_chain (id INTEGER PRIMARY KEY CHECK (id = 1));
      INSERT INTO audit_chain (id) VALUES (1);",
+    // 2: decisions on which the shadow candidate policy disagreed with the active one, bounded
+    // in rows by each insert's transaction.
+    "CREATE TABLE shadow_disagreements (
+         seq BIGSERIAL PRIMARY KEY,
+         at BIGINT NOT NULL,
+         request_id TEXT NOT NULL,
+         cluster TEXT NOT NULL,
+         role TEXT NOT NULL,
+         active_version TEXT NOT NULL,
+         candidate_version TEXT NOT NULL,
+         active TEXT NOT NULL,
+         candidate TEXT NOT NULL,
+         input TEXT NOT NULL
+     );",
+    // 3: live decisions kept for replay, bounded in rows and by age by each insert's
+    // transaction.
+    "CREATE TABLE decisions (
+         seq BIGSERIAL PRIMARY KEY,
+         at BIGINT NOT NULL,
+         request_id TEXT NOT NULL,
+         cluster TEXT NOT NULL,
+         role TEXT NOT NULL,
+         policy_version TEXT NOT NULL,
+         outcome TEXT NOT NULL,
+         input TEXT NOT NULL
+     );
+     CREATE INDEX decisions_by_time ON decisions(at);",
 ];
 
 /// The schema version this binary writes.
