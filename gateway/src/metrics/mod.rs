@@ -641,7 +641,7 @@ mod tests {
         assert!(!text.contains("# EOF"), "{text}");
         assert!(!text.contains("# UNIT"), "{text}");
         assert!(
-            text.contains("# HELP bootstrap_joins_total Join requests by result\n"),
+            text.contains("# HELP bootstrap_joins_total Join requests by result.\n"),
             "{text}"
         );
         assert!(
