@@ -10,6 +10,7 @@
 
 pub mod bundles;
 pub mod githttp;
+pub mod prometheus;
 pub mod raw;
 pub mod sshd;
 

@@ -53,10 +53,16 @@ impl Handler for AdminApi {
             match (request.method().clone(), path.as_str()) {
                 (Method::GET, "/metrics") => {
                     refresh_gauges(gw).await;
+                    let format = crate::metrics::Format::negotiate(
+                        request
+                            .headers()
+                            .get(header::ACCEPT)
+                            .and_then(|v| v.to_str().ok()),
+                    );
                     Ok(body(
                         StatusCode::OK,
-                        "text/plain; version=0.0.4",
-                        Bytes::from(gw.metrics.render()),
+                        format.content_type(),
+                        Bytes::from(gw.metrics.render(format)),
                     ))
                 }
                 (Method::GET, "/healthz") => Ok(body(
@@ -313,13 +319,14 @@ async fn revoke(
 async fn refresh_gauges(gw: &Gateway) {
     let now = now();
     let m = &gw.metrics;
-    let signed = gw
-        .revocations
-        .current()
+    let crls = gw.revocations.current();
+    let (signed, next_update) = crls
         .active()
-        .map_or(0, |crl| crl.this_update);
+        .map_or((0, 0), |crl| (crl.this_update, crl.next_update));
     m.crl_age_seconds
         .set(i64::try_from(now.saturating_sub(signed)).unwrap_or(i64::MAX));
+    m.crl_next_update
+        .set(i64::try_from(next_update).unwrap_or(i64::MAX));
     match gw
         .store
         .expiry_summary(now, gw.identity.renew_remaining_percent)
@@ -334,6 +341,8 @@ async fn refresh_gauges(gw: &Gateway) {
         }
         Err(e) => tracing::warn!(error = %e, "cannot read the identities for the metrics"),
     }
+    m.audit_mirror_backlog
+        .set(i64::try_from(gw.store.audit_backlog()).unwrap_or(i64::MAX));
 }
 
 /// The inventory filter from a query string: `token`, `spiffe_id`, `cluster`, `role`,

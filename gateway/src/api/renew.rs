@@ -279,8 +279,9 @@ async fn record(
         .await?;
     let refusal = match outcome {
         RenewOutcome::Renewed { .. } => {
+            // Counted `issued` with every answered renewal (replays too) by the caller: one
+            // result per request, so the family's sum is the requests.
             cx.audited = true;
-            gw.metrics.renewal("renewed");
             return Ok(Bytes::from(body));
         }
         RenewOutcome::Replayed(earlier) => {

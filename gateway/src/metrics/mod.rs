@@ -1,5 +1,6 @@
-//! Prometheus metrics: one registry per process, typed handles for every series, rendered in
-//! the text exposition format at `/metrics`. Series names start with `bootstrap_`.
+//! Prometheus metrics: one registry per process, typed handles for every series, rendered at
+//! `/metrics` in OpenMetrics text (to a scraper that asks for it, as Prometheus does) or in the
+//! Prometheus text format 0.0.4 (to everything else). Series names start with `bootstrap_`.
 
 use std::time::Duration;
 
@@ -125,6 +126,9 @@ pub struct Metrics {
     pub manual_issuances: Counter,
     /// Seconds since the CRL in force was signed (set at each scrape).
     pub crl_age_seconds: Gauge,
+    /// nextUpdate (Unix seconds) of the active CA's CRL, 0 when none is signed (set at each
+    /// scrape).
+    pub crl_next_update: Gauge,
     /// Seconds until the soonest expiry among live identities (set at each scrape; absent
     /// series value 0 when there is none).
     pub soonest_expiry_seconds: Gauge,
@@ -134,6 +138,8 @@ pub struct Metrics {
     pub trust_bundle_sequence: Gauge,
     /// notAfter (Unix seconds) of each CA in the trust bundle, by CA and state.
     pub ca_not_after: Family<CaLabel, Gauge>,
+    /// Committed audit entries not yet in the audit file (set at each scrape).
+    pub audit_mirror_backlog: Gauge,
     last_active: std::sync::Mutex<Option<BundleLabel>>,
 }
 
@@ -249,7 +255,7 @@ impl Metrics {
         let renewals = Family::<ResultLabel, Counter>::default();
         registry.register(
             "bootstrap_renewals",
-            "Renewal requests by result (`issued`, or the stage that refused)",
+            "Renewal requests by result (`issued`, or the stage that refused), one per request",
             renewals.clone(),
         );
         let revocations = Counter::default();
@@ -276,6 +282,12 @@ impl Metrics {
             "Seconds since the CRL in force was signed",
             crl_age_seconds.clone(),
         );
+        let crl_next_update = Gauge::default();
+        registry.register(
+            "bootstrap_crl_next_update_timestamp_seconds",
+            "nextUpdate of the active CA's CRL, Unix seconds (0 when none is signed)",
+            crl_next_update.clone(),
+        );
         let soonest_expiry_seconds = Gauge::default();
         registry.register(
             "bootstrap_soonest_expiry_seconds",
@@ -300,7 +312,15 @@ impl Metrics {
             "notAfter of each CA in the trust bundle, Unix seconds, by CA and rotation state",
             ca_not_after.clone(),
         );
+        let audit_mirror_backlog = Gauge::default();
+        registry.register(
+            "bootstrap_audit_mirror_backlog_entries",
+            "Committed audit entries not yet written to the audit file",
+            audit_mirror_backlog.clone(),
+        );
         Self {
+            audit_mirror_backlog,
+            crl_next_update,
             renewals,
             revocations,
             quarantine_refusals,
@@ -398,6 +418,13 @@ impl Metrics {
             .inc();
     }
 
+    /// Exports the reload result `result` (at zero until one happens).
+    pub fn policy_reload_seen(&self, result: &str) {
+        let _ = self.policy_reloads.get_or_create(&ResultLabel {
+            result: result.to_string(),
+        });
+    }
+
     /// Marks `bundle`/`version`/`commit` as the active policy version.
     pub fn policy_active(&self, bundle: &str, version: &str, commit: &str) {
         let active = BundleLabel {
@@ -449,13 +476,103 @@ impl Metrics {
         }
     }
 
-    /// The text exposition of every series.
-    pub fn render(&self) -> String {
+    /// Every series in `format`.
+    pub fn render(&self, format: Format) -> String {
         let mut out = String::new();
         // Writing into a String cannot fail.
         let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
-        out
+        match format {
+            Format::OpenMetrics => out,
+            Format::Text => openmetrics_to_text(&out),
+        }
     }
+}
+
+/// The exposition formats `/metrics` serves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Format {
+    /// OpenMetrics 1.0.0 text: counters described without their `_total`, units, `# EOF`.
+    OpenMetrics,
+    /// The Prometheus text format 0.0.4 (what `promtool check metrics` and most tools read).
+    Text,
+}
+
+impl Format {
+    /// The format a scraper's `Accept` header asks for: OpenMetrics when it names
+    /// `application/openmetrics-text` with a quality at least that of `text/plain`, the
+    /// Prometheus text format otherwise (no header, `*/*`, `text/plain`).
+    pub fn negotiate(accept: Option<&str>) -> Self {
+        let Some(accept) = accept else {
+            return Format::Text;
+        };
+        let mut openmetrics: Option<f32> = None;
+        let mut text: f32 = 0.0;
+        for range in accept.split(',') {
+            let mut parts = range.split(';');
+            let media = parts.next().unwrap_or("").trim().to_ascii_lowercase();
+            let quality = parts
+                .filter_map(|p| p.split_once('='))
+                .find(|(k, _)| k.trim().eq_ignore_ascii_case("q"))
+                .map_or(1.0, |(_, v)| v.trim().parse::<f32>().unwrap_or(0.0));
+            match media.as_str() {
+                "application/openmetrics-text" => {
+                    openmetrics = Some(openmetrics.map_or(quality, |q| q.max(quality)));
+                }
+                "text/plain" | "text/*" | "*/*" => text = text.max(quality),
+                _ => {}
+            }
+        }
+        match openmetrics {
+            Some(q) if q > 0.0 && q >= text => Format::OpenMetrics,
+            _ => Format::Text,
+        }
+    }
+
+    /// The `Content-Type` of a body in this format.
+    pub fn content_type(self) -> &'static str {
+        match self {
+            Format::OpenMetrics => "application/openmetrics-text; version=1.0.0; charset=utf-8",
+            Format::Text => "text/plain; version=0.0.4; charset=utf-8",
+        }
+    }
+}
+
+/// Rewrites the OpenMetrics text the registry renders into the Prometheus text format 0.0.4: a
+/// counter's `HELP` and `TYPE` name its `_total` series, `unknown` becomes `untyped`, and the
+/// `UNIT` lines and the `# EOF` marker (which 0.0.4 does not have) go. Samples, label escaping
+/// and histogram series are the same in both formats.
+fn openmetrics_to_text(openmetrics: &str) -> String {
+    let counters: std::collections::HashSet<&str> = openmetrics
+        .lines()
+        .filter_map(|l| l.strip_prefix("# TYPE "))
+        .filter_map(|l| l.strip_suffix(" counter"))
+        .collect();
+    let mut out = String::with_capacity(openmetrics.len());
+    for line in openmetrics.lines() {
+        if line == "# EOF" || line.starts_with("# UNIT ") {
+            continue;
+        }
+        if let Some(rest) = line.strip_prefix("# HELP ") {
+            let (name, help) = rest.split_once(' ').unwrap_or((rest, ""));
+            let suffix = if counters.contains(name) {
+                "_total"
+            } else {
+                ""
+            };
+            out.push_str(&format!("# HELP {name}{suffix} {help}\n"));
+        } else if let Some(rest) = line.strip_prefix("# TYPE ") {
+            let (name, kind) = rest.split_once(' ').unwrap_or((rest, "untyped"));
+            match kind {
+                "counter" => out.push_str(&format!("# TYPE {name}_total counter\n")),
+                "unknown" => out.push_str(&format!("# TYPE {name} untyped\n")),
+                _ => out.push_str(&format!("# TYPE {name} {kind}\n")),
+            }
+        } else {
+            out.push_str(line);
+            out.push('\n');
+        }
+    }
+    out
 }
 
 impl Default for Metrics {
@@ -493,7 +610,8 @@ mod tests {
             ca,
             Duration::from_secs(300),
         ));
-        let text = m.render();
+        let text = m.render(Format::OpenMetrics);
+        assert!(text.ends_with("# EOF\n"), "{text}");
         assert!(text.contains("bootstrap_trust_bundle_sequence 1"), "{text}");
         assert!(
             text.contains(&format!(
@@ -538,6 +656,69 @@ mod tests {
         assert!(
             text.contains("bootstrap_policy_evaluation_duration_seconds_count 1"),
             "{text}"
+        );
+    }
+
+    #[test]
+    fn the_text_format_names_counters_by_their_total_series_and_has_no_eof() {
+        let m = Metrics::new();
+        m.join("issued");
+        m.request("join", Duration::from_millis(3));
+        let text = m.render(Format::Text);
+        assert!(!text.contains("# EOF"), "{text}");
+        assert!(!text.contains("# UNIT"), "{text}");
+        assert!(
+            text.contains("# HELP bootstrap_joins_total Join requests by result.\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("# TYPE bootstrap_joins_total counter\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("bootstrap_joins_total{result=\"issued\"} 1\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("# TYPE bootstrap_request_duration_seconds histogram\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("bootstrap_request_duration_seconds_count{route=\"join\"} 1\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("# TYPE bootstrap_open_connections gauge\n"),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn the_format_follows_the_accept_header() {
+        // What Prometheus 2.x sends.
+        let prometheus = "application/openmetrics-text;version=1.0.0,application/openmetrics-text;version=0.0.1;q=0.75,text/plain;version=0.0.4;q=0.5,*/*;q=0.1";
+        assert_eq!(Format::negotiate(Some(prometheus)), Format::OpenMetrics);
+        assert_eq!(Format::negotiate(None), Format::Text);
+        assert_eq!(Format::negotiate(Some("*/*")), Format::Text);
+        assert_eq!(
+            Format::negotiate(Some("text/plain;version=0.0.4")),
+            Format::Text
+        );
+        assert_eq!(
+            Format::negotiate(Some("application/openmetrics-text;q=0")),
+            Format::Text
+        );
+        assert_eq!(
+            Format::negotiate(Some("text/plain;q=0.9, application/openmetrics-text;q=0.5")),
+            Format::Text
+        );
+        assert_eq!(
+            Format::OpenMetrics.content_type(),
+            "application/openmetrics-text; version=1.0.0; charset=utf-8"
+        );
+        assert_eq!(
+            Format::Text.content_type(),
+            "text/plain; version=0.0.4; charset=utf-8"
         );
     }
 }

@@ -130,6 +130,21 @@ pub enum ReloadError {
 }
 
 impl ReloadError {
+    /// Every label [`label`](Self::label) returns, and `ok`: the reloader exports each at zero
+    /// from its start, so that a first failure is an increase a `rate()` or `increase()` rule
+    /// sees (a series born at 1 has none).
+    pub const RESULTS: [&str; 9] = [
+        "ok",
+        "fetch_error",
+        "schema_error",
+        "digest_mismatch",
+        "signature_error",
+        "compile_error",
+        "settings_error",
+        "vector_failure",
+        "rollback_refused",
+    ];
+
     /// The metric label.
     pub fn label(&self) -> &'static str {
         match self {
@@ -252,6 +267,9 @@ impl Reloader {
         let persisted: Persisted = crate::secrets::read_state(&active_file(&config))?
             .and_then(|b| serde_json::from_slice(&b).ok())
             .unwrap_or_default();
+        for result in ReloadError::RESULTS {
+            metrics.policy_reload_seen(result);
+        }
         let inner = Arc::new(Inner {
             config,
             host,

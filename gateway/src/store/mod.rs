@@ -642,6 +642,10 @@ pub trait Store: Send + Sync + 'static {
     /// a notification (and a periodic read of the database when notifications were lost).
     fn revocation_head(&self) -> tokio::sync::watch::Receiver<u64>;
 
+    /// Committed audit entries not yet written to the audit file (the mirror's backlog): near
+    /// zero while the file keeps up; growing when its disk is slow, full or failing.
+    fn audit_backlog(&self) -> u64;
+
     /// Among identities live at `now` and not renewed yet: the soonest expiry, and how many are
     /// past their renewal point (when `renew_remaining_percent` of their lifetime remains).
     fn expiry_summary(

@@ -165,6 +165,8 @@ pub struct SqliteStore {
     readers: Vec<Mutex<Connection>>,
     next_reader: AtomicUsize,
     revocation_head: tokio::sync::watch::Receiver<u64>,
+    /// Entries the audit mirror has not written yet.
+    audit_backlog: super::writer::MirrorBacklog,
     /// Resolves (its sender dropped) once the writer thread has exited, and with it released
     /// the write connection and the audit file's lock.
     writer_exited: oneshot::Receiver<()>,
@@ -227,6 +229,7 @@ impl SqliteStore {
         let (commands, inbox) = mpsc::channel(max_batch.saturating_mul(4));
         let mirror = super::writer::Mirror::start(mirror)
             .map_err(|e| StoreError::Io(format!("cannot start the audit mirror thread: {e}")))?;
+        let audit_backlog = mirror.backlog();
         let writer = commands.downgrade();
         let wake = move || {
             let Some(writer) = writer.upgrade() else {
@@ -266,6 +269,7 @@ impl SqliteStore {
             readers,
             next_reader: AtomicUsize::new(0),
             revocation_head,
+            audit_backlog,
             writer_exited,
         })
     }
@@ -655,6 +659,10 @@ impl Store for SqliteStore {
 
     fn revocation_head(&self) -> tokio::sync::watch::Receiver<u64> {
         self.revocation_head.clone()
+    }
+
+    fn audit_backlog(&self) -> u64 {
+        self.audit_backlog.entries()
     }
 
     fn expiry_summary(

@@ -121,6 +121,36 @@ const MIRROR_BACKLOG: usize = 65_536;
 pub(super) struct Mirror {
     batches: std::sync::mpsc::Sender<ToMirror>,
     thread: std::thread::JoinHandle<()>,
+    backlog: MirrorBacklog,
+}
+
+/// Committed audit entries handed to the mirror and not in the file yet: what the
+/// `bootstrap_audit_mirror_backlog_entries` gauge shows. Entries the mirror dropped after it
+/// stopped stay counted: the file is that far behind until a restart catches it up.
+#[derive(Debug, Clone, Default)]
+pub(super) struct MirrorBacklog(std::sync::Arc<std::sync::atomic::AtomicU64>);
+
+impl MirrorBacklog {
+    /// Entries committed and not written to the file.
+    pub(super) fn entries(&self) -> u64 {
+        self.0.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    fn add(&self, n: usize) {
+        self.0.fetch_add(
+            u64::try_from(n).unwrap_or(u64::MAX),
+            std::sync::atomic::Ordering::Relaxed,
+        );
+    }
+
+    fn written(&self, n: usize) {
+        let n = u64::try_from(n).unwrap_or(u64::MAX);
+        let _ = self.0.fetch_update(
+            std::sync::atomic::Ordering::Relaxed,
+            std::sync::atomic::Ordering::Relaxed,
+            |v| Some(v.saturating_sub(n)),
+        );
+    }
 }
 
 /// What the mirror thread is sent: committed entries, or callers waiting for a sync.
@@ -132,14 +162,26 @@ enum ToMirror {
 impl Mirror {
     pub(super) fn start(file: AuditFile) -> std::io::Result<Self> {
         let (batches, inbox) = std::sync::mpsc::channel::<ToMirror>();
+        let backlog = MirrorBacklog::default();
+        let counted = backlog.clone();
         let thread = std::thread::Builder::new()
             .name("audit-mirror".into())
-            .spawn(move || MirrorLoop::new(file).run(&inbox))?;
-        Ok(Self { batches, thread })
+            .spawn(move || MirrorLoop::new(file, counted).run(&inbox))?;
+        Ok(Self {
+            batches,
+            thread,
+            backlog,
+        })
+    }
+
+    /// The count of entries sent and not written yet.
+    pub(super) fn backlog(&self) -> MirrorBacklog {
+        self.backlog.clone()
     }
 
     pub(super) fn send(&self, entries: Vec<SealedEntry>) {
         if !entries.is_empty() {
+            self.backlog.add(entries.len());
             let _ = self.batches.send(ToMirror::Entries(entries));
         }
     }
@@ -171,10 +213,12 @@ struct MirrorLoop {
     stopped: bool,
     /// Callers waiting until the file holds and has synced every entry sent before them.
     flushes: Vec<Reply<()>>,
+    /// Lowered by what each append wrote.
+    backlog: MirrorBacklog,
 }
 
 impl MirrorLoop {
-    fn new(file: AuditFile) -> Self {
+    fn new(file: AuditFile, backlog: MirrorBacklog) -> Self {
         Self {
             file,
             pending: Vec::new(),
@@ -182,6 +226,7 @@ impl MirrorLoop {
             failing: false,
             stopped: false,
             flushes: Vec::new(),
+            backlog,
         }
     }
 
@@ -248,6 +293,7 @@ impl MirrorLoop {
         }
         let mut result = self.file.append_unsynced(&self.pending);
         if result.is_ok() {
+            self.backlog.written(self.pending.len());
             self.pending.clear();
             if self.synced.elapsed() >= MIRROR_SYNC {
                 result = self.file.sync();

@@ -12,7 +12,7 @@ use std::time::Duration;
 use tokio::sync::{mpsc, oneshot};
 
 use super::super::StoreError;
-use super::super::writer::Mirror;
+use super::super::writer::{Mirror, MirrorBacklog};
 use super::connect::Db;
 use super::{int, uint};
 use crate::audit::{AuditFile, ChainHead, SealedEntry};
@@ -38,6 +38,7 @@ pub(super) enum FeedMessage {
 pub(super) struct Feeder {
     inbox: mpsc::UnboundedSender<FeedMessage>,
     task: tokio::task::JoinHandle<()>,
+    backlog: MirrorBacklog,
 }
 
 impl Feeder {
@@ -84,6 +85,7 @@ impl Feeder {
         }
         let mirror = Mirror::start(file)
             .map_err(|e| StoreError::Io(format!("cannot start the audit mirror thread: {e}")))?;
+        let backlog = mirror.backlog();
         let (inbox, messages) = mpsc::unbounded_channel();
         let feeding = Feeding {
             db: Arc::downgrade(&db),
@@ -91,7 +93,19 @@ impl Feeder {
             mirrored,
         };
         let task = tokio::spawn(feeding.run(messages));
-        Ok((Self { inbox, task }, db_head))
+        Ok((
+            Self {
+                inbox,
+                task,
+                backlog,
+            },
+            db_head,
+        ))
+    }
+
+    /// Entries handed to the mirror thread and not in the file yet.
+    pub(super) fn backlog(&self) -> u64 {
+        self.backlog.entries()
     }
 
     pub(super) fn sender(&self) -> mpsc::UnboundedSender<FeedMessage> {

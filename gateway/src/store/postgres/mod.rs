@@ -258,6 +258,10 @@ impl Store for PostgresStore {
         self.revocation_head.clone()
     }
 
+    fn audit_backlog(&self) -> u64 {
+        self.feeder.backlog()
+    }
+
     fn expiry_summary(
         &self,
         now: u64,
