@@ -32,6 +32,7 @@ both_backends! {
     an_edited_last_line_stops_the_store_from_opening,
     a_rewritten_or_extended_mirror_disagrees_with_the_database,
     ping_answers_and_export_writes_the_whole_chain,
+    a_policy_pin_is_shared_on_postgres_and_stays_the_gateways_own_on_sqlite,
 }
 
 /// A fixed "now" (2025-06-15T14:13:20Z); tests never read the clock for store decisions.
@@ -1015,4 +1016,42 @@ async fn ping_answers_and_export_writes_the_whole_chain(kind: Kind) {
         String::from_utf8(out).unwrap(),
         std::fs::read_to_string(h.audit_file()).unwrap()
     );
+}
+
+async fn a_policy_pin_is_shared_on_postgres_and_stays_the_gateways_own_on_sqlite(kind: Kind) {
+    let h = Harness::new(kind, "pin-share").await;
+    let store = h.open(checkpoints()).await.unwrap();
+    let shared = store
+        .share_policy_pin(Some("1.0.0".into()), Some("c0ffee".into()), "ops".into())
+        .await
+        .unwrap();
+    match kind {
+        Kind::Sqlite => {
+            assert_eq!(shared, None);
+            assert!(store.shared_policy_pin().is_none());
+        }
+        Kind::Postgres => {
+            let want = SharedPin {
+                generation: 1,
+                target: Some("1.0.0".into()),
+                commit: Some("c0ffee".into()),
+                by: "ops".into(),
+            };
+            assert_eq!(shared.as_ref(), Some(&want));
+            // The writer's own watch has it at once, before any notification.
+            assert_eq!(*store.shared_policy_pin().unwrap().borrow(), want);
+            let unpinned = store
+                .share_policy_pin(None, None, "ops".into())
+                .await
+                .unwrap()
+                .unwrap();
+            assert_eq!((unpinned.generation, unpinned.target), (2, None));
+            assert_eq!(
+                h.texts("SELECT CAST(generation AS TEXT) FROM policy_pin")
+                    .await,
+                vec![Some("2".to_string())]
+            );
+        }
+    }
+    store.close().await;
 }

@@ -10,6 +10,7 @@ mod issue;
 mod lineage;
 mod mirror;
 mod notify;
+mod pin;
 mod reads;
 mod schema;
 
@@ -25,7 +26,7 @@ use self::mirror::Feeder;
 use super::{
     BoxFuture, ExpirySummary, IdempotentResult, IdentityFilter, IssueOutcome, IssueRecord,
     IssuedIdentity, Lineage, Quarantine, RenewOutcome, RenewRecord, RevokeOrder, RevokeSummary,
-    Revoked, Store, StoreError, TokenRecord,
+    Revoked, SharedPin, Store, StoreError, TokenRecord,
 };
 use crate::audit::{AuditEvent, ChainHead};
 use crate::store::Checkpoints;
@@ -86,6 +87,7 @@ pub struct PostgresStore {
     db: Arc<Db>,
     feeder: Feeder,
     revocation_head: watch::Receiver<u64>,
+    pins: watch::Receiver<SharedPin>,
     ticker: tokio::task::JoinHandle<()>,
     listener: tokio::task::JoinHandle<()>,
 }
@@ -113,6 +115,8 @@ impl PostgresStore {
         let revocation_head = db.revocation_head().await?;
         let (publish, revocation_head) = watch::channel(revocation_head);
         db.set_revocation_watch(publish);
+        let (publish_pin, pins) = watch::channel(pin::read(&db).await?);
+        db.set_pin_watch(publish_pin);
         db.set_feeder(feeder.sender());
         let ticker = tokio::spawn(chain::tick(Arc::downgrade(&db), interval));
         let listener = tokio::spawn(notify::follow(Arc::downgrade(&db)));
@@ -120,6 +124,7 @@ impl PostgresStore {
             db,
             feeder,
             revocation_head,
+            pins,
             ticker,
             listener,
         })
@@ -337,6 +342,32 @@ impl Store for PostgresStore {
 
     fn backend(&self) -> &'static str {
         "postgres"
+    }
+
+    fn share_policy_pin(
+        &self,
+        target: Option<String>,
+        commit: Option<String>,
+        by: String,
+    ) -> BoxFuture<'_, Result<Option<SharedPin>, StoreError>> {
+        Box::pin(async move {
+            let share = pin::Share {
+                target,
+                commit,
+                by,
+                now: std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0, |d| d.as_secs()),
+            };
+            let shared = self.db.write(&share).await?;
+            // This replica's own follower sees its pin at once, before the notification.
+            self.db.advance_pin(shared.clone());
+            Ok(Some(shared))
+        })
+    }
+
+    fn shared_policy_pin(&self) -> Option<watch::Receiver<SharedPin>> {
+        Some(self.pins.clone())
     }
 }
 

@@ -87,6 +87,16 @@ const MIGRATIONS: &[&str] = &[
      CREATE INDEX audit_checkpoints ON audit(seq) WHERE checkpoint;
      CREATE TABLE audit_chain (id INTEGER PRIMARY KEY CHECK (id = 1));
      INSERT INTO audit_chain (id) VALUES (1);",
+    // 2: the policy pin every replica follows; `generation` grows with every pin and unpin.
+    "CREATE TABLE policy_pin (
+         id INTEGER PRIMARY KEY CHECK (id = 1),
+         generation BIGINT NOT NULL,
+         target TEXT,
+         commit_id TEXT,
+         set_by TEXT NOT NULL,
+         set_at BIGINT NOT NULL
+     );
+     INSERT INTO policy_pin VALUES (1, 0, NULL, NULL, '', 0);",
 ];
 
 /// The schema version this binary writes.
