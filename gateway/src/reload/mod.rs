@@ -270,6 +270,11 @@ impl Reloader {
                 }
             }
         }
+        // On a shared store, the fleet's pin before anything else: a replica starting while
+        // the fleet is pinned never serves the remote's newest version first.
+        if let Some(mut pins) = reloader.inner.store.shared_policy_pin() {
+            follow_pin(&reloader.inner, &mut pins).await;
+        }
         if let Err(e) = reloader.poll().await {
             tracing::warn!(error = %e, "policy source not reachable at startup; serving what is loaded");
         }
