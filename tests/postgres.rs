@@ -24,6 +24,9 @@ use std::time::{Duration, Instant};
 
 use gateway::agent::GatewayClient;
 use gateway::api::wire::{Challenge, JoinRequest, JoinResponse};
+use omnirelay_e2e::bundles::{
+    PolicyRepo, bundle_source, follow_repo, policy_status, policy_status_until,
+};
 use omnirelay_e2e::raw::{raw_problem, renew, renewed};
 use omnirelay_e2e::{
     Gateway, NodeKey, TempDir, join_as, join_request, omnirelay, post_join, problem, token_only,
@@ -32,6 +35,11 @@ use omnirelay_e2e::{
 /// Generous bound for what must happen on its own (a replica noticing its database is gone
 /// or back, load making progress).
 const DEADLINE: Duration = Duration::from_secs(30);
+
+/// How long a replica may take to apply a pin made through another: under the listener's 5 s
+/// resync, so only the notification can meet it (the new version is compiled and its vectors
+/// run on arrival, which a debug build takes a while over).
+const PIN_DEADLINE: Duration = Duration::from_secs(4);
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_replicas_share_tokens_lineages_revocations_and_one_audit_chain() {
@@ -365,7 +373,9 @@ async fn fifty_joins_over_two_replicas_on_a_five_use_token_issue_exactly_five() 
     );
 
     // A token revoked through A: B refuses it (the revocation is in the database B reads;
-    // polled with the issue's one-second bound as the deadline).
+    // polled with the issue's one-second bound as the deadline). B verified this token's
+    // signature for the replay above, so its token cache holds it: that cache proves only the
+    // signature, and whether the token is revoked is read from the database every time.
     a.revoke(serde_json::json!({ "token": spare.id, "reason": "leaked" }))
         .await;
     let revoked_at = Instant::now();
@@ -390,6 +400,142 @@ async fn fifty_joins_over_two_replicas_on_a_five_use_token_issue_exactly_five() 
         .unwrap()
         .get(0);
     assert_eq!(uses, 1, "a refused join took a use");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_policy_pin_through_one_replica_reaches_the_other_and_so_does_the_unpin() {
+    let repo = PolicyRepo::new("pg-pin");
+    let v1 = repo.publish(&bundle_source("pg-pin", "v1", 3600).0, "1.0.0", None);
+    let v2 = repo.publish(&bundle_source("pg-pin", "v2", 1800).0, "1.1.0", None);
+    let db = Database::create("_pin").await;
+    let url = db.url();
+    let a = Gateway::start_with("pg-pin-a", |text| {
+        follow_repo(text, &repo.url(), "");
+        use_postgres(text, &url);
+    });
+    let b = Gateway::spawn(replica_of(&a));
+    for gw in [&a, &b] {
+        policy_status_until(gw, "v2 active", |s| s["active"]["commit"] == v2.as_str()).await;
+    }
+    let token = a.issue_token("edge-eu", "dispatcher", 10).await.token;
+
+    // Pinned through A's admin API, as an operator would: B follows through its own pipeline.
+    let out = admin_cli(&a, &["policy", "pin", "1.0.0"]);
+    assert!(out.contains("active edge 1.0.0"), "{out}");
+    let pinned_at = Instant::now();
+    let s = pin_status_until(&b, "B pinned to 1.0.0", |s| {
+        s["pinned"] == "1.0.0" && s["active"]["commit"] == v1.as_str()
+    })
+    .await;
+    let took = pinned_at.elapsed();
+    eprintln!("B took the pin {took:?} after A's pin returned");
+    assert_eq!(s["last_candidate"]["result"], "ok", "{s:#}");
+    let status = admin_cli(&b, &["policy", "status"]);
+    assert!(status.contains("\"pinned\": \"1.0.0\""), "{status}");
+    let joined = join_as(&b.node(), &token, "pin-b-1", &NodeKey::new("pin-b-1")).await;
+    assert_eq!(joined.policy.version, "1.0.0");
+    // B's polls do not move it off the pin.
+    pin_status_until(&b, "a poll on B while pinned", |s| {
+        s["last_poll"]["result"] == "unchanged" && s["active"]["commit"] == v1.as_str()
+    })
+    .await;
+    // Audited by B itself (A's entries say only who pinned).
+    let entry = b.wait_for_audit("policy-pinned", |e| {
+        e["pinned_by"]
+            .as_str()
+            .is_some_and(|by| by.contains("through another replica"))
+    });
+    assert_eq!(entry["commit"], v1);
+    b.wait_for_audit("policy-activated", |e| {
+        e["commit"] == v1.as_str() && e["trigger"] == "shared-pin"
+    });
+
+    // Unpinned through A: B follows the remote again.
+    let out = admin_cli(&a, &["policy", "unpin"]);
+    assert!(out.contains("active edge 1.1.0"), "{out}");
+    let unpinned_at = Instant::now();
+    pin_status_until(&b, "B unpinned on 1.1.0", |s| {
+        s["pinned"].is_null() && s["active"]["commit"] == v2.as_str()
+    })
+    .await;
+    eprintln!(
+        "B took the unpin {:?} after A's unpin returned",
+        unpinned_at.elapsed()
+    );
+    let joined = join_as(&b.node(), &token, "pin-b-2", &NodeKey::new("pin-b-2")).await;
+    assert_eq!(joined.policy.version, "1.1.0");
+    b.wait_for_audit("policy-unpinned", |e| {
+        e["unpinned_by"]
+            .as_str()
+            .is_some_and(|by| by.contains("through another replica"))
+    });
+
+    // The database holds the fleet's pin: one generation per change, unpinned now.
+    let client = db.client().await;
+    let row = client
+        .query_one("SELECT generation, target FROM policy_pin", &[])
+        .await
+        .unwrap();
+    assert_eq!(row.get::<_, i64>(0), 2);
+    assert_eq!(row.get::<_, Option<String>>(1), None);
+
+    admin_cli(&b, &["policy", "pin", "1.0.0"]);
+    pin_status_until(&a, "A pinned through B", |s| {
+        s["pinned"] == "1.0.0" && s["active"]["commit"] == v1.as_str()
+    })
+    .await;
+    // A replica started while the fleet is pinned serves the pin from its first request.
+    let c = Gateway::spawn(replica_of(&a));
+    let s = policy_status(&c).await;
+    assert_eq!(
+        (s["pinned"].as_str(), s["active"]["commit"].as_str()),
+        (Some("1.0.0"), Some(v1.as_str())),
+        "{s:#}"
+    );
+}
+
+/// [`policy_status_until`] with a deadline well below the listener's 5 s resync, so a pin
+/// that arrives proves the notification carried it.
+async fn pin_status_until(
+    gw: &Gateway,
+    what: &str,
+    done: impl Fn(&serde_json::Value) -> bool,
+) -> serde_json::Value {
+    let deadline = Instant::now() + PIN_DEADLINE;
+    loop {
+        let status = policy_status(gw).await;
+        if done(&status) {
+            return status;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{what} never happened within {PIN_DEADLINE:?}; last status {status:#}"
+        );
+        tokio::task::yield_now().await;
+    }
+}
+
+/// `omnirelay ARGS --admin …` against `gw`'s admin listener; its stdout.
+fn admin_cli(gw: &Gateway, args: &[&str]) -> String {
+    let admin = format!("https://{}", gw.admin_addr);
+    let credential = gw.path("admin/credential");
+    let ca = gw.path("ca/ca.pem");
+    let mut all = args.to_vec();
+    all.extend([
+        "--admin",
+        &admin,
+        "--credential",
+        credential.to_str().unwrap(),
+        "--ca-bundle",
+        ca.to_str().unwrap(),
+    ]);
+    let out = omnirelay(&all).unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

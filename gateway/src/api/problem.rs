@@ -184,6 +184,15 @@ pub enum ApiError {
     ServingCert(#[from] TlsError),
 }
 
+impl From<crate::reload::PinError> for ApiError {
+    fn from(e: crate::reload::PinError) -> Self {
+        match e {
+            crate::reload::PinError::Reload(e) => Self::Reload(e),
+            crate::reload::PinError::NotShared(e) => Self::Store(e),
+        }
+    }
+}
+
 impl ApiError {
     /// The pipeline stage that refused.
     pub fn stage(&self) -> &'static str {

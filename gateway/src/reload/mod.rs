@@ -233,6 +233,10 @@ struct Inner {
     state: Mutex<(Status, Persisted)>,
     /// One reload at a time.
     busy: tokio::sync::Mutex<()>,
+    /// One pin change at a time, whether an operator's here or another replica's followed:
+    /// a pin is applied here and recorded for the fleet under it, so the follower never
+    /// applies an older fleet pin over one this replica is recording.
+    fleet: tokio::sync::Mutex<()>,
 }
 
 mod pipeline;
@@ -287,6 +291,7 @@ impl Reloader {
                 persisted.clone(),
             )),
             busy: tokio::sync::Mutex::new(()),
+            fleet: tokio::sync::Mutex::new(()),
         });
         let reloader = Self { inner };
         if let Some(commit) = persisted
@@ -301,6 +306,11 @@ impl Reloader {
                 }
             }
         }
+        // On a shared store, the fleet's pin before anything else: a replica starting while
+        // the fleet is pinned never serves the remote's newest version first.
+        if let Some(mut pins) = reloader.inner.store.shared_policy_pin() {
+            follow_pin(&reloader.inner, &mut pins).await;
+        }
         if let Err(e) = reloader.poll().await {
             tracing::warn!(error = %e, "policy source not reachable at startup; serving what is loaded");
         }
@@ -313,15 +323,38 @@ impl Reloader {
         self.inner.poll().await
     }
 
-    /// Holds the gateway to a version (`1.2.0`, a tag or a commit id), even an older one.
-    pub async fn pin(&self, target: &str, by: &str) -> Result<Version, ReloadError> {
-        self.inner.pin(target, by).await
+    /// Holds the gateway to a version (`1.2.0`, a tag or a commit id), even an older one. On a
+    /// shared store the pin is then recorded for every replica, which each apply it through
+    /// their own pipeline; if recording fails, the pin holds on this replica only and the
+    /// error says so.
+    pub async fn pin(&self, target: &str, by: &str) -> Result<Version, PinError> {
+        let _fleet = self.inner.fleet.lock().await;
+        let version = self.inner.pin(target, by).await?;
+        self.inner
+            .store
+            .share_policy_pin(
+                Some(target.to_string()),
+                Some(version.commit.clone()),
+                by.to_string(),
+            )
+            .await
+            .map_err(PinError::NotShared)?;
+        Ok(version)
     }
 
     /// Lets the gateway follow the remote again (rollback protection resumes from the pinned
-    /// version).
-    pub async fn unpin(&self, by: &str) -> Result<Option<Version>, ReloadError> {
-        self.inner.unpin(by).await
+    /// version); on a shared store, every replica.
+    pub async fn unpin(&self, by: &str) -> Result<Option<Version>, PinError> {
+        {
+            let _fleet = self.inner.fleet.lock().await;
+            self.inner.clear_pin(by).await;
+            self.inner
+                .store
+                .share_policy_pin(None, None, by.to_string())
+                .await
+                .map_err(PinError::NotShared)?;
+        }
+        Ok(self.inner.poll().await?)
     }
 
     /// Makes the shadow candidate the active version, through the same pipeline (its checks
@@ -350,12 +383,16 @@ impl Reloader {
             .unwrap_or_default()
     }
 
-    /// Polls every `poll_interval` until `stop` turns true.
+    /// Polls every `poll_interval` until `stop` turns true; on a shared store, also follows
+    /// the fleet's pin.
     pub fn spawn_polling(
         &self,
         mut stop: tokio::sync::watch::Receiver<bool>,
     ) -> tokio::task::JoinHandle<()> {
         let inner = self.inner.clone();
+        if let Some(pins) = inner.store.shared_policy_pin() {
+            tokio::spawn(follow_pins(inner.clone(), pins, stop.clone()));
+        }
         tokio::spawn(async move {
             let mut every = tokio::time::interval(inner.config.poll_interval);
             every.tick().await;
@@ -370,6 +407,78 @@ impl Reloader {
                 }
             }
         })
+    }
+}
+
+/// Why a pin or unpin did not fully happen.
+#[derive(Debug, thiserror::Error)]
+pub enum PinError {
+    /// This replica refused or could not load the version (nothing was recorded).
+    #[error(transparent)]
+    Reload(#[from] ReloadError),
+    /// This replica holds the change, but the shared store could not record it for the
+    /// other replicas: repeat it once the database answers.
+    #[error("the pin holds on this replica but could not be recorded for the others")]
+    NotShared(#[source] crate::store::StoreError),
+}
+
+/// Applies the fleet's pin whenever another replica changes it (and once at start, if the
+/// database holds one that differs from this replica's), each through this replica's own
+/// pipeline and audit.
+async fn follow_pins(
+    inner: Arc<Inner>,
+    mut pins: tokio::sync::watch::Receiver<crate::store::SharedPin>,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) {
+    loop {
+        follow_pin(&inner, &mut pins).await;
+        tokio::select! {
+            changed = pins.changed() => if changed.is_err() { return },
+            _ = stop.changed() => return,
+        }
+    }
+}
+
+/// Brings this replica to the fleet's newest pin, if it differs.
+async fn follow_pin(
+    inner: &Arc<Inner>,
+    pins: &mut tokio::sync::watch::Receiver<crate::store::SharedPin>,
+) {
+    let _fleet = inner.fleet.lock().await;
+    // Read under the lock: a pin this replica recorded meanwhile has moved the watch already.
+    let pin = pins.borrow_and_update().clone();
+    if pin.generation == 0 {
+        // No replica ever pinned through the database: this one's own record stands.
+        return;
+    }
+    let (pinned, active) = inner.pin_and_active();
+    let by = format!("{} (through another replica)", pin.by);
+    match (pin.target, pin.commit) {
+        (Some(target), Some(commit)) => {
+            if pinned.as_deref() == Some(target.as_str())
+                && active.map(|c| c.to_string()).as_deref() == Some(commit.as_str())
+            {
+                return;
+            }
+            match inner.pin_shared(&target, &commit, &by).await {
+                Ok(v) => {
+                    tracing::info!(%target, commit = %v.commit, "policy pin taken from the fleet")
+                }
+                Err(e) => {
+                    tracing::error!(%target, %commit, error = %e, "the fleet's policy pin does not load here")
+                }
+            }
+        }
+        _ => {
+            if pinned.is_none() {
+                return;
+            }
+            inner.clear_pin(&by).await;
+            tracing::info!("policy unpinned by the fleet");
+            if let Err(e) = inner.poll().await {
+                tracing::warn!(result = e.label(), error = %e, "policy poll after the fleet's unpin");
+            }
+        }
     }
 }
 

@@ -236,6 +236,7 @@ impl Inner {
         self.activate(commit, any_age, trigger).await.map(|_| ())
     }
 
+    /// Pins to `target` (`1.2.0`, a tag, a branch or a commit id) as this mirror resolves it.
     pub(super) async fn pin(
         self: &Arc<Self>,
         target: &str,
@@ -258,7 +259,44 @@ impl Inner {
                 })
             })
             .await?;
-        let version = self.activate(commit, true, "pin").await?;
+        self.pin_at(target, commit, by, "pin").await
+    }
+
+    /// Pins to the commit another replica pinned `target` to, fetching first when this
+    /// mirror does not hold it yet.
+    pub(super) async fn pin_shared(
+        self: &Arc<Self>,
+        target: &str,
+        commit: &str,
+        by: &str,
+    ) -> Result<Version, ReloadError> {
+        let _one = self.busy.lock().await;
+        let spec = commit.to_string();
+        let commit = self
+            .with_mirror(move |_, mirror| {
+                if let Ok(oid) = mirror.resolve(&spec) {
+                    return Ok(oid);
+                }
+                mirror
+                    .fetch()
+                    .map_err(|e| ReloadError::Fetch(Box::new(e)))?;
+                mirror.resolve(&spec).map_err(|_| {
+                    ReloadError::NotFound(format!("commit {spec} is not in the policy mirror"))
+                })
+            })
+            .await?;
+        self.pin_at(target, commit, by, "shared-pin").await
+    }
+
+    /// Activates `commit` whatever its age and holds the gateway to it. Callers hold `busy`.
+    async fn pin_at(
+        self: &Arc<Self>,
+        target: &str,
+        commit: Oid,
+        by: &str,
+        trigger: &str,
+    ) -> Result<Version, ReloadError> {
+        let version = self.activate(commit, true, trigger).await?;
         self.update(|status, persisted| {
             status.pinned = Some(target.to_string());
             persisted.pinned = Some(target.to_string());
@@ -272,7 +310,8 @@ impl Inner {
         Ok(version)
     }
 
-    pub(super) async fn unpin(self: &Arc<Self>, by: &str) -> Result<Option<Version>, ReloadError> {
+    /// Lets go of the pin (audited); the caller polls to follow the remote again.
+    pub(super) async fn clear_pin(self: &Arc<Self>, by: &str) {
         {
             let _one = self.busy.lock().await;
             self.update(|status, persisted| {
@@ -284,7 +323,6 @@ impl Inner {
             unpinned_by: by.to_string(),
         })
         .await;
-        self.poll().await
     }
 
     /// Every stage for one commit; swaps the set only when all pass. Callers hold `busy`.
@@ -446,7 +484,7 @@ impl Inner {
             .unwrap_or(false)
     }
 
-    fn pin_and_active(&self) -> (Option<String>, Option<Oid>) {
+    pub(super) fn pin_and_active(&self) -> (Option<String>, Option<Oid>) {
         self.state
             .lock()
             .map(|s| {

@@ -16,6 +16,8 @@ use std::future::Future;
 use std::path::PathBuf;
 use std::pin::Pin;
 
+use tokio::sync::watch;
+
 use crate::audit::{AuditEvent, PolicyRef};
 use crate::identity::{Serial, SpiffeId};
 use crate::token::TokenId;
@@ -738,4 +740,31 @@ pub trait Store: Send + Sync + 'static {
         after: u64,
         limit: u32,
     ) -> BoxFuture<'_, Result<Vec<DecisionRecord>, StoreError>>;
+
+    /// Records a policy pin (`target` Some) or unpin (None) for every replica sharing the
+    /// database, and tells them. Answers the fleet's pin as recorded, or `None` when the
+    /// backend is one gateway's own (SQLite: the pin stays in that gateway's `active.json`).
+    fn share_policy_pin(
+        &self,
+        target: Option<String>,
+        commit: Option<String>,
+        by: String,
+    ) -> BoxFuture<'_, Result<Option<SharedPin>, StoreError>>;
+
+    /// The fleet's policy pin as other replicas change it (a notification, or the periodic
+    /// resync after one was lost), when the backend is shared; `None` on SQLite.
+    fn shared_policy_pin(&self) -> Option<watch::Receiver<SharedPin>>;
+}
+
+/// The policy pin every replica on a shared database follows.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SharedPin {
+    /// Bumped by every pin and unpin through any replica; 0 until the first one.
+    pub generation: u64,
+    /// What the fleet is pinned to, as the operator named it; `None`: follow the remote.
+    pub target: Option<String>,
+    /// The commit `target` resolved to on the replica that pinned it.
+    pub commit: Option<String>,
+    /// Who pinned or unpinned.
+    pub by: String,
 }

@@ -436,3 +436,68 @@ async fn a_revocation_through_one_replica_moves_the_others_feed_within_a_second(
     b.close().await;
     a.close().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pin_recorded_through_one_replica_reaches_the_others_by_notification_and_by_resync() {
+    let h = Harness::new(Kind::Postgres, "pg-pin").await;
+    let a = h.open(checkpoints()).await.unwrap();
+    let other_dir = TempDir::new("pg-pin-b");
+    let b = replica(&h, &other_dir).await;
+    let mut pins = b.shared_policy_pin().unwrap();
+    assert_eq!(pins.borrow_and_update().generation, 0);
+
+    // Through the notification: well before the 5 s resync could have found it.
+    a.share_policy_pin(Some("1.0.0".into()), Some("c0ffee".into()), "ops".into())
+        .await
+        .unwrap();
+    let seen = tokio::time::timeout(Duration::from_secs(3), pins.wait_for(|p| p.generation == 1))
+        .await
+        .expect("B's pin watch never moved on A's notification")
+        .unwrap()
+        .clone();
+    assert_eq!(
+        (
+            seen.target.as_deref(),
+            seen.commit.as_deref(),
+            seen.by.as_str()
+        ),
+        (Some("1.0.0"), Some("c0ffee"), "ops")
+    );
+
+    // A change whose notification was lost (written here without one, as while a listener's
+    // connection was down): the periodic resync finds it.
+    h.execute(
+        "UPDATE policy_pin SET generation = 2, target = NULL, commit_id = NULL, set_by = 'lost'",
+    )
+    .await;
+    let seen = tokio::time::timeout(
+        Duration::from_secs(15),
+        pins.wait_for(|p| p.generation == 2),
+    )
+    .await
+    .expect("B's resync never read the pin")
+    .unwrap()
+    .clone();
+    assert_eq!((seen.target, seen.by.as_str()), (None, "lost"));
+
+    // The listener's connection killed under it: it listens again, and the next pin arrives.
+    h.execute(
+        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity
+         WHERE application_name = 'omnirelay-gateway-listen' AND datname = current_database()",
+    )
+    .await;
+    a.share_policy_pin(Some("1.1.0".into()), Some("beef".into()), "ops".into())
+        .await
+        .unwrap();
+    let seen = tokio::time::timeout(
+        Duration::from_secs(15),
+        pins.wait_for(|p| p.generation == 3),
+    )
+    .await
+    .expect("B never heard of the pin after its listener was cut")
+    .unwrap()
+    .clone();
+    assert_eq!(seen.target.as_deref(), Some("1.1.0"));
+    b.close().await;
+    a.close().await;
+}

@@ -7,7 +7,7 @@ use std::sync::Mutex;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use rusqlite::{Connection, OpenFlags, OptionalExtension, params};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, watch};
 
 use super::chain::{audit_head, digest_from_hex};
 use super::checkpoints::{Checkpoints, Ticker, unsigned_in};
@@ -15,8 +15,8 @@ use super::writer::{Command, Message, Writer};
 use super::{
     BoxFuture, DecisionRecord, Disagreement, ExpirySummary, IdempotentResult, IdentityFilter,
     IdentityState, IssueOutcome, IssueRecord, IssuedIdentity, Lineage, MAX_LISTED, Quarantine,
-    RenewOutcome, RenewRecord, RevokeOrder, RevokeSummary, Revoked, Store, StoreConfig, StoreError,
-    TokenRecord,
+    RenewOutcome, RenewRecord, RevokeOrder, RevokeSummary, Revoked, SharedPin, Store, StoreConfig,
+    StoreError, TokenRecord,
 };
 use crate::audit::{AuditEvent, AuditFile, ChainHead};
 use crate::token::TokenId;
@@ -874,6 +874,20 @@ impl Store for SqliteStore {
                 rows.collect()
             })
         })
+    }
+
+    fn share_policy_pin(
+        &self,
+        _target: Option<String>,
+        _commit: Option<String>,
+        _by: String,
+    ) -> BoxFuture<'_, Result<Option<SharedPin>, StoreError>> {
+        // One gateway: its pin is its own, kept in `active.json` by the reloader.
+        Box::pin(async { Ok(None) })
+    }
+
+    fn shared_policy_pin(&self) -> Option<watch::Receiver<SharedPin>> {
+        None
     }
 }
 

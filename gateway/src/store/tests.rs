@@ -34,6 +34,7 @@ both_backends! {
     ping_answers_and_export_writes_the_whole_chain,
     shadow_disagreements_keep_only_the_newest_rows,
     recorded_decisions_are_bounded_in_rows_and_by_age,
+    a_policy_pin_is_shared_on_postgres_and_stays_the_gateways_own_on_sqlite,
 }
 
 /// A fixed "now" (2025-06-15T14:13:20Z); tests never read the clock for store decisions.
@@ -1096,5 +1097,42 @@ async fn recorded_decisions_are_bounded_in_rows_and_by_age(kind: Kind) {
         .unwrap();
     let all = store.decisions(0, 0, 100).await.unwrap();
     assert_eq!(ids(&all), ["req-7", "req-9"]);
+}
+
+async fn a_policy_pin_is_shared_on_postgres_and_stays_the_gateways_own_on_sqlite(kind: Kind) {
+    let h = Harness::new(kind, "pin-share").await;
+    let store = h.open(checkpoints()).await.unwrap();
+    let shared = store
+        .share_policy_pin(Some("1.0.0".into()), Some("c0ffee".into()), "ops".into())
+        .await
+        .unwrap();
+    match kind {
+        Kind::Sqlite => {
+            assert_eq!(shared, None);
+            assert!(store.shared_policy_pin().is_none());
+        }
+        Kind::Postgres => {
+            let want = SharedPin {
+                generation: 1,
+                target: Some("1.0.0".into()),
+                commit: Some("c0ffee".into()),
+                by: "ops".into(),
+            };
+            assert_eq!(shared.as_ref(), Some(&want));
+            // The writer's own watch has it at once, before any notification.
+            assert_eq!(*store.shared_policy_pin().unwrap().borrow(), want);
+            let unpinned = store
+                .share_policy_pin(None, None, "ops".into())
+                .await
+                .unwrap()
+                .unwrap();
+            assert_eq!((unpinned.generation, unpinned.target), (2, None));
+            assert_eq!(
+                h.texts("SELECT CAST(generation AS TEXT) FROM policy_pin")
+                    .await,
+                vec![Some("2".to_string())]
+            );
+        }
+    }
     store.close().await;
 }

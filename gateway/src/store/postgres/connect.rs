@@ -13,7 +13,7 @@ use tokio_postgres::error::SqlState;
 use tokio_postgres::types::ToSql;
 use tokio_postgres::{NoTls, Row};
 
-use super::super::{BoxFuture, Checkpoints, StoreError};
+use super::super::{BoxFuture, Checkpoints, SharedPin, StoreError};
 use super::PasswordSource;
 use super::PostgresConfig;
 use super::chain::{self, Sealed};
@@ -30,6 +30,7 @@ pub(in crate::store) struct Db {
     pool: Pool,
     pub(super) checkpoints: Checkpoints,
     revocations: OnceLock<watch::Sender<u64>>,
+    pins: OnceLock<watch::Sender<SharedPin>>,
     feeder: OnceLock<mpsc::UnboundedSender<FeedMessage>>,
     /// How the revocation listener connects (outside the pool: it holds its connection).
     pub(super) listen_config: tokio_postgres::Config,
@@ -216,6 +217,7 @@ impl Db {
             pool,
             checkpoints,
             revocations: OnceLock::new(),
+            pins: OnceLock::new(),
             feeder: OnceLock::new(),
             listen_config,
             listen_tls,
@@ -224,6 +226,24 @@ impl Db {
 
     pub(super) fn set_revocation_watch(&self, head: watch::Sender<u64>) {
         let _ = self.revocations.set(head);
+    }
+
+    pub(super) fn set_pin_watch(&self, pins: watch::Sender<SharedPin>) {
+        let _ = self.pins.set(pins);
+    }
+
+    /// Moves the pin watch to `pin` if it is a later generation than the one it holds (a pin
+    /// recorded here, a notification or a resync: whichever arrives last, the newest wins).
+    pub(super) fn advance_pin(&self, pin: SharedPin) {
+        if let Some(pins) = self.pins.get() {
+            pins.send_if_modified(|current| {
+                let moved = pin.generation > current.generation;
+                if moved {
+                    *current = pin;
+                }
+                moved
+            });
+        }
     }
 
     pub(super) fn set_feeder(&self, feeder: mpsc::UnboundedSender<FeedMessage>) {

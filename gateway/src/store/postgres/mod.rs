@@ -10,6 +10,7 @@ mod issue;
 mod lineage;
 mod mirror;
 mod notify;
+mod pin;
 mod reads;
 mod schema;
 mod shadow;
@@ -26,7 +27,7 @@ use self::mirror::Feeder;
 use super::{
     BoxFuture, DecisionRecord, Disagreement, ExpirySummary, IdempotentResult, IdentityFilter,
     IssueOutcome, IssueRecord, IssuedIdentity, Lineage, Quarantine, RenewOutcome, RenewRecord,
-    RevokeOrder, RevokeSummary, Revoked, Store, StoreError, TokenRecord,
+    RevokeOrder, RevokeSummary, Revoked, SharedPin, Store, StoreError, TokenRecord,
 };
 use crate::audit::{AuditEvent, ChainHead};
 use crate::store::Checkpoints;
@@ -87,6 +88,7 @@ pub struct PostgresStore {
     db: Arc<Db>,
     feeder: Feeder,
     revocation_head: watch::Receiver<u64>,
+    pins: watch::Receiver<SharedPin>,
     ticker: tokio::task::JoinHandle<()>,
     listener: tokio::task::JoinHandle<()>,
 }
@@ -114,6 +116,8 @@ impl PostgresStore {
         let revocation_head = db.revocation_head().await?;
         let (publish, revocation_head) = watch::channel(revocation_head);
         db.set_revocation_watch(publish);
+        let (publish_pin, pins) = watch::channel(pin::read(&db).await?);
+        db.set_pin_watch(publish_pin);
         db.set_feeder(feeder.sender());
         let ticker = tokio::spawn(chain::tick(Arc::downgrade(&db), interval));
         let listener = tokio::spawn(notify::follow(Arc::downgrade(&db)));
@@ -121,6 +125,7 @@ impl PostgresStore {
             db,
             feeder,
             revocation_head,
+            pins,
             ticker,
             listener,
         })
@@ -376,6 +381,32 @@ impl Store for PostgresStore {
         limit: u32,
     ) -> BoxFuture<'_, Result<Vec<DecisionRecord>, StoreError>> {
         Box::pin(shadow::decisions(&self.db, since, after, limit))
+    }
+
+    fn share_policy_pin(
+        &self,
+        target: Option<String>,
+        commit: Option<String>,
+        by: String,
+    ) -> BoxFuture<'_, Result<Option<SharedPin>, StoreError>> {
+        Box::pin(async move {
+            let share = pin::Share {
+                target,
+                commit,
+                by,
+                now: std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0, |d| d.as_secs()),
+            };
+            let shared = self.db.write(&share).await?;
+            // This replica's own follower sees its pin at once, before the notification.
+            self.db.advance_pin(shared.clone());
+            Ok(Some(shared))
+        })
+    }
+
+    fn shared_policy_pin(&self) -> Option<watch::Receiver<SharedPin>> {
+        Some(self.pins.clone())
     }
 }
 

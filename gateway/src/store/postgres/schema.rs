@@ -114,6 +114,16 @@ const MIGRATIONS: &[&str] = &[
          input TEXT NOT NULL
      );
      CREATE INDEX decisions_by_time ON decisions(at);",
+    // 4: the policy pin every replica follows; `generation` grows with every pin and unpin.
+    "CREATE TABLE policy_pin (
+         id INTEGER PRIMARY KEY CHECK (id = 1),
+         generation BIGINT NOT NULL,
+         target TEXT,
+         commit_id TEXT,
+         set_by TEXT NOT NULL,
+         set_at BIGINT NOT NULL
+     );
+     INSERT INTO policy_pin VALUES (1, 0, NULL, NULL, '', 0);",
 ];
 
 /// The schema version this binary writes.
