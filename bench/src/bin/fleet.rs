@@ -427,7 +427,7 @@ async fn watch(
     seen: &Mutex<Vec<HashMap<String, Instant>>>,
 ) -> BoxResult<()> {
     loop {
-        let page = feed_page(client, since, 30).await?;
+        let page = feed_page(client, since, 20).await?;
         let arrived = Instant::now();
         since = page.next;
         let mut seen = seen.lock().map_err(|_| "poisoned")?;
@@ -611,7 +611,9 @@ fn report(
     );
     let operations = (joined.len() + renewals.len()).max(1) as f64;
     println!(
-        "| CPU per join or renewal: gateway / simulator | {:.0} / {:.0} µs ({} cores) |",
+        "| CPU over the run: gateway / simulator | {gateway_cpu:.1} / {own_cpu:.1} s ({:.0} % / {:.0} % of one core; {:.0} / {:.0} µs per join or renewal; {} cores) |",
+        100.0 * gateway_cpu / elapsed.as_secs_f64(),
+        100.0 * own_cpu / elapsed.as_secs_f64(),
         gateway_cpu * 1e6 / operations,
         own_cpu * 1e6 / operations,
         cores()
