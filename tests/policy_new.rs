@@ -199,7 +199,12 @@ fn the_example_repository_works_when_copied_out_of_the_tree() {
     assert!(tested.contains("test result: ok. 3 passed"), "{tested}");
     let vectors = policy_test(&copy);
     assert!(vectors.contains("bundle edge "), "{vectors}");
-    assert_eq!(vectors.matches("PASS").count(), 3, "{vectors}");
+    let listed: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(copy.join("vectors/edge-gate.json")).unwrap())
+            .unwrap();
+    let listed = listed["vectors"].as_array().unwrap().len();
+    assert!(listed >= 3, "{listed}");
+    assert_eq!(vectors.matches("PASS").count(), listed, "{vectors}");
 }
 
 /// Copies a directory tree (without build output).
