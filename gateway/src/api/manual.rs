@@ -20,7 +20,7 @@ use bytes::Bytes;
 use policy_sdk as sdk;
 
 use super::join::{decide, decision_event, respond, unix};
-use super::renew::quarantined;
+use super::renew::{lineage_claims, quarantined};
 use super::{ApiError, JoinContext, parse_json};
 use crate::audit::{AuditEvent, ManualIssuance};
 use crate::identity::{self, MintRequest, SpiffeId};
@@ -225,23 +225,13 @@ fn policy_request(
     client_ip: IpAddr,
     now_ms: u64,
 ) -> sdk::Request {
-    let token = &lineage.token;
     let kv = |key: &str, value: String| sdk::Kv {
         key: key.into(),
         value,
     };
     sdk::Request {
         kind: sdk::RequestKind::Manual,
-        token: sdk::TokenClaims {
-            audit_id: token.id.to_string(),
-            cluster: token.cluster.clone(),
-            role: token.role.clone(),
-            trust_domain: gw.trust_domain.to_string(),
-            not_before: token.not_before,
-            expires_at: token.expires_at,
-            max_uses: token.max_uses,
-            uses_left: token.max_uses.saturating_sub(token.uses),
-        },
+        token: lineage_claims(gw, lineage),
         attestation: serde_json::from_str(&lineage.attestation).unwrap_or_default(),
         csr: csr.facts().clone(),
         node_name: lineage.identity.node.clone(),

@@ -183,6 +183,22 @@ pub(super) fn quarantined(spiffe_id: &str, until: u64, now_ms: u64) -> ApiError 
     }
 }
 
+/// The claims of the token a lineage began with, as its policy sees them again at every
+/// renewal (and at an operator's manual issuance).
+pub(super) fn lineage_claims(gw: &Gateway, lineage: &Lineage) -> sdk::TokenClaims {
+    let token = &lineage.token;
+    sdk::TokenClaims {
+        audit_id: token.id.to_string(),
+        cluster: token.cluster.clone(),
+        role: token.role.clone(),
+        trust_domain: gw.trust_domain.to_string(),
+        not_before: token.not_before,
+        expires_at: token.expires_at,
+        max_uses: token.max_uses,
+        uses_left: token.max_uses.saturating_sub(token.uses),
+    }
+}
+
 /// What the policy sees: the join's token claims and attestation, the CSR's facts, and the
 /// identity being renewed in the `omnirelay.renew.*` extensions.
 fn policy_request(
@@ -194,23 +210,13 @@ fn policy_request(
     client_ip: IpAddr,
     now_ms: u64,
 ) -> sdk::Request {
-    let token = &lineage.token;
     let kv = |key: &str, value: String| sdk::Kv {
         key: key.into(),
         value,
     };
     sdk::Request {
         kind: sdk::RequestKind::Renew,
-        token: sdk::TokenClaims {
-            audit_id: token.id.to_string(),
-            cluster: token.cluster.clone(),
-            role: token.role.clone(),
-            trust_domain: gw.trust_domain.to_string(),
-            not_before: token.not_before,
-            expires_at: token.expires_at,
-            max_uses: token.max_uses,
-            uses_left: token.max_uses.saturating_sub(token.uses),
-        },
+        token: lineage_claims(gw, lineage),
         attestation: serde_json::from_str(&lineage.attestation).unwrap_or_default(),
         csr: csr.facts().clone(),
         node_name: lineage.identity.node.clone(),
