@@ -453,10 +453,12 @@ impl GatewayProcess {
     pub fn start_following(bin: &Path, dir: &Path, repo: &Path, shadow: bool) -> BoxResult<Self> {
         let mut failed = None;
         let gateway = Self::start_edited(bin, dir, |text| {
-            let (Some(start), Some(end)) = (text.find("[[policies]]"), text.find("[log]")) else {
-                failed = Some("gateway.toml has no [[policies]] ... [log] to replace");
+            // `init` writes the `[[policies]]` last.
+            let Some(start) = text.find("[[policies]]") else {
+                failed = Some("gateway.toml has no [[policies]] to replace");
                 return;
             };
+            let end = text.len();
             let candidate = if shadow {
                 "candidate_branch = \"candidate\"\n"
             } else {

@@ -100,7 +100,10 @@ async fn run(joins: usize, bin: &Path) -> BoxResult<()> {
         return Err("--replicas needs --postgres: replicas share one PostgreSQL database".into());
     }
     let dir = std::env::temp_dir().join(format!("omnirelay-bench-{}", std::process::id()));
-    let gateway = GatewayProcess::start_on(bin, &dir, "", postgres.as_deref())?;
+    // `--set TOML`: settings (whole tables, e.g. `[policy] decisions_keep = 0`) for the
+    // gateways under load, to compare a setting's cost.
+    let settings = arg::<String>("--set").map_or_else(String::new, |t| format!("{t}\n\n"));
+    let gateway = GatewayProcess::start_on(bin, &dir, &settings, postgres.as_deref())?;
     let mut others = Vec::new();
     for i in 1..replicas {
         let replica_dir = dir.with_file_name(format!(
