@@ -9,6 +9,7 @@
     reason = "a failed unwrap is a failed test"
 )]
 
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 use omnirelay_e2e::bundles::{PolicyRepo, bundle_source, follow_repo, policy_status_until};
@@ -169,4 +170,51 @@ async fn replaying_a_v2_that_refuses_one_cluster_reports_exactly_its_decisions()
     assert_eq!(code, 1, "{out}");
     assert!(out.contains("replayed 10 decisions"), "{out}");
     assert!(out.contains("allow→deny: 4"), "{out}");
+
+    // A version already in the policy repository, by its number: from the repository the
+    // gateway follows, or from the one `--repo` names.
+    let commit = repo.publish(Path::new(v2), "2.0.0", None);
+    let (code, out) = run(&[
+        "policy",
+        "replay",
+        "--candidate",
+        "2.0.0",
+        "--config",
+        &config,
+    ]);
+    assert_eq!(code, 0, "{out}");
+    assert!(
+        out.contains(&format!("candidate: bundle edge 2.0.0 (commit {commit})")),
+        "{out}"
+    );
+    assert!(out.contains("allow→deny: 4"), "{out}");
+    let url = repo.url();
+    let (code, out) = run(&[
+        "policy",
+        "replay",
+        "--candidate",
+        "v2.0.0",
+        "--repo",
+        &url,
+        "--decisions",
+        file.to_str().unwrap(),
+        "--fail-on-flip",
+    ]);
+    assert_eq!(code, 1, "{out}");
+    assert!(out.contains("allow→deny: 4"), "{out}");
+    let missing = omnirelay(&[
+        "policy",
+        "replay",
+        "--candidate",
+        "9.9.9",
+        "--config",
+        &config,
+    ])
+    .unwrap();
+    let said = String::from_utf8_lossy(&missing.stderr);
+    assert!(!missing.status.success(), "{said}");
+    assert!(
+        said.contains("the policy repository has no version \"9.9.9\" (no tag v9.9.9"),
+        "{said}"
+    );
 }

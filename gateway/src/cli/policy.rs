@@ -121,9 +121,16 @@ pub(super) enum PolicyCommand {
     /// SPIFFE ID, TTL or DNS names) with counts and examples.
     Replay {
         /// The candidate: a bundle directory (`bundle.json`, or `bundle.source.json`, built
-        /// first).
+        /// first), or a version in the policy repository (`1.2.0`, its release tag `v1.2.0`,
+        /// or any tag, branch or commit) that the gateway follows or `--repo` names.
+        #[arg(long, value_name = "DIR|VERSION")]
+        candidate: String,
+        /// The policy repository to take a `--candidate VERSION` from (default: the gateway
+        /// config's `[policy.source] git`), reached with the transport flags below.
         #[arg(long)]
-        candidate: PathBuf,
+        repo: Option<String>,
+        #[command(flatten)]
+        transport: super::remote::TransportArgs,
         /// Decisions from this file (`omnirelay decisions export`) instead of the gateway.
         #[arg(long)]
         decisions: Option<PathBuf>,
@@ -281,13 +288,17 @@ pub(super) async fn run(cmd: PolicyCommand) -> anyhow::Result<ExitCode> {
         }
         PolicyCommand::Replay {
             candidate,
+            repo,
+            transport,
             decisions,
             since,
             fail_on_flip,
             admin,
         } => {
+            let remote = repo.map(|r| transport.remote(&r)).transpose()?;
             super::replay::replay(
                 &candidate,
+                remote,
                 decisions.as_deref(),
                 since.as_deref(),
                 fail_on_flip,

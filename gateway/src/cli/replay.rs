@@ -13,7 +13,9 @@ use http::StatusCode;
 use policy_sdk as sdk;
 
 use super::token::{AdminArgs, expect};
+use crate::config::Config;
 use crate::policy::{Metering, PolicyConfig, PolicyHost, PolicySet, Verdict};
+use crate::reload::remote::Remote;
 use crate::shadow::{Flip, Outcome};
 use crate::store::DecisionRecord;
 
@@ -60,7 +62,8 @@ pub(super) async fn run(cmd: DecisionsCommand) -> anyhow::Result<ExitCode> {
 /// `policy replay`: the decisions (from `file`, or from the gateway within `since`) through
 /// the bundle in `candidate`; prints the flips, and exits 1 on any with `fail_on_flip`.
 pub(super) async fn replay(
-    candidate: &Path,
+    candidate: &str,
+    repo: Option<Remote>,
     file: Option<&Path>,
     since: Option<&str>,
     fail_on_flip: bool,
@@ -80,7 +83,7 @@ pub(super) async fn replay(
         }
         None => fetch(admin, since.unwrap_or("24h")).await?,
     };
-    let (manifest, files) = super::policy::bundle_files(candidate)?;
+    let (manifest, files) = candidate_bundle(candidate, repo, admin).await?;
     let bindings = crate::reload::bindings(&manifest, &mut |path| {
         files.get(path).cloned().ok_or_else(|| {
             crate::reload::ReloadError::Schema(format!("{path} is missing from the bundle"))
@@ -141,6 +144,57 @@ pub(super) async fn replay(
     } else {
         ExitCode::SUCCESS
     })
+}
+
+/// The candidate bundle: the directory `candidate` names, or else the version `candidate` in
+/// the policy repository (`repo`, or the one the gateway config follows), fetched into a
+/// scratch mirror that is removed afterwards.
+async fn candidate_bundle(
+    candidate: &str,
+    repo: Option<Remote>,
+    admin: &AdminArgs,
+) -> anyhow::Result<(crate::reload::Manifest, BTreeMap<String, Vec<u8>>)> {
+    if Path::new(candidate).is_dir() {
+        return super::policy::bundle_files(Path::new(candidate));
+    }
+    let remote = match repo {
+        Some(remote) => remote,
+        None => {
+            let path = admin.config_path();
+            let source = Config::load(path)?.policy_source.with_context(|| {
+                format!(
+                    "--candidate {candidate:?} is no directory, and {} follows no policy \
+                     repository ([policy.source]) to take it from: name one with --repo",
+                    path.display()
+                )
+            })?;
+            Remote {
+                url: source.url,
+                transport: source.transport,
+            }
+        }
+    };
+    let scratch = std::env::temp_dir().join(format!(
+        "omnirelay-replay-{}-{}",
+        std::process::id(),
+        SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos())
+    ));
+    let spec = candidate.to_string();
+    let at = scratch.clone();
+    let fetched =
+        tokio::task::spawn_blocking(move || crate::reload::fetch_bundle(remote, &at, &spec))
+            .await
+            .context("the git worker failed")?;
+    let _ = std::fs::remove_dir_all(&scratch);
+    let fetched = fetched
+        .with_context(|| format!("taking version {candidate:?} from the policy repository"))?;
+    println!(
+        "candidate: bundle {} {} (commit {})",
+        fetched.manifest.bundle, fetched.manifest.version, fetched.commit
+    );
+    Ok((fetched.manifest, fetched.files))
 }
 
 /// The candidate's outcome for one input, with the DNS admission the gateway applies (its own

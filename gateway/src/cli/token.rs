@@ -30,6 +30,11 @@ pub(super) struct AdminArgs {
 }
 
 impl AdminArgs {
+    /// The gateway config these arguments name (`--config`, default `gateway.toml`).
+    pub(super) fn config_path(&self) -> &std::path::Path {
+        &self.config
+    }
+
     pub(super) fn client(&self) -> anyhow::Result<GatewayClient> {
         let (url, credential, bundle) = match (&self.admin, &self.credential, &self.ca_bundle) {
             (Some(url), Some(cred), Some(ca)) => {

@@ -504,6 +504,64 @@ fn sha256_hex(bytes: &[u8]) -> String {
     hex::encode(Sha256::digest(bytes))
 }
 
+/// A bundle as it stands at `spec` in the repository `remote`, fetched into a scratch mirror
+/// at `scratch` (for `policy replay --candidate VERSION`, so the gateway's own mirror is never
+/// written by another process): a version (`1.2.0`, read as its release tag `v1.2.0`) or any
+/// tag, branch or commit. Blocking (git).
+pub fn fetch_bundle(
+    remote: remote::Remote,
+    scratch: &std::path::Path,
+    spec: &str,
+) -> Result<FetchedBundle, ReloadError> {
+    let mirror = git::Mirror::open(scratch, remote).map_err(ReloadError::Mirror)?;
+    mirror
+        .fetch()
+        .map_err(|e| ReloadError::Fetch(Box::new(e)))?;
+    let release = format!("refs/tags/v{}", spec.trim_start_matches('v'));
+    let commit = mirror
+        .resolve(&release)
+        .or_else(|_| mirror.resolve(spec))
+        .map_err(|_| {
+            ReloadError::NotFound(format!(
+                "the policy repository has no version {spec:?} (no tag {}, nor a tag, branch or \
+                 commit by that name)",
+                release.trim_start_matches("refs/tags/")
+            ))
+        })?;
+    let read = |path: &str| {
+        mirror
+            .read(commit, path)
+            .map_err(|e| ReloadError::Schema(format!("{path} at {commit}: {e}")))
+    };
+    let manifest =
+        Manifest::parse(&read(manifest::FILE)?).map_err(|e| ReloadError::Schema(e.to_string()))?;
+    let mut files = std::collections::BTreeMap::new();
+    for p in &manifest.policies {
+        for path in std::iter::once(&p.module)
+            .chain(&p.evidence_schema)
+            .chain(&p.vectors)
+        {
+            files.insert(path.clone(), read(path)?);
+        }
+    }
+    Ok(FetchedBundle {
+        commit: commit.to_string(),
+        manifest,
+        files,
+    })
+}
+
+/// What [`fetch_bundle`] took from the repository.
+#[derive(Debug)]
+pub struct FetchedBundle {
+    /// The commit the version resolved to.
+    pub commit: String,
+    /// Its `bundle.json`.
+    pub manifest: Manifest,
+    /// Every file the manifest names, by path.
+    pub files: std::collections::BTreeMap<String, Vec<u8>>,
+}
+
 /// The bindings a manifest describes, with modules and schemas read from `read`, each module
 /// checked against its digest.
 pub fn bindings(
