@@ -20,7 +20,7 @@ use bytes::Bytes;
 use policy_sdk as sdk;
 
 use super::join::{decide, decision_event, respond, unix};
-use super::renew::{lineage_claims, quarantined};
+use super::renew::{kv, lineage_request, quarantined};
 use super::{ApiError, JoinContext, parse_json};
 use crate::audit::{AuditEvent, ManualIssuance};
 use crate::identity::{self, MintRequest, SpiffeId};
@@ -225,19 +225,14 @@ fn policy_request(
     client_ip: IpAddr,
     now_ms: u64,
 ) -> sdk::Request {
-    let kv = |key: &str, value: String| sdk::Kv {
-        key: key.into(),
-        value,
-    };
-    sdk::Request {
-        kind: sdk::RequestKind::Manual,
-        token: lineage_claims(gw, lineage),
-        attestation: serde_json::from_str(&lineage.attestation).unwrap_or_default(),
-        csr: csr.facts().clone(),
-        node_name: lineage.identity.node.clone(),
-        client_address: client_ip.to_string(),
+    lineage_request(
+        gw,
+        lineage,
+        sdk::RequestKind::Manual,
+        csr,
+        client_ip,
         now_ms,
-        extensions: vec![
+        vec![
             kv(sdk::EXT_NODE_BINDING, "operator".into()),
             kv(sdk::EXT_REQUEST_KIND, "manual".into()),
             kv(sdk::EXT_MANUAL_REASON, manual.reason.clone()),
@@ -250,7 +245,7 @@ fn policy_request(
             ),
             kv(sdk::EXT_RENEW_COUNT, lineage.renewals.to_string()),
         ],
-    }
+    )
 }
 
 /// The refusal's audit entry (with the policy's decision, if it got that far), written before

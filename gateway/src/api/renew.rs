@@ -183,19 +183,45 @@ pub(super) fn quarantined(spiffe_id: &str, until: u64, now_ms: u64) -> ApiError 
     }
 }
 
-/// The claims of the token a lineage began with, as its policy sees them again at every
-/// renewal (and at an operator's manual issuance).
-pub(super) fn lineage_claims(gw: &Gateway, lineage: &Lineage) -> sdk::TokenClaims {
+/// The policy input for an issuance that continues `lineage` (a renewal, an operator's manual
+/// issuance): the join's token claims, attestation and node again, the new CSR's facts, and
+/// what is particular to this kind in `extensions`.
+pub(super) fn lineage_request(
+    gw: &Gateway,
+    lineage: &Lineage,
+    kind: sdk::RequestKind,
+    csr: &VerifiedCsr,
+    client_ip: IpAddr,
+    now_ms: u64,
+    extensions: Vec<sdk::Kv>,
+) -> sdk::Request {
     let token = &lineage.token;
-    sdk::TokenClaims {
-        audit_id: token.id.to_string(),
-        cluster: token.cluster.clone(),
-        role: token.role.clone(),
-        trust_domain: gw.trust_domain.to_string(),
-        not_before: token.not_before,
-        expires_at: token.expires_at,
-        max_uses: token.max_uses,
-        uses_left: token.max_uses.saturating_sub(token.uses),
+    sdk::Request {
+        kind,
+        token: sdk::TokenClaims {
+            audit_id: token.id.to_string(),
+            cluster: token.cluster.clone(),
+            role: token.role.clone(),
+            trust_domain: gw.trust_domain.to_string(),
+            not_before: token.not_before,
+            expires_at: token.expires_at,
+            max_uses: token.max_uses,
+            uses_left: token.max_uses.saturating_sub(token.uses),
+        },
+        attestation: serde_json::from_str(&lineage.attestation).unwrap_or_default(),
+        csr: csr.facts().clone(),
+        node_name: lineage.identity.node.clone(),
+        client_address: client_ip.to_string(),
+        now_ms,
+        extensions,
+    }
+}
+
+/// One `omnirelay.*` extension.
+pub(super) fn kv(key: &str, value: String) -> sdk::Kv {
+    sdk::Kv {
+        key: key.into(),
+        value,
     }
 }
 
@@ -210,19 +236,14 @@ fn policy_request(
     client_ip: IpAddr,
     now_ms: u64,
 ) -> sdk::Request {
-    let kv = |key: &str, value: String| sdk::Kv {
-        key: key.into(),
-        value,
-    };
-    sdk::Request {
-        kind: sdk::RequestKind::Renew,
-        token: lineage_claims(gw, lineage),
-        attestation: serde_json::from_str(&lineage.attestation).unwrap_or_default(),
-        csr: csr.facts().clone(),
-        node_name: lineage.identity.node.clone(),
-        client_address: client_ip.to_string(),
+    lineage_request(
+        gw,
+        lineage,
+        sdk::RequestKind::Renew,
+        csr,
+        client_ip,
         now_ms,
-        extensions: vec![
+        vec![
             kv(sdk::EXT_NODE_BINDING, "certificate".into()),
             kv(sdk::EXT_RENEW_SPIFFE_ID, presented.spiffe_id.to_string()),
             kv(sdk::EXT_RENEW_SERIAL, presented.serial.to_string()),
@@ -230,7 +251,7 @@ fn policy_request(
             kv(sdk::EXT_RENEW_COUNT, lineage.renewals.to_string()),
             kv(sdk::EXT_RENEW_SAME_KEY, same_key.to_string()),
         ],
-    }
+    )
 }
 
 /// The final transaction: the successor recorded and audited, or a typed refusal with nothing
