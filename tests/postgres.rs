@@ -42,7 +42,7 @@ const DEADLINE: Duration = Duration::from_secs(30);
 const PIN_DEADLINE: Duration = Duration::from_secs(4);
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn two_replicas_share_tokens_lineages_revocations_and_one_audit_chain() {
+async fn two_replicas_share_tokens_lineages_revocations_and_one_audit() {
     let db = Database::create("").await;
     let url = db.url();
     let a = Gateway::start_with("pg-a", |text| use_postgres(text, &url));
@@ -162,7 +162,8 @@ async fn two_replicas_share_tokens_lineages_revocations_and_one_audit_chain() {
         .get(0);
     assert_eq!(uses, 1);
 
-    // Stopped cleanly, each replica's audit file holds the database's whole chain, signed.
+    // Stopped cleanly, each replica wrote its own chain and its audit file holds that chain,
+    // signed; the two files together hold every entry of the database.
     let (a_dir, a_status) = a.stop();
     let (b_dir, b_status) = b.stop();
     assert!(a_status.success() && b_status.success());
@@ -171,6 +172,14 @@ async fn two_replicas_share_tokens_lineages_revocations_and_one_audit_chain() {
         .await
         .unwrap()
         .get(0);
+    let chains: i64 = client
+        .query_one("SELECT COUNT(DISTINCT chain) FROM audit", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(chains, 2);
+    let mut in_files = 0;
+    let mut text = String::new();
     for dir in [&a_dir, &b_dir] {
         let log = dir.0.join("audit/audit.log");
         let public = dir.0.join("audit-key/audit.pub");
@@ -189,13 +198,12 @@ async fn two_replicas_share_tokens_lineages_revocations_and_one_audit_chain() {
             "{stdout}{}",
             String::from_utf8_lossy(&out.stderr)
         );
-        assert!(
-            stdout.contains(&format!("ok, {entries} entries")),
-            "{stdout}"
-        );
         assert!(stdout.contains("0 unsigned entries"), "{stdout}");
+        let lines = std::fs::read_to_string(&log).unwrap();
+        in_files += lines.lines().count();
+        text.push_str(&lines);
     }
-    let text = std::fs::read_to_string(a_dir.0.join("audit/audit.log")).unwrap();
+    assert_eq!(in_files as i64, entries);
     for kind in [
         "identity-issued",
         "identity-renewed",
@@ -208,7 +216,8 @@ async fn two_replicas_share_tokens_lineages_revocations_and_one_audit_chain() {
         );
     }
 
-    // `audit verify --config` checks the database's chain itself, then the file against it.
+    // `audit verify --config` checks the database's audit itself (both chains, and the heads
+    // each checkpoint binds), then the file against it.
     let config = a_dir.0.join("gateway.toml");
     let config = config.to_str().unwrap();
     let out = omnirelay(&["audit", "verify", "--config", config]).unwrap();
@@ -220,18 +229,14 @@ async fn two_replicas_share_tokens_lineages_revocations_and_one_audit_chain() {
     );
     let lines: Vec<&str> = stdout.lines().collect();
     assert!(
-        lines.iter().any(|l| l.starts_with("the database's chain")
-            && l.contains(&format!("ok, {entries} entries"))),
+        lines.iter().any(|l| l.starts_with("the database's audit")
+            && l.contains(&format!("ok, {entries} entries in 2 chains"))),
         "{stdout}"
     );
-    assert!(
-        stdout.contains(&format!("ok, {entries} entries, head {entries} "))
-            && stdout.contains("(the database's head)"),
-        "{stdout}"
-    );
+    assert!(stdout.contains("(the database's head)"), "{stdout}");
 
-    // `audit export` writes the database's chain to a file: the same lines the replica's
-    // mirror holds, verifiable without the database.
+    // `audit export` writes the database's audit to a file: every chain, verifiable without
+    // the database, each replica's lines exactly as its mirror holds them.
     let exported = a_dir.0.join("exported.log");
     let out = omnirelay(&[
         "audit",
@@ -247,7 +252,15 @@ async fn two_replicas_share_tokens_lineages_revocations_and_one_audit_chain() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    assert_eq!(std::fs::read_to_string(&exported).unwrap(), text);
+    let export = std::fs::read_to_string(&exported).unwrap();
+    assert_eq!(export.lines().count() as i64, entries);
+    for dir in [&a_dir, &b_dir] {
+        let own = std::fs::read_to_string(dir.0.join("audit/audit.log")).unwrap();
+        assert!(
+            export.contains(&own),
+            "a replica's chain is not in the export whole"
+        );
+    }
     let public = a_dir.0.join("audit-key/audit.pub");
     let out = omnirelay(&[
         "audit",
@@ -271,7 +284,7 @@ async fn two_replicas_share_tokens_lineages_revocations_and_one_audit_chain() {
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert_eq!(out.status.code(), Some(1), "{stdout}");
     assert!(
-        stdout.starts_with("the database's chain") && stdout.contains("BROKEN"),
+        stdout.starts_with("the database's audit") && stdout.contains("BROKEN"),
         "{stdout}"
     );
 }
@@ -602,7 +615,8 @@ async fn a_replica_killed_mid_load_leaves_the_other_serving_and_every_certificat
     assert_eq!(uses, i64::from(MAX_USES));
     assert_eq!(recorded.len(), MAX_USES as usize);
 
-    // A's audit file, stopped cleanly, holds the whole chain (B's entries too) and verifies.
+    // The database's audit verifies (B's chain too, cut by the kill at a commit boundary), and
+    // A's file, stopped cleanly, against it.
     let (a_dir, status) = a.stop();
     assert!(status.success());
     verify_audit_file(&client, &a_dir).await;
@@ -877,7 +891,7 @@ async fn recorded_serials(client: &tokio_postgres::Client, token: &str) -> BTree
         .collect()
 }
 
-/// Serials of the `identity-issued` entries of the database's audit chain for `token`.
+/// Serials of the `identity-issued` entries of the database's audit (every chain) for `token`.
 async fn audited_serials(client: &tokio_postgres::Client, token: &str) -> BTreeSet<String> {
     client
         .query(
@@ -895,25 +909,17 @@ async fn audited_serials(client: &tokio_postgres::Client, token: &str) -> BTreeS
         .collect()
 }
 
-/// `omnirelay audit verify` passes on a stopped replica's audit file, which holds every entry
-/// of the database's chain, signed.
+/// `omnirelay audit verify --config` passes for a stopped replica: the database's audit (every
+/// replica's chain, each checkpoint's signature and the other chains' heads it binds, no gap),
+/// then the replica's own audit file against it.
 async fn verify_audit_file(client: &tokio_postgres::Client, dir: &TempDir) {
     let entries: i64 = client
         .query_one("SELECT COUNT(*) FROM audit", &[])
         .await
         .unwrap()
         .get(0);
-    let log = dir.0.join("audit/audit.log");
-    let public = dir.0.join("audit-key/audit.pub");
-    let out = omnirelay(&[
-        "audit",
-        "verify",
-        "--file",
-        log.to_str().unwrap(),
-        "--public-key",
-        public.to_str().unwrap(),
-    ])
-    .unwrap();
+    let config = dir.0.join("gateway.toml");
+    let out = omnirelay(&["audit", "verify", "--config", config.to_str().unwrap()]).unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(
         out.status.success(),
@@ -921,9 +927,11 @@ async fn verify_audit_file(client: &tokio_postgres::Client, dir: &TempDir) {
         String::from_utf8_lossy(&out.stderr)
     );
     assert!(
-        stdout.contains(&format!("ok, {entries} entries")),
+        stdout.lines().any(|l| l.starts_with("the database's audit")
+            && l.contains(&format!("ok, {entries} entries in"))),
         "{stdout}"
     );
+    assert!(stdout.contains("(the database's head)"), "{stdout}");
 }
 
 /// `gateway.toml` switched to the PostgreSQL store at `url`.

@@ -2,6 +2,7 @@
 //! and promises that any edited byte, removed line or reordering inside a log is found and named
 //! by the first line where it shows.
 
+use std::collections::BTreeMap;
 use std::io::BufRead;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -32,10 +33,19 @@ pub struct ChainHead {
 impl ChainHead {
     /// The head of an empty chain.
     pub fn genesis() -> Self {
-        Self {
-            seq: 0,
-            hash: Sha256::digest(GENESIS_TAG).into(),
-        }
+        Self::genesis_of(0)
+    }
+
+    /// The head of chain `chain` before its first entry. Chain 0 is the one chain of a store
+    /// with one writer (SQLite; PostgreSQL before schema 5); every other chain starts from a
+    /// hash that names it, so an entry of one chain can never pass for one of another.
+    pub fn genesis_of(chain: u64) -> Self {
+        let hash = if chain == 0 {
+            Sha256::digest(GENESIS_TAG).into()
+        } else {
+            Sha256::digest(format!("omnirelay-audit-v1/chain/{chain}")).into()
+        };
+        Self { seq: 0, hash }
     }
 }
 
@@ -43,11 +53,14 @@ impl ChainHead {
 /// chain's head is `(seq, hash)`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SealedEntry {
+    /// The chain it belongs to (0: the one chain of a single writer).
+    pub chain: u64,
     /// The entry's sequence number.
     pub seq: u64,
     /// SHA-256 of the line up to, not including, its `,"hash":"…"}` suffix.
     pub hash: [u8; 32],
-    /// The line: `{"seq":N,"ts":"…","prev":"…","event":{…},"hash":"…"}`.
+    /// The line: `{"seq":N,"ts":"…","prev":"…","event":{…},"hash":"…"}`, with `"chain":C,`
+    /// first on a chain other than 0.
     pub line: String,
 }
 
@@ -56,18 +69,33 @@ pub struct SealedEntry {
 /// `at` is written as RFC 3339 UTC with milliseconds; a time RFC 3339 cannot represent (before
 /// 1970, after 9999) is clamped to the nearest one it can, so that sealing never fails.
 pub fn seal(head: &ChainHead, at: SystemTime, event: &AuditEvent) -> SealedEntry {
+    seal_in(0, head, at, event)
+}
+
+/// [`seal`] on chain `chain` (one of several writers' chains, each with its own sequence).
+pub fn seal_in(chain: u64, head: &ChainHead, at: SystemTime, event: &AuditEvent) -> SealedEntry {
     let since_epoch = at.duration_since(UNIX_EPOCH).unwrap_or(Duration::ZERO);
     let ts = humantime::format_rfc3339_millis(UNIX_EPOCH + since_epoch.min(LATEST));
     // Saturating: 2^64 entries are out of reach, and a repeated seq would fail verification.
     let seq = head.seq.saturating_add(1);
+    let chain_field = if chain == 0 {
+        String::new()
+    } else {
+        format!(r#""chain":{chain},"#)
+    };
     let body = format!(
-        r#"{{"seq":{seq},"ts":"{ts}","prev":"{}","event":{}"#,
+        r#"{{{chain_field}"seq":{seq},"ts":"{ts}","prev":"{}","event":{}"#,
         hex::encode(head.hash),
         event_json(event),
     );
     let hash: [u8; 32] = Sha256::digest(body.as_bytes()).into();
     let line = format!(r#"{body},"hash":"{}"}}"#, hex::encode(hash));
-    SealedEntry { seq, hash, line }
+    SealedEntry {
+        chain,
+        seq,
+        hash,
+        line,
+    }
 }
 
 /// The event as compact JSON.
@@ -83,12 +111,14 @@ fn event_json(event: &AuditEvent) -> String {
 }
 
 /// A log that verified: how many entries, and the head it ends at.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct VerifySummary {
     /// Number of entries (lines).
     pub entries: u64,
-    /// The last entry's seq and hash; genesis for an empty log.
+    /// The head of the last line's chain; genesis for an empty log.
     pub head: ChainHead,
+    /// The head of every chain in the log (one, chain 0, for a single writer's log).
+    pub chains: BTreeMap<u64, ChainHead>,
 }
 
 /// The first bad line of a log (1-based) and what is wrong with it.
@@ -193,7 +223,8 @@ pub enum Problem {
 
 /// Checks a whole log: every line ends in a newline and parses, seq starts at 1 and increases by
 /// exactly 1, each `prev` is the previous line's hash (the first's is genesis), and each hash
-/// matches its line's bytes.
+/// matches its line's bytes. A log of several chains (several writers') holds each chain's
+/// lines in order, the chains in any interleaving; each is checked on its own.
 ///
 /// A log cut short at a line boundary still verifies: only the returned head, compared with
 /// the head the store holds, shows that entries are missing from the end. The same comparison
@@ -221,6 +252,7 @@ pub(super) fn walk(
     mut reader: impl BufRead,
     mut visit: impl FnMut(&ChainHead, &ParsedLine<'_>) -> Result<(), Problem>,
 ) -> Result<VerifySummary, VerifyError> {
+    let mut heads: BTreeMap<u64, ChainHead> = BTreeMap::new();
     let mut head = ChainHead::genesis();
     let mut entries = 0;
     let mut buf = Vec::new();
@@ -232,7 +264,14 @@ pub(super) fn walk(
             .read_until(b'\n', &mut buf)
             .map_err(|e| fail(Problem::Io(e)))?;
         if read == 0 {
-            return Ok(VerifySummary { entries, head });
+            if heads.is_empty() {
+                heads.insert(0, head);
+            }
+            return Ok(VerifySummary {
+                entries,
+                head,
+                chains: heads,
+            });
         }
         let Some(bytes) = buf.strip_suffix(b"\n") else {
             return Err(fail(Problem::Malformed(
@@ -240,8 +279,13 @@ pub(super) fn walk(
             )));
         };
         let parsed = parse_line(bytes).map_err(fail)?;
-        let next = parsed.follow(&head).map_err(fail)?;
-        visit(&head, &parsed).map_err(fail)?;
+        let before = heads
+            .get(&parsed.chain)
+            .copied()
+            .unwrap_or_else(|| ChainHead::genesis_of(parsed.chain));
+        let next = parsed.follow(&before).map_err(fail)?;
+        visit(&before, &parsed).map_err(fail)?;
+        heads.insert(parsed.chain, next);
         head = next;
         entries = line;
     }
@@ -252,6 +296,8 @@ pub(super) fn walk(
 pub(super) struct ParsedLine<'a> {
     /// The line itself.
     pub text: &'a str,
+    /// Its chain.
+    pub chain: u64,
     /// Its seq.
     pub seq: u64,
     /// Its hash.
@@ -288,6 +334,8 @@ impl ParsedLine<'_> {
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct Envelope {
+    #[serde(default)]
+    chain: u64,
     seq: u64,
     ts: String,
     prev: String,
@@ -325,6 +373,7 @@ pub(super) fn parse_line(line: &[u8]) -> Result<ParsedLine<'_>, Problem> {
         .map_err(|e| Problem::Malformed(format!("ts {:?}: {e}", envelope.ts)))?;
     Ok(ParsedLine {
         text,
+        chain: envelope.chain,
         seq: envelope.seq,
         hash,
         prev: envelope.prev,

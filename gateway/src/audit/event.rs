@@ -346,6 +346,9 @@ pub enum AuditEvent {
     /// follows, so an auditor holding only the public key can tell the chain up to here was
     /// written by the gateway (see [`checkpoint`](super::checkpoint)).
     Checkpoint {
+        /// The chain it is part of (0, the one chain of a single writer, is not written).
+        #[serde(default, skip_serializing_if = "is_zero")]
+        chain: u64,
         /// The seq of the entry it signs (the one right before it).
         seq: u64,
         /// That entry's hash, hex.
@@ -356,6 +359,11 @@ pub enum AuditEvent {
         key_id: String,
         /// The Ed25519 signature, hex.
         signature: String,
+        /// The heads of the other writers' chains when it was signed (on a shared database),
+        /// which the signature binds too: an entry of theirs it names that is later missing
+        /// or different is found by `audit verify`.
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        bound: Vec<BoundHead>,
     },
     /// A policy's circuit breaker changed state: `open` (its evaluations fail fast for the
     /// cooldown), `half-open` (one probe runs), `closed` (the probe answered).
@@ -582,4 +590,24 @@ impl AuditEvent {
             Self::CaRetired { .. } => "ca-retired",
         }
     }
+}
+
+/// Another chain's head, as a checkpoint binds it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BoundHead {
+    /// The chain.
+    pub chain: u64,
+    /// Its last entry's seq.
+    pub seq: u64,
+    /// That entry's hash, hex.
+    pub head: String,
+}
+
+#[allow(
+    clippy::trivially_copy_pass_by_ref,
+    reason = "serde's skip_serializing_if passes a reference"
+)]
+fn is_zero(n: &u64) -> bool {
+    *n == 0
 }

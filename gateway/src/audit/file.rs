@@ -58,6 +58,9 @@ pub struct AuditFile {
     file: File,
     /// The head after the file's last line.
     head: ChainHead,
+    /// The chain of the last line (a mirror of a shared database moves on to a new chain each
+    /// time its replica starts).
+    chain: u64,
     /// The file's length after its last line: where a failed append is cut back to.
     len: u64,
     /// Set when a sync failed, or a failed write could not be cut back: the file may hold part
@@ -104,11 +107,12 @@ impl AuditFile {
         } else {
             0
         };
-        let head = read_head(&file)?;
+        let (chain, head) = read_head(&file)?;
         let len = file.metadata().map_err(AuditError::Io)?.len();
         let file = AuditFile {
             file,
             head,
+            chain,
             len,
             poisoned: false,
         };
@@ -118,6 +122,11 @@ impl AuditFile {
     /// The head after the last line written.
     pub fn head(&self) -> ChainHead {
         self.head
+    }
+
+    /// The chain of the last line written (0 for a single writer's log and an empty file).
+    pub fn chain(&self) -> u64 {
+        self.chain
     }
 
     /// Appends `entries`, which must continue the chain from [`head`](Self::head) in order.
@@ -147,9 +156,19 @@ impl AuditFile {
         if self.poisoned {
             return Err(AuditError::Poisoned);
         }
-        let mut head = self.head;
+        let (mut chain, mut head) = (self.chain, self.head);
         let mut batch = Vec::new();
         for entry in entries {
+            if entry.chain != chain {
+                // Only onto a later chain, from its start: a chain is never re-entered.
+                if entry.chain < chain {
+                    return Err(AuditError::OutOfOrder {
+                        expected_seq: head.seq.saturating_add(1),
+                        found: entry.seq,
+                    });
+                }
+                (chain, head) = (entry.chain, ChainHead::genesis_of(entry.chain));
+            }
             head = follow(&head, entry)?;
             batch.extend_from_slice(entry.line.as_bytes());
             batch.push(b'\n');
@@ -167,6 +186,7 @@ impl AuditFile {
         }
         self.len += batch.len() as u64;
         self.head = head;
+        self.chain = chain;
         Ok(())
     }
 }
@@ -185,9 +205,9 @@ fn follow(head: &ChainHead, entry: &SealedEntry) -> Result<ChainHead, AuditError
         problem,
     };
     let parsed = parse_line(entry.line.as_bytes()).map_err(rejected)?;
-    if parsed.seq != entry.seq || parsed.hash != entry.hash {
+    if parsed.chain != entry.chain || parsed.seq != entry.seq || parsed.hash != entry.hash {
         return Err(rejected(Problem::Malformed(
-            "the entry's seq or hash differs from its line's".into(),
+            "the entry's chain, seq or hash differs from its line's".into(),
         )));
     }
     parsed.follow(head).map_err(rejected)
@@ -211,11 +231,11 @@ fn cut_torn_tail_of(file: &File) -> std::io::Result<u64> {
     Ok(len - start)
 }
 
-/// Reads the last line of `file` and returns the head it records.
-fn read_head(file: &File) -> Result<ChainHead, AuditError> {
+/// Reads the last line of `file` and returns the chain and head it records.
+fn read_head(file: &File) -> Result<(u64, ChainHead), AuditError> {
     let len = file.metadata().map_err(AuditError::Io)?.len();
     if len == 0 {
-        return Ok(ChainHead::genesis());
+        return Ok((0, ChainHead::genesis()));
     }
     let mut last = [0u8];
     file.read_exact_at(&mut last, len - 1)
@@ -230,10 +250,11 @@ fn read_head(file: &File) -> Result<ChainHead, AuditError> {
     } else {
         match parse_line(&line) {
             Ok(parsed) => {
-                return Ok(ChainHead {
+                let head = ChainHead {
                     seq: parsed.seq,
                     hash: parsed.hash,
-                });
+                };
+                return Ok((parsed.chain, head));
             }
             Err(problem) => problem,
         }

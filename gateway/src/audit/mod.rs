@@ -24,10 +24,15 @@ mod event;
 mod file;
 mod key;
 
-pub use chain::{ChainHead, Problem, SealedEntry, VerifyError, VerifySummary, query, seal, verify};
-pub use checkpoint::{AuditConfig, SignedHead, SignedSummary, checkpoint, verify_signed};
+pub use chain::{
+    ChainHead, Problem, SealedEntry, VerifyError, VerifySummary, query, seal, seal_in, verify,
+};
+pub use checkpoint::{
+    Anchor, AuditConfig, SignedHead, SignedSummary, checkpoint, checkpoint_in, verify_chains,
+    verify_signed,
+};
 pub use coalesce::{Counted, RefusalCoalescer, Refused};
-pub use event::{AuditEvent, ManualIssuance, PolicyRef};
+pub use event::{AuditEvent, BoundHead, ManualIssuance, PolicyRef};
 pub use file::{AuditError, AuditFile};
 pub use key::{AuditKey, AuditPublicKey, KeyError};
 

@@ -10,7 +10,9 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail};
 use clap::{Args, Subcommand};
 
-use crate::audit::{AuditKey, AuditPublicKey, ChainHead, Problem, SignedSummary};
+use std::collections::BTreeMap;
+
+use crate::audit::{Anchor, AuditKey, AuditPublicKey, ChainHead, Problem, SignedSummary};
 use crate::config::Config;
 use crate::store::{Backend, Checkpoints, SqliteStore};
 
@@ -53,22 +55,33 @@ pub(super) struct VerifyArgs {
     /// is the public half of the configured audit key.
     #[arg(long)]
     public_key: Vec<PathBuf>,
-    /// An entry the log must hold, as `SEQ:HASH` — normally the signed head an earlier
-    /// `verify` printed and you kept elsewhere. Catches a log cut short before it.
+    /// An entry the log must hold, as `SEQ:HASH` (or `CHAIN/SEQ:HASH` for one of a shared
+    /// database's chains) — normally the signed head an earlier `verify` printed and you kept
+    /// elsewhere. Catches a log cut short before it.
     #[arg(long, value_parser = parse_anchor)]
-    anchor: Option<ChainHead>,
+    anchor: Option<Anchor>,
 }
 
-fn parse_anchor(text: &str) -> Result<ChainHead, String> {
+fn parse_anchor(text: &str) -> Result<Anchor, String> {
+    let (chain, text) = match text.split_once('/') {
+        Some((chain, rest)) => (
+            chain.parse().map_err(|e| format!("chain {chain:?}: {e}"))?,
+            rest,
+        ),
+        None => (0, text),
+    };
     let (seq, hash) = text
         .split_once(':')
-        .ok_or("expected SEQ:HASH, as `audit verify` prints a signed head")?;
+        .ok_or("expected SEQ:HASH or CHAIN/SEQ:HASH, as `audit verify` prints a signed head")?;
     let seq = seq.parse().map_err(|e| format!("seq {seq:?}: {e}"))?;
     let hash = hex::decode(hash)
         .ok()
         .and_then(|h| <[u8; 32]>::try_from(h).ok())
         .ok_or("the hash must be 64 hex digits")?;
-    Ok(ChainHead { seq, hash })
+    Ok(Anchor {
+        chain,
+        head: ChainHead { seq, hash },
+    })
 }
 
 #[derive(Debug, Subcommand)]
@@ -131,16 +144,17 @@ pub(super) fn run(cmd: AuditCommand) -> anyhow::Result<ExitCode> {
                 .mode(0o600)
                 .open(&out)
                 .with_context(|| format!("creating {}", out.display()))?;
-            let head = export(&config, &mut file)?;
+            let (entries, heads) = export(&config, &mut file)?;
             file.sync_all()
                 .with_context(|| format!("syncing {}", out.display()))?;
-            println!(
-                "{}: {} entries, head {} {}",
-                out.display(),
-                head.seq,
-                head.seq,
-                hex::encode(head.hash)
-            );
+            println!("{}: {entries} entries", out.display());
+            for (chain, head) in &heads {
+                println!(
+                    "chain {chain}: head {} {}",
+                    head.seq,
+                    hex::encode(head.hash)
+                );
+            }
             Ok(ExitCode::SUCCESS)
         }
         AuditCommand::Pubkey { config } => {
@@ -159,10 +173,15 @@ pub(super) fn run(cmd: AuditCommand) -> anyhow::Result<ExitCode> {
     }
 }
 
-/// The database's whole chain, oldest first, written to `out`; its head.
-fn export(config: &Config, out: &mut (dyn Write + Send)) -> anyhow::Result<ChainHead> {
+/// The database's whole audit (every chain, each oldest first) written to `out`: how many
+/// entries, and each chain's head.
+fn export(
+    config: &Config,
+    out: &mut (dyn Write + Send),
+) -> anyhow::Result<(u64, BTreeMap<u64, ChainHead>)> {
     match &config.store.backend {
         Backend::Sqlite => SqliteStore::export_audit(&config.store.sqlite, out)
+            .map(|head| (head.seq, BTreeMap::from([(0, head)])))
             .with_context(|| format!("reading {}", config.store.sqlite.display())),
         Backend::Postgres(pg) => block_on(crate::store::postgres::export_audit(
             pg,
@@ -206,7 +225,7 @@ fn verify(args: &VerifyArgs) -> anyhow::Result<ExitCode> {
                 .with_context(|| format!("loading {}", path.display()))?,
         );
     }
-    let anchors: Vec<ChainHead> = args.anchor.iter().copied().collect();
+    let anchors: Vec<Anchor> = args.anchor.iter().copied().collect();
     let Some(file) = &args.file else {
         let config = Config::load(&args.config)?;
         if keys.is_empty() {
@@ -217,7 +236,7 @@ fn verify(args: &VerifyArgs) -> anyhow::Result<ExitCode> {
             Backend::Postgres(_) => against_postgres(&config, &keys, anchors),
         };
     };
-    match crate::audit::verify_signed(open(file)?, &keys, &anchors) {
+    match crate::audit::verify_chains(open(file)?, &keys, &anchors) {
         Ok(summary) => {
             report(file, &summary, false);
             Ok(ExitCode::SUCCESS)
@@ -237,62 +256,94 @@ const MIRROR_LAG: Duration = Duration::from_secs(2);
 fn against_database(
     config: &Config,
     keys: &[AuditPublicKey],
-    anchors: Vec<ChainHead>,
+    anchors: Vec<Anchor>,
 ) -> anyhow::Result<ExitCode> {
     let db = &config.store.sqlite;
     let reading = |e| anyhow::Error::new(e).context(format!("reading {}", db.display()));
     let db_head = SqliteStore::audit_head(db).map_err(reading)?;
-    file_against(&config.store.audit_file, keys, anchors, db_head, |seq| {
-        SqliteStore::audit_hash_at(db, seq).map_err(reading)
-    })
+    let db_heads = vec![Anchor {
+        chain: 0,
+        head: db_head,
+    }];
+    file_against(
+        &config.store.audit_file,
+        keys,
+        anchors,
+        &db_heads,
+        |_, seq| SqliteStore::audit_hash_at(db, seq).map_err(reading),
+    )
 }
 
-/// On PostgreSQL the database's chain is verified itself first (every replica's entries: the
-/// hash chain, every checkpoint's signature, no gap), then this replica's file against it.
+/// On PostgreSQL the database's audit is verified itself first (every replica's chain: the
+/// hash chain, every checkpoint's signature and every other chain's head it binds, no gap),
+/// then this replica's file (the chains it wrote) against it.
 fn against_postgres(
     config: &Config,
     keys: &[AuditPublicKey],
-    anchors: Vec<ChainHead>,
+    anchors: Vec<Anchor>,
 ) -> anyhow::Result<ExitCode> {
     let Backend::Postgres(pg) = &config.store.backend else {
         bail!("not a PostgreSQL store");
     };
-    let mut chain = Vec::new();
-    let db_head = export(config, &mut chain)?;
-    let label = PathBuf::from(format!("the database's chain ({})", pg.url));
-    match crate::audit::verify_signed(&chain[..], keys, &anchors) {
+    let mut exported = Vec::new();
+    let (_, db_heads) = export(config, &mut exported)?;
+    let label = PathBuf::from(format!("the database's audit ({})", pg.url));
+    match crate::audit::verify_chains(&exported[..], keys, &anchors) {
+        Ok(summary) if !summary.absent_bound.is_empty() => {
+            let missing: Vec<String> = summary.absent_bound.iter().map(u64::to_string).collect();
+            return Ok(broken(
+                &label,
+                &format!(
+                    "chain {}: a checkpoint binds its head, but the database holds none of it                      (removed)",
+                    missing.join(", ")
+                ),
+            ));
+        }
         Ok(summary) => report(&label, &summary, false),
         Err(e) => return Ok(broken(&label, &e.to_string())),
     }
-    drop(chain);
+    drop(exported);
+    // The database's heads of the chains the file holds (the file does not hold the others').
+    let path = &config.store.audit_file;
+    let in_file = match crate::audit::verify_chains(open(path)?, keys, &[]) {
+        Ok(summary) => summary.chains,
+        Err(e) => return Ok(broken(path, &e.to_string())),
+    };
+    let db_heads: Vec<Anchor> = db_heads
+        .into_iter()
+        .filter(|(chain, _)| in_file.contains_key(chain))
+        .map(|(chain, head)| Anchor { chain, head })
+        .collect();
     let checkpoints = checkpoints(config)?;
-    file_against(&config.store.audit_file, keys, anchors, db_head, |seq| {
+    file_against(path, keys, anchors, &db_heads, |chain, seq| {
         block_on(crate::store::postgres::audit_hash_at(
             pg,
             checkpoints.clone(),
+            chain,
             seq,
         ))
         .with_context(|| format!("reading the PostgreSQL database at {}", pg.url))
     })
 }
 
-/// Verifies the log at `path` against the database whose head was `db_head` (read first) and
-/// whose entries' hashes `hash_at` reads (after).
+/// Verifies the log at `path` against the database whose heads of the file's chains were
+/// `db_heads` (read first) and whose entries' hashes `hash_at` reads (after).
 fn file_against(
     path: &Path,
     keys: &[AuditPublicKey],
-    mut anchors: Vec<ChainHead>,
-    db_head: ChainHead,
-    hash_at: impl Fn(u64) -> anyhow::Result<Option<[u8; 32]>>,
+    mut anchors: Vec<Anchor>,
+    db_heads: &[Anchor],
+    hash_at: impl Fn(u64, u64) -> anyhow::Result<Option<[u8; 32]>>,
 ) -> anyhow::Result<ExitCode> {
-    anchors.push(db_head);
+    anchors.extend_from_slice(db_heads);
     let deadline = Instant::now() + MIRROR_LAG;
     let summary = loop {
-        match crate::audit::verify_signed(open(path)?, keys, &anchors) {
+        match crate::audit::verify_chains(open(path)?, keys, &anchors) {
             Ok(summary) => break summary,
             Err(e) => {
                 let behind = matches!(e.problem,
-                    Problem::Truncated { expected_seq, .. } if expected_seq == db_head.seq);
+                    Problem::Truncated { expected_seq, .. }
+                        if db_heads.iter().any(|h| h.head.seq == expected_seq));
                 if behind && Instant::now() < deadline {
                     // Not a test: a CLI giving a running gateway's mirror a moment.
                     std::thread::sleep(Duration::from_millis(100));
@@ -307,17 +358,30 @@ fn file_against(
             }
         }
     };
-    let head = summary.head;
-    let problem = match hash_at(head.seq)? {
-        Some(hash) if hash == head.hash => None,
-        Some(_) => Some((head.seq, "the file and the database differ here")),
-        None => Some((
-            db_head.seq + 1,
-            "the file goes on past the database's head (entries the database never committed)",
-        )),
-    };
-    if let Some((line, problem)) = problem {
-        return Ok(broken(path, &format!("line {line}: {problem}")));
+    for (&chain, head) in &summary.chains {
+        if head.seq == 0 {
+            continue;
+        }
+        let db_head = db_heads
+            .iter()
+            .find(|h| h.chain == chain)
+            .map_or(0, |h| h.head.seq);
+        let problem = match hash_at(chain, head.seq)? {
+            Some(hash) if hash == head.hash => None,
+            Some(_) => Some((head.seq, "the file and the database differ here")),
+            None => Some((
+                db_head + 1,
+                "the file goes on past the database's head (entries the database never committed)",
+            )),
+        };
+        if let Some((line, problem)) = problem {
+            let of_chain = if chain == 0 {
+                String::new()
+            } else {
+                format!(" of chain {chain}")
+            };
+            return Ok(broken(path, &format!("seq {line}{of_chain}: {problem}")));
+        }
     }
     report(path, &summary, true);
     Ok(ExitCode::SUCCESS)
@@ -330,23 +394,51 @@ fn broken(path: &Path, problem: &str) -> ExitCode {
 
 fn report(path: &Path, summary: &SignedSummary, with_database: bool) {
     let head = &summary.head;
-    println!(
-        "{}: ok, {} entries, head {} {}{}",
-        path.display(),
-        summary.entries,
-        head.seq,
-        hex::encode(head.hash),
-        if with_database {
-            " (the database's head)"
-        } else {
-            ""
+    let with_database = if with_database {
+        " (the database's head)"
+    } else {
+        ""
+    };
+    if summary.chains.len() > 1 || summary.chains.keys().any(|&c| c != 0) {
+        println!(
+            "{}: ok, {} entries in {} chains{with_database}",
+            path.display(),
+            summary.entries,
+            summary.chains.len(),
+        );
+        for (chain, head) in &summary.chains {
+            println!(
+                "chain {chain}: head {} {}",
+                head.seq,
+                hex::encode(head.hash)
+            );
         }
-    );
+        if !summary.absent_bound.is_empty() {
+            println!(
+                "{} chains bound by checkpoints are not in this log (other replicas'; \
+                 `audit verify --config` checks them in the database)",
+                summary.absent_bound.len()
+            );
+        }
+    } else {
+        println!(
+            "{}: ok, {} entries, head {} {}{with_database}",
+            path.display(),
+            summary.entries,
+            head.seq,
+            hex::encode(head.hash),
+        );
+    }
     match &summary.last_checkpoint {
         Some(signed) => {
             let at = std::time::UNIX_EPOCH + std::time::Duration::from_millis(signed.signed_at);
+            let chain = if signed.chain == 0 {
+                String::new()
+            } else {
+                format!("{}/", signed.chain)
+            };
             println!(
-                "signed head {}:{} (signed {} by {})",
+                "signed head {chain}{}:{} (signed {} by {})",
                 signed.entry.seq,
                 hex::encode(signed.entry.hash),
                 humantime::format_rfc3339_millis(at),

@@ -70,6 +70,7 @@ pub(super) fn catch_up(
         .map(|row| {
             let (seq, hash, line) = row?;
             Ok(SealedEntry {
+                chain: 0,
                 seq,
                 hash: digest_from_hex(&hash)?,
                 line,

@@ -165,11 +165,32 @@ async fn entries_left_unsigned_by_a_crash_count_towards_the_next_checkpoint(kind
     let kept: String = text.split_inclusive('\n').take(2).collect();
     std::fs::write(&config.audit_file, kept).unwrap();
 
-    // Two unsigned entries are already there: the third is the N-th.
     let store = h.open(checkpoints).await.unwrap();
-    register(&*store).await;
-    wait_for_lines(&config.audit_file, 4).await;
-    let (_, events) = signed(&config.audit_file, &public);
-    assert_eq!(kinds(&events), [T, T, T, C]);
+    match kind {
+        // Two unsigned entries are already there: the third is the N-th.
+        Kind::Sqlite => {
+            register(&*store).await;
+            wait_for_lines(&config.audit_file, 4).await;
+            let (_, events) = signed(&config.audit_file, &public);
+            assert_eq!(kinds(&events), [T, T, T, C]);
+        }
+        // The store claims a new chain, signed after its own third entry; that checkpoint
+        // binds the crashed chain's head, so its two unsigned entries are signed with it.
+        Kind::Postgres => {
+            for _ in 0..3 {
+                register(&*store).await;
+            }
+            wait_for_lines(&config.audit_file, 6).await;
+            let (summary, events) = signed(&config.audit_file, &public);
+            assert_eq!(kinds(&events), [T, T, T, T, T, C]);
+            assert_eq!(summary.chains.len(), 2);
+            let AuditEvent::Checkpoint { bound, .. } = &events[5] else {
+                unreachable!("the last entry is a checkpoint")
+            };
+            let crashed = *summary.chains.keys().next().unwrap();
+            assert_eq!(bound.len(), 1);
+            assert_eq!((bound[0].chain, bound[0].seq), (crashed, 2));
+        }
+    }
     store.close().await;
 }

@@ -149,10 +149,17 @@ impl Harness {
         }
     }
 
-    /// The seq and hash of the database's last audit row.
+    /// The seq and hash of the database's last audit row (of the newest chain, on
+    /// PostgreSQL: the one the store opened last writes).
     pub async fn db_head(&self) -> ChainHead {
+        let order = match self.database {
+            None => "seq DESC",
+            Some(_) => "chain DESC, seq DESC",
+        };
         let rows = self
-            .texts("SELECT CAST(seq AS TEXT) || ':' || hash FROM audit ORDER BY seq DESC LIMIT 1")
+            .texts(&format!(
+                "SELECT CAST(seq AS TEXT) || ':' || hash FROM audit ORDER BY {order} LIMIT 1"
+            ))
             .await;
         let text = rows[0].clone().unwrap();
         let (seq, hash) = text.split_once(':').unwrap();

@@ -10,6 +10,7 @@ use std::time::Duration;
 use super::harness::{Harness, Kind, TestStore};
 use super::tests::{TempDir, checkpoints, issue_record, open_with_token, read_audit};
 use super::*;
+use crate::store::postgres::export_audit;
 
 /// A second replica: the same database, its own audit file.
 async fn replica(h: &Harness, dir: &TempDir) -> PostgresStore {
@@ -66,22 +67,101 @@ async fn two_replicas_racing_twenty_joins_issue_exactly_the_three_uses() {
     assert_eq!(b.issue(again).await.unwrap(), IssueOutcome::NonceReplayed);
     assert_eq!(b.token(fresh.id).await.unwrap().unwrap().uses, 1);
 
-    // Each replica's audit file holds the one chain, whoever appended each entry.
+    // Each replica wrote its own chain, and its audit file holds that chain: together the
+    // two files hold every issuance once, as the database does.
     a.flush_audit().await.unwrap();
     b.flush_audit().await.unwrap();
-    let head = h.db_head().await;
+    let chains = h
+        .texts("SELECT CAST(COUNT(DISTINCT chain) AS TEXT) FROM audit")
+        .await;
+    assert_eq!(chains[0].as_deref(), Some("2"));
+    let mut issued = 0;
     for file in [h.audit_file(), other_dir.config().audit_file] {
         let events = read_audit(&file);
-        assert_eq!(events.len() as u64, head.seq);
-        let issued: Vec<_> = events
+        issued += events
             .iter()
             .filter(|e| e.kind() == "identity-issued")
-            .collect();
-        assert_eq!(issued.len(), 4);
+            .count();
     }
+    assert_eq!(issued, 4);
     let b = Arc::into_inner(b).unwrap();
     b.close().await;
     Arc::into_inner(a).unwrap().close().await;
+
+    // The database's audit, every chain, verifies; each checkpoint binds the other chain.
+    let Backend::Postgres(pg) = h.config().backend else {
+        unreachable!("a PostgreSQL harness")
+    };
+    let mut out = Vec::new();
+    let (entries, heads) = export_audit(&pg, checkpoints(), &mut out).await.unwrap();
+    assert_eq!(heads.len(), 2);
+    let key = checkpoints().key.public().clone();
+    let summary = crate::audit::verify_chains(&out[..], &[key], &[]).unwrap();
+    assert_eq!(summary.entries, entries);
+    assert!(summary.absent_bound.is_empty());
+    let text = String::from_utf8(out).unwrap();
+    assert!(
+        text.contains(r#""bound":[{"chain":"#),
+        "no checkpoint binds a chain"
+    );
+}
+
+/// A checkpoint binds the other chains' heads: an entry of another replica's chain that a
+/// checkpoint saw cannot be cut off or rewritten in the database without `verify` naming it,
+/// nor can that whole chain be removed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_checkpoint_binds_every_other_replicas_chain() {
+    let h = Harness::new(Kind::Postgres, "pg-bind").await;
+    let (a, token) = open_with_token(&h, 10).await;
+    let other_dir = TempDir::new("pg-bind-b");
+    let b = replica(&h, &other_dir).await;
+    for i in 0..3 {
+        let record = issue_record(token.id, &format!("b-{i}"), &format!("b-n{i}"));
+        assert!(matches!(
+            b.issue(record).await.unwrap(),
+            IssueOutcome::Issued { .. }
+        ));
+    }
+    b.flush_audit().await.unwrap();
+    // A signs after B's entries are committed: its checkpoint binds B's head.
+    a.flush_audit().await.unwrap();
+    b.close().await;
+    a.close().await;
+    let Backend::Postgres(pg) = h.config().backend else {
+        unreachable!("a PostgreSQL harness")
+    };
+    let key = checkpoints().key.public().clone();
+    let verify = || async {
+        let mut out = Vec::new();
+        export_audit(&pg, checkpoints(), &mut out).await.unwrap();
+        crate::audit::verify_chains(&out[..], std::slice::from_ref(&key), &[])
+    };
+    let summary = verify().await.unwrap();
+    assert_eq!(summary.chains.len(), 2);
+    // B's chain is the later one. Cut its tail (a whole chain still verifies on its own).
+    let b_chain: u64 = h.texts("SELECT CAST(MAX(chain) AS TEXT) FROM audit").await[0]
+        .as_deref()
+        .unwrap()
+        .parse()
+        .unwrap();
+    h.execute(&format!(
+        "DELETE FROM audit WHERE chain = {b_chain} \
+         AND seq > (SELECT MAX(seq) - 3 FROM audit WHERE chain = {b_chain})"
+    ))
+    .await;
+    let err = verify().await.unwrap_err();
+    assert!(
+        matches!(err.problem, crate::audit::Problem::Truncated { .. }),
+        "{err}"
+    );
+    // The whole chain gone: named as missing, though every line left verifies.
+    h.execute(&format!("DELETE FROM audit WHERE chain = {b_chain}"))
+        .await;
+    let summary = verify().await.unwrap();
+    assert_eq!(
+        summary.absent_bound.iter().copied().collect::<Vec<_>>(),
+        vec![b_chain]
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

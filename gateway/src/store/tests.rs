@@ -46,9 +46,14 @@ const MIRROR_DEADLINE: Duration = Duration::from_secs(10);
 
 /// The audit key and checkpoint schedule of the tests: a fresh key, and checkpoints only when
 /// the store closes (the schedule's own tests set theirs).
+/// Checkpoints every 1000 entries or hour, signed by one audit key for the whole test process
+/// (replicas of one fleet share theirs, and a database's chains verify under it).
 pub(super) fn checkpoints() -> Checkpoints {
+    static KEY: std::sync::OnceLock<Arc<audit::AuditKey>> = std::sync::OnceLock::new();
     Checkpoints {
-        key: Arc::new(audit::AuditKey::generate().unwrap().0),
+        key: KEY
+            .get_or_init(|| Arc::new(audit::AuditKey::generate().unwrap().0))
+            .clone(),
         every: std::num::NonZeroU64::new(1000).unwrap(),
         interval: Duration::from_secs(3600),
     }
@@ -845,10 +850,20 @@ async fn a_mirror_cut_short_is_caught_up_from_the_database(kind: Kind) {
     assert_eq!(std::fs::read_to_string(&config.audit_file).unwrap(), full);
     assert_eq!(verify_file(&config.audit_file).head, h.db_head().await);
 
-    // The whole file lost: rebuilt, with its restrictive mode.
+    // The whole file lost: made again, with its restrictive mode. On SQLite it is rebuilt
+    // from the database's chain. On PostgreSQL a replica's file holds the chains that replica
+    // wrote, and nothing says which earlier chains were its own: the new file starts with the
+    // new chain, and `audit export` writes every chain from the database.
     std::fs::remove_file(&config.audit_file).unwrap();
     h.open(checkpoints()).await.unwrap().close().await;
-    assert_eq!(std::fs::read_to_string(&config.audit_file).unwrap(), full);
+    let rebuilt = match kind {
+        Kind::Sqlite => full,
+        Kind::Postgres => String::new(),
+    };
+    assert_eq!(
+        std::fs::read_to_string(&config.audit_file).unwrap(),
+        rebuilt
+    );
     assert_eq!(mode(&config.audit_file), 0o600);
 }
 
@@ -910,12 +925,19 @@ async fn a_rewritten_or_extended_mirror_disagrees_with_the_database(kind: Kind) 
     with_history(&h).await;
     let original = std::fs::read_to_string(&config.audit_file).unwrap();
     let lines: Vec<&str> = original.lines().collect();
+    // The chain the file's lines are on (0 on SQLite, this replica's on PostgreSQL).
+    let chain = *audit::verify(original.as_bytes())
+        .unwrap()
+        .chains
+        .keys()
+        .last()
+        .unwrap();
     let prev = {
         let cut: String = lines[..lines.len() - 1]
             .iter()
             .map(|l| format!("{l}\n"))
             .collect();
-        audit::verify(cut.as_bytes()).unwrap().head
+        audit::verify(cut.as_bytes()).unwrap().chains[&chain]
     };
     let forged = AuditEvent::TokenRevoked {
         token_id: "forged".into(),
@@ -928,7 +950,7 @@ async fn a_rewritten_or_extended_mirror_disagrees_with_the_database(kind: Kind) 
     replace_last_line(&config.audit_file, |_| {
         format!(
             "{}\n",
-            audit::seal(&prev, std::time::SystemTime::now(), &forged).line
+            audit::seal_in(chain, &prev, std::time::SystemTime::now(), &forged).line
         )
     });
     verify_file(&config.audit_file);
@@ -940,7 +962,7 @@ async fn a_rewritten_or_extended_mirror_disagrees_with_the_database(kind: Kind) 
 
     // An extra, well-formed entry after the real ones: the file is ahead of the database.
     let head = audit::verify(original.as_bytes()).unwrap().head;
-    let extra = audit::seal(&head, std::time::SystemTime::now(), &forged).line;
+    let extra = audit::seal_in(chain, &head, std::time::SystemTime::now(), &forged).line;
     std::fs::write(&config.audit_file, format!("{original}{extra}\n")).unwrap();
     let err = h.open(checkpoints()).await.err().unwrap();
     assert!(
@@ -1008,9 +1030,16 @@ async fn ping_answers_and_export_writes_the_whole_chain(kind: Kind) {
     let config = h.config();
     let head = match &config.backend {
         Backend::Sqlite => SqliteStore::export_audit(&config.sqlite, &mut out).unwrap(),
-        Backend::Postgres(pg) => super::postgres::export_audit(pg, checkpoints(), &mut out)
-            .await
-            .unwrap(),
+        Backend::Postgres(pg) => {
+            let (entries, heads) = super::postgres::export_audit(pg, checkpoints(), &mut out)
+                .await
+                .unwrap();
+            // One store opened once: one chain, all of it.
+            assert_eq!(heads.len(), 1, "{heads:?}");
+            let head = *heads.values().next().unwrap();
+            assert_eq!(entries, head.seq);
+            head
+        }
     };
     assert_eq!(head, h.db_head().await);
     assert!(head.seq >= 3, "{head:?}");

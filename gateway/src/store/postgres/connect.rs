@@ -16,9 +16,12 @@ use tokio_postgres::{NoTls, Row};
 use super::super::{BoxFuture, Checkpoints, SharedPin, StoreError};
 use super::PasswordSource;
 use super::PostgresConfig;
-use super::chain::{self, Sealed};
+use super::chain::{self, OwnChain, Sealed};
 use super::mirror::FeedMessage;
 use crate::audit::AuditEvent;
+
+/// The SPIFFE ID's transaction-scoped advisory lock.
+pub(super) const LOCK_SPIFFE_ID: &str = "SELECT pg_advisory_xact_lock(7, hashtext($1))";
 
 /// Attempts of one change before its error is returned.
 const MAX_ATTEMPTS: u32 = 4;
@@ -32,6 +35,9 @@ pub(in crate::store) struct Db {
     revocations: OnceLock<watch::Sender<u64>>,
     pins: OnceLock<watch::Sender<SharedPin>>,
     feeder: OnceLock<mpsc::UnboundedSender<FeedMessage>>,
+    /// The audit chain this replica writes (none for a reader such as `audit export`), held
+    /// from each seal through its commit.
+    own: tokio::sync::Mutex<Option<OwnChain>>,
     /// How the revocation listener connects (outside the pool: it holds its connection).
     pub(super) listen_config: tokio_postgres::Config,
     pub(super) listen_tls: Option<tokio_postgres_rustls::MakeRustlsConnect>,
@@ -143,11 +149,18 @@ impl Tx {
     /// Serialises the transactions that create or revoke identities of `spiffe_id` (one live
     /// lineage per SPIFFE ID holds across replicas); released at commit or rollback.
     pub(super) async fn lock_spiffe_id(&self, spiffe_id: &str) -> Result<(), StoreError> {
-        self.query(
-            "SELECT pg_advisory_xact_lock(7, hashtext($1))",
-            &[&spiffe_id],
-        )
-        .await?;
+        self.query(LOCK_SPIFFE_ID, &[&spiffe_id]).await?;
+        Ok(())
+    }
+
+    /// Prepares `statements` on this connection (only the first time it sees each), so that
+    /// each is sent the moment its query is first polled: what pipelining statements in a
+    /// given order needs.
+    pub(super) async fn prepare(&self, statements: &[&str]) -> Result<(), StoreError> {
+        let client = self.client()?;
+        for sql in statements {
+            client.prepare_cached(sql).await?;
+        }
         Ok(())
     }
 
@@ -219,6 +232,7 @@ impl Db {
             revocations: OnceLock::new(),
             pins: OnceLock::new(),
             feeder: OnceLock::new(),
+            own: tokio::sync::Mutex::new(None),
             listen_config,
             listen_tls,
         })
@@ -357,31 +371,81 @@ impl Db {
         }
     }
 
-    /// Seals the queued audit entries and revocations under the chain lock, commits, then
-    /// publishes what the commit did. A commit whose answer was lost is `CommitUnknown`.
+    /// Makes `chain` the one this replica's changes are sealed onto.
+    pub(super) async fn set_own_chain(&self, chain: OwnChain) {
+        *self.own.lock().await = Some(chain);
+    }
+
+    /// The id of this replica's chain, if it writes one.
+    pub(super) async fn own_chain(&self) -> Option<u64> {
+        self.own.lock().await.as_ref().map(|c| c.id)
+    }
+
+    /// Seals the queued audit entries and revocations onto this replica's chain, commits, then
+    /// publishes what the commit did, all while holding the chain (so its entries commit and
+    /// reach the audit file in order). A commit whose answer was lost is `CommitUnknown`.
     async fn commit(&self, tx: &mut Tx) -> Result<(), StoreError> {
-        let sealed = match chain::seal(tx, &self.checkpoints).await {
+        let quiet = tx.events.is_empty()
+            && tx.revocations.is_empty()
+            && tx.signing == Signing::Scheduled
+            && !tx.check_chain;
+        if quiet {
+            // Nothing to seal: no need to wait for the chain.
+            return match tx.client() {
+                Ok(client) => match client.batch_execute("COMMIT").await {
+                    Ok(()) => Ok(()),
+                    Err(e) => Err(self.failed_commit(tx, e)),
+                },
+                Err(e) => Err(e),
+            };
+        }
+        let mut own = self.own.lock().await;
+        let Some(chain) = own.as_mut() else {
+            tx.discard();
+            return Err(StoreError::Io("this store writes no audit chain".into()));
+        };
+        let sealed = match chain::seal(tx, chain, &self.checkpoints).await {
             Ok(sealed) => sealed,
             Err(e) => {
                 tx.discard();
                 return Err(e);
             }
         };
-        let committed = match tx.client() {
-            Ok(client) => client.batch_execute("COMMIT").await,
+        // The entries and the commit in one round trip: should the insert fail, the server
+        // answers the commit of the failed transaction with a rollback.
+        let client = match tx.client() {
+            Ok(client) => client,
             Err(e) => return Err(e),
         };
+        let (inserted, committed) = tokio::join!(
+            biased;
+            chain::insert(tx, &sealed),
+            client.batch_execute("COMMIT"),
+        );
         if let Err(e) = committed {
-            tx.discard();
-            // The server answered with an error: it rolled back. No answer: unknown.
-            return Err(if e.as_db_error().is_some() {
-                StoreError::Postgres(e)
-            } else {
-                StoreError::CommitUnknown(e)
-            });
+            // Whether the entries are in the database is not known: read the head again.
+            chain.forget();
+            return Err(self.failed_commit(tx, e));
         }
+        if let Err(e) = inserted {
+            // Rolled back: nothing of this change committed.
+            tx.discard();
+            return Err(e);
+        }
+        chain.committed(sealed.state);
         self.published(sealed);
         Ok(())
+    }
+
+    /// Drops the connection of a commit that failed: the server answered with an error (it
+    /// rolled back), or it did not answer (the outcome is unknown).
+    fn failed_commit(&self, tx: &mut Tx, e: tokio_postgres::Error) -> StoreError {
+        tx.discard();
+        if e.as_db_error().is_some() {
+            StoreError::Postgres(e)
+        } else {
+            StoreError::CommitUnknown(e)
+        }
     }
 
     /// Tells the feed's watchers and the audit mirror what a commit added.
@@ -421,9 +485,12 @@ impl Db {
         }
     }
 
-    /// The head of the chain the database holds.
-    pub(super) async fn audit_head(&self) -> Result<crate::audit::ChainHead, StoreError> {
-        chain::head_of(self).await
+    /// The head of chain `chain` as the database holds it.
+    pub(super) async fn audit_head(
+        &self,
+        chain: u64,
+    ) -> Result<crate::audit::ChainHead, StoreError> {
+        chain::head_of(self, chain).await
     }
 }
 

@@ -1,13 +1,14 @@
-//! The audit file of a replica on PostgreSQL mirrors the database's whole chain (every
-//! replica's entries, in chain order), so `audit verify` reads one complete chain from it. The
-//! entries this replica commits are handed over at once; a gap (another replica's entries, or
-//! this replica's own commits arriving out of order) is read from the database, and a poll
-//! every [`POLL`] picks up what other replicas appended while this one was idle. The file
-//! is written by the same mirror thread as SQLite's (`writer::Mirror`).
+//! The audit file of a replica on PostgreSQL mirrors the chains that replica wrote: the chain
+//! it writes now and, before it, those of its earlier runs (each run claims a new chain), or
+//! the shared chain of a database from before per-replica chains. The entries this replica
+//! commits are handed over at once, in chain order; a gap (a commit whose answer was lost) is
+//! read from the database. At start the file's last chain is checked against the database and
+//! caught up with it. The file is written by the same mirror thread as SQLite's
+//! (`writer::Mirror`). The database holds every replica's chains; `audit export` writes them
+//! all.
 
 use std::path::Path;
 use std::sync::Arc;
-use std::time::Duration;
 
 use tokio::sync::{mpsc, oneshot};
 
@@ -15,11 +16,8 @@ use super::super::StoreError;
 use super::super::writer::{Mirror, MirrorBacklog};
 use super::connect::Db;
 use super::{int, uint};
-use crate::audit::{AuditFile, ChainHead, SealedEntry};
+use crate::audit::{AuditFile, SealedEntry};
 use crate::store::chain::digest_from_hex;
-
-/// How often the mirror reads entries other replicas appended.
-const POLL: Duration = Duration::from_secs(1);
 
 /// Most entries read from the database at once.
 const PAGE: i64 = 1000;
@@ -42,9 +40,10 @@ pub(super) struct Feeder {
 }
 
 impl Feeder {
-    /// Opens the audit file, checks it against the database (a file ahead of the database or
-    /// differing at its last line was edited: refused), catches it up, and starts feeding it.
-    pub(super) async fn start(db: Arc<Db>, path: &Path) -> Result<(Self, ChainHead), StoreError> {
+    /// Opens the audit file, checks its last chain against the database (a file ahead of the
+    /// database or differing at its last line was edited: refused), catches that chain up, and
+    /// starts feeding it the entries of chain `own`.
+    pub(super) async fn start(db: Arc<Db>, path: &Path, own: u64) -> Result<Self, StoreError> {
         let (mut file, cut) = AuditFile::open_mirror(path).map_err(|source| StoreError::Audit {
             path: path.to_path_buf(),
             source,
@@ -55,33 +54,36 @@ impl Feeder {
                 "cut the audit file's torn last line (an append interrupted by a crash)"
             );
         }
-        let file_head = file.head();
-        let db_head = db.audit_head().await?;
-        if file_head.seq > db_head.seq {
-            return Err(StoreError::AuditMismatch(format!(
-                "the audit file has {} entries, the database {}",
-                file_head.seq, db_head.seq
-            )));
-        }
-        if file_head.seq > 0 && hash_at(&db, file_head.seq).await? != Some(file_head.hash) {
-            return Err(StoreError::AuditMismatch(format!(
-                "entry {} differs between the audit file and the database",
-                file_head.seq
-            )));
-        }
-        let mut mirrored = file_head.seq;
-        while mirrored < db_head.seq {
-            let missing = entries_after(&db, mirrored).await?;
-            let Some(last) = missing.last() else { break };
-            mirrored = last.seq;
-            tracing::info!(
-                entries = missing.len(),
-                "catching the audit file up with the database"
-            );
-            file.append(&missing).map_err(|source| StoreError::Audit {
-                path: path.to_path_buf(),
-                source,
-            })?;
+        let (chain, file_head) = (file.chain(), file.head());
+        if file_head.seq > 0 {
+            let db_head = db.audit_head(chain).await?;
+            if file_head.seq > db_head.seq {
+                return Err(StoreError::AuditMismatch(format!(
+                    "the audit file has {} entries, the database {} (chain {chain})",
+                    file_head.seq, db_head.seq
+                )));
+            }
+            if hash_at(&db, chain, file_head.seq).await? != Some(file_head.hash) {
+                return Err(StoreError::AuditMismatch(format!(
+                    "entry {} differs between the audit file and the database (chain {chain})",
+                    file_head.seq
+                )));
+            }
+            let mut mirrored = file_head.seq;
+            while mirrored < db_head.seq {
+                let missing = entries_after(&db, chain, mirrored).await?;
+                let Some(last) = missing.last() else { break };
+                mirrored = last.seq;
+                tracing::info!(
+                    entries = missing.len(),
+                    chain,
+                    "catching the audit file up with the database"
+                );
+                file.append(&missing).map_err(|source| StoreError::Audit {
+                    path: path.to_path_buf(),
+                    source,
+                })?;
+            }
         }
         let mirror = Mirror::start(file)
             .map_err(|e| StoreError::Io(format!("cannot start the audit mirror thread: {e}")))?;
@@ -90,17 +92,15 @@ impl Feeder {
         let feeding = Feeding {
             db: Arc::downgrade(&db),
             mirror,
-            mirrored,
+            chain: own,
+            mirrored: 0,
         };
         let task = tokio::spawn(feeding.run(messages));
-        Ok((
-            Self {
-                inbox,
-                task,
-                backlog,
-            },
-            db_head,
-        ))
+        Ok(Self {
+            inbox,
+            task,
+            backlog,
+        })
     }
 
     /// Entries handed to the mirror thread and not in the file yet.
@@ -112,7 +112,8 @@ impl Feeder {
         self.inbox.clone()
     }
 
-    /// Returns once the file holds and has synced every entry the database held when called.
+    /// Returns once the file holds and has synced every entry of this replica's chain the
+    /// database held when called.
     pub(super) async fn flush(&self) -> Result<(), StoreError> {
         let (reply, answer) = oneshot::channel();
         self.inbox
@@ -131,25 +132,21 @@ impl Feeder {
     }
 }
 
-/// The feeder's state: the mirror thread and the last entry handed to it.
+/// The feeder's state: the mirror thread, the chain it mirrors and the last entry handed over.
 struct Feeding {
     db: std::sync::Weak<Db>,
     mirror: Mirror,
+    chain: u64,
     mirrored: u64,
 }
 
 impl Feeding {
     async fn run(mut self, mut messages: mpsc::UnboundedReceiver<FeedMessage>) {
-        let mut poll = tokio::time::interval(POLL);
-        poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        loop {
-            tokio::select! {
-                message = messages.recv() => match message {
-                    Some(FeedMessage::Committed(entries)) => self.committed(entries).await,
-                    Some(FeedMessage::Flush(reply)) => self.flush(reply).await,
-                    Some(FeedMessage::Stop) | None => break,
-                },
-                _ = poll.tick() => self.catch_up().await,
+        while let Some(message) = messages.recv().await {
+            match message {
+                FeedMessage::Committed(entries) => self.committed(entries).await,
+                FeedMessage::Flush(reply) => self.flush(reply).await,
+                FeedMessage::Stop => break,
             }
         }
         let mirror = self.mirror;
@@ -179,7 +176,7 @@ impl Feeding {
 
     async fn flush(&mut self, reply: oneshot::Sender<Result<(), StoreError>>) {
         let head = match self.db.upgrade() {
-            Some(db) => db.audit_head().await.map(|h| h.seq),
+            Some(db) => db.audit_head(self.chain).await.map(|h| h.seq),
             None => Err(StoreError::Closed),
         };
         match head {
@@ -199,15 +196,12 @@ impl Feeding {
         }
     }
 
-    async fn catch_up(&mut self) {
-        self.catch_up_to(u64::MAX).await;
-    }
-
-    /// Reads and hands over the database's entries after the mirrored one, up to `seq`.
+    /// Reads and hands over the database's entries of the chain after the mirrored one, up to
+    /// `seq`.
     async fn catch_up_to(&mut self, seq: u64) {
         let Some(db) = self.db.upgrade() else { return };
         while self.mirrored < seq {
-            match entries_after(&db, self.mirrored).await {
+            match entries_after(&db, self.chain, self.mirrored).await {
                 Ok(entries) => {
                     let entries: Vec<SealedEntry> =
                         entries.into_iter().take_while(|e| e.seq <= seq).collect();
@@ -224,17 +218,22 @@ impl Feeding {
     }
 }
 
-/// Up to [`PAGE`] entries after `seq`, in order.
-pub(super) async fn entries_after(db: &Db, seq: u64) -> Result<Vec<SealedEntry>, StoreError> {
+/// Up to [`PAGE`] entries of `chain` after `seq`, in order.
+pub(super) async fn entries_after(
+    db: &Db,
+    chain: u64,
+    seq: u64,
+) -> Result<Vec<SealedEntry>, StoreError> {
     let rows = db
         .read(
-            "SELECT seq, hash, line FROM audit WHERE seq > $1 ORDER BY seq LIMIT $2",
-            &[&int(seq), &PAGE],
+            "SELECT seq, hash, line FROM audit WHERE chain = $1 AND seq > $2 ORDER BY seq LIMIT $3",
+            &[&int(chain), &int(seq), &PAGE],
         )
         .await?;
     rows.iter()
         .map(|row| {
             Ok(SealedEntry {
+                chain,
                 seq: uint(row, 0)?,
                 hash: digest_from_hex(row.try_get(1)?)?,
                 line: row.try_get(2)?,
@@ -243,10 +242,38 @@ pub(super) async fn entries_after(db: &Db, seq: u64) -> Result<Vec<SealedEntry>,
         .collect()
 }
 
-/// The hash of entry `seq`, if the database holds it.
-pub(super) async fn hash_at(db: &Db, seq: u64) -> Result<Option<[u8; 32]>, StoreError> {
+/// Up to [`PAGE`] entries of any chain after entry `seq` of `chain`, in chain then seq order.
+pub(super) async fn all_after(
+    db: &Db,
+    chain: u64,
+    seq: u64,
+) -> Result<Vec<SealedEntry>, StoreError> {
     let rows = db
-        .read("SELECT hash FROM audit WHERE seq = $1", &[&int(seq)])
+        .read(
+            "SELECT chain, seq, hash, line FROM audit WHERE (chain, seq) > ($1, $2)
+             ORDER BY chain, seq LIMIT $3",
+            &[&int(chain), &int(seq), &PAGE],
+        )
+        .await?;
+    rows.iter()
+        .map(|row| {
+            Ok(SealedEntry {
+                chain: uint(row, 0)?,
+                seq: uint(row, 1)?,
+                hash: digest_from_hex(row.try_get(2)?)?,
+                line: row.try_get(3)?,
+            })
+        })
+        .collect()
+}
+
+/// The hash of entry `seq` of `chain`, if the database holds that entry.
+pub(super) async fn hash_at(db: &Db, chain: u64, seq: u64) -> Result<Option<[u8; 32]>, StoreError> {
+    let rows = db
+        .read(
+            "SELECT hash FROM audit WHERE chain = $1 AND seq = $2",
+            &[&int(chain), &int(seq)],
+        )
         .await?;
     rows.first()
         .map(|r| digest_from_hex(r.try_get(0)?))

@@ -15,6 +15,7 @@ mod reads;
 mod schema;
 mod shadow;
 
+use std::collections::BTreeMap;
 use std::num::NonZeroUsize;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -101,8 +102,8 @@ impl std::fmt::Debug for PostgresStore {
 
 impl PostgresStore {
     /// Connects, migrates the schema (once, under an advisory lock, whatever the number of
-    /// replicas starting together; a newer schema than this binary knows is refused), catches
-    /// the audit file up with the database's chain, and starts the checkpoint ticker and the
+    /// replicas starting together; a newer schema than this binary knows is refused), claims
+    /// this replica's audit chain, catches the audit file up with the database, and starts the checkpoint ticker and the
     /// listener that moves the revocation head on other replicas' revocations.
     pub async fn open(
         config: &PostgresConfig,
@@ -112,7 +113,10 @@ impl PostgresStore {
         let interval = checkpoints.interval;
         let db = Arc::new(Db::connect(config, checkpoints).await?);
         schema::migrate(&db).await?;
-        let (feeder, _head) = Feeder::start(db.clone(), audit_file).await?;
+        let own = chain::OwnChain::claim(&db, &replica_name()).await?;
+        let own_id = own.id;
+        db.set_own_chain(own).await;
+        let feeder = Feeder::start(db.clone(), audit_file, own_id).await?;
         let revocation_head = db.revocation_head().await?;
         let (publish, revocation_head) = watch::channel(revocation_head);
         db.set_revocation_watch(publish);
@@ -131,7 +135,7 @@ impl PostgresStore {
         })
     }
 
-    /// Signs the unsigned tail of the chain, brings the audit file up to the database's head,
+    /// Signs the unsigned tail of this replica's chain, brings the audit file up to its head,
     /// and closes the pool. Returns once the audit file is released.
     pub async fn close(self) {
         self.ticker.abort();
@@ -143,51 +147,69 @@ impl PostgresStore {
         self.db.close();
     }
 
-    /// The head of the chain the database holds.
-    pub async fn audit_head(&self) -> Result<ChainHead, StoreError> {
-        self.db.audit_head().await
+    /// This replica's audit chain and its head as the database holds it.
+    pub async fn audit_head(&self) -> Result<(u64, ChainHead), StoreError> {
+        let chain = self.db.own_chain().await.unwrap_or(0);
+        Ok((chain, self.db.audit_head(chain).await?))
     }
 }
 
-/// Writes the database's whole audit chain, oldest first, one line each, to `out`, a page at
-/// a time on a connection of its own (nothing is migrated or started: `omnirelay audit export`
-/// and `audit verify --config` read what the replicas wrote). Returns the head it wrote.
+/// How `audit_chains` names this replica: the host and the process.
+fn replica_name() -> String {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_string())
+        .unwrap_or_default();
+    format!("{host} pid {}", std::process::id())
+}
+
+/// Writes every chain of the database's audit (every replica's, each oldest first, the chains
+/// in order of their ids), one line each, to `out`, a page at a time on a connection of its
+/// own (nothing is migrated or started: `omnirelay audit export` and `audit verify --config`
+/// read what the replicas wrote). Returns how many entries it wrote and each chain's head.
 pub async fn export_audit(
     config: &PostgresConfig,
     checkpoints: Checkpoints,
     out: &mut (dyn std::io::Write + Send),
-) -> Result<ChainHead, StoreError> {
+) -> Result<(u64, BTreeMap<u64, ChainHead>), StoreError> {
     let db = Db::connect(config, checkpoints).await?;
-    let mut head = ChainHead::genesis();
+    let mut heads = BTreeMap::new();
+    let mut entries = 0u64;
     let written = async {
+        let (mut chain, mut seq) = (0, 0);
         loop {
-            let page = mirror::entries_after(&db, head.seq).await?;
+            let page = mirror::all_after(&db, chain, seq).await?;
             let Some(last) = page.last() else {
                 return Ok(());
             };
+            (chain, seq) = (last.chain, last.seq);
             for entry in &page {
                 writeln!(out, "{}", entry.line)
                     .map_err(|e| StoreError::Io(format!("writing the audit export: {e}")))?;
+                heads.insert(
+                    entry.chain,
+                    ChainHead {
+                        seq: entry.seq,
+                        hash: entry.hash,
+                    },
+                );
+                entries += 1;
             }
-            head = ChainHead {
-                seq: last.seq,
-                hash: last.hash,
-            };
         }
     }
     .await;
     db.close();
-    written.map(|()| head)
+    written.map(|()| (entries, heads))
 }
 
-/// The hash of audit entry `seq` in the database, if it holds that entry.
+/// The hash of audit entry `seq` of chain `chain` in the database, if it holds that entry.
 pub async fn audit_hash_at(
     config: &PostgresConfig,
     checkpoints: Checkpoints,
+    chain: u64,
     seq: u64,
 ) -> Result<Option<[u8; 32]>, StoreError> {
     let db = Db::connect(config, checkpoints).await?;
-    let hash = mirror::hash_at(&db, seq).await;
+    let hash = mirror::hash_at(&db, chain, seq).await;
     db.close();
     hash
 }

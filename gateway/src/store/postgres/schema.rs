@@ -124,6 +124,21 @@ const MIGRATIONS: &[&str] = &[
          set_at BIGINT NOT NULL
      );
      INSERT INTO policy_pin VALUES (1, 0, NULL, NULL, '', 0);",
+    // 5: one audit chain per replica process instead of one for all under one row lock. The
+    // entries written before become chain 0; `audit_chain`'s row now only orders revocation
+    // feed positions.
+    "CREATE TABLE audit_chains (
+         id BIGSERIAL PRIMARY KEY,
+         replica TEXT NOT NULL,
+         opened_at BIGINT NOT NULL
+     );
+     INSERT INTO audit_chains (id, replica, opened_at)
+         SELECT 0, 'the shared chain of schema 1 to 4', 0 WHERE EXISTS (SELECT 1 FROM audit);
+     ALTER TABLE audit ADD COLUMN chain BIGINT NOT NULL DEFAULT 0;
+     ALTER TABLE audit DROP CONSTRAINT audit_pkey;
+     ALTER TABLE audit ADD PRIMARY KEY (chain, seq);
+     DROP INDEX audit_checkpoints;
+     CREATE INDEX audit_checkpoints ON audit(chain, seq) WHERE checkpoint;",
 ];
 
 /// The schema version this binary writes.
