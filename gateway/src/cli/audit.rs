@@ -375,12 +375,13 @@ fn file_against(
             )),
         };
         if let Some((line, problem)) = problem {
-            let of_chain = if chain == 0 {
-                String::new()
+            // On a single writer's log the seq is the line number.
+            let at = if chain == 0 {
+                format!("line {line}")
             } else {
-                format!(" of chain {chain}")
+                format!("seq {line} of chain {chain}")
             };
-            return Ok(broken(path, &format!("seq {line}{of_chain}: {problem}")));
+            return Ok(broken(path, &format!("{at}: {problem}")));
         }
     }
     report(path, &summary, true);

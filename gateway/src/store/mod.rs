@@ -61,7 +61,7 @@ pub enum Backend {
 }
 
 /// Opens the configured backend: migrates its schema, catches the audit file up with the
-/// database's chain and starts the store's background work.
+/// database and starts the store's background work.
 pub async fn open(
     config: &StoreConfig,
     checkpoints: Checkpoints,

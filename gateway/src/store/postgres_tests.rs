@@ -1,6 +1,6 @@
 //! What only PostgreSQL has: several replicas on one database (token uses, nonces and
-//! idempotency keys settled across them, each replica's audit file holding the whole chain),
-//! migrations under the advisory lock, connections dropped under a replica, and a password
+//! idempotency keys settled across them, each replica writing its own audit chain that the
+//! others' checkpoints bind), migrations under the advisory lock, connections dropped under a replica, and a password
 //! that never shows.
 
 use std::collections::BTreeSet;
