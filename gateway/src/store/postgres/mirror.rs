@@ -226,20 +226,12 @@ pub(super) async fn entries_after(
 ) -> Result<Vec<SealedEntry>, StoreError> {
     let rows = db
         .read(
-            "SELECT seq, hash, line FROM audit WHERE chain = $1 AND seq > $2 ORDER BY seq LIMIT $3",
+            "SELECT chain, seq, hash, line FROM audit WHERE chain = $1 AND seq > $2
+             ORDER BY seq LIMIT $3",
             &[&int(chain), &int(seq), &PAGE],
         )
         .await?;
-    rows.iter()
-        .map(|row| {
-            Ok(SealedEntry {
-                chain,
-                seq: uint(row, 0)?,
-                hash: digest_from_hex(row.try_get(1)?)?,
-                line: row.try_get(2)?,
-            })
-        })
-        .collect()
+    rows.iter().map(sealed_entry).collect()
 }
 
 /// Up to [`PAGE`] entries of any chain after entry `seq` of `chain`, in chain then seq order.
@@ -255,16 +247,17 @@ pub(super) async fn all_after(
             &[&int(chain), &int(seq), &PAGE],
         )
         .await?;
-    rows.iter()
-        .map(|row| {
-            Ok(SealedEntry {
-                chain: uint(row, 0)?,
-                seq: uint(row, 1)?,
-                hash: digest_from_hex(row.try_get(2)?)?,
-                line: row.try_get(3)?,
-            })
-        })
-        .collect()
+    rows.iter().map(sealed_entry).collect()
+}
+
+/// An `audit` row read as `chain, seq, hash, line`.
+fn sealed_entry(row: &tokio_postgres::Row) -> Result<SealedEntry, StoreError> {
+    Ok(SealedEntry {
+        chain: uint(row, 0)?,
+        seq: uint(row, 1)?,
+        hash: digest_from_hex(row.try_get(2)?)?,
+        line: row.try_get(3)?,
+    })
 }
 
 /// The hash of entry `seq` of `chain`, if the database holds that entry.
