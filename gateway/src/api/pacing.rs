@@ -14,8 +14,10 @@
 //! anyone else's request. HTTP/1.1 has at most one request in flight per connection, so at
 //! most one answer is held per connection: the connection caps (`server.max_connections_per_ip`,
 //! `server.max_connections`) bound how many are held at once, and with them the memory (a
-//! rendered refusal of a few hundred bytes and a timer each). The request-latency histogram is
-//! recorded before the hold: it measures the gateway's work, not the pacing.
+//! rendered refusal of a few hundred bytes and a timer each). Nor does holding give a client a
+//! way to keep a connection that it did not have: an idle connection keeps its slot for the
+//! header-read deadline (5 s by default), longer than the default hold. The request-latency
+//! histogram is recorded before the hold: it measures the gateway's work, not the pacing.
 
 use std::time::Duration;
 
@@ -30,7 +32,7 @@ use crate::metrics::Metrics;
 /// the header to what is left of the wait. Answers without `Retry-After` (successes, and
 /// refusals a wait would not change) go out at once.
 pub(super) async fn pace(
-    response: Response<Full<Bytes>>,
+    mut response: Response<Full<Bytes>>,
     max_hold: Duration,
     metrics: &Metrics,
 ) -> Response<Full<Bytes>> {
@@ -40,7 +42,6 @@ pub(super) async fn pace(
     metrics.refusals_held.inc();
     let _holding = Holding::start(metrics);
     tokio::time::sleep(hold.hold).await;
-    let mut response = response;
     response
         .headers_mut()
         .insert(header::RETRY_AFTER, HeaderValue::from(hold.left_secs));
@@ -81,6 +82,7 @@ fn plan(response: &Response<Full<Bytes>>, max_hold: Duration) -> Option<Hold> {
 
 /// One answer being held, in the `bootstrap_refusals_holding` gauge until it is sent (or the
 /// client went away and the request was dropped).
+#[derive(Debug)]
 struct Holding<'m>(&'m Metrics);
 
 impl<'m> Holding<'m> {
