@@ -1,7 +1,9 @@
 //! One runaway policy must not slow every cluster (issue #7, finding 7): the real gateway with
 //! two clusters, the infinite-loop fixture deciding for one of them. While eight nodes hammer
 //! the runaway cluster, every join to the healthy cluster is answered 200; the runaway policy's
-//! circuit breaker opens, and the opening is in the audit log and in `/metrics`.
+//! circuit breaker opens, and the opening is in the audit log and in `/metrics`. The breaker's
+//! refusals, like every refusal that says `Retry-After`, are held for that wait (at most
+//! `limits.refusal_hold`) while holding nothing but their connection.
 
 #![allow(
     clippy::unwrap_used,
@@ -172,4 +174,71 @@ async fn a_runaway_policy_opens_its_breaker_while_another_cluster_keeps_joining(
         audited >= 1 && audited < fast_total.max(2),
         "{audited} audit entries for {fast_total} fast refusals"
     );
+}
+
+/// A refusal that says `Retry-After` is held for it, at most `limits.refusal_hold` (10 s here),
+/// and holds nothing but its connection: while the open breaker's refusal of a runaway join is
+/// held, a join to the healthy cluster from the same address gets the one join slot of the
+/// gateway and of the address. The held refusal then goes out as it was decided, its
+/// Retry-After less the hold: a client that does not wait is paced, not answered differently.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_held_refusal_holds_its_connection_and_no_join_slot() {
+    let gw = Gateway::start_with("held-refusal", |toml| {
+        two_clusters(toml);
+        *toml = toml.replace("[limits]\n", "[limits]\nrefusal_hold = \"10s\"\n");
+        *toml = toml.replace(
+            "[server]\n",
+            "[server]\nmax_in_flight = 1\nmax_in_flight_per_ip = 1\n",
+        );
+    });
+    let runaway = gw.issue_token("runaway", "relay", 100).await;
+    let healthy = gw.issue_token("edge-eu", "relay", 1).await;
+    let node = gw.node();
+    // Three timeouts, one after another, open the breaker. A timeout says no Retry-After: it
+    // is answered at once.
+    for i in 0..3 {
+        let name = format!("spin-{i}");
+        let request = join_request(&node, &runaway.token, &name, &NodeKey::new(&name)).await;
+        let reply = post_join(&node, &request).await;
+        assert_eq!(problem(&reply).reason, "policy-timeout");
+    }
+    assert_eq!(gw.metric("bootstrap_refusals_held_total").await, Some(0.0));
+
+    let held = {
+        let node = gw.node();
+        let request = join_request(&node, &runaway.token, "spin-held", &NodeKey::new("x")).await;
+        tokio::spawn(async move { post_join(&node, &request).await })
+    };
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while gw.metric("bootstrap_refusals_holding").await != Some(1.0) {
+        assert!(!held.is_finished(), "the circuit-open refusal was not held");
+        assert!(Instant::now() < deadline, "no refusal was ever held");
+    }
+    // The only join slot (of the gateway, and of 127.0.0.1) is free while it is held.
+    join_as(
+        &gw.node(),
+        &healthy.token,
+        "healthy-while-held",
+        &NodeKey::new("healthy-while-held"),
+    )
+    .await;
+    // (The hold is 10 s; the healthy join took a few milliseconds of it.)
+    assert_eq!(
+        gw.metric("bootstrap_refusals_holding").await,
+        Some(1.0),
+        "the refusal went out before the healthy join was answered"
+    );
+
+    let reply = held.await.unwrap();
+    assert_eq!(reply.status, 503);
+    assert_eq!(problem(&reply).reason, "policy-circuit-open");
+    let after: u64 = reply.headers["retry-after"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    // The breaker's 600 s cooldown, less the 10 s the answer was held.
+    assert!((500..=590).contains(&after), "Retry-After {after}");
+    assert_eq!(gw.metric("bootstrap_refusals_held_total").await, Some(1.0));
+    assert_eq!(gw.metric("bootstrap_refusals_holding").await, Some(0.0));
 }

@@ -66,6 +66,8 @@ pub struct Gateway {
     pub refusals: RefusalCoalescer,
     /// How often `refusals` is written to the audit.
     pub refusal_audit_interval: Duration,
+    /// Longest a refusal that says `Retry-After` is held before it is sent (`api::pacing`).
+    pub refusal_hold: Duration,
     /// The admin bearer credential.
     pub admin_credential: String,
     /// The CRL in force, and the signing of the next.
@@ -199,6 +201,7 @@ impl Gateway {
             in_flight_per_ip: KeyedSlots::new(config.server.max_in_flight_per_ip.get()),
             refusals: RefusalCoalescer::new(config.limits.refusal_audit_max_keys.get() as usize),
             refusal_audit_interval: config.limits.refusal_audit_interval,
+            refusal_hold: config.limits.refusal_hold,
             admin_credential,
             reserved_dns,
             revocations,

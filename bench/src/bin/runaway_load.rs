@@ -5,7 +5,9 @@
 //! for `edge-eu`. Measures `edge-eu` joins (kept-alive, `--healthy` nodes at once) while the
 //! gateway is quiet, then the same number while eight nodes hammer the `runaway` cluster back to
 //! back on kept-alive connections without honouring `Retry-After` (the worst case), and reports
-//! p50/p99 of both phases and what the hammering nodes were answered.
+//! p50/p99 of both phases and what the hammering nodes were answered. (The gateway holds each
+//! refusal that says `Retry-After` for that wait, at most `limits.refusal_hold`: the eight
+//! keep their closed loop, and the gateway paces it.)
 //!
 //! `--module builtin:deny-all` binds another policy to `runaway` instead: a control run with a
 //! policy that answers at once, to tell the cost of the refusals themselves from the runaway's.

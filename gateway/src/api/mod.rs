@@ -1,5 +1,6 @@
 //! The HTTP API: routing, the per-request envelope (request id, tracing span, rate limits,
-//! load shedding, body limit and deadlines, latency metric, refusal audit), and the handlers.
+//! load shedding, body limit and deadlines, latency metric, refusal audit, paced refusals),
+//! and the handlers.
 //! The join pipeline itself reads top to bottom in `join::join`.
 //!
 //! A refusal before the token verified is counted (metric) and coalesced into one audit entry
@@ -11,6 +12,7 @@ mod ca;
 mod feed;
 mod join;
 mod manual;
+mod pacing;
 mod problem;
 mod refusals;
 mod renew;
@@ -115,7 +117,10 @@ impl Handler for NodeApi {
         .instrument(span)
         .await;
         gw.metrics.request(route.name(), started.elapsed());
-        response
+        // Last layer: a refusal that says Retry-After waits here (its in-flight slots already
+        // given back) for that long, at most `limits.refusal_hold`, so a client that retries
+        // without waiting is paced instead of answered as fast as the gateway can refuse.
+        pacing::pace(response, gw.refusal_hold, &gw.metrics).await
     }
 }
 

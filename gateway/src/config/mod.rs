@@ -14,7 +14,7 @@ use std::time::Duration;
 use crate::attest::AttestConfig;
 use crate::audit::AuditConfig;
 use crate::identity::{IdentityConfig, TrustDomain};
-use crate::limits::{LimitsConfig, Rate};
+use crate::limits::{LimitsConfig, MAX_REFUSAL_HOLD, Rate};
 use crate::policy::{ModuleSource, PolicyBinding, PolicyConfig};
 use crate::reload::SourceConfig;
 use crate::server::{AdminConfig, ServerConfig};
@@ -480,6 +480,33 @@ impl Validator<'_> {
                 raw.refusal_audit_max_keys,
                 d.refusal_audit_max_keys,
             ),
+            refusal_hold: self.refusal_hold(raw.refusal_hold, d.refusal_hold),
+        }
+    }
+
+    /// `limits.refusal_hold`: zero turns holding off; at most [`MAX_REFUSAL_HOLD`].
+    fn refusal_hold(&mut self, text: Option<String>, default: Duration) -> Duration {
+        const KEY: &str = "limits.refusal_hold";
+        let Some(text) = text else { return default };
+        match humantime::parse_duration(&text) {
+            Ok(d) if d <= MAX_REFUSAL_HOLD => d,
+            Ok(_) => {
+                self.problem(
+                    KEY,
+                    format!(
+                        "must be at most {} (a held refusal keeps its connection open)",
+                        humantime::format_duration(MAX_REFUSAL_HOLD)
+                    ),
+                );
+                default
+            }
+            Err(e) => {
+                self.problem(
+                    KEY,
+                    format!("{text:?} is not a duration like \"1s\" or \"0s\" ({e})"),
+                );
+                default
+            }
         }
     }
 

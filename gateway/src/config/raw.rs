@@ -108,6 +108,7 @@ pub struct RawLimits {
     pub per_cluster: Option<RawRate>,
     pub refusal_audit_interval: Option<String>,
     pub refusal_audit_max_keys: Option<u32>,
+    pub refusal_hold: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]

@@ -424,3 +424,25 @@ fn postgres_settings_are_checked_together() {
         );
     }
 }
+
+#[test]
+fn refusal_hold_may_be_zero_and_at_most_ten_seconds() {
+    let off = parse("trust_domain = \"a.example\"\n[limits]\nrefusal_hold = \"0s\"").unwrap();
+    assert_eq!(off.limits.refusal_hold, Duration::ZERO);
+    let longest = parse("trust_domain = \"a.example\"\n[limits]\nrefusal_hold = \"10s\"").unwrap();
+    assert_eq!(longest.limits.refusal_hold, Duration::from_secs(10));
+    for bad in ["11s", "soon"] {
+        let err = parse(&format!(
+            "trust_domain = \"a.example\"\n[limits]\nrefusal_hold = \"{bad}\""
+        ))
+        .unwrap_err();
+        let Parse::Invalid(problems) = err else {
+            panic!("{err:?}")
+        };
+        assert_eq!(problems.len(), 1, "{problems:?}");
+        assert!(
+            problems[0].starts_with("limits.refusal_hold"),
+            "{problems:?}"
+        );
+    }
+}

@@ -43,7 +43,8 @@ impl Rate {
 
 /// The `[limits]` section. Defaults (in [`LimitsConfig::default`]): global 5,000/s burst
 /// 10,000; per IP 100/s burst 200; per token 10/s burst 50; per cluster 2,000/s burst 4,000;
-/// refusals before authentication audited every 10 s for at most 1,024 clients.
+/// refusals before authentication audited every 10 s for at most 1,024 clients; refusals
+/// that say `Retry-After` held for it, at most 1 s.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct LimitsConfig {
     /// Every join and renewal on this replica (challenges have a bucket of their own).
@@ -60,7 +61,15 @@ pub struct LimitsConfig {
     /// Distinct (client, reason) pairs remembered per interval; the rest are counted in one
     /// overflow entry.
     pub refusal_audit_max_keys: NonZeroU32,
+    /// Longest a refusal that says `Retry-After` is held before it is sent (the wait it names,
+    /// at most this; zero sends refusals at once). Paces clients that retry without waiting:
+    /// see `api::pacing`.
+    pub refusal_hold: Duration,
 }
+
+/// The longest `refusal_hold` accepted: a held refusal keeps its connection open that long,
+/// and a node's own request deadline (the agent's is 30 s) must outlast it.
+pub const MAX_REFUSAL_HOLD: Duration = Duration::from_secs(10);
 
 fn rate(per_second: u32, burst: u32) -> Rate {
     Rate {
@@ -78,6 +87,7 @@ impl Default for LimitsConfig {
             per_cluster: rate(2_000, 4_000),
             refusal_audit_interval: Duration::from_secs(10),
             refusal_audit_max_keys: NonZeroU32::new(1024).unwrap_or(NonZeroU32::MIN),
+            refusal_hold: Duration::from_secs(1),
         }
     }
 }

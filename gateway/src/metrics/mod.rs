@@ -94,6 +94,10 @@ pub struct Metrics {
     pub token_uses: Counter,
     /// Requests shed because too many were in flight.
     pub shed: Counter,
+    /// Refusals held for their `Retry-After` before they were sent (`api::pacing`).
+    pub refusals_held: Counter,
+    /// Refusals being held now.
+    pub refusals_holding: Gauge,
     /// Connections currently open.
     pub connections: Gauge,
     /// Connections closed at accept because a cap was reached, by scope (`per-ip`, `global`).
@@ -191,6 +195,18 @@ impl Metrics {
             "bootstrap_requests_shed",
             "Requests refused with 503 because too many were in flight",
             shed.clone(),
+        );
+        let refusals_held = Counter::default();
+        registry.register(
+            "bootstrap_refusals_held",
+            "Refusals held for their Retry-After (at most limits.refusal_hold) before they were sent",
+            refusals_held.clone(),
+        );
+        let refusals_holding = Gauge::default();
+        registry.register(
+            "bootstrap_refusals_holding",
+            "Refusals being held now (at most one per open connection)",
+            refusals_holding.clone(),
         );
         let connections = Gauge::default();
         registry.register(
@@ -345,6 +361,8 @@ impl Metrics {
             rate_limited,
             token_uses,
             shed,
+            refusals_held,
+            refusals_holding,
             connections,
             connections_refused,
             unauthenticated_refusals,
