@@ -401,11 +401,14 @@ fn report(path: &Path, summary: &SignedSummary, with_database: bool) {
         ""
     };
     if summary.chains.len() > 1 || summary.chains.keys().any(|&c| c != 0) {
+        let chains = match summary.chains.len() {
+            1 => "1 chain".to_string(),
+            n => format!("{n} chains"),
+        };
         println!(
-            "{}: ok, {} entries in {} chains{with_database}",
+            "{}: ok, {} entries in {chains}{with_database}",
             path.display(),
             summary.entries,
-            summary.chains.len(),
         );
         for (chain, head) in &summary.chains {
             println!(
@@ -415,10 +418,11 @@ fn report(path: &Path, summary: &SignedSummary, with_database: bool) {
             );
         }
         if !summary.absent_bound.is_empty() {
+            let chains: Vec<String> = summary.absent_bound.iter().map(u64::to_string).collect();
             println!(
-                "{} chains bound by checkpoints are not in this log (other replicas'; \
+                "chains {} are bound by checkpoints but not in this log (other replicas'; \
                  `audit verify --config` checks them in the database)",
-                summary.absent_bound.len()
+                chains.join(", ")
             );
         }
     } else {
