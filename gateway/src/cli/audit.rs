@@ -420,8 +420,8 @@ fn report(path: &Path, summary: &SignedSummary, with_database: bool) {
         if !summary.absent_bound.is_empty() {
             let chains: Vec<String> = summary.absent_bound.iter().map(u64::to_string).collect();
             println!(
-                "chains {} are bound by checkpoints but not in this log (other replicas'; \
-                 `audit verify --config` checks them in the database)",
+                "bound by checkpoints but not in this log (other replicas' chains, which \
+                 `audit verify --config` checks in the database): chain {}",
                 chains.join(", ")
             );
         }
