@@ -10,6 +10,7 @@ mod checkpoints;
 mod lineage;
 pub mod postgres;
 mod sqlite;
+mod wal;
 mod writer;
 
 use std::future::Future;

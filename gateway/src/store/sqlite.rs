@@ -11,6 +11,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 
 use super::chain::{audit_head, digest_from_hex};
 use super::checkpoints::{Checkpoints, Ticker, unsigned_in};
+use super::wal::WalCheckpointer;
 use super::writer::{Command, Message, Writer};
 use super::{
     BoxFuture, DecisionRecord, Disagreement, ExpirySummary, IdempotentResult, IdentityFilter,
@@ -197,6 +198,12 @@ impl SqliteStore {
         write.pragma_update(None, "journal_mode", "WAL")?;
         write.pragma_update(None, "synchronous", "FULL")?;
         write.pragma_update(None, "foreign_keys", "ON")?;
+        // Checkpoints run on their own thread (`wal`); the writer's stays as the bound.
+        write.pragma_update(
+            None,
+            "wal_autocheckpoint",
+            super::wal::WRITER_CHECKPOINT_PAGES,
+        )?;
         migrate(&mut write)?;
         // A torn last line is an append a crash interrupted; the database holds that entry and
         // the catch-up below writes it again.
@@ -241,10 +248,15 @@ impl SqliteStore {
         };
         let ticker = Ticker::start(wake, checkpoints.interval)
             .map_err(|e| StoreError::Io(format!("cannot start the audit ticker thread: {e}")))?;
+        let wal = open(&config.sqlite, OpenFlags::default())?;
+        wal.pragma_update(None, "synchronous", "FULL")?;
+        let wal = WalCheckpointer::start(wal)
+            .map_err(|e| StoreError::Io(format!("cannot start the checkpoint thread: {e}")))?;
         let writer = Writer::new(
             write,
             head,
             mirror,
+            wal,
             max_batch,
             checkpoints,
             unsigned,

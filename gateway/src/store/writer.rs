@@ -8,6 +8,7 @@ use tokio::sync::{mpsc, oneshot};
 use super::chain::append_audit;
 use super::checkpoints::{Checkpoints, Ticker, Unsigned};
 use super::lineage;
+use super::wal::WalCheckpointer;
 use super::{
     DecisionRecord, Disagreement, IssueOutcome, IssueRecord, RenewOutcome, RenewRecord,
     RevokeOrder, RevokeSummary, StoreError, TokenRecord,
@@ -94,6 +95,8 @@ pub(super) struct Writer {
     conn: Connection,
     head: ChainHead,
     mirror: Mirror,
+    /// Copies the log into the database file after commits, off this thread.
+    wal: WalCheckpointer,
     max_batch: usize,
     checkpoints: Checkpoints,
     unsigned: Unsigned,
@@ -334,6 +337,7 @@ impl Writer {
         conn: Connection,
         head: ChainHead,
         mirror: Mirror,
+        wal: WalCheckpointer,
         max_batch: usize,
         checkpoints: Checkpoints,
         unsigned: u64,
@@ -344,6 +348,7 @@ impl Writer {
             conn,
             head,
             mirror,
+            wal,
             max_batch: max_batch.max(1),
             checkpoints,
             unsigned: Unsigned {
@@ -374,6 +379,7 @@ impl Writer {
             ticker.stop();
         }
         self.commit_batch(&mut batch, Vec::new(), true);
+        self.wal.finish();
         self.mirror.finish();
     }
 
@@ -428,6 +434,7 @@ impl Writer {
                 answers.into_iter().for_each(Answer::send);
                 self.mirror.send(sealed);
                 self.mirror.flush(flushes);
+                self.wal.nudge();
             }
             Err(e) => {
                 tracing::error!(error = %e, "store: commit failed");
