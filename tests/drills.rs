@@ -413,7 +413,7 @@ async fn a_full_disk_refuses_joins_with_503_and_the_gateway_recovers_by_itself()
                 &format!("audit_file = \"{}\"", audit_file.display()),
             );
     });
-    let token = gw.issue_token("edge-eu", "dispatcher", 100).await;
+    let token = gw.issue_token("edge-eu", "dispatcher", 200).await;
     let token_id = token.id.to_string();
     let mut issued = BTreeSet::new();
     let mut record = |serial: Option<String>| {
@@ -486,9 +486,28 @@ async fn a_full_disk_refuses_joins_with_503_and_the_gateway_recovers_by_itself()
         tokio::task::yield_now().await;
     }
 
-    // The database's disk runs full: joins are refused with 503 + Retry-After, nothing is
-    // issued, and the gateway stays up.
+    // The database's disk runs full: once SQLite can no longer write its log, joins are
+    // refused with 503 + Retry-After, nothing is issued, and the gateway stays up. Until then
+    // commits may still go into log space the file already holds (its checkpoints, on their
+    // own thread, let it be reused): each of those joins is durable and recorded like any.
     db_disk.fill();
+    let mut first_refusal = None;
+    for i in 0..50 {
+        let (reply, serial) = try_join(&gw, &token.token, &format!("db-filling-{i}")).await;
+        if reply.status == 503 {
+            first_refusal = Some(reply);
+            break;
+        }
+        assert_eq!(
+            reply.status,
+            200,
+            "{}",
+            String::from_utf8_lossy(&reply.body)
+        );
+        record(serial);
+    }
+    let first_refusal = first_refusal.expect("50 joins on a full disk were all issued");
+    assert_eq!(problem(&first_refusal).reason, "store-unavailable");
     // A node CLI joining meanwhile is refused like the others and keeps retrying.
     let nodes = TempDir::new("disk-full-nodes");
     let token_file = nodes.0.join("token");
