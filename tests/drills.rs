@@ -385,6 +385,16 @@ async fn try_join(
     (reply, serial)
 }
 
+/// Fails with the reply's body unless it has `status`.
+fn assert_status(reply: &gateway::agent::Reply, status: u16) {
+    assert_eq!(
+        reply.status,
+        status,
+        "{}",
+        String::from_utf8_lossy(&reply.body)
+    );
+}
+
 /// Joins refused at the record stage (the store), from the gateway's metrics.
 async fn refused_at_store(gw: &Gateway) -> u64 {
     let metrics = gw.admin().get("/metrics").await.unwrap();
@@ -432,12 +442,7 @@ async fn a_full_disk_refuses_joins_with_503_and_the_gateway_recovers_by_itself()
     };
     for i in 0..3 {
         let (reply, serial) = try_join(&gw, &token.token, &format!("before-{i}")).await;
-        assert_eq!(
-            reply.status,
-            200,
-            "{}",
-            String::from_utf8_lossy(&reply.body)
-        );
+        assert_status(&reply, 200);
         record(serial);
     }
 
@@ -452,12 +457,7 @@ async fn a_full_disk_refuses_joins_with_503_and_the_gateway_recovers_by_itself()
     for i in 0.. {
         assert!(i < 20, "20 joins did not outgrow a page");
         let (reply, serial) = try_join(&gw, &token.token, &format!("audit-full-{i}")).await;
-        assert_eq!(
-            reply.status,
-            200,
-            "{}",
-            String::from_utf8_lossy(&reply.body)
-        );
+        assert_status(&reply, 200);
         record(serial);
         if count(&db, &since_full) > PAGE {
             break;
@@ -498,12 +498,7 @@ async fn a_full_disk_refuses_joins_with_503_and_the_gateway_recovers_by_itself()
             first_refusal = Some(reply);
             break;
         }
-        assert_eq!(
-            reply.status,
-            200,
-            "{}",
-            String::from_utf8_lossy(&reply.body)
-        );
+        assert_status(&reply, 200);
         record(serial);
     }
     let first_refusal = first_refusal.expect("50 joins on a full disk were all issued");
@@ -515,12 +510,7 @@ async fn a_full_disk_refuses_joins_with_503_and_the_gateway_recovers_by_itself()
     let mut cli = spawn_node(&gw, &nodes.0, "cli-node", &token_id, &token_file);
     for i in 0..4 {
         let (reply, serial) = try_join(&gw, &token.token, &format!("db-full-{i}")).await;
-        assert_eq!(
-            reply.status,
-            503,
-            "{}",
-            String::from_utf8_lossy(&reply.body)
-        );
+        assert_status(&reply, 503);
         assert!(
             reply.headers.contains_key("retry-after"),
             "{:?}",
@@ -544,12 +534,7 @@ async fn a_full_disk_refuses_joins_with_503_and_the_gateway_recovers_by_itself()
     db_disk.free();
     for i in 0..3 {
         let (reply, serial) = try_join(&gw, &token.token, &format!("after-{i}")).await;
-        assert_eq!(
-            reply.status,
-            200,
-            "{}",
-            String::from_utf8_lossy(&reply.body)
-        );
+        assert_status(&reply, 200);
         record(serial);
     }
 
@@ -579,10 +564,5 @@ async fn a_full_disk_refuses_joins_with_503_and_the_gateway_recovers_by_itself()
     assert_audit_verifies(&dir.0);
     let gw = Gateway::spawn(dir);
     let (reply, _) = try_join(&gw, &token.token, "after-restart").await;
-    assert_eq!(
-        reply.status,
-        200,
-        "{}",
-        String::from_utf8_lossy(&reply.body)
-    );
+    assert_status(&reply, 200);
 }
