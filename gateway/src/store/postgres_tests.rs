@@ -68,9 +68,15 @@ async fn two_replicas_racing_twenty_joins_issue_exactly_the_three_uses() {
     assert_eq!(b.token(fresh.id).await.unwrap().unwrap().uses, 1);
 
     // Each replica wrote its own chain, and its audit file holds that chain: together the
-    // two files hold every issuance once, as the database does.
-    a.flush_audit().await.unwrap();
+    // two files hold every issuance once, as the database does. (Which replica won the three
+    // uses varies; a token registered through B gives its chain an entry either way, and A
+    // signs after it, so A's checkpoint binds B's head.)
+    let on_b = super::tests::token_record(1);
+    b.register_token(on_b.clone(), super::tests::token_issued(&on_b))
+        .await
+        .unwrap();
     b.flush_audit().await.unwrap();
+    a.flush_audit().await.unwrap();
     let chains = h
         .texts("SELECT CAST(COUNT(DISTINCT chain) AS TEXT) FROM audit")
         .await;
