@@ -16,25 +16,15 @@ use crate::audit::{Anchor, AuditKey, AuditPublicKey, ChainHead, Problem, SignedS
 use crate::config::Config;
 use crate::store::{Backend, Checkpoints, SqliteStore};
 
-/// Which log: a file, or the one a gateway config names.
+/// Which log: a file, or the database a gateway config names.
 #[derive(Debug, Args)]
 pub(super) struct LogArgs {
     /// The audit log file.
     #[arg(long, conflicts_with = "config")]
     file: Option<PathBuf>,
-    /// Take the audit log path from this gateway config.
+    /// Read the audit in this gateway config's database (every chain, on PostgreSQL).
     #[arg(long, default_value = "gateway.toml")]
     config: PathBuf,
-}
-
-impl LogArgs {
-    fn open(&self) -> anyhow::Result<(PathBuf, BufReader<std::fs::File>)> {
-        let path = match &self.file {
-            Some(file) => file.clone(),
-            None => Config::load(&self.config)?.store.audit_file,
-        };
-        Ok((path.clone(), open(&path)?))
-    }
 }
 
 fn open(path: &Path) -> anyhow::Result<BufReader<std::fs::File>> {
@@ -125,8 +115,17 @@ pub(super) fn run(cmd: AuditCommand) -> anyhow::Result<ExitCode> {
     match cmd {
         AuditCommand::Verify(args) => verify(&args),
         AuditCommand::Query { id, log } => {
-            let (_, reader) = log.open()?;
-            let lines = crate::audit::query(reader, &id)?;
+            let lines = match &log.file {
+                Some(file) => crate::audit::query(open(file)?, &id)?,
+                // The database's audit, the durable copy: the audit file is its mirror, which
+                // may trail the latest commit by a moment.
+                None => {
+                    let config = Config::load(&log.config)?;
+                    let mut exported = Vec::new();
+                    export(&config, &mut exported)?;
+                    crate::audit::query(&exported[..], &id)?
+                }
+            };
             for line in &lines {
                 println!("{line}");
             }
