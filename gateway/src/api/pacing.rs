@@ -41,6 +41,7 @@ pub(super) async fn pace(
     };
     metrics.refusals_held.inc();
     let _holding = Holding::start(metrics);
+    // The hold itself (the point of pacing), not a wait for something to happen.
     tokio::time::sleep(hold.hold).await;
     response
         .headers_mut()

@@ -47,6 +47,8 @@ impl OwnChain {
         let now = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.as_secs());
+        // Through `read`'s retry: an attempt whose answer was lost may leave a chain claimed
+        // and never written, which verifies as an empty chain.
         let rows = db
             .read(
                 "INSERT INTO audit_chains (replica, opened_at) VALUES ($1, $2) RETURNING id",
@@ -74,24 +76,22 @@ impl OwnChain {
     }
 
     /// The state after a commit that succeeded.
-    pub(super) fn committed(&mut self, state: Option<ChainState>) {
-        if let Some(state) = state {
-            self.state = Some(state);
-        }
+    pub(super) fn committed(&mut self, state: ChainState) {
+        self.state = Some(state);
     }
 }
 
 /// What a commit adds: its chain entries (not inserted yet: [`insert`] goes with the commit,
 /// in the same round trip), the newest feed position it published, and the chain's state once
 /// it commits.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub(super) struct Sealed {
     pub chain: u64,
     pub entries: Vec<SealedEntry>,
     is_checkpoint: Vec<bool>,
     appended_at: i64,
     pub revocation_head: Option<u64>,
-    pub state: Option<ChainState>,
+    pub state: ChainState,
 }
 
 /// Chain `$1`'s head, last checkpoint and the time of its oldest unsigned entry, in one
@@ -111,21 +111,15 @@ const OTHER_HEADS: &str = "
     ORDER BY c.id";
 
 /// Seals what `tx` queued (revocations, then audit entries on `own`, then a checkpoint when
-/// one is due); the entries are inserted by [`insert`], sent with the commit. Nothing queued
-/// and no check asked for: nothing at all.
+/// one is due); the entries are inserted by [`insert`], sent with the commit. Called only when
+/// the transaction has something to seal ([`Tx::quiet`] is false).
 pub(super) async fn seal(
     tx: &mut Tx,
     own: &mut OwnChain,
     checkpoints: &Checkpoints,
 ) -> Result<Sealed, StoreError> {
-    let mut sealed = Sealed {
-        chain: own.id,
-        ..Sealed::default()
-    };
     let forced = tx.signing == Signing::Now;
-    if tx.events.is_empty() && tx.revocations.is_empty() && !forced && !tx.check_chain {
-        return Ok(sealed);
-    }
+    let mut revocation_head = None;
     let revocations = std::mem::take(&mut tx.revocations);
     if !revocations.is_empty() {
         // Feed positions in commit order across replicas: one revoking transaction at a time.
@@ -149,9 +143,9 @@ pub(super) async fn seal(
                 ],
             )
             .await?;
-        sealed.revocation_head = Some(uint(&row, 0)?);
+        revocation_head = Some(uint(&row, 0)?);
     }
-    if let Some(seq) = sealed.revocation_head {
+    if let Some(seq) = revocation_head {
         // Delivered to every listening replica when (and only if) this commits.
         tx.query(
             "SELECT pg_notify($1, $2)",
@@ -165,25 +159,31 @@ pub(super) async fn seal(
     };
     let now = SystemTime::now();
     let events = std::mem::take(&mut tx.events);
+    let mut entries = Vec::with_capacity(events.len() + 1);
     for event in &events {
-        push(&mut sealed.entries, own.id, &mut state, event, now);
+        push(&mut entries, own.id, &mut state, event, now);
     }
-    sealed.is_checkpoint = vec![false; sealed.entries.len()];
+    let mut is_checkpoint = vec![false; entries.len()];
     let unsigned = state.head.seq - state.signed_seq;
     let oldest = state.oldest_unsigned.unwrap_or_else(|| millis(now));
     let old_enough = millis(now).saturating_sub(oldest) >= int_millis(checkpoints.interval);
     if unsigned > 0 && (forced || unsigned >= checkpoints.every.get() || old_enough) {
         let bound = other_heads(tx, own.id).await?;
         let signed = checkpoint_in(&checkpoints.key, own.id, &state.head, bound, now);
-        push(&mut sealed.entries, own.id, &mut state, &signed, now);
-        sealed.is_checkpoint.push(true);
+        push(&mut entries, own.id, &mut state, &signed, now);
+        is_checkpoint.push(true);
         state.signed_seq = state.head.seq;
         state.oldest_unsigned = None;
     }
-    sealed.appended_at = millis(now);
-    sealed.state = Some(state);
     tx.prepare(&[INSERT]).await?;
-    Ok(sealed)
+    Ok(Sealed {
+        chain: own.id,
+        entries,
+        is_checkpoint,
+        appended_at: millis(now),
+        revocation_head,
+        state,
+    })
 }
 
 /// Seals `event` after `state`'s head.

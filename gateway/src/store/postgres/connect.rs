@@ -164,6 +164,15 @@ impl Tx {
         Ok(())
     }
 
+    /// Whether nothing is queued to seal: no audit entry, no revocation, no checkpoint asked
+    /// for. Such a transaction commits without taking the replica's chain.
+    pub(super) fn quiet(&self) -> bool {
+        self.events.is_empty()
+            && self.revocations.is_empty()
+            && self.signing == Signing::Scheduled
+            && !self.check_chain
+    }
+
     async fn end(&mut self, sql: &str) -> Result<(), StoreError> {
         self.client()?.batch_execute(sql).await?;
         Ok(())
@@ -385,11 +394,7 @@ impl Db {
     /// publishes what the commit did, all while holding the chain (so its entries commit and
     /// reach the audit file in order). A commit whose answer was lost is `CommitUnknown`.
     async fn commit(&self, tx: &mut Tx) -> Result<(), StoreError> {
-        let quiet = tx.events.is_empty()
-            && tx.revocations.is_empty()
-            && tx.signing == Signing::Scheduled
-            && !tx.check_chain;
-        if quiet {
+        if tx.quiet() {
             // Nothing to seal: no need to wait for the chain.
             return match tx.client() {
                 Ok(client) => match client.batch_execute("COMMIT").await {
@@ -413,10 +418,7 @@ impl Db {
         };
         // The entries and the commit in one round trip: should the insert fail, the server
         // answers the commit of the failed transaction with a rollback.
-        let client = match tx.client() {
-            Ok(client) => client,
-            Err(e) => return Err(e),
-        };
+        let client = tx.client()?;
         let (inserted, committed) = tokio::join!(
             biased;
             chain::insert(tx, &sealed),
