@@ -74,7 +74,9 @@ pub(super) async fn newest(db: &Db, limit: u32) -> Result<Vec<Disagreement>, Sto
         .collect()
 }
 
-/// Records decisions, drops those older than `.2` and all but the newest `.1`.
+/// Records decisions, drops those older than `.2` and all but the newest `.1`: two
+/// statements whatever the number of decisions (queued with the joins they decided, in their
+/// group's transaction).
 pub(super) struct Decisions(pub Vec<DecisionRecord>, pub u32, pub u64);
 
 impl Change for Decisions {
@@ -82,28 +84,45 @@ impl Change for Decisions {
 
     fn apply<'a>(&'a self, tx: &'a mut Tx) -> BoxFuture<'a, Result<Applied<()>, StoreError>> {
         Box::pin(async move {
-            let mut newest = 0i64;
-            for d in &self.0 {
-                let row = tx
-                    .query_one(
-                        "INSERT INTO decisions (at, request_id, cluster, role, policy_version,
-                             outcome, input)
-                         VALUES ($1, $2, $3, $4, $5, $6, $7) RETURNING seq",
-                        &[
-                            &int(d.at),
-                            &d.request_id,
-                            &d.cluster,
-                            &d.role,
-                            &d.policy_version,
-                            &d.outcome,
-                            &d.input,
-                        ],
-                    )
-                    .await?;
-                newest = row.try_get(0)?;
+            if self.0.is_empty() {
+                return Ok(Applied::Commit(()));
             }
+            let column =
+                |f: fn(&DecisionRecord) -> &str| -> Vec<&str> { self.0.iter().map(f).collect() };
+            let at: Vec<i64> = self.0.iter().map(|d| int(d.at)).collect();
+            let row = tx
+                .query_one(
+                    "WITH added AS (
+                         INSERT INTO decisions (at, request_id, cluster, role, policy_version,
+                             outcome, input)
+                         SELECT a, r, c, o, v, d, i
+                         FROM UNNEST($1::BIGINT[], $2::TEXT[], $3::TEXT[], $4::TEXT[],
+                             $5::TEXT[], $6::TEXT[], $7::TEXT[])
+                             WITH ORDINALITY AS t(a, r, c, o, v, d, i, n)
+                         ORDER BY n
+                         RETURNING seq)
+                     SELECT MAX(seq) FROM added",
+                    &[
+                        &at,
+                        &column(|d| &d.request_id),
+                        &column(|d| &d.cluster),
+                        &column(|d| &d.role),
+                        &column(|d| &d.policy_version),
+                        &column(|d| &d.outcome),
+                        &column(|d| &d.input),
+                    ],
+                )
+                .await?;
+            let newest: i64 = row.try_get(0)?;
+            // Each condition walks its own index from the oldest row and stops at the first
+            // it keeps. (`seq <= $1 OR at < $2` as one condition was planned generically as a
+            // sequential scan of the whole table: 1.3 ms per call at 8,000 rows, measured.)
+            // The limits bound one call's work; every call trims again.
             tx.execute(
-                "DELETE FROM decisions WHERE seq <= $1 OR at < $2",
+                "DELETE FROM decisions WHERE seq IN (
+                     (SELECT seq FROM decisions WHERE seq <= $1 ORDER BY seq LIMIT 10000)
+                     UNION ALL
+                     (SELECT seq FROM decisions WHERE at < $2 ORDER BY at LIMIT 10000))",
                 &[&(newest - i64::from(self.1)), &int(self.2)],
             )
             .await?;
