@@ -126,6 +126,10 @@ pub enum StoreError {
     /// The writer thread is gone (shutting down or crashed).
     #[error("the store is shut down")]
     Closed,
+    /// The group commit this change was part of failed (the cause, logged once, is the same
+    /// for every change of the group).
+    #[error("{0}")]
+    Group(#[source] std::sync::Arc<StoreError>),
     /// The database was written by a newer version of the gateway.
     #[error("the database schema is version {found}; this gateway knows up to {known}: upgrade it")]
     SchemaTooNew {

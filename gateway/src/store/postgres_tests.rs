@@ -408,6 +408,60 @@ async fn tls_to_the_database_is_checked_against_the_configured_ca() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_change_failing_inside_a_group_commit_leaves_the_others_of_its_group_committed() {
+    let h = Harness::new(Kind::Postgres, "pg-group").await;
+    let (store, token) = open_with_token(&h, 100).await;
+    let store = Arc::new(store);
+    let mut tasks = Vec::new();
+    for i in 0..24 {
+        // PostgreSQL refuses a NUL in text: this one change's statement fails in the
+        // database, inside whichever group it lands in.
+        let nonce = if i == 7 {
+            "bad\0nonce".to_string()
+        } else {
+            format!("nonce-{i}")
+        };
+        let mut record = issue_record(token.id, &format!("req-{i}"), &nonce);
+        // Two with one idempotency key (the second a retry of the first, after a lost
+        // response), in one group or in two at once: one issues, the other replays it.
+        if i == 3 || i == 4 {
+            record.idempotency = Some(("key-1".into(), [3; 32]));
+            record.response = "the first answer".into();
+        }
+        let store = store.clone();
+        tasks.push(tokio::spawn(async move { store.issue(record).await }));
+    }
+    let mut issued = 0;
+    let mut replayed = 0;
+    for (i, task) in tasks.into_iter().enumerate() {
+        match task.await.unwrap() {
+            Ok(IssueOutcome::Issued { .. }) if i != 7 => issued += 1,
+            Ok(IssueOutcome::Replayed(answer)) if i == 3 || i == 4 => {
+                assert_eq!(answer, "the first answer");
+                replayed += 1;
+            }
+            Err(StoreError::Postgres(e)) if i == 7 => assert!(e.as_db_error().is_some(), "{e}"),
+            other => panic!("join {i}: {other:?}"),
+        }
+    }
+    assert_eq!((issued, replayed), (22, 1));
+    assert_eq!(store.token(token.id).await.unwrap().unwrap().uses, 22);
+    assert_eq!(store.identities_of(token.id).await.unwrap().len(), 22);
+    store.flush_audit().await.unwrap();
+    let events = read_audit(&h.audit_file());
+    let audited: BTreeSet<String> = events
+        .iter()
+        .filter_map(|e| match e {
+            AuditEvent::IdentityIssued { request_id, .. } => Some(request_id.clone()),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(audited.len(), 22);
+    assert!(!audited.contains("req-7"));
+    Arc::into_inner(store).unwrap().close().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_statement_past_the_timeout_is_cancelled_and_reported_not_retried_forever() {
     let h = Harness::new(Kind::Postgres, "pg-timeout").await;
     let Backend::Postgres(mut pg) = h.config().backend else {

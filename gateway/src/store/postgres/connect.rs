@@ -3,7 +3,7 @@
 //! here prints it), and [`Db::write`], which runs one change as one transaction and retries
 //! it, a bounded number of times, only when it provably did not commit.
 
-use std::sync::{Arc, OnceLock};
+use std::sync::{Arc, OnceLock, PoisonError};
 use std::time::Duration;
 
 use deadpool_postgres::{Manager, ManagerConfig, Object, Pool, RecyclingMethod, Runtime};
@@ -24,7 +24,7 @@ use crate::audit::AuditEvent;
 pub(super) const LOCK_SPIFFE_ID: &str = "SELECT pg_advisory_xact_lock(7, hashtext($1))";
 
 /// Attempts of one change before its error is returned.
-const MAX_ATTEMPTS: u32 = 4;
+pub(super) const MAX_ATTEMPTS: u32 = 4;
 /// The first retry's pause; each next one doubles, with full jitter.
 const FIRST_BACKOFF: Duration = Duration::from_millis(20);
 
@@ -95,11 +95,53 @@ pub(super) struct Tx {
     pub(super) signing: Signing,
     /// Whether to take the chain lock even with nothing queued (the ticker's check).
     pub(super) check_chain: bool,
+    /// Statements without parameters (`BEGIN`, `SAVEPOINT`) sent in the same round trip as
+    /// the next statement, ahead of it.
+    ahead: std::sync::Mutex<String>,
 }
 
 impl Tx {
     fn client(&self) -> Result<&Object, StoreError> {
         self.client.as_ref().ok_or(StoreError::Closed)
+    }
+
+    /// Sends `sql` (statements without parameters) ahead of the next statement, in its round
+    /// trip, instead of in one of its own.
+    pub(super) fn send_ahead(&self, sql: &str) {
+        let mut ahead = self.ahead.lock().unwrap_or_else(PoisonError::into_inner);
+        if !ahead.is_empty() {
+            ahead.push_str("; ");
+        }
+        ahead.push_str(sql);
+    }
+
+    /// Sends what is still waiting to go ahead, on its own.
+    pub(super) async fn flush_ahead(&mut self) -> Result<(), StoreError> {
+        match self.take_ahead() {
+            Some(sql) => self.end(&sql).await,
+            None => Ok(()),
+        }
+    }
+
+    fn take_ahead(&self) -> Option<String> {
+        let mut ahead = self.ahead.lock().unwrap_or_else(PoisonError::into_inner);
+        (!ahead.is_empty()).then(|| std::mem::take(&mut *ahead))
+    }
+
+    /// Runs `statement` (not sent yet), preceded in the pipeline by what waits to go ahead.
+    async fn after_ahead<T>(
+        &self,
+        client: &Object,
+        statement: impl Future<Output = Result<T, tokio_postgres::Error>>,
+    ) -> Result<T, StoreError> {
+        match self.take_ahead() {
+            None => Ok(statement.await?),
+            Some(ahead) => {
+                let (sent, result) = tokio::join!(biased; client.batch_execute(&ahead), statement);
+                sent?;
+                Ok(result?)
+            }
+        }
     }
 
     /// Rows of one statement (prepared once per connection).
@@ -110,7 +152,8 @@ impl Tx {
     ) -> Result<Vec<Row>, StoreError> {
         let client = self.client()?;
         let statement = client.prepare_cached(sql).await?;
-        Ok(client.query(&statement, params).await?)
+        self.after_ahead(client, client.query(&statement, params))
+            .await
     }
 
     /// The row of a statement that returns at most one.
@@ -121,7 +164,8 @@ impl Tx {
     ) -> Result<Option<Row>, StoreError> {
         let client = self.client()?;
         let statement = client.prepare_cached(sql).await?;
-        Ok(client.query_opt(&statement, params).await?)
+        self.after_ahead(client, client.query_opt(&statement, params))
+            .await
     }
 
     /// The row of a statement that returns exactly one.
@@ -132,7 +176,8 @@ impl Tx {
     ) -> Result<Row, StoreError> {
         let client = self.client()?;
         let statement = client.prepare_cached(sql).await?;
-        Ok(client.query_one(&statement, params).await?)
+        self.after_ahead(client, client.query_one(&statement, params))
+            .await
     }
 
     /// Rows changed by one statement.
@@ -143,7 +188,8 @@ impl Tx {
     ) -> Result<u64, StoreError> {
         let client = self.client()?;
         let statement = client.prepare_cached(sql).await?;
-        Ok(client.execute(&statement, params).await?)
+        self.after_ahead(client, client.execute(&statement, params))
+            .await
     }
 
     /// Serialises the transactions that create or revoke identities of `spiffe_id` (one live
@@ -173,13 +219,14 @@ impl Tx {
             && !self.check_chain
     }
 
-    async fn end(&mut self, sql: &str) -> Result<(), StoreError> {
+    /// Runs `sql` (statements without parameters) as one simple query.
+    pub(super) async fn end(&mut self, sql: &str) -> Result<(), StoreError> {
         self.client()?.batch_execute(sql).await?;
         Ok(())
     }
 
     /// Drops the connection instead of returning it to the pool (its state is unknown).
-    fn discard(&mut self) {
+    pub(super) fn discard(&mut self) {
         if let Some(client) = self.client.take() {
             drop(Object::take(client));
         }
@@ -343,15 +390,20 @@ impl Db {
         }
     }
 
-    async fn attempt<C: Change>(&self, change: &C) -> Result<Option<C::Output>, StoreError> {
-        let client = self.client().await?;
-        let mut tx = Tx {
-            client: Some(client),
+    /// A pooled connection for a transaction (not begun yet).
+    pub(super) async fn begin(&self) -> Result<Tx, StoreError> {
+        Ok(Tx {
+            client: Some(self.client().await?),
             events: Vec::new(),
             revocations: Vec::new(),
             signing: Signing::Scheduled,
             check_chain: false,
-        };
+            ahead: std::sync::Mutex::default(),
+        })
+    }
+
+    async fn attempt<C: Change>(&self, change: &C) -> Result<Option<C::Output>, StoreError> {
+        let mut tx = self.begin().await?;
         let result = match tx.end("BEGIN").await {
             Ok(()) => change.apply(&mut tx).await,
             Err(e) => Err(e),
@@ -393,7 +445,7 @@ impl Db {
     /// Seals the queued audit entries and revocations onto this replica's chain, commits, then
     /// publishes what the commit did, all while holding the chain (so its entries commit and
     /// reach the audit file in order). A commit whose answer was lost is `CommitUnknown`.
-    async fn commit(&self, tx: &mut Tx) -> Result<(), StoreError> {
+    pub(super) async fn commit(&self, tx: &mut Tx) -> Result<(), StoreError> {
         if tx.quiet() {
             // Nothing to seal: no need to wait for the chain.
             return match tx.client() {
@@ -497,7 +549,7 @@ impl Db {
 }
 
 /// Whether an error proves that nothing committed and a fresh attempt may succeed.
-fn retryable(error: &StoreError) -> bool {
+pub(super) fn retryable(error: &StoreError) -> bool {
     match error {
         StoreError::Postgres(e) => match e.code() {
             Some(code) => [
@@ -519,7 +571,7 @@ fn retryable(error: &StoreError) -> bool {
 /// with full jitter so that replicas that collided do not collide again in step. (The agent's
 /// [`Backoff`](crate::agent::Backoff): a deliberate delay between retries, not a wait for a
 /// condition.)
-async fn backoff(attempt: u32) {
+pub(super) async fn backoff(attempt: u32) {
     let backoff = crate::agent::Backoff {
         base: FIRST_BACKOFF,
         cap: FIRST_BACKOFF.saturating_mul(64),

@@ -1,11 +1,13 @@
 //! The shared backend: a PostgreSQL database that several gateway replicas use at once. Each
-//! change is one transaction on a pooled connection, retried (a bounded number of times) only
+//! change is one transaction on a pooled connection (the hot path's, joins, renewals and
+//! audited refusals, many to a transaction: `group`), retried (a bounded number of times) only
 //! when it provably did not commit; races between replicas are settled by the database (a
 //! conditional update for token uses, `ON CONFLICT` for nonces and idempotency keys, row and
 //! advisory locks for lineages), never by reading then writing.
 
 mod chain;
 mod connect;
+mod group;
 mod issue;
 mod lineage;
 mod mirror;
@@ -87,6 +89,8 @@ impl PostgresConfig {
 /// The PostgreSQL store.
 pub struct PostgresStore {
     db: Arc<Db>,
+    /// The hot path's changes (joins, renewals, audited refusals), committed in groups.
+    grouper: group::Grouper,
     feeder: Feeder,
     revocation_head: watch::Receiver<u64>,
     pins: watch::Receiver<SharedPin>,
@@ -125,8 +129,10 @@ impl PostgresStore {
         db.set_feeder(feeder.sender());
         let ticker = tokio::spawn(chain::tick(Arc::downgrade(&db), interval));
         let listener = tokio::spawn(notify::follow(Arc::downgrade(&db)));
+        let grouper = group::Grouper::start(db.clone());
         Ok(Self {
             db,
+            grouper,
             feeder,
             revocation_head,
             pins,
@@ -140,6 +146,7 @@ impl PostgresStore {
     pub async fn close(self) {
         self.ticker.abort();
         self.listener.abort();
+        self.grouper.finish().await;
         if let Err(e) = self.db.write(&chain::Checkpoint { force: true }).await {
             tracing::error!(error = %e, "store: cannot sign the audit chain at close");
         }
@@ -245,7 +252,7 @@ impl Store for PostgresStore {
     }
 
     fn renew(&self, record: RenewRecord) -> BoxFuture<'_, Result<RenewOutcome, StoreError>> {
-        Box::pin(async move { self.db.write(&record).await })
+        Box::pin(self.grouper.write(record))
     }
 
     fn quarantined(&self, now: u64) -> BoxFuture<'_, Result<Vec<Quarantine>, StoreError>> {
@@ -325,11 +332,11 @@ impl Store for PostgresStore {
     }
 
     fn issue(&self, record: IssueRecord) -> BoxFuture<'_, Result<IssueOutcome, StoreError>> {
-        Box::pin(async move { self.db.write(&record).await })
+        Box::pin(self.grouper.write(record))
     }
 
     fn audit(&self, events: Vec<AuditEvent>) -> BoxFuture<'_, Result<(), StoreError>> {
-        Box::pin(async move { self.db.write(&issue::AuditOnly(events)).await })
+        Box::pin(self.grouper.write(issue::AuditOnly(events)))
     }
 
     fn identities(
@@ -389,11 +396,10 @@ impl Store for PostgresStore {
         keep: u32,
         older_than: u64,
     ) -> BoxFuture<'_, Result<(), StoreError>> {
-        Box::pin(async move {
-            self.db
-                .write(&shadow::Decisions(decisions, keep, older_than))
-                .await
-        })
+        Box::pin(
+            self.grouper
+                .write(shadow::Decisions(decisions, keep, older_than)),
+        )
     }
 
     fn decisions(
