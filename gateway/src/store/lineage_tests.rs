@@ -16,6 +16,7 @@ both_backends! {
     a_token_revocation_racing_renewals_leaves_none_of_its_identities_live,
     a_serial_revocation_racing_renewals_takes_every_descendant,
     a_spiffe_id_revocation_racing_renewals_takes_its_whole_lineage,
+    the_newest_identity_of_a_spiffe_id_is_its_lineages_leaf_within_one_second,
 }
 
 fn renew_record(token: TokenId, predecessor: &str, like: &IssueRecord, now: u64) -> RenewRecord {
@@ -372,4 +373,47 @@ async fn a_spiffe_id_revocation_racing_renewals_takes_its_whole_lineage(kind: Ki
         RevokeTarget::SpiffeId(r.identity.spiffe_id.to_string())
     })
     .await;
+}
+
+async fn the_newest_identity_of_a_spiffe_id_is_its_lineages_leaf_within_one_second(kind: Kind) {
+    let h = Harness::new(kind, "newest").await;
+    let (store, token) = open_with_token(&h, 5).await;
+    // A join and two renewals in one second, the serials rising along the lineage: ordered by
+    // serial alone (as the tie-break was), the root would come first.
+    let serial = |last: u8| Serial::parse_hex(&format!("7f{}{last:02x}", "0".repeat(28))).unwrap();
+    let mut joined = issue_record(token.id, "r1", "n1");
+    joined.identity.serial = serial(1);
+    assert!(matches!(
+        store.issue(joined.clone()).await.unwrap(),
+        IssueOutcome::Issued { .. }
+    ));
+    let mut predecessor = joined.identity.serial.to_string();
+    for (depth, last) in [(1, 2), (2, 3)] {
+        let mut renewal = renew_record(token.id, &predecessor, &joined, NOW);
+        renewal.identity.serial = serial(last);
+        predecessor = renewal.identity.serial.to_string();
+        assert_eq!(
+            store.renew(renewal).await.unwrap(),
+            RenewOutcome::Renewed { renewals: depth }
+        );
+    }
+    let spiffe_id = joined.identity.spiffe_id.to_string();
+    let listed = |limit| IdentityFilter {
+        spiffe_id: Some(spiffe_id.clone()),
+        limit,
+        ..IdentityFilter::default()
+    };
+    let newest = store.identities(listed(Some(1)), NOW).await.unwrap();
+    assert_eq!(newest[0].serial, serial(3).to_string());
+    let all: Vec<String> = store
+        .identities(listed(None), NOW)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|i| i.serial)
+        .collect();
+    assert_eq!(
+        all,
+        [serial(3), serial(2), serial(1)].map(|s| s.to_string())
+    );
 }

@@ -414,6 +414,12 @@ fn revoked_from_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<Revoked> {
 const TOKEN_COLUMNS: &str =
     "id, cluster, role, max_uses, uses, not_before, expires_at, issued_at, revoked_at";
 
+/// The inventory's order, newest first. Within one second (the resolution of `issued_at`), a
+/// live identity before a revoked one and a deeper renewal before its predecessors, so that the
+/// first is the lineage's current leaf (what an operator's manual issuance continues), not
+/// whichever serial sorts first.
+const NEWEST_FIRST: &str = "issued_at DESC, revoked_at IS NULL DESC, renewals DESC, serial";
+
 /// The inventory query for `filter`: its SQL and its parameters, in order.
 fn identities_query(filter: &IdentityFilter, now: u64) -> (String, Vec<rusqlite::types::Value>) {
     use rusqlite::types::Value;
@@ -456,10 +462,7 @@ fn identities_query(filter: &IdentityFilter, now: u64) -> (String, Vec<rusqlite:
     }
     let limit = filter.limit.unwrap_or(MAX_LISTED).min(MAX_LISTED);
     args.push(Value::Integer(limit.into()));
-    sql.push_str(&format!(
-        " ORDER BY issued_at DESC, serial LIMIT ?{}",
-        args.len()
-    ));
+    sql.push_str(&format!(" ORDER BY {NEWEST_FIRST} LIMIT ?{}", args.len()));
     (sql, args)
 }
 

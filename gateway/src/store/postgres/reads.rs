@@ -374,7 +374,8 @@ pub(super) async fn identities(
     let limit = filter.limit.unwrap_or(MAX_LISTED).min(MAX_LISTED);
     params.push(Box::new(i64::from(limit)));
     sql.push_str(&format!(
-        " ORDER BY i.issued_at DESC, i.serial LIMIT ${}",
+        " ORDER BY i.issued_at DESC, i.revoked_at IS NULL DESC, i.renewals DESC, i.serial \
+          LIMIT ${}",
         params.len()
     ));
     let refs: Vec<&(dyn ToSql + Sync)> = params
