@@ -24,7 +24,7 @@ use crate::audit::AuditEvent;
 pub(super) const LOCK_SPIFFE_ID: &str = "SELECT pg_advisory_xact_lock(7, hashtext($1))";
 
 /// Attempts of one change before its error is returned.
-pub(super) const MAX_ATTEMPTS: u32 = 4;
+const MAX_ATTEMPTS: u32 = 4;
 /// The first retry's pause; each next one doubles, with full jitter.
 const FIRST_BACKOFF: Duration = Duration::from_millis(20);
 
@@ -332,7 +332,7 @@ impl Db {
         sql: &str,
         params: &[&(dyn ToSql + Sync)],
     ) -> Result<Vec<Row>, StoreError> {
-        let mut attempt = 1;
+        let mut retries = Retries::of("read");
         loop {
             let result = async {
                 let client = self.client().await?;
@@ -346,13 +346,9 @@ impl Db {
             }
             .await;
             match result {
-                Err(e) if attempt < MAX_ATTEMPTS && retryable(&e) => {
-                    tracing::debug!(error = %e, attempt, "store: read retried");
-                }
+                Err(e) if retries.again_after(&e).await => {}
                 other => return other,
             }
-            backoff(attempt).await;
-            attempt += 1;
         }
     }
 
@@ -375,18 +371,15 @@ impl Db {
     /// a connection lost before the commit (none of which committed anything), at most
     /// [`MAX_ATTEMPTS`] times; never after a commit whose outcome is unknown.
     pub(super) async fn write<C: Change>(&self, change: &C) -> Result<C::Output, StoreError> {
-        let mut attempt = 1;
+        let mut retries = Retries::of("transaction");
         loop {
             match self.attempt(change).await {
                 Ok(Some(output)) => return Ok(output),
-                Ok(None) => {}
-                Err(e) if attempt < MAX_ATTEMPTS && retryable(&e) => {
-                    tracing::debug!(error = %e, attempt, "store: transaction retried");
-                }
+                // A concurrent change it needed committed first: run it again.
+                Ok(None) => retries.pause().await,
+                Err(e) if retries.again_after(&e).await => {}
                 Err(e) => return Err(e),
             }
-            backoff(attempt).await;
-            attempt += 1;
         }
     }
 
@@ -548,6 +541,36 @@ impl Db {
     }
 }
 
+/// The attempts of one operation: at most [`MAX_ATTEMPTS`] after errors, each retry after a
+/// [`backoff`]. `what` names the operation in the debug log.
+pub(super) struct Retries {
+    what: &'static str,
+    tries: u32,
+}
+
+impl Retries {
+    pub(super) fn of(what: &'static str) -> Self {
+        Self { what, tries: 1 }
+    }
+
+    /// Whether to try again after `error` (it proves nothing committed, and the bound is not
+    /// reached); if so, after the backoff.
+    pub(super) async fn again_after(&mut self, error: &StoreError) -> bool {
+        if self.tries >= MAX_ATTEMPTS || !retryable(error) {
+            return false;
+        }
+        tracing::debug!(error = %error, attempt = self.tries, "store: {} retried", self.what);
+        self.pause().await;
+        true
+    }
+
+    /// Waits the backoff before the next attempt.
+    pub(super) async fn pause(&mut self) {
+        backoff(self.tries).await;
+        self.tries += 1;
+    }
+}
+
 /// Whether an error proves that nothing committed and a fresh attempt may succeed.
 pub(super) fn retryable(error: &StoreError) -> bool {
     match error {
@@ -571,7 +594,7 @@ pub(super) fn retryable(error: &StoreError) -> bool {
 /// with full jitter so that replicas that collided do not collide again in step. (The agent's
 /// [`Backoff`](crate::agent::Backoff): a deliberate delay between retries, not a wait for a
 /// condition.)
-pub(super) async fn backoff(attempt: u32) {
+async fn backoff(attempt: u32) {
     let backoff = crate::agent::Backoff {
         base: FIRST_BACKOFF,
         cap: FIRST_BACKOFF.saturating_mul(64),

@@ -19,7 +19,7 @@ use std::sync::Arc;
 use tokio::sync::{mpsc, oneshot};
 
 use super::super::{BoxFuture, StoreError};
-use super::connect::{Applied, Change, Db, Tx, retryable};
+use super::connect::{Applied, Change, Db, Retries, Tx, retryable};
 
 /// Most changes in one transaction. Each holds a subtransaction until the commit, and
 /// PostgreSQL keeps 64 of them per backend in shared memory before every other backend's
@@ -184,7 +184,7 @@ fn take_queued(queue: &mut mpsc::Receiver<Box<dyn Queued>>, group: &mut Vec<Box<
 /// Commits `group` (again after a failure that proves nothing committed, within the bound of
 /// [`Db::write`]), answers each change, and returns those to run in the next group.
 async fn commit_group(db: &Db, mut group: Vec<Box<dyn Queued>>) -> Vec<Box<dyn Queued>> {
-    let mut attempt = 1;
+    let mut retries = Retries::of("group");
     loop {
         match attempt_group(db, &mut group).await {
             Ok(steps) => {
@@ -197,17 +197,13 @@ async fn commit_group(db: &Db, mut group: Vec<Box<dyn Queued>>) -> Vec<Box<dyn Q
                 }
                 return again;
             }
-            Err(e) if attempt < super::connect::MAX_ATTEMPTS && retryable(&e) => {
-                tracing::debug!(error = %e, attempt, changes = group.len(), "store: group retried");
-            }
+            Err(e) if retries.again_after(&e).await => {}
             Err(e) => {
                 let e = Arc::new(e);
                 group.into_iter().for_each(|queued| queued.answer(Some(&e)));
                 return Vec::new();
             }
         }
-        super::connect::backoff(attempt).await;
-        attempt += 1;
     }
 }
 

@@ -277,9 +277,11 @@ async fn take(
             ],
         )
         .await?;
-    let used = match super::uint_opt(&row, 0)? {
-        Some(_) => Some((super::count(&row, 0)?, super::count(&row, 1)?)),
-        None => None,
+    // No row came back from `used`: no use was left.
+    let used = if super::uint_opt(&row, 0)?.is_some() {
+        Some((super::count(&row, 0)?, super::count(&row, 1)?))
+    } else {
+        None
     };
     Ok((used, row.try_get(2)?))
 }

@@ -1,6 +1,6 @@
 //! The shared backend: a PostgreSQL database that several gateway replicas use at once. Each
-//! change is one transaction on a pooled connection (the hot path's, joins, renewals and
-//! audited refusals, many to a transaction: `group`), retried (a bounded number of times) only
+//! change is one transaction on a pooled connection (the hot path's, joins, renewals,
+//! audited refusals and recorded decisions, many to a transaction: `group`), retried (a bounded number of times) only
 //! when it provably did not commit; races between replicas are settled by the database (a
 //! conditional update for token uses, `ON CONFLICT` for nonces and idempotency keys, row and
 //! advisory locks for lineages), never by reading then writing.
@@ -89,7 +89,8 @@ impl PostgresConfig {
 /// The PostgreSQL store.
 pub struct PostgresStore {
     db: Arc<Db>,
-    /// The hot path's changes (joins, renewals, audited refusals), committed in groups.
+    /// The hot path's changes (joins, renewals, audited refusals, recorded decisions),
+    /// committed in groups.
     grouper: group::Grouper,
     feeder: Feeder,
     revocation_head: watch::Receiver<u64>,
